@@ -1,0 +1,230 @@
+//! `etllm`: stream text from an ExecuTorch LLM and report its stats.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use etllm::{GenerationConfig, Runner, RunnerOptions, Stats};
+
+/// The model and tokenizer built into this binary, used when no --model is given.
+const DEFAULT_MODEL: &[u8] = include_bytes!("../../tests/fixtures/dyn_xnnpack/model.pte");
+const DEFAULT_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tokenizer.json");
+
+#[derive(Parser)]
+#[command(
+    name = "etllm",
+    version,
+    about = "Run decoder-only LLMs exported to ExecuTorch .pte files",
+    long_about = "Run decoder-only LLMs exported to ExecuTorch .pte files.\n\n\
+        Generated text streams to stdout; stats go to stderr (or, with --json, everything \
+        goes to stdout as JSON lines). Set ETLLM_LOG=1 to see ExecuTorch's own log on stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it as it is produced.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The .pte model. Without it, the small model built into etllm is used.
+    #[arg(long, value_name = "M.pte")]
+    model: Option<PathBuf>,
+    /// The HF tokenizer.json. Defaults to tokenizer.json next to --model, or the built-in
+    /// tokenizer when --model is not given either.
+    #[arg(long, value_name = "T")]
+    tokenizer: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    /// Tokens to generate; -1 generates until EOS or the end of the context.
+    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    max_new_tokens: i32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, value_name = "X", default_value_t = 0.8)]
+    temperature: f32,
+    /// Seed for sampling; the same seed gives the same text. Default: from the clock.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// BOS tokens to put before the prompt.
+    #[arg(long = "bos", value_name = "N", default_value_t = 1)]
+    num_bos: i32,
+    /// Print the prompt before the generated text.
+    #[arg(long)]
+    echo: bool,
+    /// Keep generating past EOS tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Threads for ExecuTorch's CPU thread pool. Default: the runtime's choice.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Print one JSON object per line to stdout: {"id", "text"} per token ("id" is null for
+    /// echoed or trailing text), then {"stats": {...}}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<(), String> {
+    let (model, tokenizer) = match (&args.model, &args.tokenizer) {
+        (Some(model), Some(tok)) => (model.clone(), tok.clone()),
+        (Some(model), None) => {
+            let tok = model.with_file_name("tokenizer.json");
+            if !tok.exists() {
+                return Err(format!(
+                    "--tokenizer is required: no tokenizer.json next to {}",
+                    model.display()
+                ));
+            }
+            (model.clone(), tok)
+        }
+        (None, Some(_)) => {
+            return Err(
+                "--tokenizer needs --model (the built-in model has its own tokenizer)".into(),
+            )
+        }
+        (None, None) => default_model()?,
+    };
+    let options = RunnerOptions {
+        num_threads: args.threads,
+        ..Default::default()
+    };
+    let mut runner = Runner::open(&model, &tokenizer, options).map_err(|e| e.to_string())?;
+    let config = GenerationConfig {
+        echo: args.echo,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        num_bos: args.num_bos,
+        ignore_eos: args.ignore_eos,
+        ..Default::default()
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_error = None;
+    let json = args.json;
+    let stats = runner
+        .generate(
+            &args.prompt,
+            &config,
+            |piece| {
+                let result = if json {
+                    let line = serde_json::json!({ "id": piece.token, "text": piece.text });
+                    writeln!(out, "{line}")
+                } else {
+                    write!(out, "{}", piece.text).and_then(|_| out.flush())
+                };
+                match result {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        // stdout closed (e.g. piped into `head`): stop quietly.
+                        write_error = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            },
+            |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+    if write_error.is_some() {
+        return Ok(());
+    }
+    if json {
+        let line = serde_json::json!({ "stats": stats.to_json() });
+        let _ = writeln!(out, "{line}");
+    } else {
+        let _ = writeln!(out);
+        report(&stats);
+    }
+    Ok(())
+}
+
+/// A human-readable summary of `stats` on stderr.
+fn report(s: &Stats) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let generation_us = s.inference_end_us.saturating_sub(s.inference_start_us);
+    let model_share = if generation_us == 0 {
+        0.0
+    } else {
+        100.0 * s.aggregate_model_execution_time_us as f64 / generation_us as f64
+    };
+    eprintln!(
+        "prompt tokens: {}  generated tokens: {}  stop: {}",
+        s.num_prompt_tokens,
+        s.num_generated_tokens,
+        s.stop_reason.as_str()
+    );
+    eprintln!(
+        "load: {:.1} ms  time to first token: {:.1} ms  total: {:.1} ms",
+        ms(s.model_load_end_us.saturating_sub(s.model_load_start_us)),
+        ms(s.time_to_first_token_us()),
+        ms(generation_us)
+    );
+    eprintln!(
+        "prefill: {:.1} tokens/s  decode: {:.1} tokens/s  in model: {:.1}%  sampling: {:.2} ms",
+        s.prefill_tokens_per_second(),
+        s.decode_tokens_per_second(),
+        model_share,
+        ms(s.aggregate_sampling_time_us)
+    );
+}
+
+/// Writes the built-in model and tokenizer to a cache folder (once per content) and
+/// returns their paths: ExecuTorch loads models from files.
+fn default_model() -> Result<(PathBuf, PathBuf), String> {
+    let hash = fnv1a(DEFAULT_MODEL) ^ fnv1a(DEFAULT_TOKENIZER).rotate_left(1);
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base
+        .join("etllm")
+        .join(format!("default-model-{hash:016x}"));
+    let model = dir.join("model.pte");
+    let tokenizer = dir.join("tokenizer.json");
+    if !is_file_with(&model, DEFAULT_MODEL) || !is_file_with(&tokenizer, DEFAULT_TOKENIZER) {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        write_atomically(&model, DEFAULT_MODEL)?;
+        write_atomically(&tokenizer, DEFAULT_TOKENIZER)?;
+    }
+    Ok((model, tokenizer))
+}
+
+fn is_file_with(path: &Path, bytes: &[u8]) -> bool {
+    std::fs::read(path).is_ok_and(|b| b == bytes)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}

@@ -1,0 +1,181 @@
+//! Generation settings.
+
+use crate::error::{Error, Result};
+
+/// Settings for one [`Runner::generate`](crate::Runner::generate) call.
+///
+/// Field names and defaults follow upstream ExecuTorch's `GenerationConfig`, with one
+/// deliberate difference: `max_new_tokens = N` yields exactly N new tokens (upstream's
+/// runner yields N - 1). `ignore_eos`, `seed` and `stop_token_ids` are EtLlm additions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Pass the prompt text to the token callback before the generated text. Default true.
+    pub echo: bool,
+    /// The most tokens to generate; -1 means as many as the context allows. Default -1.
+    pub max_new_tokens: i32,
+    /// A warm-up run: callbacks are not called and the runner is reset afterwards, so the
+    /// run leaves no state behind. Default false.
+    pub warming: bool,
+    /// The most tokens in the sequence, prompt included; -1 means the model's max context.
+    /// Default -1.
+    pub seq_len: i32,
+    /// Sampling temperature: 0 picks the most likely token (greedy); above 0 samples from
+    /// softmax(logits / temperature). Default 0.8, upstream's default.
+    pub temperature: f32,
+    /// How many BOS tokens to put before the prompt. Default 0, as upstream.
+    pub num_bos: i32,
+    /// How many EOS tokens to put after the prompt. Default 0.
+    pub num_eos: i32,
+    /// Keep generating past EOS tokens. Default false.
+    pub ignore_eos: bool,
+    /// Seed of the sampling RNG: the same seed gives the same tokens. `None` seeds from the
+    /// clock. Default None.
+    pub seed: Option<u64>,
+    /// Token ids that end generation like an EOS token, in addition to the model's EOS
+    /// ids; they apply even with `ignore_eos`. Default empty.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            echo: true,
+            max_new_tokens: -1,
+            warming: false,
+            seq_len: -1,
+            temperature: 0.8,
+            num_bos: 0,
+            num_eos: 0,
+            ignore_eos: false,
+            seed: None,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Checks every field; the error names the field and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        let check = |ok: bool, msg: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(msg))
+            }
+        };
+        check(
+            self.max_new_tokens >= -1,
+            format!(
+                "max_new_tokens is {}; use -1 (no limit) or 0 and up",
+                self.max_new_tokens
+            ),
+        )?;
+        check(
+            self.seq_len >= -1,
+            format!(
+                "seq_len is {}; use -1 (the model's context) or 0 and up",
+                self.seq_len
+            ),
+        )?;
+        check(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            format!(
+                "temperature is {}; it must be a finite number >= 0",
+                self.temperature
+            ),
+        )?;
+        check(
+            self.num_bos >= 0,
+            format!("num_bos is {}; it must be >= 0", self.num_bos),
+        )?;
+        check(
+            self.num_eos >= 0,
+            format!("num_eos is {}; it must be >= 0", self.num_eos),
+        )?;
+        Ok(())
+    }
+
+    /// How many tokens to generate, by upstream's `resolve_max_new_tokens` rules:
+    /// `max_context_len` is the context left before the prompt, `num_prompt_tokens` the
+    /// prompt's length. Never negative.
+    pub fn resolve_max_new_tokens(&self, max_context_len: i64, num_prompt_tokens: i64) -> i64 {
+        let seq_len = self.seq_len as i64;
+        let max_new = self.max_new_tokens as i64;
+        let result = match (self.seq_len == -1, self.max_new_tokens == -1) {
+            (true, true) => max_context_len - num_prompt_tokens,
+            (true, false) => max_new.min(max_context_len - num_prompt_tokens),
+            (false, true) => seq_len.min(max_context_len) - num_prompt_tokens,
+            (false, false) => (seq_len.min(max_context_len) - num_prompt_tokens).min(max_new),
+        };
+        result.max(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = GenerationConfig::default();
+        assert!(c.echo && !c.warming && !c.ignore_eos);
+        assert_eq!(
+            (c.max_new_tokens, c.seq_len, c.num_bos, c.num_eos),
+            (-1, -1, 0, 0)
+        );
+        assert_eq!(c.temperature, 0.8);
+        assert_eq!(c.seed, None);
+    }
+
+    #[test]
+    fn resolve_follows_upstream_rules() {
+        let cfg = |seq_len, max_new_tokens| GenerationConfig {
+            seq_len,
+            max_new_tokens,
+            ..Default::default()
+        };
+        assert_eq!(cfg(-1, -1).resolve_max_new_tokens(128, 10), 118);
+        assert_eq!(cfg(-1, 20).resolve_max_new_tokens(128, 10), 20);
+        assert_eq!(cfg(-1, 500).resolve_max_new_tokens(128, 10), 118);
+        assert_eq!(cfg(50, -1).resolve_max_new_tokens(128, 10), 40);
+        assert_eq!(cfg(500, -1).resolve_max_new_tokens(128, 10), 118);
+        assert_eq!(cfg(50, 5).resolve_max_new_tokens(128, 10), 5);
+        assert_eq!(cfg(5, 50).resolve_max_new_tokens(128, 10), 0);
+    }
+
+    #[test]
+    fn validate_rejects_each_bad_field() {
+        for bad in [
+            GenerationConfig {
+                max_new_tokens: -2,
+                ..Default::default()
+            },
+            GenerationConfig {
+                seq_len: -5,
+                ..Default::default()
+            },
+            GenerationConfig {
+                temperature: -0.1,
+                ..Default::default()
+            },
+            GenerationConfig {
+                temperature: f32::NAN,
+                ..Default::default()
+            },
+            GenerationConfig {
+                num_bos: -1,
+                ..Default::default()
+            },
+            GenerationConfig {
+                num_eos: -1,
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(GenerationConfig::default().validate().is_ok());
+    }
+}

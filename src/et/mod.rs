@@ -1,0 +1,434 @@
+//! The ExecuTorch adapter: the only module that calls the runtime. Every `unsafe` block
+//! that touches ExecuTorch lives here; the rest of the crate sees [`Program`] and the
+//! safe types of [`crate::tensor`].
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use executorch::evalue::{EValue, Tag};
+use executorch::module::{LoadMode, Module, ModuleBuilder};
+use executorch::platform::{LogEntry, LogLevel, PlatformImpl};
+use executorch::program::{HeaderStatus, ProgramVerification};
+use executorch::tensor::{ScalarType, TensorPtr, TensorPtrBuilder, View};
+
+use crate::error::{Error, Result};
+use crate::tensor::{
+    DType, HostData, HostTensor, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec,
+};
+
+extern "C" {
+    fn etllm_threadpool_set_threads(num_threads: u32) -> bool;
+    fn etllm_threadpool_thread_count() -> usize;
+}
+
+/// How many ExecuTorch log lines of level Error or worse are kept per thread.
+const MAX_CAPTURED_LOG_LINES: usize = 16;
+
+thread_local! {
+    /// Error-level ExecuTorch log lines emitted on this thread since the last call to
+    /// [`take_log`]. They are attached to the error EtLlm returns.
+    static CAPTURED_LOG: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+static INIT: Once = Once::new();
+
+/// Routes ExecuTorch's log output away from the process's streams: Error-level lines are
+/// captured for error messages; every line goes to stderr only when `ETLLM_LOG` is set.
+fn init_runtime() {
+    INIT.call_once(|| {
+        let mut pal = PlatformImpl::new(None);
+        pal.set_emit_log_message(|entry: LogEntry| {
+            let level = match entry.level {
+                LogLevel::Debug => "D",
+                LogLevel::Info => "I",
+                LogLevel::Error => "E",
+                LogLevel::Fatal => "F",
+                LogLevel::Unknown => "?",
+            };
+            if std::env::var_os("ETLLM_LOG").is_some() {
+                eprintln!(
+                    "[executorch {level} {}:{}] {}",
+                    entry.filename.unwrap_or("?"),
+                    entry.line,
+                    entry.message
+                );
+            }
+            if matches!(entry.level, LogLevel::Error | LogLevel::Fatal) {
+                let _ = CAPTURED_LOG.try_with(|log| {
+                    if let Ok(mut log) = log.try_borrow_mut() {
+                        if log.len() == MAX_CAPTURED_LOG_LINES {
+                            log.remove(0);
+                        }
+                        let message = entry.message.trim_end();
+                        log.push(if message.starts_with("? (invalid utf8") {
+                            format!(
+                                "(unprintable message at {}:{})",
+                                entry.filename.unwrap_or("?"),
+                                entry.line
+                            )
+                        } else {
+                            message.to_string()
+                        });
+                    }
+                });
+            }
+        });
+        // Safety: `pal` holds only functions with 'static lifetime; registration happens
+        // once, before this crate creates any runtime object.
+        unsafe {
+            executorch::platform::register_platform_impl(pal);
+            executorch::platform::pal_init();
+        }
+    });
+}
+
+/// Drops the lines captured so far on this thread.
+fn clear_log() {
+    let _ = CAPTURED_LOG.try_with(|log| log.borrow_mut().clear());
+}
+
+/// Takes the captured lines, formatted as an error suffix (": line; line"), or "".
+fn take_log() -> String {
+    let lines = CAPTURED_LOG
+        .try_with(|log| std::mem::take(&mut *log.borrow_mut()))
+        .unwrap_or_default();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", lines.join("; "))
+    }
+}
+
+fn runtime_error(operation: impl Into<String>, err: executorch::Error) -> Error {
+    Error::Runtime {
+        operation: operation.into(),
+        code: format!("{err:?}"),
+        details: take_log(),
+    }
+}
+
+/// Sets the size of ExecuTorch's shared CPU thread pool (used by XNNPACK and the optimized
+/// kernels). It is process-wide.
+pub(crate) fn set_num_threads(threads: usize) -> Result<()> {
+    init_runtime();
+    let n = u32::try_from(threads)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Error::InvalidArgument(format!("thread count {threads} is out of range")))?;
+    // Safety: plain C calls into the shim; it checks for a missing pool itself.
+    let ok = unsafe { etllm_threadpool_set_threads(n) };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "ExecuTorch's thread pool could not be resized to {threads} threads"
+        )))
+    }
+}
+
+/// Current size of ExecuTorch's shared CPU thread pool.
+pub(crate) fn num_threads() -> usize {
+    init_runtime();
+    // Safety: plain C call into the shim.
+    unsafe { etllm_threadpool_thread_count() }
+}
+
+/// A scalar or list returned by a constant (metadata) method.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ConstValue {
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+    IntList(Vec<i64>),
+    /// A one-element or larger integer tensor, flattened.
+    IntTensor(Vec<i64>),
+    Other(String),
+}
+
+/// A loaded ExecuTorch program (memory-mapped `.pte`).
+pub(crate) struct Program {
+    module: Module<'static>,
+    path: PathBuf,
+    /// Tensors handed to the last `execute`, kept alive until the next one.
+    input_ptrs: Vec<InputPtr>,
+}
+
+enum InputPtr {
+    F32(TensorPtr<'static, View<f32>>),
+    I64(TensorPtr<'static, View<i64>>),
+    I32(TensorPtr<'static, View<i32>>),
+}
+
+// Safety: the module is only used through `&mut self`, from one thread at a time; the
+// tensor pointers refer to host buffers that their owner keeps alive and unmoved.
+unsafe impl Send for Program {}
+
+impl Program {
+    /// Opens and verifies the program at `path`. Nothing is executed yet.
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        init_runtime();
+        let meta = std::fs::metadata(path).map_err(|e| Error::FileAccess {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if !meta.is_file() {
+            return Err(Error::FileAccess {
+                path: path.to_path_buf(),
+                message: "not a regular file".into(),
+            });
+        }
+        let mut head = Vec::with_capacity(64);
+        std::fs::File::open(path)
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 64), &mut head))
+            .map_err(|e| Error::FileAccess {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let header_problem = match executorch::program::Program::check_header(&head) {
+            HeaderStatus::CompatibleVersion => None,
+            HeaderStatus::IncompatibleVersion => {
+                Some("it was written for an ExecuTorch version this runtime (1.5.1) cannot read")
+            }
+            HeaderStatus::NotPresent => Some("it is not an ExecuTorch program (no .pte header)"),
+            HeaderStatus::ShortData => Some("it is too short to be an ExecuTorch program"),
+        };
+        if let Some(message) = header_problem {
+            return Err(Error::InvalidModel {
+                path: path.to_path_buf(),
+                message: message.to_string(),
+            });
+        }
+        if path.to_str().is_none_or(|s| s.contains('\0')) {
+            return Err(Error::InvalidArgument(format!(
+                "model path {} is not valid UTF-8",
+                path.display()
+            )));
+        }
+        clear_log();
+        let mut module = ModuleBuilder::new(path).load_mode(LoadMode::Mmap).build();
+        module
+            .load(Some(ProgramVerification::InternalConsistency), None)
+            .map_err(|e| Error::InvalidModel {
+                path: path.to_path_buf(),
+                message: format!("ExecuTorch cannot load it ({e:?}){}", take_log()),
+            })?;
+        Ok(Self {
+            module,
+            path: path.to_path_buf(),
+            input_ptrs: Vec::new(),
+        })
+    }
+
+    /// Names of all methods, sorted.
+    pub(crate) fn method_names(&mut self) -> Result<Vec<String>> {
+        clear_log();
+        let mut names: Vec<String> = self
+            .module
+            .method_names()
+            .map_err(|e| self.invalid(format!("cannot list its methods ({e:?}){}", take_log())))?
+            .into_iter()
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn invalid(&self, message: String) -> Error {
+        Error::InvalidModel {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    /// Loads `method` (resolving its operators and delegates) so that the first call does
+    /// not pay for it and a missing operator is reported at load time.
+    pub(crate) fn load_method(&mut self, method: &str) -> Result<()> {
+        clear_log();
+        self.module
+            .load_method(method, None, None)
+            .map_err(|e| runtime_error(format!("loading method `{method}`"), e))
+    }
+
+    /// Input and output metadata of `method`.
+    pub(crate) fn method_info(&mut self, method: &str) -> Result<MethodInfo> {
+        clear_log();
+        let meta = self
+            .module
+            .method_meta(method)
+            .map_err(|e| runtime_error(format!("reading metadata of method `{method}`"), e))?;
+        let mut inputs = Vec::with_capacity(meta.num_inputs());
+        for i in 0..meta.num_inputs() {
+            let tag = meta
+                .input_tag(i)
+                .map_err(|e| runtime_error(format!("reading input {i} of `{method}`"), e))?;
+            inputs.push(if tag == Tag::Tensor {
+                let info = meta
+                    .input_tensor_meta(i)
+                    .map_err(|e| runtime_error(format!("reading input {i} of `{method}`"), e))?;
+                ValueSpec::Tensor(TensorSpec {
+                    dtype: dtype_of(info.scalar_type()),
+                    sizes: info.sizes().iter().map(|&s| s.max(0) as usize).collect(),
+                })
+            } else {
+                ValueSpec::Other(format!("{tag:?}"))
+            });
+        }
+        let mut outputs = Vec::with_capacity(meta.num_outputs());
+        for i in 0..meta.num_outputs() {
+            let tag = meta
+                .output_tag(i)
+                .map_err(|e| runtime_error(format!("reading output {i} of `{method}`"), e))?;
+            outputs.push(if tag == Tag::Tensor {
+                let info = meta
+                    .output_tensor_meta(i)
+                    .map_err(|e| runtime_error(format!("reading output {i} of `{method}`"), e))?;
+                ValueSpec::Tensor(TensorSpec {
+                    dtype: dtype_of(info.scalar_type()),
+                    sizes: info.sizes().iter().map(|&s| s.max(0) as usize).collect(),
+                })
+            } else {
+                ValueSpec::Other(format!("{tag:?}"))
+            });
+        }
+        Ok(MethodInfo {
+            name: method.to_string(),
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Calls a method that takes no input and returns one value (the export's metadata
+    /// methods such as `get_max_seq_len`).
+    pub(crate) fn call_constant(&mut self, method: &str) -> Result<ConstValue> {
+        clear_log();
+        let outputs = self
+            .module
+            .execute(method, &[])
+            .map_err(|e| runtime_error(format!("calling metadata method `{method}`"), e))?;
+        let value = outputs
+            .first()
+            .ok_or_else(|| Error::UnsupportedModel(format!("`{method}` returned nothing")))?;
+        Ok(match value.tag() {
+            Tag::Int => ConstValue::Int(value.as_i64()),
+            Tag::Bool => ConstValue::Bool(value.as_bool()),
+            Tag::Double => ConstValue::Double(value.as_f64()),
+            Tag::ListInt => ConstValue::IntList(value.as_i64_list().to_vec()),
+            Tag::Tensor => {
+                let t = value.as_tensor();
+                let n = t.numel();
+                let ptr = t.as_data_ptr_raw();
+                match dtype_of(t.scalar_type()) {
+                    // Safety: the runtime owns `n` contiguous elements of this type at `ptr`
+                    // until `outputs` is dropped; they are copied out before that.
+                    DType::I64 => ConstValue::IntTensor(
+                        unsafe { std::slice::from_raw_parts(ptr as *const i64, n) }.to_vec(),
+                    ),
+                    DType::I32 => ConstValue::IntTensor(
+                        unsafe { std::slice::from_raw_parts(ptr as *const i32, n) }
+                            .iter()
+                            .map(|&v| v as i64)
+                            .collect(),
+                    ),
+                    other => ConstValue::Other(format!("{other:?} tensor")),
+                }
+            }
+            other => ConstValue::Other(format!("{other:?}")),
+        })
+    }
+
+    /// Runs `method` on `inputs` and returns views of its outputs, valid until the next
+    /// call on this program. The input buffers are read in place.
+    pub(crate) fn execute(
+        &mut self,
+        method: &str,
+        inputs: &[HostTensor],
+    ) -> Result<Vec<TensorView<'_>>> {
+        self.input_ptrs.clear();
+        for t in inputs {
+            let sizes = t.sizes().iter().map(|&s| s as i32);
+            let n = t.numel();
+            // Safety: the sizes cover at most the buffer's length (HostTensor guarantees
+            // it), layout is contiguous, and the buffer outlives the call because the caller
+            // borrows it for the whole of `execute`; the pointers are dropped at the next call.
+            let ptr = unsafe {
+                match t.data() {
+                    HostData::F32(v) => TensorPtrBuilder::<View<f32>>::from_slice(&v[..n])
+                        .sizes(sizes)
+                        .build()
+                        .map(|p| InputPtr::F32(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                    HostData::I64(v) => TensorPtrBuilder::<View<i64>>::from_slice(&v[..n])
+                        .sizes(sizes)
+                        .build()
+                        .map(|p| InputPtr::I64(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                    HostData::I32(v) => TensorPtrBuilder::<View<i32>>::from_slice(&v[..n])
+                        .sizes(sizes)
+                        .build()
+                        .map(|p| InputPtr::I32(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                }
+            }
+            .map_err(|e| runtime_error(format!("building an input for `{method}`"), e))?;
+            self.input_ptrs.push(ptr);
+        }
+        let evalues: Vec<EValue> = self
+            .input_ptrs
+            .iter()
+            .map(|p| match p {
+                InputPtr::F32(p) => EValue::new(p),
+                InputPtr::I64(p) => EValue::new(p),
+                InputPtr::I32(p) => EValue::new(p),
+            })
+            .collect();
+        clear_log();
+        let outputs = self
+            .module
+            .execute(method, &evalues)
+            .map_err(|e| runtime_error(format!("executing `{method}`"), e))?;
+        drop(evalues);
+        let mut views = Vec::with_capacity(outputs.len());
+        for (i, value) in outputs.iter().enumerate() {
+            if value.tag() != Tag::Tensor {
+                return Err(Error::UnsupportedModel(format!(
+                    "output {i} of `{method}` is a {:?}, not a tensor",
+                    value.tag()
+                )));
+            }
+            let t = value.as_tensor();
+            let sizes: Vec<usize> = t.sizes().iter().map(|&s| s.max(0) as usize).collect();
+            let n = t.numel();
+            let ptr = t.as_data_ptr_raw();
+            let dtype = dtype_of(t.scalar_type());
+            // Safety: the output tensors' buffers belong to the method's memory plan, which
+            // lives as long as `self.module` and is only rewritten by the next `execute`,
+            // which needs `&mut self` and so ends these borrows first.
+            let data = unsafe {
+                match dtype {
+                    DType::F32 => TensorData::F32(std::slice::from_raw_parts(ptr as *const f32, n)),
+                    DType::I64 => TensorData::I64(std::slice::from_raw_parts(ptr as *const i64, n)),
+                    DType::I32 => TensorData::I32(std::slice::from_raw_parts(ptr as *const i32, n)),
+                    other => TensorData::Bytes(
+                        other,
+                        std::slice::from_raw_parts(ptr as *const u8, n * other.size()),
+                    ),
+                }
+            };
+            views.push(TensorView { sizes, data });
+        }
+        Ok(views)
+    }
+}
+
+fn dtype_of(s: ScalarType) -> DType {
+    match s {
+        ScalarType::Float => DType::F32,
+        ScalarType::Half => DType::F16,
+        ScalarType::BFloat16 => DType::BF16,
+        ScalarType::Double => DType::F64,
+        ScalarType::Long => DType::I64,
+        ScalarType::Int => DType::I32,
+        ScalarType::Short => DType::I16,
+        ScalarType::Char => DType::I8,
+        ScalarType::Byte => DType::U8,
+        ScalarType::Bool => DType::Bool,
+        _ => DType::Other,
+    }
+}

@@ -1,0 +1,180 @@
+//! KV-cache managers: they prepare every input of each model step and take its outputs.
+//!
+//! The runner drives a manager through [`IoManager`]: for each prefill chunk and each
+//! decode step it asks for the step's method and inputs, runs the method, and hands every
+//! output back. A manager may own extra inputs (caches, masks, rope rows) and read extra
+//! outputs (updated cache rows); it also tells the runner where the step's logits are.
+//!
+//! Two managers are built in:
+//! - [`KvCacheInModel`] for the standard export whose KV cache lives inside the model:
+//!   `forward(tokens[1, seq], input_pos[1])`, or with the full cache-positions vector
+//!   `forward(tokens[1, seq], cache_positions[seq])`;
+//! - [`NoKvCache`] for an export without KV cache, `forward(tokens[1, seq])`, which is fed
+//!   the whole sequence at every step.
+
+mod kv_in_model;
+mod no_kv_cache;
+
+pub use kv_in_model::KvCacheInModel;
+pub use no_kv_cache::NoKvCache;
+
+use crate::error::{Error, Result};
+use crate::model::ModelInfo;
+use crate::tensor::{DType, HostData, HostTensor, TensorData, TensorView, ValueSpec};
+
+/// The method to run for one step, and every one of its inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// Name of the method, e.g. `forward`.
+    pub method: &'a str,
+    /// One tensor per method input, in order.
+    pub inputs: &'a [HostTensor],
+}
+
+/// A KV-cache manager. See the [module documentation](self).
+///
+/// Positions count tokens already in the cache: a step that starts at `start_pos` with `n`
+/// tokens leaves the cache holding `start_pos + n` positions.
+pub trait IoManager: Send {
+    /// Called once after the model is loaded, before any other method. Checks that the
+    /// model's signature fits this manager and allocates the manager's buffers.
+    fn load(&mut self, model: &ModelInfo) -> Result<()>;
+
+    /// The most tokens one prefill step accepts (1 for a model without dynamic shape).
+    fn max_prefill_chunk(&self) -> usize;
+
+    /// The most positions this manager can hold (normally the model's max context).
+    fn max_context(&self) -> usize;
+
+    /// Forgets everything: the next step starts at position 0.
+    fn reset(&mut self);
+
+    /// Rolls the cache back so that it holds only the first `pos` positions.
+    fn rewind(&mut self, pos: usize) -> Result<()>;
+
+    /// Inputs for a prefill step of `tokens` (at most [`max_prefill_chunk`](Self::max_prefill_chunk))
+    /// starting at `start_pos`.
+    fn prepare_prefill(&mut self, tokens: &[u64], start_pos: usize) -> Result<StepInputs<'_>>;
+
+    /// Takes the outputs of the prefill step prepared last and returns the logits that
+    /// predict the token after its last token.
+    fn update_prefill<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]>;
+
+    /// Inputs for a decode step of one `token` at position `pos`.
+    fn prepare_decode(&mut self, token: u64, pos: usize) -> Result<StepInputs<'_>>;
+
+    /// Takes the outputs of the decode step prepared last and returns the next-token logits.
+    fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]>;
+}
+
+/// Chooses the built-in manager that fits the model's `forward` signature.
+pub fn default_manager_for(model: &ModelInfo) -> Result<Box<dyn IoManager>> {
+    let forward = model
+        .methods
+        .get("forward")
+        .ok_or_else(|| Error::UnsupportedModel("the model has no `forward` method".to_string()))?;
+    match forward.inputs.len() {
+        1 => Ok(Box::new(NoKvCache::new())),
+        2 => Ok(Box::new(KvCacheInModel::new())),
+        n => Err(Error::UnsupportedModel(format!(
+            "`forward` takes {n} inputs; the built-in managers handle (tokens) and \
+             (tokens, input_pos) signatures. Supply your own IoManager for other layouts"
+        ))),
+    }
+}
+
+/// Element type of a token or position input: i64 or i32.
+pub(crate) fn integer_input(
+    spec: &ValueSpec,
+    what: &str,
+    method: &str,
+) -> Result<(DType, Vec<usize>)> {
+    match spec.tensor() {
+        Some(t) if matches!(t.dtype, DType::I64 | DType::I32) => Ok((t.dtype, t.sizes.clone())),
+        Some(t) => Err(Error::UnsupportedModel(format!(
+            "{what} input of `{method}` is a {:?} tensor; expected i64 or i32",
+            t.dtype
+        ))),
+        None => Err(Error::UnsupportedModel(format!(
+            "{what} input of `{method}` is not a tensor"
+        ))),
+    }
+}
+
+/// A zeroed integer tensor able to hold `capacity` elements, with sizes `sizes`.
+pub(crate) fn integer_tensor(dtype: DType, sizes: Vec<usize>, capacity: usize) -> HostTensor {
+    let data = match dtype {
+        DType::I32 => HostData::I32(vec![0; capacity]),
+        _ => HostData::I64(vec![0; capacity]),
+    };
+    let mut t = HostTensor::new(vec![capacity], data).expect("capacity matches");
+    t.set_sizes(&sizes).expect("sizes fit capacity");
+    t
+}
+
+/// Writes `values` at the start of an integer tensor and sets its sizes.
+pub(crate) fn fill_integers(
+    t: &mut HostTensor,
+    sizes: &[usize],
+    values: impl Iterator<Item = u64>,
+) -> Result<()> {
+    t.set_sizes(sizes)?;
+    match t.data_mut() {
+        crate::tensor::HostDataMut::I64(buf) => {
+            for (slot, v) in buf.iter_mut().zip(values) {
+                *slot = v as i64;
+            }
+        }
+        crate::tensor::HostDataMut::I32(buf) => {
+            for (slot, v) in buf.iter_mut().zip(values) {
+                *slot = i32::try_from(v).map_err(|_| {
+                    Error::InvalidArgument(format!("value {v} does not fit an i32 input"))
+                })?;
+            }
+        }
+        crate::tensor::HostDataMut::F32(_) => {
+            return Err(Error::IoManager("integer input holds floats".into()))
+        }
+    }
+    Ok(())
+}
+
+/// The logits row `row` of a logits output shaped `[vocab]`, `[1, vocab]` or
+/// `[1, rows, vocab]`.
+pub fn logits_row<'o>(output: &TensorView<'o>, row: usize) -> Result<&'o [f32]> {
+    let data = match output.data {
+        TensorData::F32(v) => v,
+        _ => {
+            return Err(Error::UnsupportedModel(format!(
+                "the logits output is {:?}; EtLlm reads f32 logits",
+                output.dtype()
+            )))
+        }
+    };
+    let vocab = *output
+        .sizes
+        .last()
+        .ok_or_else(|| Error::UnsupportedModel("the logits output is a scalar".into()))?;
+    let rows = if vocab == 0 { 0 } else { data.len() / vocab };
+    if row >= rows {
+        return Err(Error::UnsupportedModel(format!(
+            "the logits output has shape {:?}; row {row} does not exist",
+            output.sizes
+        )));
+    }
+    Ok(&data[row * vocab..(row + 1) * vocab])
+}
+
+/// The last logits row of the first output, for models whose outputs are logits of the
+/// last position (`[1, vocab]`) or of every position fed (`[1, n, vocab]`).
+pub(crate) fn last_logits<'o>(outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
+    let out = outputs
+        .first()
+        .ok_or_else(|| Error::UnsupportedModel("`forward` returned no output".into()))?;
+    let rows = match out.sizes.len() {
+        0 | 1 => 1,
+        2 => out.sizes[0].max(1),
+        _ => out.sizes[out.sizes.len() - 2],
+    };
+    logits_row(out, rows - 1)
+}

@@ -1,0 +1,118 @@
+//! The manager for exports without a KV cache.
+
+use crate::error::{Error, Result};
+use crate::io_manager::{
+    fill_integers, integer_input, integer_tensor, last_logits, IoManager, StepInputs,
+};
+use crate::model::ModelInfo;
+use crate::tensor::{HostTensor, TensorView};
+
+/// Drives `forward(tokens[1, seq])` for a model without KV cache: it keeps the whole token
+/// history and feeds all of it at every step, so each step costs a full forward pass over
+/// the sequence. The context is the method's maximum sequence length.
+#[derive(Debug, Default)]
+pub struct NoKvCache {
+    history: Vec<u64>,
+    inputs: Vec<HostTensor>,
+    max_seq: usize,
+}
+
+impl NoKvCache {
+    /// A manager to be loaded with [`IoManager::load`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn prepare(&mut self, tokens: &[u64], start_pos: usize) -> Result<StepInputs<'_>> {
+        if start_pos != self.history.len() {
+            return Err(Error::IoManager(format!(
+                "step at position {start_pos}, but the history holds {} tokens",
+                self.history.len()
+            )));
+        }
+        let n = self.history.len() + tokens.len();
+        if tokens.is_empty() || n > self.max_seq {
+            return Err(Error::IoManager(format!(
+                "the sequence would hold {n} tokens; this model takes 1 to {}",
+                self.max_seq
+            )));
+        }
+        self.history.extend_from_slice(tokens);
+        fill_integers(&mut self.inputs[0], &[1, n], self.history.iter().copied())?;
+        Ok(StepInputs {
+            method: "forward",
+            inputs: &self.inputs,
+        })
+    }
+}
+
+impl IoManager for NoKvCache {
+    fn load(&mut self, model: &ModelInfo) -> Result<()> {
+        let forward = model
+            .methods
+            .get("forward")
+            .ok_or_else(|| Error::UnsupportedModel("no `forward` method".into()))?;
+        if forward.inputs.len() != 1 {
+            return Err(Error::UnsupportedModel(format!(
+                "`forward` takes {} inputs; this manager drives (tokens)",
+                forward.inputs.len()
+            )));
+        }
+        let (dtype, sizes) = integer_input(&forward.inputs[0], "the tokens", "forward")?;
+        if sizes.len() != 2 || sizes[0] != 1 || sizes[1] == 0 {
+            return Err(Error::UnsupportedModel(format!(
+                "the tokens input of `forward` has shape {sizes:?}; expected [1, seq]"
+            )));
+        }
+        if sizes[1] > 1 && !model.metadata.enable_dynamic_shape {
+            return Err(Error::UnsupportedModel(format!(
+                "`forward` takes exactly {} tokens per call (static shape, no KV cache); \
+                 EtLlm needs dynamic shape for a model without KV cache",
+                sizes[1]
+            )));
+        }
+        self.max_seq = sizes[1].min(model.metadata.max_context_len);
+        self.inputs = vec![integer_tensor(dtype, vec![1, 1], sizes[1])];
+        self.history.clear();
+        Ok(())
+    }
+
+    fn max_prefill_chunk(&self) -> usize {
+        self.max_seq
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_seq
+    }
+
+    fn reset(&mut self) {
+        self.history.clear();
+    }
+
+    fn rewind(&mut self, pos: usize) -> Result<()> {
+        if pos > self.history.len() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot rewind to {pos}: the history holds {} tokens",
+                self.history.len()
+            )));
+        }
+        self.history.truncate(pos);
+        Ok(())
+    }
+
+    fn prepare_prefill(&mut self, tokens: &[u64], start_pos: usize) -> Result<StepInputs<'_>> {
+        self.prepare(tokens, start_pos)
+    }
+
+    fn update_prefill<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
+        last_logits(outputs)
+    }
+
+    fn prepare_decode(&mut self, token: u64, pos: usize) -> Result<StepInputs<'_>> {
+        self.prepare(&[token], pos)
+    }
+
+    fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
+        last_logits(outputs)
+    }
+}

@@ -1,0 +1,52 @@
+//! EtLlm runs decoder-only LLMs exported to ExecuTorch `.pte` files.
+//!
+//! ```no_run
+//! use std::ops::ControlFlow;
+//! use etllm::{GenerationConfig, Runner, RunnerOptions};
+//!
+//! let mut runner = Runner::open("model.pte", "tokenizer.json", RunnerOptions::default())?;
+//! let config = GenerationConfig { max_new_tokens: 32, temperature: 0.0, num_bos: 1, ..Default::default() };
+//! let stats = runner.generate("Once upon a time", &config, |piece| {
+//!     print!("{}", piece.text);
+//!     ControlFlow::Continue(())
+//! }, |_| {})?;
+//! eprintln!("{:.1} tokens/s", stats.decode_tokens_per_second());
+//! # Ok::<(), etllm::Error>(())
+//! ```
+//!
+//! The library never writes to stdout. ExecuTorch's own log lines are captured and
+//! attached to errors; set `ETLLM_LOG=1` to also see them on stderr.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+mod et;
+pub mod io_manager;
+pub mod model;
+pub mod runner;
+pub mod sampler;
+pub mod stats;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use config::GenerationConfig;
+pub use error::{Error, Result};
+pub use io_manager::IoManager;
+pub use model::{ModelInfo, ModelMetadata};
+pub use runner::{Runner, RunnerOptions, StopHandle, TokenPiece};
+pub use stats::{Stats, StopReason};
+pub use tokenizer::Tokenizer;
+
+/// The ExecuTorch runtime version EtLlm is built against.
+pub const EXECUTORCH_VERSION: &str = "1.5.1";
+
+/// Threads in ExecuTorch's process-wide CPU thread pool.
+pub fn num_threads() -> usize {
+    et::num_threads()
+}
+
+/// Sets the threads of ExecuTorch's process-wide CPU thread pool.
+pub fn set_num_threads(threads: usize) -> Result<()> {
+    et::set_num_threads(threads)
+}

@@ -1,0 +1,559 @@
+//! The runner: loads a model and a tokenizer, and generates text with streaming callbacks.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result};
+use crate::io_manager::{default_manager_for, IoManager};
+use crate::model::{Model, ModelMetadata};
+use crate::sampler::Sampler;
+use crate::stats::{now_us, Stats, StopReason};
+use crate::tokenizer::Tokenizer;
+
+/// Options fixed when the runner is created.
+#[derive(Default)]
+pub struct RunnerOptions {
+    /// Threads of ExecuTorch's CPU thread pool. The pool is shared by the whole process, so
+    /// this changes it for every runner. `None` keeps the current size.
+    pub num_threads: Option<usize>,
+    /// A KV-cache manager to use instead of the built-in one chosen from the model's
+    /// signature.
+    pub io_manager: Option<Box<dyn IoManager>>,
+}
+
+impl std::fmt::Debug for RunnerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerOptions")
+            .field("num_threads", &self.num_threads)
+            .field("io_manager", &self.io_manager.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+/// One piece of streamed text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenPiece<'a> {
+    /// The generated token this piece belongs to; `None` for the echoed prompt and for
+    /// the bytes released when generation ends.
+    pub token: Option<u32>,
+    /// Complete UTF-8 text; empty while a character split across tokens is incomplete.
+    pub text: &'a str,
+}
+
+/// Stops a running [`Runner::generate`] from any thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Asks the generation in progress to end before its next model step. The request is
+    /// cleared when the next `generate` starts, so it only affects a generation already
+    /// running.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+struct Loaded {
+    model: Model,
+    tokenizer: Tokenizer,
+    io: Box<dyn IoManager>,
+    bos_id: Option<u32>,
+    eos_ids: Vec<u32>,
+    vocab_size: usize,
+    max_context: usize,
+}
+
+/// Runs a decoder-only LLM exported to an ExecuTorch `.pte` file.
+///
+/// The KV-cache position persists across [`generate`](Self::generate) calls, so a
+/// conversation continues where the last call ended, until [`reset`](Self::reset). The
+/// last token a call generates is fed to the model at the start of the next call.
+///
+/// A runner is used from one thread at a time (it is `Send`); only a [`StopHandle`] may be
+/// used from other threads while `generate` runs.
+pub struct Runner {
+    model_path: PathBuf,
+    tokenizer_path: PathBuf,
+    num_threads: Option<usize>,
+    custom_io: Option<Box<dyn IoManager>>,
+    loaded: Option<Loaded>,
+    stop: Arc<AtomicBool>,
+    /// Positions held by the KV cache.
+    pos: usize,
+    /// The last generated token, not yet fed to the model.
+    pending: Option<u32>,
+    load_start_us: u64,
+    load_end_us: u64,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("model_path", &self.model_path)
+            .field("tokenizer_path", &self.tokenizer_path)
+            .field("loaded", &self.is_loaded())
+            .field("position", &self.position())
+            .finish()
+    }
+}
+
+impl Runner {
+    /// A runner for `model_path` and `tokenizer_path`; nothing is read until
+    /// [`load`](Self::load) (or the first `generate`).
+    pub fn new(
+        model_path: impl AsRef<Path>,
+        tokenizer_path: impl AsRef<Path>,
+        options: RunnerOptions,
+    ) -> Self {
+        Self {
+            model_path: model_path.as_ref().to_path_buf(),
+            tokenizer_path: tokenizer_path.as_ref().to_path_buf(),
+            num_threads: options.num_threads,
+            custom_io: options.io_manager,
+            loaded: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            pos: 0,
+            pending: None,
+            load_start_us: 0,
+            load_end_us: 0,
+        }
+    }
+
+    /// [`new`](Self::new) followed by [`load`](Self::load).
+    pub fn open(
+        model_path: impl AsRef<Path>,
+        tokenizer_path: impl AsRef<Path>,
+        options: RunnerOptions,
+    ) -> Result<Self> {
+        let mut runner = Self::new(model_path, tokenizer_path, options);
+        runner.load()?;
+        Ok(runner)
+    }
+
+    /// Loads the tokenizer and the model and prepares the KV-cache manager. Does nothing
+    /// when already loaded. On failure the runner stays unloaded and can be loaded again.
+    pub fn load(&mut self) -> Result<()> {
+        if self.loaded.is_some() {
+            return Ok(());
+        }
+        let start = now_us();
+        if let Some(n) = self.num_threads {
+            crate::et::set_num_threads(n)?;
+        }
+        let tokenizer = Tokenizer::from_file(&self.tokenizer_path)?;
+        let model = Model::load(&self.model_path)?;
+        let info = model.info();
+        let meta = &info.metadata;
+        let logits_vocab = info
+            .methods
+            .get("forward")
+            .and_then(|m| m.outputs.first())
+            .and_then(|o| o.tensor())
+            .and_then(|t| t.sizes.last().copied());
+        let vocab_size = meta.vocab_size.or(logits_vocab).ok_or_else(|| {
+            Error::UnsupportedModel("the model's vocabulary size is unknown".into())
+        })?;
+        if tokenizer.vocab_size() > vocab_size {
+            return Err(Error::InvalidTokenizer {
+                path: self.tokenizer_path.clone(),
+                message: format!(
+                    "it has {} tokens but the model's vocabulary has only {vocab_size}; \
+                     they do not belong together",
+                    tokenizer.vocab_size()
+                ),
+            });
+        }
+        let bos_id = meta.bos_id.or(tokenizer.bos_id());
+        let eos_ids = if meta.eos_ids.is_empty() {
+            tokenizer.eos_ids().to_vec()
+        } else {
+            meta.eos_ids.clone()
+        };
+        let mut io = match self.custom_io.take() {
+            Some(io) => io,
+            None => default_manager_for(info)?,
+        };
+        if let Err(e) = io.load(info) {
+            if self.custom_io.is_none() {
+                // Keep a caller's manager for the next attempt.
+                self.custom_io = Some(io);
+            }
+            return Err(e);
+        }
+        let max_context = io.max_context().min(meta.max_context_len);
+        self.loaded = Some(Loaded {
+            model,
+            tokenizer,
+            io,
+            bos_id,
+            eos_ids,
+            vocab_size,
+            max_context,
+        });
+        self.pos = 0;
+        self.pending = None;
+        self.load_start_us = start;
+        self.load_end_us = now_us();
+        Ok(())
+    }
+
+    /// Whether [`load`](Self::load) has succeeded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.is_some()
+    }
+
+    /// The model's metadata, once loaded.
+    pub fn metadata(&self) -> Option<&ModelMetadata> {
+        self.loaded.as_ref().map(|l| &l.model.info().metadata)
+    }
+
+    /// The model's methods and metadata, once loaded.
+    pub fn model_info(&self) -> Option<&crate::model::ModelInfo> {
+        self.loaded.as_ref().map(|l| l.model.info())
+    }
+
+    /// The tokenizer, once loaded.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.loaded.as_ref().map(|l| &l.tokenizer)
+    }
+
+    /// The BOS id in use: the model's `get_bos_id`, else the tokenizer's.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.loaded.as_ref().and_then(|l| l.bos_id)
+    }
+
+    /// The EOS ids in use: the model's `get_eos_ids`, else the tokenizer's.
+    pub fn eos_ids(&self) -> &[u32] {
+        self.loaded.as_ref().map_or(&[], |l| &l.eos_ids)
+    }
+
+    /// The most positions a conversation can hold.
+    pub fn max_context(&self) -> Option<usize> {
+        self.loaded.as_ref().map(|l| l.max_context)
+    }
+
+    /// Tokens in the conversation so far: prompts and generated tokens since the last
+    /// reset.
+    pub fn position(&self) -> usize {
+        self.pos + self.pending.is_some() as usize
+    }
+
+    /// A handle that stops a running `generate` from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
+    }
+
+    /// Asks a running `generate` to stop (see [`StopHandle::stop`]).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Forgets the conversation: the next `generate` starts at position 0.
+    pub fn reset(&mut self) {
+        if let Some(l) = self.loaded.as_mut() {
+            l.io.reset();
+        }
+        self.pos = 0;
+        self.pending = None;
+    }
+
+    /// Tokenizes `prompt` (adding `config.num_bos` BOS and `config.num_eos` EOS tokens),
+    /// feeds it to the model and streams the generated text to `on_token`. `on_stats`
+    /// receives the stats at the end, which are also returned.
+    ///
+    /// `on_token` returns [`ControlFlow::Break`] to end generation early. The prompt must
+    /// not be empty, except to continue after a previous call (an empty prompt then
+    /// generates from where that call stopped). A prompt that does not fit in the context
+    /// left is an error and changes nothing. If the model or manager fails midway, the
+    /// conversation is rolled back to where it was before the call.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        config: &GenerationConfig,
+        on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        let start = now_us();
+        config.validate()?;
+        self.load()?;
+        let loaded = self.loaded.as_ref().expect("loaded");
+        if prompt.is_empty() && self.pending.is_none() {
+            return Err(Error::InvalidArgument(
+                "the prompt is empty and there is no previous turn to continue".into(),
+            ));
+        }
+        let ids = if prompt.is_empty() {
+            Vec::new()
+        } else {
+            loaded.tokenizer.encode(prompt)?
+        };
+        self.run(start, Some(prompt), ids, config, on_token, on_stats)
+    }
+
+    /// Like [`generate`](Self::generate), from token ids instead of text (`num_bos` and
+    /// `num_eos` still apply). Every id must be below the model's vocabulary size.
+    pub fn generate_from_ids(
+        &mut self,
+        prompt_ids: &[u32],
+        config: &GenerationConfig,
+        on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        let start = now_us();
+        config.validate()?;
+        self.load()?;
+        let loaded = self.loaded.as_ref().expect("loaded");
+        if let Some(bad) = prompt_ids
+            .iter()
+            .find(|&&id| id as usize >= loaded.vocab_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                loaded.vocab_size
+            )));
+        }
+        if prompt_ids.is_empty() && config.num_bos == 0 && self.pending.is_none() {
+            return Err(Error::InvalidArgument(
+                "the prompt is empty and there is no previous turn to continue".into(),
+            ));
+        }
+        self.run(start, None, prompt_ids.to_vec(), config, on_token, on_stats)
+    }
+
+    fn run(
+        &mut self,
+        start: u64,
+        prompt_text: Option<&str>,
+        ids: Vec<u32>,
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        mut on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        self.stop.store(false, Ordering::Release);
+        let loaded = self.loaded.as_mut().expect("loaded");
+        let mut prompt: Vec<u32> = Vec::with_capacity(ids.len() + 2);
+        if config.num_bos > 0 {
+            let bos = loaded.bos_id.ok_or_else(|| {
+                Error::InvalidArgument(
+                    "num_bos > 0 but neither the model nor the tokenizer defines a BOS token"
+                        .into(),
+                )
+            })?;
+            prompt.extend(std::iter::repeat_n(bos, config.num_bos as usize));
+        }
+        prompt.extend_from_slice(&ids);
+        if config.num_eos > 0 {
+            let eos = *loaded.eos_ids.first().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "num_eos > 0 but neither the model nor the tokenizer defines an EOS token"
+                        .into(),
+                )
+            })?;
+            prompt.extend(std::iter::repeat_n(eos, config.num_eos as usize));
+        }
+        let mut stats = Stats {
+            model_load_start_us: self.load_start_us,
+            model_load_end_us: self.load_end_us,
+            inference_start_us: start,
+            token_encode_end_us: now_us(),
+            num_prompt_tokens: prompt.len() as u64,
+            ..Default::default()
+        };
+
+        let orig_pos = self.pos;
+        let orig_pending = self.pending;
+        let feed: Vec<u64> = orig_pending
+            .iter()
+            .chain(prompt.iter())
+            .map(|&t| t as u64)
+            .collect();
+        let available = loaded.max_context.saturating_sub(orig_pos);
+        if feed.len() > available {
+            return Err(Error::ContextFull {
+                prompt_tokens: prompt.len(),
+                available: available.saturating_sub(orig_pending.is_some() as usize),
+                max_context: loaded.max_context,
+                position: self.position(),
+            });
+        }
+        let context_left = (available - orig_pending.is_some() as usize) as i64;
+        let n_new = config.resolve_max_new_tokens(context_left, prompt.len() as i64) as usize;
+        let callbacks = !config.warming;
+
+        if config.echo && callbacks {
+            if let Some(text) = prompt_text {
+                if on_token(TokenPiece { token: None, text }).is_break() {
+                    stats.stop_reason = StopReason::Callback;
+                    stats.inference_end_us = now_us();
+                    on_stats(&stats);
+                    return Ok(stats);
+                }
+            }
+        }
+
+        let seed = config.seed.unwrap_or_else(clock_seed);
+        let mut sampler = Sampler::new(config.temperature, seed);
+        let outcome = generate_loop(
+            loaded,
+            &self.stop,
+            &feed,
+            orig_pos,
+            n_new,
+            config,
+            &mut sampler,
+            &mut stats,
+            |piece| {
+                if callbacks {
+                    on_token(piece)
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        match outcome {
+            Ok((pos, pending)) => {
+                self.pos = pos;
+                self.pending = pending;
+            }
+            Err(e) => {
+                // Roll the conversation back to where it was before this call.
+                let _ = loaded.io.rewind(orig_pos);
+                self.pos = orig_pos;
+                self.pending = orig_pending;
+                return Err(e);
+            }
+        }
+        stats.inference_end_us = now_us();
+        if config.warming {
+            self.reset();
+        } else {
+            on_stats(&stats);
+        }
+        Ok(stats)
+    }
+}
+
+/// Prefills `feed` at `pos`, then samples up to `n_new` tokens. Returns the new cache
+/// position and the last generated token not yet fed.
+#[allow(clippy::too_many_arguments)]
+fn generate_loop(
+    loaded: &mut Loaded,
+    stop: &AtomicBool,
+    feed: &[u64],
+    mut pos: usize,
+    n_new: usize,
+    config: &GenerationConfig,
+    sampler: &mut Sampler,
+    stats: &mut Stats,
+    mut emit: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+) -> Result<(usize, Option<u32>)> {
+    let Loaded {
+        model,
+        tokenizer,
+        io,
+        eos_ids,
+        max_context,
+        ..
+    } = loaded;
+    let stopped = || stop.load(Ordering::Acquire);
+    // Summed in nanoseconds: a single step can take less than a microsecond.
+    let mut model_ns = 0u128;
+    let mut sampling_ns = 0u128;
+    let chunk = io.max_prefill_chunk().max(1);
+    let mut token = None;
+    for (i, part) in feed.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= feed.len();
+        let t0 = Instant::now();
+        let step = io.prepare_prefill(part, pos)?;
+        let outputs = model.execute(step.method, step.inputs)?;
+        let logits = io.update_prefill(&outputs)?;
+        model_ns += t0.elapsed().as_nanos();
+        pos += part.len();
+        if last && n_new > 0 {
+            token = Some(sample(sampler, logits, &mut sampling_ns));
+        }
+    }
+    stats.prompt_eval_end_us = now_us();
+    let Some(mut token) = token else {
+        stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
+        stats.stop_reason = if pos >= *max_context {
+            StopReason::ContextFull
+        } else {
+            StopReason::Length
+        };
+        return Ok((pos, None));
+    };
+
+    let mut stream = tokenizer.stream();
+    let mut generated = 0usize;
+    let reason = loop {
+        generated += 1;
+        stats.num_generated_tokens = generated as u64;
+        if generated == 1 {
+            stats.first_token_us = now_us();
+        }
+        if (!config.ignore_eos && eos_ids.contains(&token))
+            || config.stop_token_ids.contains(&token)
+        {
+            break StopReason::Eos;
+        }
+        let piece = stream.push(token)?;
+        if emit(TokenPiece {
+            token: Some(token),
+            text: &piece,
+        })
+        .is_break()
+        {
+            break StopReason::Callback;
+        }
+        if generated == n_new {
+            break if pos + 1 >= *max_context {
+                StopReason::ContextFull
+            } else {
+                StopReason::Length
+            };
+        }
+        if stopped() {
+            break StopReason::Stopped;
+        }
+        let t0 = Instant::now();
+        let step = io.prepare_decode(token as u64, pos)?;
+        let outputs = model.execute(step.method, step.inputs)?;
+        let logits = io.update_decode(&outputs)?;
+        model_ns += t0.elapsed().as_nanos();
+        pos += 1;
+        token = sample(sampler, logits, &mut sampling_ns);
+    };
+    stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
+    stats.aggregate_sampling_time_us = (sampling_ns / 1000) as u64;
+    stats.stop_reason = reason;
+    let rest = stream.flush()?;
+    if !rest.is_empty() && reason != StopReason::Callback {
+        let _ = emit(TokenPiece {
+            token: None,
+            text: &rest,
+        });
+    }
+    Ok((pos, Some(token)))
+}
+
+fn sample(sampler: &mut Sampler, logits: &[f32], elapsed_ns: &mut u128) -> u32 {
+    let t0 = Instant::now();
+    let token = sampler.sample(logits);
+    *elapsed_ns += t0.elapsed().as_nanos();
+    token
+}
+
+/// A seed for runs that did not ask for one.
+fn clock_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    nanos ^ (std::process::id() as u64).rotate_left(32)
+}
