@@ -150,19 +150,14 @@ pub(crate) enum ConstValue {
 pub(crate) struct Program {
     module: Module<'static>,
     path: PathBuf,
-    /// Tensors handed to the last `execute`, kept alive until the next one.
-    input_ptrs: Vec<InputPtr>,
 }
 
-enum InputPtr {
-    F32(TensorPtr<'static, View<f32>>),
-    I64(TensorPtr<'static, View<i64>>),
-    I32(TensorPtr<'static, View<i32>>),
+/// An input tensor handed to the runtime, viewing a host buffer.
+enum InputPtr<'a> {
+    F32(TensorPtr<'a, View<f32>>),
+    I64(TensorPtr<'a, View<i64>>),
+    I32(TensorPtr<'a, View<i32>>),
 }
-
-// Safety: the module is only used through `&mut self`, from one thread at a time; the
-// tensor pointers refer to host buffers that their owner keeps alive and unmoved.
-unsafe impl Send for Program {}
 
 impl Program {
     /// Opens and verifies the program at `path`. Nothing is executed yet.
@@ -216,7 +211,6 @@ impl Program {
         Ok(Self {
             module,
             path: path.to_path_buf(),
-            input_ptrs: Vec::new(),
         })
     }
 
@@ -343,34 +337,32 @@ impl Program {
         method: &str,
         inputs: &[HostTensor],
     ) -> Result<Vec<TensorView<'_>>> {
-        self.input_ptrs.clear();
+        let mut ptrs = Vec::with_capacity(inputs.len());
         for t in inputs {
             let sizes = t.sizes().iter().map(|&s| s as i32);
             let n = t.numel();
-            // Safety: the sizes cover at most the buffer's length (HostTensor guarantees
-            // it), layout is contiguous, and the buffer outlives the call because the caller
-            // borrows it for the whole of `execute`; the pointers are dropped at the next call.
+            // Safety (`sizes`): the sizes cover exactly the first `n` elements of the slice
+            // and the layout is contiguous; the slice outlives the call.
             let ptr = unsafe {
                 match t.data() {
                     HostData::F32(v) => TensorPtrBuilder::<View<f32>>::from_slice(&v[..n])
                         .sizes(sizes)
                         .build()
-                        .map(|p| InputPtr::F32(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                        .map(InputPtr::F32),
                     HostData::I64(v) => TensorPtrBuilder::<View<i64>>::from_slice(&v[..n])
                         .sizes(sizes)
                         .build()
-                        .map(|p| InputPtr::I64(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                        .map(InputPtr::I64),
                     HostData::I32(v) => TensorPtrBuilder::<View<i32>>::from_slice(&v[..n])
                         .sizes(sizes)
                         .build()
-                        .map(|p| InputPtr::I32(std::mem::transmute::<_, TensorPtr<'static, _>>(p))),
+                        .map(InputPtr::I32),
                 }
             }
             .map_err(|e| runtime_error(format!("building an input for `{method}`"), e))?;
-            self.input_ptrs.push(ptr);
+            ptrs.push(ptr);
         }
-        let evalues: Vec<EValue> = self
-            .input_ptrs
+        let evalues: Vec<EValue> = ptrs
             .iter()
             .map(|p| match p {
                 InputPtr::F32(p) => EValue::new(p),
@@ -384,6 +376,7 @@ impl Program {
             .execute(method, &evalues)
             .map_err(|e| runtime_error(format!("executing `{method}`"), e))?;
         drop(evalues);
+        drop(ptrs);
         let mut views = Vec::with_capacity(outputs.len());
         for (i, value) in outputs.iter().enumerate() {
             if value.tag() != Tag::Tensor {

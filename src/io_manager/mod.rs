@@ -155,7 +155,7 @@ pub fn logits_row<'o>(output: &TensorView<'o>, row: usize) -> Result<&'o [f32]> 
         .sizes
         .last()
         .ok_or_else(|| Error::UnsupportedModel("the logits output is a scalar".into()))?;
-    let rows = if vocab == 0 { 0 } else { data.len() / vocab };
+    let rows = data.len().checked_div(vocab).unwrap_or(0);
     if row >= rows {
         return Err(Error::UnsupportedModel(format!(
             "the logits output has shape {:?}; row {row} does not exist",

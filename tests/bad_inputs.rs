@@ -1,0 +1,218 @@
+//! Bad inputs give a clear error, never a crash, and leave a loaded runner usable.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use etllm::{Error, GenerationConfig, Runner, RunnerOptions};
+
+fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad_inputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn load_error(model: &Path, tokenizer: &Path) -> Error {
+    let mut runner = Runner::new(model, tokenizer, RunnerOptions::default());
+    let err = runner.load().expect_err("load should fail");
+    assert!(!runner.is_loaded());
+    err
+}
+
+/// A runner on a good model still works in this process after the failure.
+fn assert_good_runner_still_works() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let mut runner = open("dyn_xnnpack");
+    let (t, _) = generate_ids(
+        &mut runner,
+        &case.prompt_ids,
+        &greedy(case.greedy_ids.len() as i32),
+    );
+    assert_eq!(t.tokens, case.greedy_ids);
+}
+
+#[test]
+fn missing_model_file_is_a_file_access_error() {
+    let err = load_error(Path::new("/nonexistent/model.pte"), &tokenizer_path());
+    assert!(matches!(err, Error::FileAccess { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/model.pte"), "{err}");
+}
+
+#[test]
+fn random_bytes_are_an_invalid_model() {
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let err = load_error(&scratch("random.pte", &bytes), &tokenizer_path());
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert_good_runner_still_works();
+}
+
+#[test]
+fn truncated_model_is_an_invalid_model() {
+    let bytes = std::fs::read(model_path("dyn_xnnpack")).unwrap();
+    for keep in [16, 1000, bytes.len() / 2, bytes.len() - 100] {
+        let path = scratch(&format!("truncated_{keep}.pte"), &bytes[..keep]);
+        let err = load_error(&path, &tokenizer_path());
+        assert!(
+            matches!(err, Error::InvalidModel { .. }),
+            "{keep} bytes: {err}"
+        );
+    }
+    assert_good_runner_still_works();
+}
+
+#[test]
+fn model_without_forward_is_rejected_by_name() {
+    let err = load_error(&fixtures_dir().join("no_forward.pte"), &tokenizer_path());
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains("forward"), "{err}");
+}
+
+#[test]
+fn missing_tokenizer_is_a_file_access_error() {
+    let err = load_error(
+        &model_path("dyn_xnnpack"),
+        Path::new("/nonexistent/tokenizer.json"),
+    );
+    assert!(matches!(err, Error::FileAccess { .. }), "{err}");
+}
+
+#[test]
+fn corrupt_tokenizer_is_an_invalid_tokenizer() {
+    let mut text = std::fs::read(tokenizer_path()).unwrap();
+    text.truncate(text.len() / 2);
+    let err = load_error(
+        &model_path("dyn_xnnpack"),
+        &scratch("half_tokenizer.json", &text),
+    );
+    assert!(matches!(err, Error::InvalidTokenizer { .. }), "{err}");
+    let err = load_error(
+        &model_path("dyn_xnnpack"),
+        &scratch("not_json.json", b"\x00\xffnot json"),
+    );
+    assert!(matches!(err, Error::InvalidTokenizer { .. }), "{err}");
+}
+
+#[test]
+fn tokenizer_larger_than_the_model_vocabulary_is_rejected() {
+    let err = load_error(
+        &model_path("dyn_xnnpack"),
+        &fixtures_dir().join("tokenizer_big.json"),
+    );
+    assert!(matches!(err, Error::InvalidTokenizer { .. }), "{err}");
+    assert!(err.to_string().contains("512"), "{err}");
+}
+
+#[test]
+fn empty_prompt_is_an_invalid_argument_and_the_runner_stays_usable() {
+    let mut runner = open("dyn_xnnpack");
+    let err = runner
+        .generate("", &greedy(4), |_| ControlFlow::Continue(()), |_| {})
+        .expect_err("empty prompt");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(runner.position(), 0);
+    let case = &reference("dyn_xnnpack").cases[0];
+    let (t, _) = generate_ids(
+        &mut runner,
+        &case.prompt_ids,
+        &greedy(case.greedy_ids.len() as i32),
+    );
+    assert_eq!(t.tokens, case.greedy_ids);
+}
+
+#[test]
+fn prompt_longer_than_the_remaining_context_changes_nothing() {
+    let cases = reference("dyn_xnnpack").cases;
+    let mut runner = open("dyn_xnnpack");
+    generate_ids(&mut runner, &cases[1].prompt_ids, &greedy(10));
+    let position = runner.position();
+    let too_long: Vec<u32> = std::iter::repeat_n(cases[1].prompt_ids[1..].to_vec(), 4)
+        .flatten()
+        .collect();
+    assert!(position + too_long.len() > 128);
+    let mut called = false;
+    let err = runner
+        .generate_from_ids(
+            &too_long,
+            &greedy(4),
+            |_| {
+                called = true;
+                ControlFlow::Continue(())
+            },
+            |_| {},
+        )
+        .expect_err("prompt past the context");
+    assert!(matches!(err, Error::ContextFull { .. }), "{err}");
+    assert!(!called, "nothing may be generated");
+    assert_eq!(runner.position(), position);
+    // The conversation goes on exactly as if the failed call had not happened.
+    let (t, _) = generate_ids(&mut runner, &cases[0].prompt_ids[1..], &greedy(5));
+    runner.reset();
+    let mut all = cases[1].prompt_ids.clone();
+    all.extend(
+        &generate_ids(&mut runner, &cases[1].prompt_ids, &greedy(10))
+            .0
+            .tokens,
+    );
+    runner.reset();
+    all.extend(&cases[0].prompt_ids[1..]);
+    assert_eq!(
+        t.tokens,
+        generate_ids(&mut runner, &all, &greedy(5)).0.tokens
+    );
+}
+
+#[test]
+fn max_new_tokens_past_the_context_is_clamped() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let mut runner = open("dyn_xnnpack");
+    let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &greedy(1000));
+    assert_eq!(t.tokens.len(), 128 - case.prompt_ids.len());
+    assert_eq!(stats.stop_reason, etllm::StopReason::ContextFull);
+    assert_eq!(runner.position(), 128);
+    // A further prompt no longer fits.
+    let err = runner
+        .generate_from_ids(&[5], &greedy(1), |_| ControlFlow::Continue(()), |_| {})
+        .expect_err("context is full");
+    assert!(matches!(err, Error::ContextFull { .. }), "{err}");
+}
+
+#[test]
+fn out_of_vocabulary_prompt_ids_are_rejected() {
+    let mut runner = open("dyn_xnnpack");
+    let err = runner
+        .generate_from_ids(&[1, 512], &greedy(1), |_| ControlFlow::Continue(()), |_| {})
+        .expect_err("id 512 is outside a 512-token vocabulary");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn invalid_config_is_rejected_before_anything_runs() {
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        temperature: -1.0,
+        ..greedy(3)
+    };
+    let err = runner
+        .generate("Hello", &config, |_| ControlFlow::Continue(()), |_| {})
+        .expect_err("negative temperature");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(err.to_string().contains("temperature"), "{err}");
+}
+
+#[test]
+fn num_bos_prepends_that_many_bos_tokens() {
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        num_bos: 2,
+        ..greedy(1)
+    };
+    let (_, stats) = generate_text(&mut runner, "The", &config);
+    // "The" is one token of the fixture tokenizer.
+    assert_eq!(stats.num_prompt_tokens, 3);
+}

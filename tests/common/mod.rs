@@ -1,0 +1,118 @@
+//! Helpers shared by the integration tests: fixture paths, reference files, and a runner
+//! that records what it streamed.
+
+#![allow(dead_code)]
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use etllm::{GenerationConfig, Runner, RunnerOptions, Stats, TokenPiece};
+use serde::Deserialize;
+
+/// Every exported fixture model; each folder holds `model.pte` and `reference.json`.
+pub const FIXTURES: &[&str] = &[
+    "dyn_xnnpack",
+    "static_xnnpack",
+    "dyn_portable",
+    "no_kv_cache",
+    "cache_positions",
+];
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_path(fixture: &str) -> PathBuf {
+    fixtures_dir().join(fixture).join("model.pte")
+}
+
+pub fn tokenizer_path() -> PathBuf {
+    fixtures_dir().join("tokenizer.json")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    pub model: String,
+    pub config: serde_json::Value,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub prompt: String,
+    /// BOS followed by the prompt's tokens, as the reference tokenizer encodes them.
+    pub prompt_ids: Vec<u32>,
+    /// The eager-PyTorch greedy continuation, EOS ignored.
+    pub greedy_ids: Vec<u32>,
+}
+
+pub fn reference(fixture: &str) -> Reference {
+    let path = fixtures_dir().join(fixture).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn open(fixture: &str) -> Runner {
+    Runner::open(
+        model_path(fixture),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("loading {fixture}: {e}"))
+}
+
+/// Greedy, EOS ignored, no echo, no BOS added: the settings the references were made with
+/// (their prompt ids already start with BOS).
+pub fn greedy(max_new_tokens: i32) -> GenerationConfig {
+    GenerationConfig {
+        echo: false,
+        temperature: 0.0,
+        max_new_tokens,
+        ignore_eos: true,
+        num_bos: 0,
+        ..Default::default()
+    }
+}
+
+/// What one generation streamed.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub pieces: Vec<(Option<u32>, String)>,
+}
+
+fn recorder(t: &mut Transcript) -> impl FnMut(TokenPiece<'_>) -> ControlFlow<()> + '_ {
+    |piece| {
+        if let Some(id) = piece.token {
+            t.tokens.push(id);
+        }
+        t.text.push_str(piece.text);
+        t.pieces.push((piece.token, piece.text.to_string()));
+        ControlFlow::Continue(())
+    }
+}
+
+pub fn generate_ids(
+    runner: &mut Runner,
+    ids: &[u32],
+    config: &GenerationConfig,
+) -> (Transcript, Stats) {
+    let mut t = Transcript::default();
+    let stats = runner
+        .generate_from_ids(ids, config, recorder(&mut t), |_| {})
+        .expect("generate_from_ids");
+    (t, stats)
+}
+
+pub fn generate_text(
+    runner: &mut Runner,
+    prompt: &str,
+    config: &GenerationConfig,
+) -> (Transcript, Stats) {
+    let mut t = Transcript::default();
+    let stats = runner
+        .generate(prompt, config, recorder(&mut t), |_| {})
+        .expect("generate");
+    (t, stats)
+}
