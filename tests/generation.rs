@@ -130,6 +130,30 @@ fn the_first_generated_token_is_checked_against_eos() {
 }
 
 #[test]
+fn the_models_eos_ends_generation_and_is_not_streamed() {
+    let cases = reference("dyn_xnnpack").cases;
+    let case = cases
+        .iter()
+        .find(|c| c.greedy_first_eos_index.is_some())
+        .expect("a reference case whose greedy continuation reaches EOS");
+    let eos_at = case.greedy_first_eos_index.unwrap();
+    assert_eq!(case.greedy_ids[eos_at], 2);
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        ignore_eos: false,
+        ..greedy(24)
+    };
+    let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &config);
+    assert_eq!(stats.stop_reason, StopReason::Eos);
+    assert_eq!(t.tokens, case.greedy_ids[..eos_at]);
+    assert_eq!(stats.num_generated_tokens as usize, eos_at + 1);
+    // With ignore_eos the same prompt runs past it, exactly as eager PyTorch did.
+    runner.reset();
+    let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &greedy(24));
+    assert_eq!(t.tokens, case.greedy_ids);
+}
+
+#[test]
 fn a_later_end_token_ends_generation_there() {
     let case = &reference("dyn_xnnpack").cases[0];
     let stop_at = case
