@@ -292,7 +292,14 @@ impl Runner {
         } else {
             loaded.tokenizer.encode(prompt)?
         };
-        self.run(start, Some(prompt), ids, config, on_token, on_stats)
+        self.run(
+            start,
+            Mode::Generate(Some(prompt)),
+            ids,
+            config,
+            on_token,
+            on_stats,
+        )
     }
 
     /// Like [`generate`](Self::generate), from token ids instead of text (`num_bos` and
@@ -322,13 +329,81 @@ impl Runner {
                 "the prompt is empty and there is no previous turn to continue".into(),
             ));
         }
-        self.run(start, None, prompt_ids.to_vec(), config, on_token, on_stats)
+        self.run(
+            start,
+            Mode::Generate(None),
+            prompt_ids.to_vec(),
+            config,
+            on_token,
+            on_stats,
+        )
+    }
+
+    /// Feeds `prompt` (with `config.num_bos` BOS and `config.num_eos` EOS tokens) into the
+    /// conversation without generating, for example to restore chat history. The next
+    /// `generate` continues after it; it may then be called with an empty prompt to
+    /// generate the continuation of this text. Only the token-count fields of `config`
+    /// are used. Returns the stats of the prefill.
+    pub fn prefill(&mut self, prompt: &str, config: &GenerationConfig) -> Result<Stats> {
+        let start = now_us();
+        config.validate()?;
+        self.load()?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the prompt to prefill is empty".into(),
+            ));
+        }
+        let ids = self
+            .loaded
+            .as_ref()
+            .expect("loaded")
+            .tokenizer
+            .encode(prompt)?;
+        self.run(
+            start,
+            Mode::Prefill,
+            ids,
+            config,
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+    }
+
+    /// Like [`prefill`](Self::prefill), from token ids.
+    pub fn prefill_ids(&mut self, prompt_ids: &[u32], config: &GenerationConfig) -> Result<Stats> {
+        let start = now_us();
+        config.validate()?;
+        self.load()?;
+        self.check_ids(prompt_ids)?;
+        if prompt_ids.is_empty() && config.num_bos == 0 && config.num_eos == 0 {
+            return Err(Error::InvalidArgument(
+                "the prompt to prefill is empty".into(),
+            ));
+        }
+        self.run(
+            start,
+            Mode::Prefill,
+            prompt_ids.to_vec(),
+            config,
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.loaded.as_ref().expect("loaded").vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(bad) => Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn run(
         &mut self,
         start: u64,
-        prompt_text: Option<&str>,
+        mode: Mode<'_>,
         ids: Vec<u32>,
         config: &GenerationConfig,
         mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
@@ -382,8 +457,14 @@ impl Runner {
             });
         }
         let context_left = (available - orig_pending.is_some() as usize) as i64;
-        let n_new = config.resolve_max_new_tokens(context_left, prompt.len() as i64) as usize;
-        let callbacks = !config.warming;
+        let (n_new, prompt_text) = match mode {
+            Mode::Generate(text) => (
+                config.resolve_max_new_tokens(context_left, prompt.len() as i64) as usize,
+                text,
+            ),
+            Mode::Prefill => (0, None),
+        };
+        let callbacks = !config.warming && matches!(mode, Mode::Generate(_));
 
         if config.echo && callbacks {
             if let Some(text) = prompt_text {
@@ -398,10 +479,16 @@ impl Runner {
 
         let seed = config.seed.unwrap_or_else(clock_seed);
         let mut sampler = Sampler::new(config.temperature, seed);
+        // A prefill keeps the last token back, so that a following `generate` can start
+        // from it even without a prompt of its own.
+        let (feed, held) = match mode {
+            Mode::Prefill => (&feed[..feed.len() - 1], feed.last().map(|&t| t as u32)),
+            Mode::Generate(_) => (&feed[..], None),
+        };
         let outcome = generate_loop(
             loaded,
             &self.stop,
-            &feed,
+            feed,
             orig_pos,
             n_new,
             config,
@@ -418,7 +505,10 @@ impl Runner {
         match outcome {
             Ok((pos, pending)) => {
                 self.pos = pos;
-                self.pending = pending;
+                self.pending = pending.or(held);
+                if matches!(mode, Mode::Prefill) {
+                    stats.stop_reason = StopReason::None;
+                }
             }
             Err(e) => {
                 // Roll the conversation back to where it was before this call.
@@ -431,11 +521,20 @@ impl Runner {
         stats.inference_end_us = now_us();
         if config.warming {
             self.reset();
-        } else {
+        } else if callbacks {
             on_stats(&stats);
         }
         Ok(stats)
     }
+}
+
+/// What [`Runner::run`] does with the prompt.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Prefill, then generate; the prompt text, if any, is echoed.
+    Generate(Option<&'a str>),
+    /// Prefill only.
+    Prefill,
 }
 
 /// Prefills `feed` at `pos`, then samples up to `n_new` tokens. Returns the new cache

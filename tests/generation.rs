@@ -332,3 +332,31 @@ fn runner_reports_the_model_metadata() {
     assert_eq!(runner.bos_id(), Some(1));
     assert_eq!(runner.eos_ids(), &[2]);
 }
+
+#[test]
+fn prefill_then_an_empty_prompt_continues_like_one_generate() {
+    let case = &reference("dyn_xnnpack").cases[1];
+    let mut runner = open("dyn_xnnpack");
+    let stats = runner.prefill_ids(&case.prompt_ids, &greedy(-1)).unwrap();
+    assert_eq!(stats.num_generated_tokens, 0);
+    assert_eq!(runner.position(), case.prompt_ids.len());
+    let (t, _) = generate_text(&mut runner, "", &greedy(case.greedy_ids.len() as i32));
+    assert_eq!(t.tokens, case.greedy_ids);
+}
+
+#[test]
+fn prefill_text_then_generate_equals_generating_over_both() {
+    let cases = reference("dyn_xnnpack").cases;
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        num_bos: 1,
+        ..greedy(6)
+    };
+    runner.prefill(&cases[3].prompt, &config).unwrap();
+    let (two_calls, _) = generate_ids(&mut runner, &cases[4].prompt_ids[1..], &greedy(6));
+    runner.reset();
+    let mut all = cases[3].prompt_ids.clone();
+    all.extend(&cases[4].prompt_ids[1..]);
+    let (one_call, _) = generate_ids(&mut runner, &all, &greedy(6));
+    assert_eq!(two_calls.tokens, one_call.tokens);
+}
