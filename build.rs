@@ -61,8 +61,14 @@ fn main() {
     println!("cargo:rustc-link-arg=-lexecutorch_backend_xnnpack");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-link-lib=dylib=stdc++");
-    // Built binaries find the runtime without LD_LIBRARY_PATH.
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // Built binaries find the runtime without LD_LIBRARY_PATH: first next to themselves
+    // (an installed libetllm.so sits beside the runtime libraries it was installed with),
+    // then where the build found it.
+    println!(
+        "cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:{}",
+        lib_dir.display()
+    );
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libetllm.so");
 
     println!(
         "cargo:rustc-env=ETLLM_EXECUTORCH_LIB_DIR={}",

@@ -22,6 +22,7 @@
 pub mod config;
 pub mod error;
 mod et;
+pub mod ffi;
 pub mod io_manager;
 pub mod model;
 pub mod runner;

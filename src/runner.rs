@@ -232,6 +232,11 @@ impl Runner {
         self.loaded.as_ref().map_or(&[], |l| &l.eos_ids)
     }
 
+    /// The model's vocabulary size: `get_vocab_size`, else the logits' size.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.loaded.as_ref().map(|l| l.vocab_size)
+    }
+
     /// The most positions a conversation can hold.
     pub fn max_context(&self) -> Option<usize> {
         self.loaded.as_ref().map(|l| l.max_context)

@@ -1,0 +1,127 @@
+//! `etllm_generation_config` and `etllm_runner_options`: versioned option structs.
+
+use std::ffi::c_void;
+
+use super::error::FfiError;
+use super::{c_slice, read_versioned};
+use crate::config::GenerationConfig;
+
+/// Settings of one generation. Always start from `etllm_generation_config_default()`,
+/// which fills in `struct_size` and every default, then change the fields you need;
+/// later library versions may add fields at the end, and `struct_size` tells them apart.
+///
+/// Field names and defaults follow upstream ExecuTorch's `GenerationConfig`, except that
+/// `max_new_tokens = N` yields exactly N tokens (upstream yields N - 1).
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy)]
+pub struct etllm_generation_config {
+    /// `sizeof(etllm_generation_config)` as the caller compiled it.
+    pub struct_size: u32,
+    /// Pass the prompt text to the token callback (token id -1) first. Default true.
+    pub echo: bool,
+    /// A warm-up run: no callback is called and the runner is reset afterwards. Default false.
+    pub warming: bool,
+    /// Keep generating past the model's EOS tokens. Default false.
+    pub ignore_eos: bool,
+    /// Use `seed`; when false the sampler is seeded from the clock. Default false.
+    pub has_seed: bool,
+    /// The most tokens to generate; -1: as many as the context allows. Default -1.
+    pub max_new_tokens: i32,
+    /// The most tokens in the sequence, prompt included; -1: the model's context. Default -1.
+    pub seq_len: i32,
+    /// Sampling temperature, >= 0; 0 is greedy. Default 0.8.
+    pub temperature: f32,
+    /// BOS tokens put before the prompt. Default 0.
+    pub num_bos: i32,
+    /// EOS tokens put after the prompt. Default 0.
+    pub num_eos: i32,
+    /// Seed of the sampler when `has_seed` is true: the same seed gives the same tokens.
+    pub seed: u64,
+    /// Extra token ids that end generation like EOS (even with `ignore_eos`); may be NULL
+    /// when `num_stop_token_ids` is 0. Read during the call only.
+    pub stop_token_ids: *const u32,
+    /// Number of entries in `stop_token_ids`.
+    pub num_stop_token_ids: usize,
+}
+
+impl Default for etllm_generation_config {
+    fn default() -> Self {
+        let d = GenerationConfig::default();
+        Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            echo: d.echo,
+            warming: d.warming,
+            ignore_eos: d.ignore_eos,
+            has_seed: false,
+            max_new_tokens: d.max_new_tokens,
+            seq_len: d.seq_len,
+            temperature: d.temperature,
+            num_bos: d.num_bos,
+            num_eos: d.num_eos,
+            seed: 0,
+            stop_token_ids: std::ptr::null(),
+            num_stop_token_ids: 0,
+        }
+    }
+}
+
+/// A generation config with every default and `struct_size` set.
+#[no_mangle]
+pub extern "C" fn etllm_generation_config_default() -> etllm_generation_config {
+    etllm_generation_config::default()
+}
+
+/// Reads a caller's config (NULL means the defaults) into the core's config.
+pub(crate) fn read_config(
+    ptr: *const etllm_generation_config,
+) -> Result<GenerationConfig, FfiError> {
+    let c = read_versioned(ptr, etllm_generation_config::default(), "config")?;
+    let stop = c_slice(
+        c.stop_token_ids,
+        c.num_stop_token_ids,
+        "config.stop_token_ids",
+    )?;
+    Ok(GenerationConfig {
+        echo: c.echo,
+        max_new_tokens: c.max_new_tokens,
+        warming: c.warming,
+        seq_len: c.seq_len,
+        temperature: c.temperature,
+        num_bos: c.num_bos,
+        num_eos: c.num_eos,
+        ignore_eos: c.ignore_eos,
+        seed: c.has_seed.then_some(c.seed),
+        stop_token_ids: stop.to_vec(),
+    })
+}
+
+/// Options fixed when a runner is created. Start from `etllm_runner_options_default()`.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy)]
+pub struct etllm_runner_options {
+    /// `sizeof(etllm_runner_options)` as the caller compiled it.
+    pub struct_size: u32,
+    /// Threads of ExecuTorch's CPU thread pool, which the whole process shares; 0 keeps
+    /// its current size. Default 0.
+    pub num_threads: u32,
+    /// Reserved for future use; must be NULL.
+    pub reserved: *mut c_void,
+}
+
+impl Default for etllm_runner_options {
+    fn default() -> Self {
+        Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            num_threads: 0,
+            reserved: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// Runner options with every default and `struct_size` set.
+#[no_mangle]
+pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
+    etllm_runner_options::default()
+}

@@ -1,0 +1,111 @@
+//! The C ABI. A thin layer: argument checks, handle casts, the panic boundary and status
+//! mapping; the behaviour lives in the safe core. `include/etllm.h` is generated from
+//! this module by cbindgen (see `cbindgen.toml`), so the doc comments here are the C
+//! reference manual.
+//!
+//! Rules that hold for every function (repeated in the header's preamble):
+//! - Every fallible function returns an `etllm_status`; `etllm_last_error_message()` gives
+//!   the message of the most recent call on the calling thread.
+//! - No panic crosses the boundary: one becomes `ETLLM_ERR_PANIC`.
+//! - Objects the library allocates are freed with the matching `*_free` function.
+
+// The C entry points take raw pointers from C by design; each one checks them (null,
+// UTF-8, sizes) before use, behind the panic boundary.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+pub mod config;
+pub mod error;
+pub mod runner;
+pub mod stats;
+
+use std::ffi::{c_char, CStr};
+
+pub use error::etllm_status;
+use error::FfiError;
+
+/// Version of the EtLlm library, e.g. "0.1.0". The string is static; do not free it.
+#[no_mangle]
+pub extern "C" fn etllm_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Version of the ExecuTorch runtime EtLlm is built against, "1.5.1". Static; do not free.
+#[no_mangle]
+pub extern "C" fn etllm_executorch_version() -> *const c_char {
+    "1.5.1\0".as_ptr().cast()
+}
+
+/// Frees a string that EtLlm allocated and handed to the caller (for example by
+/// `etllm_stats_to_json`). NULL is ignored. Never pass a string from anywhere else.
+#[no_mangle]
+pub extern "C" fn etllm_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // Safety: the caller passes a pointer that CString::into_raw produced.
+        drop(unsafe { std::ffi::CString::from_raw(s) });
+    }
+}
+
+/// Reads a C string argument as UTF-8.
+pub(crate) fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a str, FfiError> {
+    if ptr.is_null() {
+        return Err(FfiError::Null(name));
+    }
+    // Safety: non-null, and the caller guarantees a NUL-terminated string that lives for
+    // the duration of the call.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| FfiError::Utf8(name))
+}
+
+/// An output argument, checked for NULL.
+pub(crate) fn out_arg<'a, T>(ptr: *mut T, name: &'static str) -> Result<&'a mut T, FfiError> {
+    // Safety: non-null, and the caller guarantees it points to writable storage for a T.
+    unsafe { ptr.as_mut() }.ok_or(FfiError::Null(name))
+}
+
+/// A C array argument `(ptr, len)`; NULL is accepted only with `len == 0`.
+pub(crate) fn c_slice<'a, T>(
+    ptr: *const T,
+    len: usize,
+    name: &'static str,
+) -> Result<&'a [T], FfiError> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(FfiError::Null(name));
+    }
+    // Safety: non-null, and the caller guarantees `len` readable elements.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// Reads a caller's versioned struct: `struct_size` (its first field, a `uint32_t`) says
+/// how many bytes the caller's version has. Fields the caller's version lacks keep the
+/// values of `defaults`.
+pub(crate) fn read_versioned<T: Copy>(
+    ptr: *const T,
+    defaults: T,
+    name: &'static str,
+) -> Result<T, FfiError> {
+    if ptr.is_null() {
+        return Ok(defaults);
+    }
+    // Safety: every versioned struct starts with a uint32_t struct_size.
+    let size = unsafe { *(ptr as *const u32) } as usize;
+    let ours = std::mem::size_of::<T>();
+    if size < 8 || size > ours {
+        return Err(FfiError::StructSize {
+            name,
+            given: size,
+            known: ours,
+        });
+    }
+    let mut value = defaults;
+    // Safety: the caller's struct has `size` readable bytes, and `size <= size_of::<T>()`;
+    // every field of these structs is valid for any bit pattern except `bool`s, which the
+    // caller's compiler wrote as 0 or 1.
+    unsafe {
+        std::ptr::copy_nonoverlapping(ptr as *const u8, &mut value as *mut T as *mut u8, size);
+    }
+    Ok(value)
+}

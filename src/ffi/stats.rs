@@ -1,0 +1,184 @@
+//! `etllm_stats`: timings and counts of a generation.
+
+use std::ffi::{c_char, CString};
+
+use super::error::{etllm_status, guard, FfiError};
+use super::{out_arg, read_versioned};
+use crate::stats::{Stats, StopReason};
+
+/// Why a generation ended.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum etllm_stop_reason {
+    /// Nothing was generated (or a prefill).
+    ETLLM_STOP_NONE = 0,
+    /// An EOS token (or one of `config.stop_token_ids`) was generated.
+    ETLLM_STOP_EOS = 1,
+    /// `max_new_tokens` or `seq_len` was reached.
+    ETLLM_STOP_LENGTH = 2,
+    /// The context is full.
+    ETLLM_STOP_CONTEXT_FULL = 3,
+    /// `etllm_runner_stop` was called.
+    ETLLM_STOP_REQUESTED = 4,
+    /// The token callback returned non-zero.
+    ETLLM_STOP_CALLBACK = 5,
+}
+
+/// Timestamps (microseconds on a monotonic clock anchored to the Unix epoch; 0 when not
+/// reached), token counts and summed times of one generation. Initialize with
+/// `etllm_stats_default()` before passing it to be filled.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy)]
+pub struct etllm_stats {
+    /// `sizeof(etllm_stats)` as the caller compiled it; the library writes no further.
+    pub struct_size: u32,
+    /// Why generation ended.
+    pub stop_reason: etllm_stop_reason,
+    /// Model loading began.
+    pub model_load_start_us: u64,
+    /// Model loading ended.
+    pub model_load_end_us: u64,
+    /// The generate call began.
+    pub inference_start_us: u64,
+    /// The prompt was tokenized.
+    pub token_encode_end_us: u64,
+    /// The prompt was evaluated (prefill ended).
+    pub prompt_eval_end_us: u64,
+    /// The first token was generated.
+    pub first_token_us: u64,
+    /// Generation ended.
+    pub inference_end_us: u64,
+    /// Time spent sampling, summed.
+    pub aggregate_sampling_time_us: u64,
+    /// Time spent inside the model's method calls, summed.
+    pub aggregate_model_execution_time_us: u64,
+    /// Tokens in the encoded prompt, BOS/EOS included.
+    pub num_prompt_tokens: u64,
+    /// Tokens generated, an EOS that ended generation included.
+    pub num_generated_tokens: u64,
+}
+
+impl Default for etllm_stats {
+    fn default() -> Self {
+        Self::from(&Stats::default())
+    }
+}
+
+impl From<&Stats> for etllm_stats {
+    fn from(s: &Stats) -> Self {
+        Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            stop_reason: match s.stop_reason {
+                StopReason::Eos => etllm_stop_reason::ETLLM_STOP_EOS,
+                StopReason::Length => etllm_stop_reason::ETLLM_STOP_LENGTH,
+                StopReason::ContextFull => etllm_stop_reason::ETLLM_STOP_CONTEXT_FULL,
+                StopReason::Stopped => etllm_stop_reason::ETLLM_STOP_REQUESTED,
+                StopReason::Callback => etllm_stop_reason::ETLLM_STOP_CALLBACK,
+                _ => etllm_stop_reason::ETLLM_STOP_NONE,
+            },
+            model_load_start_us: s.model_load_start_us,
+            model_load_end_us: s.model_load_end_us,
+            inference_start_us: s.inference_start_us,
+            token_encode_end_us: s.token_encode_end_us,
+            prompt_eval_end_us: s.prompt_eval_end_us,
+            first_token_us: s.first_token_us,
+            inference_end_us: s.inference_end_us,
+            aggregate_sampling_time_us: s.aggregate_sampling_time_us,
+            aggregate_model_execution_time_us: s.aggregate_model_execution_time_us,
+            num_prompt_tokens: s.num_prompt_tokens,
+            num_generated_tokens: s.num_generated_tokens,
+        }
+    }
+}
+
+impl From<&etllm_stats> for Stats {
+    fn from(s: &etllm_stats) -> Self {
+        Stats {
+            model_load_start_us: s.model_load_start_us,
+            model_load_end_us: s.model_load_end_us,
+            inference_start_us: s.inference_start_us,
+            token_encode_end_us: s.token_encode_end_us,
+            prompt_eval_end_us: s.prompt_eval_end_us,
+            first_token_us: s.first_token_us,
+            inference_end_us: s.inference_end_us,
+            aggregate_sampling_time_us: s.aggregate_sampling_time_us,
+            aggregate_model_execution_time_us: s.aggregate_model_execution_time_us,
+            num_prompt_tokens: s.num_prompt_tokens,
+            num_generated_tokens: s.num_generated_tokens,
+            stop_reason: match s.stop_reason {
+                etllm_stop_reason::ETLLM_STOP_NONE => StopReason::None,
+                etllm_stop_reason::ETLLM_STOP_EOS => StopReason::Eos,
+                etllm_stop_reason::ETLLM_STOP_LENGTH => StopReason::Length,
+                etllm_stop_reason::ETLLM_STOP_CONTEXT_FULL => StopReason::ContextFull,
+                etllm_stop_reason::ETLLM_STOP_REQUESTED => StopReason::Stopped,
+                etllm_stop_reason::ETLLM_STOP_CALLBACK => StopReason::Callback,
+            },
+        }
+    }
+}
+
+/// Stats with every field 0 and `struct_size` set.
+#[no_mangle]
+pub extern "C" fn etllm_stats_default() -> etllm_stats {
+    etllm_stats::default()
+}
+
+/// Writes `stats` into the caller's struct, no further than its `struct_size`.
+pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), FfiError> {
+    if out.is_null() {
+        return Ok(());
+    }
+    // Safety: non-null; the caller's struct starts with its struct_size.
+    let size = unsafe { (*out).struct_size } as usize;
+    let ours = std::mem::size_of::<etllm_stats>();
+    if size < 8 || size > ours {
+        return Err(FfiError::StructSize {
+            name: "stats",
+            given: size,
+            known: ours,
+        });
+    }
+    let value = etllm_stats::from(stats);
+    // Safety: the caller's struct holds `size` writable bytes; struct_size itself is
+    // rewritten with the same value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            &value as *const etllm_stats as *const u8,
+            out as *mut u8,
+            size,
+        );
+        (*out).struct_size = size as u32;
+    }
+    Ok(())
+}
+
+/// The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
+/// EtLlm's `aggregate_model_execution_time_ms`, `stop_reason` and derived rates. On
+/// success `*out_json` is a NUL-terminated string the caller frees with
+/// `etllm_string_free`.
+#[no_mangle]
+pub extern "C" fn etllm_stats_to_json(
+    stats: *const etllm_stats,
+    out_json: *mut *mut c_char,
+) -> etllm_status {
+    guard(|| {
+        let out = out_arg(out_json, "out_json")?;
+        if stats.is_null() {
+            return Err(FfiError::Null("stats"));
+        }
+        // Safety: non-null; `stop_reason` is the second 32-bit field. An out-of-range value
+        // must not be read as the enum.
+        let reason = unsafe { *(stats as *const u32).add(1) };
+        if reason > etllm_stop_reason::ETLLM_STOP_CALLBACK as u32 {
+            return Err(FfiError::Core(crate::Error::InvalidArgument(format!(
+                "stats.stop_reason is {reason}, not an etllm_stop_reason"
+            ))));
+        }
+        let s = read_versioned(stats, etllm_stats::default(), "stats")?;
+        let json = Stats::from(&s).to_json_string();
+        *out = CString::new(json).expect("JSON has no NUL").into_raw();
+        Ok(())
+    })
+}
