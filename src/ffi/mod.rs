@@ -32,7 +32,7 @@ pub extern "C" fn etllm_version() -> *const c_char {
 /// Version of the ExecuTorch runtime EtLlm is built against, "1.5.1". Static; do not free.
 #[no_mangle]
 pub extern "C" fn etllm_executorch_version() -> *const c_char {
-    "1.5.1\0".as_ptr().cast()
+    c"1.5.1".as_ptr()
 }
 
 /// Frees a string that EtLlm allocated and handed to the caller (for example by
