@@ -283,28 +283,7 @@ impl Runner {
         on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
         on_stats: impl FnMut(&Stats),
     ) -> Result<Stats> {
-        let start = now_us();
-        config.validate()?;
-        self.load()?;
-        let loaded = self.loaded.as_ref().expect("loaded");
-        if prompt.is_empty() && self.pending.is_none() {
-            return Err(Error::InvalidArgument(
-                "the prompt is empty and there is no previous turn to continue".into(),
-            ));
-        }
-        let ids = if prompt.is_empty() {
-            Vec::new()
-        } else {
-            loaded.tokenizer.encode(prompt)?
-        };
-        self.run(
-            start,
-            Mode::Generate(Some(prompt)),
-            ids,
-            config,
-            on_token,
-            on_stats,
-        )
+        self.start(Prompt::Text(prompt), false, config, on_token, on_stats)
     }
 
     /// Like [`generate`](Self::generate), from token ids instead of text (`num_bos` and
@@ -316,32 +295,7 @@ impl Runner {
         on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
         on_stats: impl FnMut(&Stats),
     ) -> Result<Stats> {
-        let start = now_us();
-        config.validate()?;
-        self.load()?;
-        let loaded = self.loaded.as_ref().expect("loaded");
-        if let Some(bad) = prompt_ids
-            .iter()
-            .find(|&&id| id as usize >= loaded.vocab_size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                loaded.vocab_size
-            )));
-        }
-        if prompt_ids.is_empty() && config.num_bos == 0 && self.pending.is_none() {
-            return Err(Error::InvalidArgument(
-                "the prompt is empty and there is no previous turn to continue".into(),
-            ));
-        }
-        self.run(
-            start,
-            Mode::Generate(None),
-            prompt_ids.to_vec(),
-            config,
-            on_token,
-            on_stats,
-        )
+        self.start(Prompt::Ids(prompt_ids), false, config, on_token, on_stats)
     }
 
     /// Feeds `prompt` (with `config.num_bos` BOS and `config.num_eos` EOS tokens) into the
@@ -350,59 +304,67 @@ impl Runner {
     /// generate the continuation of this text. Only the token-count fields of `config`
     /// are used. Returns the stats of the prefill.
     pub fn prefill(&mut self, prompt: &str, config: &GenerationConfig) -> Result<Stats> {
-        let start = now_us();
-        config.validate()?;
-        self.load()?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the prompt to prefill is empty".into(),
-            ));
-        }
-        let ids = self
-            .loaded
-            .as_ref()
-            .expect("loaded")
-            .tokenizer
-            .encode(prompt)?;
-        self.run(
-            start,
-            Mode::Prefill,
-            ids,
-            config,
-            |_| ControlFlow::Continue(()),
-            |_| {},
-        )
+        let (no_token, no_stats) = (
+            |_: TokenPiece<'_>| ControlFlow::Continue(()),
+            |_: &Stats| {},
+        );
+        self.start(Prompt::Text(prompt), true, config, no_token, no_stats)
     }
 
     /// Like [`prefill`](Self::prefill), from token ids.
     pub fn prefill_ids(&mut self, prompt_ids: &[u32], config: &GenerationConfig) -> Result<Stats> {
+        let (no_token, no_stats) = (
+            |_: TokenPiece<'_>| ControlFlow::Continue(()),
+            |_: &Stats| {},
+        );
+        self.start(Prompt::Ids(prompt_ids), true, config, no_token, no_stats)
+    }
+
+    /// Checks the arguments, loads if needed, turns the prompt into ids and runs.
+    fn start(
+        &mut self,
+        prompt: Prompt<'_>,
+        prefill_only: bool,
+        config: &GenerationConfig,
+        on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
         let start = now_us();
         config.validate()?;
         self.load()?;
-        self.check_ids(prompt_ids)?;
-        if prompt_ids.is_empty() && config.num_bos == 0 && config.num_eos == 0 {
-            return Err(Error::InvalidArgument(
-                "the prompt to prefill is empty".into(),
-            ));
+        let loaded = self.loaded.as_ref().expect("loaded");
+        let ids = match prompt {
+            Prompt::Text("") => Vec::new(),
+            Prompt::Text(text) => loaded.tokenizer.encode(text)?,
+            Prompt::Ids(ids) => {
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= loaded.vocab_size) {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {bad} is outside the model's vocabulary of {}",
+                        loaded.vocab_size
+                    )));
+                }
+                ids.to_vec()
+            }
+        };
+        // An empty text prompt only continues a previous turn; empty ids are also fine
+        // when BOS/EOS tokens are added.
+        let nothing_to_feed = match prompt {
+            Prompt::Text(text) => text.is_empty(),
+            Prompt::Ids(_) => ids.is_empty() && config.num_bos == 0 && config.num_eos == 0,
+        };
+        if nothing_to_feed && (prefill_only || self.pending.is_none()) {
+            return Err(Error::InvalidArgument(if prefill_only {
+                "the prompt to prefill is empty".into()
+            } else {
+                "the prompt is empty and there is no previous turn to continue".into()
+            }));
         }
-        self.run(
-            start,
-            Mode::Prefill,
-            prompt_ids.to_vec(),
-            config,
-            |_| ControlFlow::Continue(()),
-            |_| {},
-        )
-    }
-
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let vocab = self.loaded.as_ref().expect("loaded").vocab_size;
-        match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(bad) => Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the model's vocabulary of {vocab}"
-            ))),
-            None => Ok(()),
-        }
+        let mode = match (prefill_only, prompt) {
+            (true, _) => Mode::Prefill,
+            (false, Prompt::Text(text)) => Mode::Generate(Some(text)),
+            (false, Prompt::Ids(_)) => Mode::Generate(None),
+        };
+        self.run(start, mode, ids, config, on_token, on_stats)
     }
 
     fn run(
@@ -531,6 +493,13 @@ impl Runner {
         }
         Ok(stats)
     }
+}
+
+/// A prompt as text or as token ids.
+#[derive(Clone, Copy)]
+enum Prompt<'a> {
+    Text(&'a str),
+    Ids(&'a [u32]),
 }
 
 /// What [`Runner::run`] does with the prompt.

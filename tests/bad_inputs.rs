@@ -27,12 +27,7 @@ fn load_error(model: &Path, tokenizer: &Path) -> Error {
 fn assert_good_runner_still_works() {
     let case = &reference("dyn_xnnpack").cases[0];
     let mut runner = open("dyn_xnnpack");
-    let (t, _) = generate_ids(
-        &mut runner,
-        &case.prompt_ids,
-        &greedy(case.greedy_ids.len() as i32),
-    );
-    assert_eq!(t.tokens, case.greedy_ids);
+    assert_matches_reference(&mut runner, case);
 }
 
 #[test]
@@ -117,12 +112,7 @@ fn empty_prompt_is_an_invalid_argument_and_the_runner_stays_usable() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert_eq!(runner.position(), 0);
     let case = &reference("dyn_xnnpack").cases[0];
-    let (t, _) = generate_ids(
-        &mut runner,
-        &case.prompt_ids,
-        &greedy(case.greedy_ids.len() as i32),
-    );
-    assert_eq!(t.tokens, case.greedy_ids);
+    assert_matches_reference(&mut runner, case);
 }
 
 #[test]

@@ -59,6 +59,14 @@ etllm::GenerationConfig greedy(int32_t n) {
   return c;
 }
 
+// A stream callback that appends each generated token id to `ids`.
+etllm::Runner::StreamCallback collect_into(std::vector<uint32_t>& ids) {
+  return [&ids](std::string_view, int64_t id) {
+    if (id >= 0) ids.push_back(static_cast<uint32_t>(id));
+    return true;
+  };
+}
+
 int failures = 0, passes = 0;
 #define CHECK(cond)                                                             \
   do {                                                                          \
@@ -87,10 +95,7 @@ void generate_tokens_matches_eager_reference() {
     runner.reset();
     std::vector<uint32_t> got;
     runner.generate_tokens(c.prompt_ids, greedy(static_cast<int32_t>(c.greedy_ids.size())),
-                           [&](std::string_view, int64_t id) {
-                             if (id >= 0) got.push_back(static_cast<uint32_t>(id));
-                             return true;
-                           });
+                           collect_into(got));
     CHECK(got == c.greedy_ids);
   }
 }
@@ -152,10 +157,7 @@ void exception_in_callback_propagates_and_runner_stays_usable() {
   runner.reset();
   std::vector<uint32_t> got;
   runner.generate_tokens(c.prompt_ids, greedy(static_cast<int32_t>(c.greedy_ids.size())),
-                         [&](std::string_view, int64_t id) {
-                           if (id >= 0) got.push_back(static_cast<uint32_t>(id));
-                           return true;
-                         });
+                         collect_into(got));
   CHECK(got == c.greedy_ids);
 }
 
@@ -212,10 +214,7 @@ void prefill_then_continue_matches_reference() {
   runner.prefill_tokens(c.prompt_ids);
   CHECK(runner.position() == static_cast<int64_t>(c.prompt_ids.size()));
   std::vector<uint32_t> got;
-  runner.generate_stream("", greedy(static_cast<int32_t>(c.greedy_ids.size())), [&](std::string_view, int64_t id) {
-    if (id >= 0) got.push_back(static_cast<uint32_t>(id));
-    return true;
-  });
+  runner.generate_stream("", greedy(static_cast<int32_t>(c.greedy_ids.size())), collect_into(got));
   CHECK(got == c.greedy_ids);
 }
 

@@ -74,12 +74,30 @@ fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiEr
     })
 }
 
-fn new_handle(runner: Runner) -> *mut etllm_runner {
-    let stop = runner.stop_handle();
-    Box::into_raw(Box::new(etllm_runner {
-        runner: Mutex::new(runner),
-        stop,
-    }))
+/// Creates a runner handle in `*out_runner` (NULL on failure), loading it first when `load`.
+fn create(
+    model_path: *const c_char,
+    tokenizer_path: *const c_char,
+    options: *const etllm_runner_options,
+    out_runner: *mut *mut etllm_runner,
+    load: bool,
+) -> etllm_status {
+    guard(|| {
+        let out = out_arg(out_runner, "out_runner")?;
+        *out = std::ptr::null_mut();
+        let model = c_str(model_path, "model_path")?;
+        let tokenizer = c_str(tokenizer_path, "tokenizer_path")?;
+        let mut runner = Runner::new(model, tokenizer, options_from(options)?);
+        if load {
+            runner.load()?;
+        }
+        let stop = runner.stop_handle();
+        *out = Box::into_raw(Box::new(etllm_runner {
+            runner: Mutex::new(runner),
+            stop,
+        }));
+        Ok(())
+    })
 }
 
 /// Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (an HF
@@ -93,15 +111,7 @@ pub extern "C" fn etllm_runner_new(
     options: *const etllm_runner_options,
     out_runner: *mut *mut etllm_runner,
 ) -> etllm_status {
-    guard(|| {
-        let out = out_arg(out_runner, "out_runner")?;
-        *out = std::ptr::null_mut();
-        let model = c_str(model_path, "model_path")?;
-        let tokenizer = c_str(tokenizer_path, "tokenizer_path")?;
-        let options = options_from(options)?;
-        *out = new_handle(Runner::new(model, tokenizer, options));
-        Ok(())
-    })
+    create(model_path, tokenizer_path, options, out_runner, false)
 }
 
 /// `etllm_runner_new` followed by `etllm_runner_load`: on success `*out_runner` is a loaded
@@ -114,16 +124,7 @@ pub extern "C" fn etllm_runner_open(
     options: *const etllm_runner_options,
     out_runner: *mut *mut etllm_runner,
 ) -> etllm_status {
-    guard(|| {
-        let out = out_arg(out_runner, "out_runner")?;
-        *out = std::ptr::null_mut();
-        let model = c_str(model_path, "model_path")?;
-        let tokenizer = c_str(tokenizer_path, "tokenizer_path")?;
-        let options = options_from(options)?;
-        let runner = Runner::open(model, tokenizer, options)?;
-        *out = new_handle(runner);
-        Ok(())
-    })
+    create(model_path, tokenizer_path, options, out_runner, true)
 }
 
 /// Loads the tokenizer and model. Does nothing when already loaded. On failure the runner

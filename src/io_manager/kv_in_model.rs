@@ -2,7 +2,8 @@
 
 use crate::error::{Error, Result};
 use crate::io_manager::{
-    fill_integers, integer_input, integer_tensor, last_logits, IoManager, StepInputs,
+    fill_integers, forward_tokens, integer_input, integer_tensor, last_logits, IoManager,
+    StepInputs,
 };
 use crate::model::ModelInfo;
 use crate::tensor::{HostTensor, TensorView};
@@ -59,31 +60,8 @@ impl KvCacheInModel {
 
 impl IoManager for KvCacheInModel {
     fn load(&mut self, model: &ModelInfo) -> Result<()> {
-        let forward = model
-            .methods
-            .get("forward")
-            .ok_or_else(|| Error::UnsupportedModel("no `forward` method".into()))?;
-        if forward.inputs.len() != 2 {
-            return Err(Error::UnsupportedModel(format!(
-                "`forward` takes {} inputs; this manager drives (tokens, input_pos)",
-                forward.inputs.len()
-            )));
-        }
-        let (tok_dtype, tok_sizes) = integer_input(&forward.inputs[0], "the tokens", "forward")?;
+        let (forward, tok_dtype, seq) = forward_tokens(model, 2, "(tokens, input_pos)")?;
         let (pos_dtype, pos_sizes) = integer_input(&forward.inputs[1], "the position", "forward")?;
-        if tok_sizes.len() != 2 || tok_sizes[0] != 1 || tok_sizes[1] == 0 {
-            return Err(Error::UnsupportedModel(format!(
-                "the tokens input of `forward` has shape {tok_sizes:?}; expected [1, seq]"
-            )));
-        }
-        let seq = tok_sizes[1];
-        let meta = &model.metadata;
-        if seq > 1 && !meta.enable_dynamic_shape {
-            return Err(Error::UnsupportedModel(format!(
-                "`forward` takes exactly {seq} tokens per call (static shape); EtLlm needs \
-                 dynamic shape or one token per call"
-            )));
-        }
         let pos_numel: usize = pos_sizes.iter().product();
         self.positions_vector = pos_numel > 1;
         if pos_sizes.len() != 1 || (self.positions_vector && pos_numel < seq) {
@@ -92,7 +70,7 @@ impl IoManager for KvCacheInModel {
             )));
         }
         self.max_chunk = seq;
-        self.max_context = meta.max_context_len;
+        self.max_context = model.metadata.max_context_len;
         self.inputs = vec![
             integer_tensor(tok_dtype, vec![1, 1], seq),
             integer_tensor(pos_dtype, vec![1], pos_numel.max(1)),

@@ -83,6 +83,41 @@ pub fn default_manager_for(model: &ModelInfo) -> Result<Box<dyn IoManager>> {
     }
 }
 
+/// Checks that `forward` takes `n_inputs` inputs, the first a `[1, seq]` integer token
+/// tensor (one token per call unless the model has dynamic shape). Returns `forward`, the
+/// tokens' element type and `seq`, the most tokens per call. `drives` names the signature
+/// the calling manager handles, for the error message.
+pub(crate) fn forward_tokens<'m>(
+    model: &'m ModelInfo,
+    n_inputs: usize,
+    drives: &str,
+) -> Result<(&'m crate::tensor::MethodInfo, DType, usize)> {
+    let forward = model
+        .methods
+        .get("forward")
+        .ok_or_else(|| Error::UnsupportedModel("no `forward` method".into()))?;
+    if forward.inputs.len() != n_inputs {
+        return Err(Error::UnsupportedModel(format!(
+            "`forward` takes {} inputs; this manager drives {drives}",
+            forward.inputs.len()
+        )));
+    }
+    let (dtype, sizes) = integer_input(&forward.inputs[0], "the tokens", "forward")?;
+    if sizes.len() != 2 || sizes[0] != 1 || sizes[1] == 0 {
+        return Err(Error::UnsupportedModel(format!(
+            "the tokens input of `forward` has shape {sizes:?}; expected [1, seq]"
+        )));
+    }
+    if sizes[1] > 1 && !model.metadata.enable_dynamic_shape {
+        return Err(Error::UnsupportedModel(format!(
+            "`forward` takes exactly {} tokens per call (static shape); EtLlm needs \
+             dynamic shape or one token per call",
+            sizes[1]
+        )));
+    }
+    Ok((forward, dtype, sizes[1]))
+}
+
 /// Element type of a token or position input: i64 or i32.
 pub(crate) fn integer_input(
     spec: &ValueSpec,

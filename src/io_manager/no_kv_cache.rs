@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::io_manager::{
-    fill_integers, integer_input, integer_tensor, last_logits, IoManager, StepInputs,
+    fill_integers, forward_tokens, integer_tensor, last_logits, IoManager, StepInputs,
 };
 use crate::model::ModelInfo;
 use crate::tensor::{HostTensor, TensorView};
@@ -48,31 +48,9 @@ impl NoKvCache {
 
 impl IoManager for NoKvCache {
     fn load(&mut self, model: &ModelInfo) -> Result<()> {
-        let forward = model
-            .methods
-            .get("forward")
-            .ok_or_else(|| Error::UnsupportedModel("no `forward` method".into()))?;
-        if forward.inputs.len() != 1 {
-            return Err(Error::UnsupportedModel(format!(
-                "`forward` takes {} inputs; this manager drives (tokens)",
-                forward.inputs.len()
-            )));
-        }
-        let (dtype, sizes) = integer_input(&forward.inputs[0], "the tokens", "forward")?;
-        if sizes.len() != 2 || sizes[0] != 1 || sizes[1] == 0 {
-            return Err(Error::UnsupportedModel(format!(
-                "the tokens input of `forward` has shape {sizes:?}; expected [1, seq]"
-            )));
-        }
-        if sizes[1] > 1 && !model.metadata.enable_dynamic_shape {
-            return Err(Error::UnsupportedModel(format!(
-                "`forward` takes exactly {} tokens per call (static shape, no KV cache); \
-                 EtLlm needs dynamic shape for a model without KV cache",
-                sizes[1]
-            )));
-        }
-        self.max_seq = sizes[1].min(model.metadata.max_context_len);
-        self.inputs = vec![integer_tensor(dtype, vec![1, 1], sizes[1])];
+        let (_, dtype, seq) = forward_tokens(model, 1, "(tokens)")?;
+        self.max_seq = seq.min(model.metadata.max_context_len);
+        self.inputs = vec![integer_tensor(dtype, vec![1, 1], seq)];
         self.history.clear();
         Ok(())
     }

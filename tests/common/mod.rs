@@ -119,3 +119,13 @@ pub fn generate_text(
         .expect("generate");
     (t, stats)
 }
+
+/// Greedy generation from `case`'s prompt ids reproduces its eager-PyTorch continuation.
+pub fn assert_matches_reference(runner: &mut Runner, case: &Case) {
+    let (t, _) = generate_ids(
+        runner,
+        &case.prompt_ids,
+        &greedy(case.greedy_ids.len() as i32),
+    );
+    assert_eq!(t.tokens, case.greedy_ids, "prompt {:?}", case.prompt);
+}
