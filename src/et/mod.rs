@@ -299,6 +299,14 @@ impl Program {
             .module
             .execute(method, &[])
             .map_err(|e| runtime_error(format!("calling metadata method `{method}`"), e))?;
+        // A Python list in `constant_methods` is exported as one Int output per element.
+        if outputs.len() > 1 {
+            return if outputs.iter().all(|v| v.tag() == Tag::Int) {
+                Ok(ConstValue::IntList(outputs.iter().map(|v| v.as_i64()).collect()))
+            } else {
+                Ok(ConstValue::Other(format!("{} outputs", outputs.len())))
+            };
+        }
         let value = outputs
             .first()
             .ok_or_else(|| Error::UnsupportedModel(format!("`{method}` returned nothing")))?;
