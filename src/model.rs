@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::et::{ConstValue, Program};
-use crate::tensor::{HostTensor, MethodInfo, TensorView};
+use crate::et::Program;
+use crate::tensor::{MethodInfo, TensorView};
 
 /// Default maximum sequence length when the model has no `get_max_seq_len` (upstream's).
 pub const DEFAULT_MAX_SEQ_LEN: usize = 128;
@@ -34,6 +34,56 @@ pub struct ModelMetadata {
     pub raw: BTreeMap<String, i64>,
 }
 
+/// The value a constant method (one without inputs, such as `get_max_seq_len`) returned.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConstValue {
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A float.
+    Double(f64),
+    /// A list of integers (also what a Python list of ints exports as).
+    IntList(Vec<i64>),
+    /// An integer tensor, flattened in row-major order.
+    IntTensor {
+        /// Sizes, outermost first.
+        sizes: Vec<usize>,
+        /// Elements.
+        data: Vec<i64>,
+    },
+    /// A float tensor, flattened in row-major order.
+    FloatTensor {
+        /// Sizes, outermost first.
+        sizes: Vec<usize>,
+        /// Elements.
+        data: Vec<f32>,
+    },
+    /// Anything else, named by its kind.
+    Other(String),
+}
+
+impl ConstValue {
+    /// The value as integers: an int, a bool, a list or an integer tensor (flattened).
+    pub fn as_ints(&self) -> Option<Vec<i64>> {
+        match self {
+            ConstValue::Int(v) => Some(vec![*v]),
+            ConstValue::Bool(b) => Some(vec![*b as i64]),
+            ConstValue::IntList(v) | ConstValue::IntTensor { data: v, .. } => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// The value as one integer, if it is exactly one.
+    pub fn as_int(&self) -> Option<i64> {
+        match self.as_ints()?.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        }
+    }
+}
+
 /// What a KV-cache manager sees of the model when it is loaded.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -41,6 +91,8 @@ pub struct ModelInfo {
     pub metadata: ModelMetadata,
     /// Every non-constant method with its signature, by name (`forward`, ...).
     pub methods: BTreeMap<String, MethodInfo>,
+    /// The value of every constant method (a method without inputs), by name.
+    pub constants: BTreeMap<String, ConstValue>,
 }
 
 /// A loaded model.
@@ -48,20 +100,6 @@ pub(crate) struct Model {
     program: Program,
     info: ModelInfo,
 }
-
-/// Names of the constant methods EtLlm reads.
-const METADATA_METHODS: &[&str] = &[
-    "get_max_seq_len",
-    "get_max_context_len",
-    "get_vocab_size",
-    "get_bos_id",
-    "get_eos_id",
-    "get_eos_ids",
-    "use_kv_cache",
-    "enable_dynamic_shape",
-    "use_sdpa_with_kv_cache",
-    "get_n_layers",
-];
 
 impl Model {
     pub(crate) fn load(path: &Path) -> Result<Self> {
@@ -84,7 +122,7 @@ impl Model {
         let mut methods = BTreeMap::new();
         for name in &names {
             let info = program.method_info(name)?;
-            if METADATA_METHODS.contains(&name.as_str()) && info.inputs.is_empty() {
+            if info.inputs.is_empty() {
                 consts.insert(name.clone(), program.call_constant(name)?);
             } else {
                 program.load_method(name)?;
@@ -94,7 +132,11 @@ impl Model {
         let metadata = metadata_from(&consts)?;
         Ok(Self {
             program,
-            info: ModelInfo { metadata, methods },
+            info: ModelInfo {
+                metadata,
+                methods,
+                constants: consts,
+            },
         })
     }
 
@@ -105,7 +147,7 @@ impl Model {
     pub(crate) fn execute(
         &mut self,
         method: &str,
-        inputs: &[HostTensor],
+        inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
         self.program.execute(method, inputs)
     }
@@ -115,11 +157,7 @@ fn metadata_from(consts: &BTreeMap<String, ConstValue>) -> Result<ModelMetadata>
     let int = |name: &str| -> Result<Option<i64>> {
         match consts.get(name) {
             None => Ok(None),
-            Some(ConstValue::Int(v)) => Ok(Some(*v)),
-            Some(ConstValue::Bool(b)) => Ok(Some(*b as i64)),
-            Some(ConstValue::IntTensor(v)) | Some(ConstValue::IntList(v)) if v.len() == 1 => {
-                Ok(Some(v[0]))
-            }
+            Some(v) if v.as_int().is_some() => Ok(v.as_int()),
             Some(other) => Err(Error::UnsupportedModel(format!(
                 "metadata method `{name}` returned {other:?}, expected an integer"
             ))),
@@ -150,10 +188,11 @@ fn metadata_from(consts: &BTreeMap<String, ConstValue>) -> Result<ModelMetadata>
         .or_else(|| consts.get("get_eos_id"))
     {
         None => Vec::new(),
-        Some(ConstValue::Int(v)) => vec![token_id("get_eos_ids", *v)?],
-        Some(ConstValue::IntList(v)) | Some(ConstValue::IntTensor(v)) => v
-            .iter()
-            .map(|&id| token_id("get_eos_ids", id))
+        Some(v) if v.as_ints().is_some() => v
+            .as_ints()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|id| token_id("get_eos_ids", id))
             .collect::<Result<_>>()?,
         Some(other) => {
             return Err(Error::UnsupportedModel(format!(

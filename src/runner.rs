@@ -543,7 +543,7 @@ fn generate_loop(
         let last = (i + 1) * chunk >= feed.len();
         let t0 = Instant::now();
         let step = io.prepare_prefill(part, pos)?;
-        let outputs = model.execute(step.method, step.inputs)?;
+        let outputs = model.execute(step.method, &step.inputs)?;
         let logits = io.update_prefill(&outputs)?;
         model_ns += t0.elapsed().as_nanos();
         pos += part.len();
@@ -596,7 +596,7 @@ fn generate_loop(
         }
         let t0 = Instant::now();
         let step = io.prepare_decode(token as u64, pos)?;
-        let outputs = model.execute(step.method, step.inputs)?;
+        let outputs = model.execute(step.method, &step.inputs)?;
         let logits = io.update_decode(&outputs)?;
         model_ns += t0.elapsed().as_nanos();
         pos += 1;

@@ -181,6 +181,19 @@ impl HostTensor {
     pub fn numel(&self) -> usize {
         self.sizes.iter().product()
     }
+
+    /// A view of the elements the current sizes cover, to pass as a method input.
+    pub fn view(&self) -> TensorView<'_> {
+        let n = self.numel();
+        TensorView {
+            sizes: self.sizes.clone(),
+            data: match &self.data {
+                HostData::F32(v) => TensorData::F32(&v[..n]),
+                HostData::I64(v) => TensorData::I64(&v[..n]),
+                HostData::I32(v) => TensorData::I32(&v[..n]),
+            },
+        }
+    }
 }
 
 /// Mutable access to a [`HostTensor`]'s elements.
@@ -207,7 +220,9 @@ pub enum TensorData<'a> {
     Bytes(DType, &'a [u8]),
 }
 
-/// A method output, borrowed from the runtime until the next method call.
+/// A tensor borrowed for the duration of a step: a method output (borrowed from the
+/// runtime until the next method call), or an input a KV-cache manager hands over (read
+/// in place, without a copy).
 #[derive(Debug, Clone)]
 pub struct TensorView<'a> {
     /// Sizes, outermost first.

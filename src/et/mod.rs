@@ -13,9 +13,8 @@ use executorch::program::{HeaderStatus, ProgramVerification};
 use executorch::tensor::{ScalarType, TensorPtr, TensorPtrBuilder, View};
 
 use crate::error::{Error, Result};
-use crate::tensor::{
-    DType, HostData, HostTensor, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec,
-};
+use crate::model::ConstValue;
+use crate::tensor::{DType, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec};
 
 extern "C" {
     fn etllm_threadpool_set_threads(num_threads: u32) -> bool;
@@ -132,18 +131,6 @@ pub(crate) fn num_threads() -> usize {
     init_runtime();
     // Safety: plain C call into the shim.
     unsafe { etllm_threadpool_thread_count() }
-}
-
-/// A scalar or list returned by a constant (metadata) method.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum ConstValue {
-    Int(i64),
-    Bool(bool),
-    Double(f64),
-    IntList(Vec<i64>),
-    /// A one-element or larger integer tensor, flattened.
-    IntTensor(Vec<i64>),
-    Other(String),
 }
 
 /// A loaded ExecuTorch program (memory-mapped `.pte`).
@@ -302,7 +289,9 @@ impl Program {
         // A Python list in `constant_methods` is exported as one Int output per element.
         if outputs.len() > 1 {
             return if outputs.iter().all(|v| v.tag() == Tag::Int) {
-                Ok(ConstValue::IntList(outputs.iter().map(|v| v.as_i64()).collect()))
+                Ok(ConstValue::IntList(
+                    outputs.iter().map(|v| v.as_i64()).collect(),
+                ))
             } else {
                 Ok(ConstValue::Other(format!("{} outputs", outputs.len())))
             };
@@ -319,19 +308,28 @@ impl Program {
                 let t = value.as_tensor();
                 let n = t.numel();
                 let ptr = t.as_data_ptr_raw();
-                match dtype_of(t.scalar_type()) {
-                    // Safety: the runtime owns `n` contiguous elements of this type at `ptr`
-                    // until `outputs` is dropped; they are copied out before that.
-                    DType::I64 => ConstValue::IntTensor(
-                        unsafe { std::slice::from_raw_parts(ptr as *const i64, n) }.to_vec(),
-                    ),
-                    DType::I32 => ConstValue::IntTensor(
-                        unsafe { std::slice::from_raw_parts(ptr as *const i32, n) }
-                            .iter()
-                            .map(|&v| v as i64)
-                            .collect(),
-                    ),
-                    other => ConstValue::Other(format!("{other:?} tensor")),
+                let sizes: Vec<usize> = t.sizes().iter().map(|&s| s.max(0) as usize).collect();
+                // Safety: the runtime owns `n` contiguous elements of this type at `ptr`
+                // until `outputs` is dropped; they are copied out before that.
+                unsafe {
+                    match dtype_of(t.scalar_type()) {
+                        DType::I64 => ConstValue::IntTensor {
+                            sizes,
+                            data: std::slice::from_raw_parts(ptr as *const i64, n).to_vec(),
+                        },
+                        DType::I32 => ConstValue::IntTensor {
+                            sizes,
+                            data: std::slice::from_raw_parts(ptr as *const i32, n)
+                                .iter()
+                                .map(|&v| v as i64)
+                                .collect(),
+                        },
+                        DType::F32 => ConstValue::FloatTensor {
+                            sizes,
+                            data: std::slice::from_raw_parts(ptr as *const f32, n).to_vec(),
+                        },
+                        other => ConstValue::Other(format!("{other:?} tensor")),
+                    }
                 }
             }
             other => ConstValue::Other(format!("{other:?}")),
@@ -343,28 +341,45 @@ impl Program {
     pub(crate) fn execute(
         &mut self,
         method: &str,
-        inputs: &[HostTensor],
+        inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
         let mut ptrs = Vec::with_capacity(inputs.len());
-        for t in inputs {
-            let sizes = t.sizes().iter().map(|&s| s as i32);
-            let n = t.numel();
-            // Safety (`sizes`): the sizes cover exactly the first `n` elements of the slice
+        for (i, t) in inputs.iter().enumerate() {
+            let numel: usize = t.sizes.iter().product();
+            let len = match t.data {
+                TensorData::F32(v) => v.len(),
+                TensorData::I64(v) => v.len(),
+                TensorData::I32(v) => v.len(),
+                TensorData::Bytes(dtype, _) => {
+                    return Err(Error::IoManager(format!(
+                        "input {i} of `{method}` is {dtype:?}; inputs must be f32, i64 or i32"
+                    )))
+                }
+            };
+            if numel != len || t.sizes.iter().any(|&s| s > i32::MAX as usize) {
+                return Err(Error::IoManager(format!(
+                    "input {i} of `{method}`: sizes {:?} do not match its {len} elements",
+                    t.sizes
+                )));
+            }
+            let sizes = t.sizes.iter().map(|&s| s as i32);
+            // Safety (`sizes`): the sizes cover exactly the slice's elements (checked above)
             // and the layout is contiguous; the slice outlives the call.
             let ptr = unsafe {
-                match t.data() {
-                    HostData::F32(v) => TensorPtrBuilder::<View<f32>>::from_slice(&v[..n])
+                match t.data {
+                    TensorData::F32(v) => TensorPtrBuilder::<View<f32>>::from_slice(v)
                         .sizes(sizes)
                         .build()
                         .map(InputPtr::F32),
-                    HostData::I64(v) => TensorPtrBuilder::<View<i64>>::from_slice(&v[..n])
+                    TensorData::I64(v) => TensorPtrBuilder::<View<i64>>::from_slice(v)
                         .sizes(sizes)
                         .build()
                         .map(InputPtr::I64),
-                    HostData::I32(v) => TensorPtrBuilder::<View<i32>>::from_slice(&v[..n])
+                    TensorData::I32(v) => TensorPtrBuilder::<View<i32>>::from_slice(v)
                         .sizes(sizes)
                         .build()
                         .map(InputPtr::I32),
+                    TensorData::Bytes(..) => unreachable!("rejected above"),
                 }
             }
             .map_err(|e| runtime_error(format!("building an input for `{method}`"), e))?;

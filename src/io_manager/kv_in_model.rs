@@ -51,10 +51,7 @@ impl KvCacheInModel {
         } else {
             fill_integers(pos, &[1], std::iter::once(start_pos as u64))?;
         }
-        Ok(StepInputs {
-            method: "forward",
-            inputs: &self.inputs,
-        })
+        Ok(StepInputs::of("forward", &self.inputs))
     }
 }
 

@@ -23,12 +23,22 @@ use crate::model::ModelInfo;
 use crate::tensor::{DType, HostData, HostTensor, TensorData, TensorView, ValueSpec};
 
 /// The method to run for one step, and every one of its inputs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepInputs<'a> {
     /// Name of the method, e.g. `forward`.
     pub method: &'a str,
-    /// One tensor per method input, in order.
-    pub inputs: &'a [HostTensor],
+    /// One tensor per method input, in order. The runtime reads them in place.
+    pub inputs: Vec<TensorView<'a>>,
+}
+
+impl<'a> StepInputs<'a> {
+    /// A step of `method` over views of `inputs`.
+    pub fn of(method: &'a str, inputs: &'a [HostTensor]) -> Self {
+        Self {
+            method,
+            inputs: inputs.iter().map(HostTensor::view).collect(),
+        }
+    }
 }
 
 /// A KV-cache manager. See the [module documentation](self).

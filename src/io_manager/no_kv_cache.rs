@@ -39,10 +39,7 @@ impl NoKvCache {
         }
         self.history.extend_from_slice(tokens);
         fill_integers(&mut self.inputs[0], &[1, n], self.history.iter().copied())?;
-        Ok(StepInputs {
-            method: "forward",
-            inputs: &self.inputs,
-        })
+        Ok(StepInputs::of("forward", &self.inputs))
     }
 }
 
