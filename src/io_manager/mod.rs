@@ -10,13 +10,17 @@
 //!   `forward(tokens[1, seq], input_pos[1])`, or with the full cache-positions vector
 //!   `forward(tokens[1, seq], cache_positions[seq])`;
 //! - [`NoKvCache`] for an export without KV cache, `forward(tokens[1, seq])`, which is fed
-//!   the whole sequence at every step.
+//!   the whole sequence at every step;
+//! - [`StaticAttention`] for static-attention exports whose KV caches are explicit inputs
+//!   and outputs (chosen when the export has `kv_cache_specs` constant methods).
 
 mod kv_in_model;
 mod no_kv_cache;
+mod static_attention;
 
 pub use kv_in_model::KvCacheInModel;
 pub use no_kv_cache::NoKvCache;
+pub use static_attention::StaticAttention;
 
 use crate::error::{Error, Result};
 use crate::model::ModelInfo;
@@ -83,6 +87,9 @@ pub fn default_manager_for(model: &ModelInfo) -> Result<Box<dyn IoManager>> {
         .methods
         .get("forward")
         .ok_or_else(|| Error::UnsupportedModel("the model has no `forward` method".to_string()))?;
+    if static_attention::is_static_attention(model) {
+        return Ok(Box::new(StaticAttention::new()));
+    }
     match forward.inputs.len() {
         1 => Ok(Box::new(NoKvCache::new())),
         2 => Ok(Box::new(KvCacheInModel::new())),
