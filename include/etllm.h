@@ -36,6 +36,11 @@
 #include <stdint.h>
 
 /**
+ * Most dimensions an `etllm_tensor_view` describes.
+ */
+#define ETLLM_MAX_DIMS 8
+
+/**
  * Result of every fallible EtLlm call. `ETLLM_OK` is 0; each failure has its own code,
  * and `etllm_last_error_message()` describes it.
  */
@@ -112,6 +117,28 @@ typedef enum etllm_status {
 } etllm_status;
 
 /**
+ * Element type of a tensor.
+ */
+typedef enum etllm_dtype {
+  /**
+   * 32-bit float.
+   */
+  ETLLM_DTYPE_F32 = 0,
+  /**
+   * 64-bit signed integer.
+   */
+  ETLLM_DTYPE_I64 = 1,
+  /**
+   * 32-bit signed integer.
+   */
+  ETLLM_DTYPE_I32 = 2,
+  /**
+   * Any other type (not accepted as a method input).
+   */
+  ETLLM_DTYPE_OTHER = 3,
+} etllm_dtype;
+
+/**
  * Why a generation ended.
  */
 typedef enum etllm_stop_reason {
@@ -140,6 +167,13 @@ typedef enum etllm_stop_reason {
    */
   ETLLM_STOP_CALLBACK = 5,
 } etllm_stop_reason;
+
+/**
+ * What a KV-cache manager sees of the model in its `load` function: methods with their
+ * input and output descriptions, the constant (metadata) methods' values, and the
+ * metadata. Opaque; valid only during that `load` call.
+ */
+typedef struct etllm_model_info etllm_model_info;
 
 /**
  * A runner: one model, one tokenizer, one conversation (KV cache). Opaque.
@@ -218,6 +252,138 @@ typedef struct etllm_generation_config {
 } etllm_generation_config;
 
 /**
+ * A tensor passed across the boundary without a copy: element type, sizes, and a pointer
+ * to contiguous row-major data. Views the library hands out are valid only until the
+ * call that received them returns (outputs: until the next model step); views a manager
+ * hands in must stay valid until its matching update call returns.
+ */
+typedef struct etllm_tensor_view {
+  /**
+   * Element type.
+   */
+  enum etllm_dtype dtype;
+  /**
+   * Number of dimensions, at most 8.
+   */
+  uint32_t ndim;
+  /**
+   * Sizes, outermost first; entries past `ndim` are ignored.
+   */
+  int64_t sizes[ETLLM_MAX_DIMS];
+  /**
+   * The elements (NULL in the input/output descriptions of `etllm_model_info`).
+   */
+  void *data;
+  /**
+   * Size of the data in bytes: the product of the sizes times the element size.
+   */
+  size_t nbytes;
+} etllm_tensor_view;
+
+/**
+ * One model step, as a manager's prepare function fills it in: the method to run and
+ * every one of its inputs, in order. The method name and the input array are the
+ * manager's and must stay valid until its matching update call returns.
+ */
+typedef struct etllm_step {
+  /**
+   * Name of the method to run, e.g. "forward" (NUL-terminated).
+   */
+  const char *method;
+  /**
+   * `num_inputs` input views.
+   */
+  const struct etllm_tensor_view *inputs;
+  /**
+   * Number of inputs; must equal the method's input count.
+   */
+  size_t num_inputs;
+} etllm_step;
+
+/**
+ * A KV-cache manager implemented by the caller: prepares every input of each model step
+ * and receives every output. Fill it in starting from a zeroed struct with `struct_size`
+ * set to `sizeof(etllm_io_manager)`, and pass it in `etllm_runner_options.io_manager`.
+ *
+ * Ownership: the runner copies the struct when the runner is created and owns
+ * `user_data` from then on; it calls `destroy(user_data)` exactly once: when the runner
+ * is freed, or before `etllm_runner_new`/`etllm_runner_open` returns if they fail
+ * (including when a required function is NULL). The one exception is a `struct_size`
+ * this library does not know, where nothing in the struct can be trusted and `destroy`
+ * is not called.
+ *
+ * Every function except `destroy` returns `ETLLM_OK` or an error status; on error it may
+ * call `etllm_set_error_message` first to explain. An error ends the current generate
+ * with `ETLLM_ERR_IO_MANAGER` and that message; the runner rolls the conversation back
+ * and stays usable. Functions are called on the thread that called into the runner, one
+ * at a time, in the order load, then for each step prepare_* followed by update_*;
+ * `reset` and `rewind` between steps. All functions are required except `destroy`.
+ */
+typedef struct etllm_io_manager {
+  /**
+   * `sizeof(etllm_io_manager)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * Passed to every function.
+   */
+  void *user_data;
+  /**
+   * Called once when the model is loaded: check the model fits, allocate buffers, and
+   * set `*out_max_prefill_chunk` (most tokens per prefill step, >= 1) and
+   * `*out_max_context` (most positions the manager can hold).
+   */
+  enum etllm_status (*load)(void *user_data,
+                            const struct etllm_model_info *model,
+                            int64_t *out_max_prefill_chunk,
+                            int64_t *out_max_context);
+  /**
+   * Forget everything: the next step starts at position 0.
+   */
+  enum etllm_status (*reset)(void *user_data);
+  /**
+   * Keep only the first `pos` positions.
+   */
+  enum etllm_status (*rewind)(void *user_data, int64_t pos);
+  /**
+   * Fill `*out_step` for a prefill step of `num_tokens` tokens starting at `start_pos`.
+   */
+  enum etllm_status (*prepare_prefill)(void *user_data,
+                                       const uint64_t *tokens,
+                                       size_t num_tokens,
+                                       int64_t start_pos,
+                                       struct etllm_step *out_step);
+  /**
+   * Take the outputs of the prefill step prepared last and point `*out_logits` at the
+   * `*out_vocab` logits predicting the next token (valid until the next step).
+   */
+  enum etllm_status (*update_prefill)(void *user_data,
+                                      const struct etllm_tensor_view *outputs,
+                                      size_t num_outputs,
+                                      const float **out_logits,
+                                      size_t *out_vocab);
+  /**
+   * Fill `*out_step` for a decode step of `token` at position `pos`.
+   */
+  enum etllm_status (*prepare_decode)(void *user_data,
+                                      uint64_t token,
+                                      int64_t pos,
+                                      struct etllm_step *out_step);
+  /**
+   * As `update_prefill`, for the decode step prepared last.
+   */
+  enum etllm_status (*update_decode)(void *user_data,
+                                     const struct etllm_tensor_view *outputs,
+                                     size_t num_outputs,
+                                     const float **out_logits,
+                                     size_t *out_vocab);
+  /**
+   * Frees `user_data`; called exactly once. May be NULL.
+   */
+  void (*destroy)(void *user_data);
+} etllm_io_manager;
+
+/**
  * Options fixed when a runner is created. Start from `etllm_runner_options_default()`.
  */
 typedef struct etllm_runner_options {
@@ -231,14 +397,54 @@ typedef struct etllm_runner_options {
    */
   uint32_t num_threads;
   /**
-   * Reserved for future use; must be NULL.
+   * A KV-cache manager to use instead of the built-in one chosen from the model's
+   * signature, or NULL. The runner copies the struct and takes ownership of its
+   * `user_data` as soon as `etllm_runner_new`/`etllm_runner_open` is called, whatever
+   * the outcome (see `etllm_io_manager`).
    */
-  void *reserved;
+  const struct etllm_io_manager *io_manager;
 } etllm_runner_options;
 
 /**
+ * What the model's metadata says, for a manager's `load`. -1 where the model does not say.
+ * Set `struct_size` to `sizeof(etllm_model_metadata)` before passing it to be filled.
+ */
+typedef struct etllm_model_metadata {
+  /**
+   * `sizeof(etllm_model_metadata)` as the caller compiled it; the library writes no further.
+   */
+  uint32_t struct_size;
+  /**
+   * Most tokens per model call.
+   */
+  int64_t max_seq_len;
+  /**
+   * Most positions the KV cache holds.
+   */
+  int64_t max_context_len;
+  /**
+   * Vocabulary size, or -1.
+   */
+  int64_t vocab_size;
+  /**
+   * BOS id, or -1.
+   */
+  int64_t bos_id;
+  /**
+   * Whether the export uses a KV cache.
+   */
+  bool use_kv_cache;
+  /**
+   * Whether `forward` accepts a variable number of tokens.
+   */
+  bool enable_dynamic_shape;
+} etllm_model_metadata;
+
+/**
  * Called with each piece of generated text: `piece` points to `len` bytes of complete
- * UTF-8 (followed by a NUL that `len` does not count), valid only during the call.
+ * UTF-8 (followed by a NUL that `len` does not count), valid only during the call. Use
+ * `len`, not `strlen`: a model may generate the character U+0000, which is a NUL byte
+ * inside the piece.
  * `token_id` is the generated token, or -1 for the echoed prompt and for bytes released
  * at the end. Return 0 to continue, non-zero to stop generating. It runs on the thread
  * that called generate and must not unwind (no C++ exception, no longjmp) out of it.
@@ -317,10 +523,6 @@ typedef void (*etllm_stats_callback)(void *user_data, const struct etllm_stats *
 extern "C" {
 #endif // __cplusplus
 
-extern bool etllm_threadpool_set_threads(uint32_t num_threads);
-
-extern size_t etllm_threadpool_thread_count(void);
-
 /**
  * Version of the EtLlm library, e.g. "0.1.0". The string is static; do not free it.
  */
@@ -359,6 +561,81 @@ const char *etllm_last_error_message(void);
  * value that is not one. Static; do not free.
  */
 const char *etllm_status_name(int32_t status);
+
+/**
+ * Sets the message that explains the error a KV-cache manager function is about to
+ * return (copied; NULL clears it). Call it from inside the manager function, on the same
+ * thread. Has no effect elsewhere.
+ */
+void etllm_set_error_message(const char *message);
+
+/**
+ * Sets `*out_count` to the number of (non-constant) methods.
+ */
+enum etllm_status etllm_model_info_num_methods(const struct etllm_model_info *model,
+                                               size_t *out_count);
+
+/**
+ * Sets `*out_name` to the name of method `index` (in name order). The string belongs to
+ * the model info and is valid during the manager's `load` call.
+ */
+enum etllm_status etllm_model_info_method_name(const struct etllm_model_info *model,
+                                               size_t index,
+                                               const char **out_name);
+
+/**
+ * Sets the input and output counts of method `method`; `ETLLM_ERR_NOT_FOUND` if the model
+ * has no such method.
+ */
+enum etllm_status etllm_model_info_method(const struct etllm_model_info *model,
+                                          const char *method_name,
+                                          size_t *out_num_inputs,
+                                          size_t *out_num_outputs);
+
+/**
+ * Describes input `index` of method `method` in `*out` (data NULL; for a dynamic-shape
+ * input the sizes are the upper bound). `ETLLM_ERR_NOT_FOUND` if it does not exist or is
+ * not a tensor.
+ */
+enum etllm_status etllm_model_info_input(const struct etllm_model_info *model,
+                                         const char *method_name,
+                                         size_t index,
+                                         struct etllm_tensor_view *out);
+
+/**
+ * Describes output `index` of method `method`, as `etllm_model_info_input`.
+ */
+enum etllm_status etllm_model_info_output(const struct etllm_model_info *model,
+                                          const char *method_name,
+                                          size_t index,
+                                          struct etllm_tensor_view *out);
+
+/**
+ * Copies up to `capacity` integers of constant method `name` (an int, bool, int list or
+ * integer tensor, flattened) into `values`, and sets `*out_count` to how many it has.
+ * `ETLLM_ERR_NOT_FOUND` if there is no such constant or it is not integers.
+ */
+enum etllm_status etllm_model_info_constant_ints(const struct etllm_model_info *model,
+                                                 const char *name,
+                                                 int64_t *values,
+                                                 size_t capacity,
+                                                 size_t *out_count);
+
+/**
+ * Copies up to `capacity` floats of constant method `name` (a float tensor, flattened
+ * row-major) into `values`, and sets `*out_count` to how many it has.
+ */
+enum etllm_status etllm_model_info_constant_floats(const struct etllm_model_info *model,
+                                                   const char *name,
+                                                   float *values,
+                                                   size_t capacity,
+                                                   size_t *out_count);
+
+/**
+ * Fills `*out` with the model's metadata, no further than its `struct_size`.
+ */
+enum etllm_status etllm_model_info_metadata(const struct etllm_model_info *model,
+                                            struct etllm_model_metadata *out);
 
 /**
  * Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (an HF

@@ -106,17 +106,15 @@ impl Model {
         let mut program = Program::load(path)?;
         let names = program.method_names()?;
         if !names.iter().any(|n| n == "forward") {
-            return Err(Error::InvalidModel {
-                path: path.to_path_buf(),
-                message: format!(
-                    "it has no `forward` method (its methods: {})",
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ),
-            });
+            return Err(Error::UnsupportedModel(format!(
+                "{} has no `forward` method (its methods: {})",
+                path.display(),
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
         }
         let mut consts: BTreeMap<String, ConstValue> = BTreeMap::new();
         let mut methods = BTreeMap::new();

@@ -64,7 +64,7 @@ fn truncated_model_is_an_invalid_model() {
 #[test]
 fn model_without_forward_is_rejected_by_name() {
     let err = load_error(&fixtures_dir().join("no_forward.pte"), &tokenizer_path());
-    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(matches!(err, Error::UnsupportedModel(_)), "{err}");
     assert!(err.to_string().contains("forward"), "{err}");
 }
 

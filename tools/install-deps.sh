@@ -14,6 +14,10 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+# tools/install.sh sets the installed libetllm.so's RUNPATH to $ORIGIN.
+command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
+# For the CMake venv below (Debian ships venv/ensurepip apart from python3).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # bindgen (used by the executorch-sys crate) loads libclang.
 if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
   need_apt+=(libclang-dev)
@@ -37,4 +41,20 @@ if ! rust_ok; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy -c rustfmt >&2
   . "$HOME/.cargo/env"
 fi
-echo "install-deps: ok ($(cargo --version))" >&2
+
+# CMake 3.28 or newer for the C/C++ tests (tools/test-c.sh): Debian 12 ships 3.25. The PyPI
+# build goes into a venv inside the repository (build/ is git-ignored), never system-wide.
+VENV="$(cd "$(dirname "$0")/.." && pwd -P)/build/tools-venv"
+cmake_ok() {
+  local v
+  v=$("$VENV/bin/cmake" --version 2>/dev/null | sed -n '1s/^cmake version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  [ -n "$v" ] || return 1
+  set -- $v
+  [ "$1" -gt 3 ] || { [ "$1" -eq 3 ] && [ "$2" -ge 28 ]; }
+}
+if ! cmake_ok; then
+  echo "install-deps: installing CMake from PyPI into build/tools-venv" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "cmake>=3.28,<5"
+fi
+echo "install-deps: ok ($(cargo --version), $("$VENV/bin/cmake" --version | head -n 1))" >&2

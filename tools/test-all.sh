@@ -12,3 +12,5 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 cargo test --all-targets --locked
 cargo test --doc --locked
+echo "== C and C++ tests (CTest, then AddressSanitizer)" >&2
+bash tools/test-c.sh

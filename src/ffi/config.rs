@@ -1,8 +1,7 @@
 //! `etllm_generation_config` and `etllm_runner_options`: versioned option structs.
 
-use std::ffi::c_void;
-
 use super::error::FfiError;
+use super::io_manager::etllm_io_manager;
 use super::{c_slice, read_versioned};
 use crate::config::GenerationConfig;
 
@@ -106,8 +105,11 @@ pub struct etllm_runner_options {
     /// Threads of ExecuTorch's CPU thread pool, which the whole process shares; 0 keeps
     /// its current size. Default 0.
     pub num_threads: u32,
-    /// Reserved for future use; must be NULL.
-    pub reserved: *mut c_void,
+    /// A KV-cache manager to use instead of the built-in one chosen from the model's
+    /// signature, or NULL. The runner copies the struct and takes ownership of its
+    /// `user_data` as soon as `etllm_runner_new`/`etllm_runner_open` is called, whatever
+    /// the outcome (see `etllm_io_manager`).
+    pub io_manager: *const etllm_io_manager,
 }
 
 impl Default for etllm_runner_options {
@@ -115,7 +117,7 @@ impl Default for etllm_runner_options {
         Self {
             struct_size: std::mem::size_of::<Self>() as u32,
             num_threads: 0,
-            reserved: std::ptr::null_mut(),
+            io_manager: std::ptr::null(),
         }
     }
 }

@@ -144,6 +144,14 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<(), FfiError>) -> etllm_status {
     }
 }
 
+/// The name of `status`, e.g. "ETLLM_ERR_IO_MANAGER".
+pub(crate) fn status_name(status: etllm_status) -> &'static str {
+    // Safety: etllm_status_name returns a static NUL-terminated ASCII string.
+    unsafe { std::ffi::CStr::from_ptr(etllm_status_name(status as i32)) }
+        .to_str()
+        .unwrap_or("unknown status")
+}
+
 /// The message describing the status returned by the most recent EtLlm call on the
 /// calling thread: "" after a success. The string belongs to EtLlm and stays valid until
 /// the next EtLlm call on this thread; copy it to keep it. Never NULL.

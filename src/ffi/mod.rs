@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod error;
+pub mod io_manager;
 pub mod runner;
 pub mod stats;
 

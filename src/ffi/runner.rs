@@ -6,7 +6,8 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::config::{etllm_generation_config, etllm_runner_options, read_config};
 use super::error::{etllm_status, guard, FfiError};
-use super::stats::{etllm_stats, write_stats};
+use super::io_manager::CIoManager;
+use super::stats::{check_stats_out, etllm_stats, write_stats};
 use super::{c_slice, c_str, out_arg, read_versioned};
 use crate::runner::{Runner, RunnerOptions, StopHandle, TokenPiece};
 use crate::stats::Stats;
@@ -26,7 +27,9 @@ pub struct etllm_runner {
 }
 
 /// Called with each piece of generated text: `piece` points to `len` bytes of complete
-/// UTF-8 (followed by a NUL that `len` does not count), valid only during the call.
+/// UTF-8 (followed by a NUL that `len` does not count), valid only during the call. Use
+/// `len`, not `strlen`: a model may generate the character U+0000, which is a NUL byte
+/// inside the piece.
 /// `token_id` is the generated token, or -1 for the echoed prompt and for bytes released
 /// at the end. Return 0 to continue, non-zero to stop generating. It runs on the thread
 /// that called generate and must not unwind (no C++ exception, no longjmp) out of it.
@@ -63,14 +66,15 @@ fn lock(r: &etllm_runner) -> Result<MutexGuard<'_, Runner>, FfiError> {
 
 fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiError> {
     let o = read_versioned(ptr, etllm_runner_options::default(), "options")?;
-    if !o.reserved.is_null() {
-        return Err(FfiError::Core(crate::Error::InvalidArgument(
-            "options.reserved must be NULL".into(),
-        )));
-    }
+    // Take the manager first: from here on dropping it calls its destroy exactly once.
+    let io_manager = if o.io_manager.is_null() {
+        None
+    } else {
+        Some(Box::new(CIoManager::new(o.io_manager)?) as Box<dyn crate::IoManager>)
+    };
     Ok(RunnerOptions {
         num_threads: (o.num_threads > 0).then_some(o.num_threads as usize),
-        ..Default::default()
+        io_manager,
     })
 }
 
@@ -83,11 +87,17 @@ fn create(
     load: bool,
 ) -> etllm_status {
     guard(|| {
+        if !out_runner.is_null() {
+            // Safety: non-null, and the caller guarantees it is writable.
+            unsafe { *out_runner = std::ptr::null_mut() };
+        }
+        // The options before the other arguments: they may carry a KV-cache manager,
+        // whose destroy must run (when they are dropped) even if a later argument is bad.
+        let options = options_from(options)?;
         let out = out_arg(out_runner, "out_runner")?;
-        *out = std::ptr::null_mut();
         let model = c_str(model_path, "model_path")?;
         let tokenizer = c_str(tokenizer_path, "tokenizer_path")?;
-        let mut runner = Runner::new(model, tokenizer, options_from(options)?);
+        let mut runner = Runner::new(model, tokenizer, options);
         if load {
             runner.load()?;
         }
@@ -178,6 +188,7 @@ fn stream(
 ) -> Result<(), FfiError> {
     let r = runner_ref(runner)?;
     let config = read_config(config)?;
+    check_stats_out(out_stats)?;
     let mut guard = lock(r)?;
     let mut buf: Vec<u8> = Vec::new();
     let mut token_cb = |piece: TokenPiece<'_>| {
@@ -285,6 +296,7 @@ pub extern "C" fn etllm_runner_prefill(
     guard(|| {
         let prompt = c_str(prompt, "prompt")?;
         let config = read_config(config)?;
+        check_stats_out(out_stats)?;
         let stats = lock(runner_ref(runner)?)?.prefill(prompt, &config)?;
         write_stats(out_stats, &stats)
     })
@@ -302,6 +314,7 @@ pub extern "C" fn etllm_runner_prefill_tokens(
     guard(|| {
         let ids = c_slice(ids, num_ids, "ids")?;
         let config = read_config(config)?;
+        check_stats_out(out_stats)?;
         let stats = lock(runner_ref(runner)?)?.prefill_ids(ids, &config)?;
         write_stats(out_stats, &stats)
     })

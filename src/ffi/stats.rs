@@ -125,10 +125,11 @@ pub extern "C" fn etllm_stats_default() -> etllm_stats {
     etllm_stats::default()
 }
 
-/// Writes `stats` into the caller's struct, no further than its `struct_size`.
-pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), FfiError> {
+/// Checks the `struct_size` of a caller's stats struct (NULL is fine) and returns it, so
+/// that a bad one is reported before any work is done.
+pub(crate) fn check_stats_out(out: *const etllm_stats) -> Result<usize, FfiError> {
     if out.is_null() {
-        return Ok(());
+        return Ok(0);
     }
     // Safety: non-null; the caller's struct starts with its struct_size.
     let size = unsafe { (*out).struct_size } as usize;
@@ -139,6 +140,15 @@ pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), Ff
             given: size,
             known: ours,
         });
+    }
+    Ok(size)
+}
+
+/// Writes `stats` into the caller's struct, no further than its `struct_size`.
+pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), FfiError> {
+    let size = check_stats_out(out)?;
+    if out.is_null() {
+        return Ok(());
     }
     let value = etllm_stats::from(stats);
     // Safety: the caller's struct holds `size` writable bytes; struct_size itself is
@@ -168,7 +178,8 @@ pub extern "C" fn etllm_stats_to_json(
         if stats.is_null() {
             return Err(FfiError::Null("stats"));
         }
-        // Safety: non-null; `stop_reason` is the second 32-bit field. An out-of-range value
+        check_stats_out(stats)?;
+        // Safety: non-null, at least 8 bytes; `stop_reason` is the second 32-bit field. An out-of-range value
         // must not be read as the enum.
         let reason = unsafe { *(stats as *const u32).add(1) };
         if reason > etllm_stop_reason::ETLLM_STOP_CALLBACK as u32 {

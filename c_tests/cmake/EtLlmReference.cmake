@@ -1,0 +1,146 @@
+# Turns the fixtures' eager-PyTorch references (tests/fixtures/<model>/reference.json) into
+# C data at configure time, with CMake's own JSON parser (no Python):
+#
+#   etllm_generate_reference(<fixtures dir> <output dir> [SKIP <model>...])
+#
+# writes <output dir>/etllm_reference.h (declarations) and etllm_reference.c (the data) and
+# sets ETLLM_REFERENCE_MODELS to the model folder names, in a stable (sorted) order. Models
+# named after SKIP are left out.
+# Prompts are written byte by byte as \xHH escapes, so any UTF-8 survives unchanged.
+
+function(_etllm_c_string text out_var)
+  string(HEX "${text}" hex)
+  string(REGEX REPLACE "(..)" "\\\\x\\1" escaped "${hex}")
+  set(${out_var} "\"${escaped}\"" PARENT_SCOPE)
+endfunction()
+
+# A JSON array of integers as a C initializer list, and its length.
+function(_etllm_c_ids json out_list out_len)
+  string(JSON n LENGTH "${json}")
+  set(items "")
+  if(n GREATER 0)
+    math(EXPR last "${n} - 1")
+    foreach(i RANGE ${last})
+      string(JSON v GET "${json}" ${i})
+      if(NOT v MATCHES "^[0-9]+$")
+        message(FATAL_ERROR "reference.json: token id `${v}` is not a non-negative integer")
+      endif()
+      list(APPEND items "${v}u")
+    endforeach()
+  endif()
+  list(JOIN items ", " joined)
+  set(${out_list} "${joined}" PARENT_SCOPE)
+  set(${out_len} "${n}" PARENT_SCOPE)
+endfunction()
+
+function(etllm_generate_reference fixtures_dir out_dir)
+  cmake_parse_arguments(ARG "" "" "SKIP" ${ARGN})
+  file(GLOB ref_files LIST_DIRECTORIES false "${fixtures_dir}/*/reference.json")
+  list(SORT ref_files)
+  if(NOT ref_files)
+    message(FATAL_ERROR "no ${fixtures_dir}/*/reference.json: set ETLLM_FIXTURES_DIR")
+  endif()
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${ref_files})
+
+  set(data "")
+  set(models "")
+  set(model_rows "")
+  foreach(ref IN LISTS ref_files)
+    get_filename_component(dir "${ref}" DIRECTORY)
+    get_filename_component(model "${dir}" NAME)
+    if(model IN_LIST ARG_SKIP)
+      continue()
+    endif()
+    if(NOT model MATCHES "^[A-Za-z0-9_]+$")
+      message(FATAL_ERROR "fixture folder name `${model}` is not a C identifier")
+    endif()
+    if(NOT EXISTS "${dir}/model.pte")
+      message(FATAL_ERROR "${dir} has reference.json but no model.pte")
+    endif()
+    list(APPEND models "${model}")
+    file(READ "${ref}" json)
+    string(JSON cases GET "${json}" cases)
+    string(JSON n_cases LENGTH "${cases}")
+    math(EXPR last_case "${n_cases} - 1")
+    set(case_rows "")
+    foreach(c RANGE ${last_case})
+      string(JSON prompt GET "${cases}" ${c} prompt)
+      string(JSON prompt_ids GET "${cases}" ${c} prompt_ids)
+      string(JSON greedy_ids GET "${cases}" ${c} greedy_ids)
+      _etllm_c_string("${prompt}" prompt_c)
+      _etllm_c_ids("${prompt_ids}" prompt_list prompt_len)
+      _etllm_c_ids("${greedy_ids}" greedy_list greedy_len)
+      string(APPEND data
+        "static const uint32_t ${model}_prompt_ids_${c}[] = {${prompt_list}};\n"
+        "static const uint32_t ${model}_greedy_ids_${c}[] = {${greedy_list}};\n")
+      string(APPEND case_rows
+        "  {${prompt_c},\n"
+        "   ${model}_prompt_ids_${c}, ${prompt_len}, ${model}_greedy_ids_${c}, ${greedy_len}},\n")
+    endforeach()
+    string(APPEND data
+      "static const etllm_ref_case ${model}_cases[] = {\n${case_rows}};\n\n")
+    string(APPEND model_rows "  {\"${model}\", ${model}_cases, ${n_cases}},\n")
+  endforeach()
+  list(LENGTH models n_models)
+
+  file(MAKE_DIRECTORY "${out_dir}")
+  file(CONFIGURE OUTPUT "${out_dir}/etllm_reference.h" @ONLY CONTENT [=[
+/* Generated at configure time from tests/fixtures/<model>/reference.json by
+ * c_tests/cmake/EtLlmReference.cmake. Do not edit. */
+#ifndef ETLLM_REFERENCE_H
+#define ETLLM_REFERENCE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One prompt and the eager-PyTorch greedy continuation (EOS ignored). */
+typedef struct etllm_ref_case {
+  const char *prompt;          /* UTF-8 */
+  const uint32_t *prompt_ids;  /* BOS first, then the tokenizer's ids */
+  size_t num_prompt_ids;
+  const uint32_t *greedy_ids;
+  size_t num_greedy_ids;
+} etllm_ref_case;
+
+/* A fixture model: tests/fixtures/<name>/model.pte. */
+typedef struct etllm_ref_model {
+  const char *name;
+  const etllm_ref_case *cases;
+  size_t num_cases;
+} etllm_ref_model;
+
+#define ETLLM_REF_NUM_MODELS @n_models@
+extern const etllm_ref_model etllm_ref_models[ETLLM_REF_NUM_MODELS];
+
+/* The model called `name`, or NULL. */
+const etllm_ref_model *etllm_ref_find_model(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ETLLM_REFERENCE_H */
+]=])
+  file(CONFIGURE OUTPUT "${out_dir}/etllm_reference.c" @ONLY CONTENT [=[
+/* Generated at configure time from tests/fixtures/<model>/reference.json by
+ * c_tests/cmake/EtLlmReference.cmake. Do not edit. */
+#include "etllm_reference.h"
+
+#include <string.h>
+
+@data@const etllm_ref_model etllm_ref_models[ETLLM_REF_NUM_MODELS] = {
+@model_rows@};
+
+const etllm_ref_model *etllm_ref_find_model(const char *name) {
+  for (size_t i = 0; i < ETLLM_REF_NUM_MODELS; i++) {
+    if (strcmp(etllm_ref_models[i].name, name) == 0) return &etllm_ref_models[i];
+  }
+  return NULL;
+}
+]=])
+  set(ETLLM_REFERENCE_MODELS "${models}" PARENT_SCOPE)
+endfunction()

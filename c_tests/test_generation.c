@@ -1,0 +1,102 @@
+/* Generation reproduces the eager-PyTorch reference (tests/fixtures/<model>/reference.json)
+ * token for token, for every fixture model and every prompt. */
+#include <stdio.h>
+#include <string.h>
+
+#include "test_support.h"
+
+static void check_same_ids(const char *model, size_t case_index, const collector *c,
+                           const etllm_ref_case *ref) {
+  size_t n = c->num_ids < ref->num_greedy_ids ? c->num_ids : ref->num_greedy_ids;
+  for (size_t i = 0; i < n; i++) {
+    CHECK_MSG(c->ids[i] == ref->greedy_ids[i],
+              "%s, case %zu: token %zu is %u, eager PyTorch gave %u", model, case_index, i,
+              c->ids[i], ref->greedy_ids[i]);
+  }
+  CHECK_MSG(c->num_ids == ref->num_greedy_ids, "%s, case %zu: %zu tokens, expected %zu", model,
+            case_index, c->num_ids, ref->num_greedy_ids);
+}
+
+/* From the reference's prompt ids (BOS included, so num_bos 0), greedy, EOS ignored. */
+static void reference_tokens(const char *model) {
+  const etllm_ref_model *m = ref_model(model);
+  etllm_runner *runner = open_runner(model);
+  for (size_t k = 0; k < m->num_cases; k++) {
+    const etllm_ref_case *ref = &m->cases[k];
+    static collector c;
+    memset(&c, 0, sizeof c);
+    etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
+    config.num_bos = 0;
+    etllm_stats stats = etllm_stats_default();
+    CHECK_OK(etllm_runner_reset(runner));
+    CHECK_OK(etllm_runner_generate_tokens(runner, ref->prompt_ids, ref->num_prompt_ids, &config,
+                                          collect_token, collect_stats, &c, &stats));
+    check_same_ids(model, k, &c, ref);
+    CHECK(stats.num_prompt_tokens == ref->num_prompt_ids);
+    CHECK(stats.num_generated_tokens == ref->num_greedy_ids);
+    CHECK(stats.stop_reason == ETLLM_STOP_LENGTH);
+  }
+  etllm_runner_free(runner);
+}
+
+/* From the prompt text with num_bos 1: the tokenizer and the BOS give the same ids. */
+static void reference_text(const char *model) {
+  const etllm_ref_model *m = ref_model(model);
+  etllm_runner *runner = open_runner(model);
+  for (size_t k = 0; k < m->num_cases; k++) {
+    const etllm_ref_case *ref = &m->cases[k];
+    static collector c;
+    memset(&c, 0, sizeof c);
+    etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
+    config.num_bos = 1;
+    etllm_stats stats = etllm_stats_default();
+    CHECK_OK(etllm_runner_reset(runner));
+    CHECK_OK(etllm_runner_generate(runner, ref->prompt, &config, collect_token, collect_stats, &c,
+                                   &stats));
+    check_same_ids(model, k, &c, ref);
+    CHECK_MSG(stats.num_prompt_tokens == ref->num_prompt_ids,
+              "%s, case %zu: %llu prompt tokens, the reference has %zu", model, k,
+              (unsigned long long)stats.num_prompt_tokens, ref->num_prompt_ids);
+    CHECK(stats.num_generated_tokens == ref->num_greedy_ids);
+  }
+  etllm_runner_free(runner);
+}
+
+/* A second turn continues the conversation (the position grows by its prompt and tokens),
+ * and a reset brings back the first turn's exact tokens. */
+static void reset_restarts_conversation(const char *arg) {
+  (void)arg;
+  const etllm_ref_model *m = ref_model(DEFAULT_MODEL);
+  const etllm_ref_case *ref = &m->cases[0];
+  etllm_runner *runner = open_runner(DEFAULT_MODEL);
+  etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
+  const int64_t turn = (int64_t)(ref->num_prompt_ids + ref->num_greedy_ids);
+  static collector c;
+  for (int64_t i = 0; i < 3; i++) {
+    memset(&c, 0, sizeof c);
+    if (i == 2) {
+      CHECK_OK(etllm_runner_reset(runner));
+      int64_t position = -1;
+      CHECK_OK(etllm_runner_position(runner, &position));
+      CHECK(position == 0);
+    }
+    CHECK_OK(etllm_runner_generate_tokens(runner, ref->prompt_ids, ref->num_prompt_ids, &config,
+                                          collect_token, NULL, &c, NULL));
+    CHECK(c.num_ids == ref->num_greedy_ids);
+    if (i != 1) check_same_ids(DEFAULT_MODEL, 0, &c, ref);
+    int64_t position = -1;
+    CHECK_OK(etllm_runner_position(runner, &position));
+    CHECK_MSG(position == (i == 1 ? 2 : 1) * turn, "turn %lld: position %lld", (long long)i,
+              (long long)position);
+  }
+  etllm_runner_free(runner);
+}
+
+int main(int argc, char **argv) {
+  static const test_case cases[] = {
+      {"reference_tokens", reference_tokens},
+      {"reference_text", reference_text},
+      {"reset_restarts_conversation", reset_restarts_conversation},
+  };
+  return run_test_case(argc, argv, cases, NUM_CASES(cases));
+}
