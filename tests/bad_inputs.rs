@@ -206,3 +206,16 @@ fn num_bos_prepends_that_many_bos_tokens() {
     // "The" is one token of the fixture tokenizer.
     assert_eq!(stats.num_prompt_tokens, 3);
 }
+
+#[test]
+fn every_eos_id_of_a_multi_eos_model_is_read() {
+    // The export stores `get_eos_ids: [2, 3]` as two outputs of one constant method.
+    let runner = Runner::open(
+        fixtures_dir().join("multi_eos/model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(runner.eos_ids(), &[2, 3]);
+    assert_eq!(runner.metadata().unwrap().eos_ids, vec![2, 3]);
+}
