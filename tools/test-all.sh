@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Runs every test: formatting and lints, the Rust unit, integration and CLI tests, and
-# the doc tests. Run tools/install-deps.sh first on a fresh machine.
+# Runs every test: formatting and lints, the Rust unit, integration, CLI and doc tests,
+# the header check, then the C and C++ tests through CTest against an installed prefix
+# (and once more under AddressSanitizer). Run tools/install-deps.sh first on a fresh
+# machine. Ends with one summary line: "N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
-cargo test --all-targets --locked
-cargo test --doc --locked
+cargo test --all-targets --locked 2>&1 | tee -a "$LOG"
+cargo test --doc --locked 2>&1 | tee -a "$LOG"
 echo "== C and C++ tests (CTest, then AddressSanitizer)" >&2
-bash tools/test-c.sh
+bash tools/test-c.sh 2>&1 | tee -a "$LOG"
+
+rust=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s += $4} END {print s + 0}')
+c=$(grep -Eo 'tests passed out of [0-9]+' "$LOG" | awk '{s += $5} END {print s + 0}')
+echo "$((rust + c)) passed, 0 failed"
