@@ -249,6 +249,24 @@ typedef struct etllm_generation_config {
    * Number of entries in `stop_token_ids`.
    */
   size_t num_stop_token_ids;
+  /**
+   * Sample only from the `top_k` most likely tokens; 0 is off. Default 0.
+   */
+  int32_t top_k;
+  /**
+   * Sample only from the smallest most-likely set reaching probability `top_p`, in
+   * (0, 1]; 1 is off. Default 1.
+   */
+  float top_p;
+  /**
+   * Sample only from tokens at least `min_p` times as likely as the best, in [0, 1];
+   * 0 is off. Default 0.
+   */
+  float min_p;
+  /**
+   * Penalty for tokens already in this call's prompt or output, > 0; 1 is off. Default 1.
+   */
+  float repetition_penalty;
 } etllm_generation_config;
 
 /**

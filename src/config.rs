@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 ///
 /// Field names and defaults follow upstream ExecuTorch's `GenerationConfig`, with one
 /// deliberate difference: `max_new_tokens = N` yields exactly N new tokens (upstream's
-/// runner yields N - 1). `ignore_eos`, `seed` and `stop_token_ids` are EtLlm additions.
+/// runner yields N - 1). `top_k`, `top_p`, `min_p`, `repetition_penalty`, `ignore_eos`, `seed`
+/// and `stop_token_ids` are EtLlm additions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     /// Pass the prompt text to the token callback before the generated text. Default true.
@@ -22,6 +23,17 @@ pub struct GenerationConfig {
     /// Sampling temperature: 0 picks the most likely token (greedy); above 0 samples from
     /// softmax(logits / temperature). Default 0.8, upstream's default.
     pub temperature: f32,
+    /// Sample only from the `top_k` most likely tokens; 0 (the default) turns it off.
+    pub top_k: i32,
+    /// Sample only from the smallest set of most likely tokens whose probability adds up
+    /// to `top_p`, in (0, 1]; 1 (the default) turns it off.
+    pub top_p: f32,
+    /// Sample only from tokens at least `min_p` times as likely as the most likely one, in
+    /// [0, 1]; 0 (the default) turns it off.
+    pub min_p: f32,
+    /// Divide the positive logits (multiply the negative ones) of tokens already in this
+    /// call's prompt or output by this, > 0; 1 (the default) turns it off.
+    pub repetition_penalty: f32,
     /// How many BOS tokens to put before the prompt. Default 0, as upstream.
     pub num_bos: i32,
     /// How many EOS tokens to put after the prompt. Default 0.
@@ -44,6 +56,10 @@ impl Default for GenerationConfig {
             warming: false,
             seq_len: -1,
             temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             num_bos: 0,
             num_eos: 0,
             ignore_eos: false,
@@ -54,6 +70,17 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// The sampling part of the config.
+    pub fn sampling(&self) -> crate::sampler::SamplingParams {
+        crate::sampler::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k.max(0) as usize,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
+
     /// Checks every field; the error names the field and the accepted range.
     pub fn validate(&self) -> Result<()> {
         let check = |ok: bool, msg: String| {

@@ -445,7 +445,7 @@ impl Runner {
         }
 
         let seed = config.seed.unwrap_or_else(clock_seed);
-        let mut sampler = Sampler::new(config.temperature, seed);
+        let mut sampler = Sampler::with_params(config.sampling(), seed);
         // A prefill keeps the last token back, so that a following `generate` can start
         // from it even without a prompt of its own.
         let (feed, held) = match mode {
@@ -534,6 +534,11 @@ fn generate_loop(
         ..
     } = loaded;
     let stopped = || stop.load(Ordering::Acquire);
+    // This call's tokens, for the repetition penalty.
+    let mut history: Vec<u32> = Vec::new();
+    if config.repetition_penalty != 1.0 {
+        history.extend(feed.iter().map(|&t| t as u32));
+    }
     // Summed in nanoseconds: a single step can take less than a microsecond.
     let mut model_ns = 0u128;
     let mut sampling_ns = 0u128;
@@ -548,7 +553,7 @@ fn generate_loop(
         model_ns += t0.elapsed().as_nanos();
         pos += part.len();
         if last && n_new > 0 {
-            token = Some(sample(sampler, logits, &mut sampling_ns));
+            token = Some(sample(sampler, logits, &history, &mut sampling_ns));
         }
     }
     stats.prompt_eval_end_us = now_us();
@@ -600,7 +605,10 @@ fn generate_loop(
         let logits = io.update_decode(&outputs)?;
         model_ns += t0.elapsed().as_nanos();
         pos += 1;
-        token = sample(sampler, logits, &mut sampling_ns);
+        if config.repetition_penalty != 1.0 {
+            history.push(token);
+        }
+        token = sample(sampler, logits, &history, &mut sampling_ns);
     };
     stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
     stats.aggregate_sampling_time_us = (sampling_ns / 1000) as u64;
@@ -615,9 +623,9 @@ fn generate_loop(
     Ok((pos, Some(token)))
 }
 
-fn sample(sampler: &mut Sampler, logits: &[f32], elapsed_ns: &mut u128) -> u32 {
+fn sample(sampler: &mut Sampler, logits: &[f32], history: &[u32], elapsed_ns: &mut u128) -> u32 {
     let t0 = Instant::now();
-    let token = sampler.sample(logits);
+    let token = sampler.sample(logits, history);
     *elapsed_ns += t0.elapsed().as_nanos();
     token
 }

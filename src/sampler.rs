@@ -1,76 +1,411 @@
-//! Token sampling: greedy and temperature sampling with a seeded RNG.
+//! Token sampling: greedy, or temperature sampling with top-k, top-p, min-p and a
+//! repetition penalty, from a seeded RNG.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// How the next token is picked from the logits. The defaults turn every filter off.
+///
+/// The steps run in this order (as in HF transformers): the repetition penalty,
+/// temperature, top-k, top-p, min-p, then a draw from what is left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy); above 0 divides the logits by it.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability adds up to at least
+    /// `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Keep only tokens at least `min_p` times as likely as the most likely one; 0 keeps
+    /// all.
+    pub min_p: f32,
+    /// Divide the positive logits (multiply the negative ones) of tokens already in the
+    /// sequence by this; 1 changes nothing, above 1 discourages repeats.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
 /// Picks the next token from logits.
 ///
-/// Temperature 0 takes the most likely token (the lowest id among ties, as
-/// `torch.argmax`). Above 0 it draws from softmax(logits / temperature) with a ChaCha8 RNG
-/// seeded from `seed`, so the same seed and logits give the same tokens on every platform.
+/// Greedy picks the lowest id among the largest logits, as `torch.argmax`, without sorting
+/// anything. Sampling draws from a ChaCha8 RNG seeded from `seed`, so the same seed and
+/// logits give the same tokens on every platform and through every binding. Nothing sorts
+/// the whole vocabulary: top-k selects with a small heap, top-p sorts only the tokens that
+/// can be in the nucleus.
 #[derive(Debug, Clone)]
 pub struct Sampler {
-    temperature: f32,
+    params: SamplingParams,
     rng: ChaCha8Rng,
-    probs: Vec<f32>,
+    /// Logits after the repetition penalty (only used when there is one).
+    penalized: Vec<f32>,
+    /// exp((logit - max) / T) for every token (when no top-k narrows the set first).
+    weights: Vec<f32>,
+    /// Sums of `weights` by blocks of `BLOCK`, to find a draw without a full walk.
+    block_sums: Vec<f64>,
+    /// Candidate tokens with their unnormalized probabilities, when a filter applies.
+    candidates: Vec<(u32, f32)>,
+}
+
+/// Tokens per block of `Sampler::block_sums`.
+const BLOCK: usize = 256;
+
+/// What the filters left to draw from.
+enum Pool {
+    /// Every token, with the weights in `Sampler::weights`.
+    All,
+    /// The tokens in `Sampler::candidates`.
+    Candidates,
+    /// A single token (no finite logit: greedy fallback).
+    One(u32),
 }
 
 impl Sampler {
-    /// A sampler at `temperature` (>= 0) seeded with `seed`.
+    /// A plain temperature sampler (no other filter) seeded with `seed`.
     pub fn new(temperature: f32, seed: u64) -> Self {
+        Self::with_params(
+            SamplingParams {
+                temperature,
+                ..Default::default()
+            },
+            seed,
+        )
+    }
+
+    /// A sampler with every parameter, seeded with `seed`.
+    pub fn with_params(params: SamplingParams, seed: u64) -> Self {
         Self {
-            temperature,
+            params,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            probs: Vec::new(),
+            penalized: Vec::new(),
+            weights: Vec::new(),
+            block_sums: Vec::new(),
+            candidates: Vec::new(),
         }
     }
 
-    /// The next token id. `logits` must not be empty.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.temperature == 0.0 {
+    /// The next token id, given the logits and the tokens already in the sequence (used by
+    /// the repetition penalty). `logits` must not be empty.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = self.params;
+        let logits = penalize(&mut self.penalized, p.repetition_penalty, logits, history);
+        if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / self.temperature;
-        self.probs.clear();
-        let mut sum = 0.0f64;
-        for &l in logits {
-            let p = ((l - max) * inv_t).exp();
-            sum += p as f64;
-            self.probs.push(p);
-        }
-        let r = self.rng.random::<f64>() * sum;
-        let mut acc = 0.0f64;
-        for (i, &p) in self.probs.iter().enumerate() {
-            acc += p as f64;
-            if r < acc {
-                return i as u32;
+        match filter(logits, &p, &mut self.weights, &mut self.candidates) {
+            Pool::One(id) => id,
+            Pool::Candidates => {
+                let total: f64 = self.candidates.iter().map(|&(_, w)| w as f64).sum();
+                let r = self.rng.random::<f64>() * total;
+                let mut acc = 0.0f64;
+                for &(id, w) in &self.candidates {
+                    acc += w as f64;
+                    if r < acc {
+                        return id;
+                    }
+                }
+                // Rounding left r at the very top: the last candidate with any weight.
+                self.candidates
+                    .iter()
+                    .rev()
+                    .find(|&&(_, w)| w > 0.0)
+                    .map_or(self.candidates[0].0, |&(id, _)| id)
+            }
+            Pool::All => {
+                self.block_sums.clear();
+                self.block_sums
+                    .extend(self.weights.chunks(BLOCK).map(|b| sum_of(b) as f64));
+                let total: f64 = self.block_sums.iter().sum();
+                let r = self.rng.random::<f64>() * total;
+                let mut acc = 0.0f64;
+                for (b, &sum) in self.block_sums.iter().enumerate() {
+                    if r < acc + sum {
+                        let start = b * BLOCK;
+                        for (i, &w) in self.weights[start..].iter().take(BLOCK).enumerate() {
+                            acc += w as f64;
+                            if r < acc {
+                                return (start + i) as u32;
+                            }
+                        }
+                    } else {
+                        acc += sum;
+                    }
+                }
+                self.weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
             }
         }
-        // Rounding left r at the very top: take the last token with any mass.
-        self.probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32
+    }
+
+    /// The tokens the filters keep for `logits`, with their probabilities (summing to 1),
+    /// in the order a draw walks them. For inspecting and testing the filters.
+    pub fn candidates(&mut self, logits: &[f32], history: &[u32]) -> Vec<(u32, f32)> {
+        let p = self.params;
+        let logits = penalize(&mut self.penalized, p.repetition_penalty, logits, history).to_vec();
+        let kept: Vec<(u32, f32)> =
+            match filter(&logits, &p, &mut self.weights, &mut self.candidates) {
+                Pool::One(id) => vec![(id, 1.0)],
+                Pool::Candidates => self.candidates.clone(),
+                Pool::All => self
+                    .weights
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &w)| (i as u32, w))
+                    .collect(),
+            };
+        let total: f32 = kept.iter().map(|&(_, w)| w).sum();
+        kept.into_iter().map(|(id, w)| (id, w / total)).collect()
+    }
+}
+
+/// The logits with the repetition penalty applied, in `scratch` (the input itself when
+/// there is no penalty).
+fn penalize<'a>(
+    scratch: &'a mut Vec<f32>,
+    penalty: f32,
+    logits: &'a [f32],
+    history: &[u32],
+) -> &'a [f32] {
+    if penalty == 1.0 || history.is_empty() {
+        return logits;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(logits);
+    // Each distinct token once: penalizing twice would compound.
+    let mut seen: Vec<u32> = history.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for id in seen {
+        if let Some(l) = scratch.get_mut(id as usize) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+    scratch
+}
+
+/// Applies temperature, top-k, top-p and min-p. Without a filter the weights of every
+/// token go to `weights`; with one, the kept tokens and their weights go to `cands`.
+/// Weights are unnormalized probabilities exp((l - max) / T), 1 for the most likely token.
+fn filter(
+    logits: &[f32],
+    p: &SamplingParams,
+    weights: &mut Vec<f32>,
+    cands: &mut Vec<(u32, f32)>,
+) -> Pool {
+    let max = max_of(logits);
+    if !max.is_finite() {
+        return Pool::One(argmax(logits));
+    }
+    let inv_t = 1.0 / p.temperature;
+    let n = logits.len();
+    if p.top_k > 0 && p.top_k < n {
+        top_k(logits, p.top_k, cands);
+        for c in cands.iter_mut() {
+            c.1 = exp_nonpositive((c.1 - max) * inv_t);
+        }
+        if p.top_p < 1.0 {
+            top_p(cands, p.top_p);
+        }
+    } else {
+        weights.clear();
+        weights.extend(logits.iter().map(|&l| exp_nonpositive((l - max) * inv_t)));
+        if p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return Pool::All;
+        }
+        cands.clear();
+        if p.top_p < 1.0 {
+            // A token below (1 - top_p) / (n - 1) of the total is never in the nucleus:
+            // all the others together would already exceed top_p.
+            let total: f64 = weights.chunks(BLOCK).map(|b| sum_of(b) as f64).sum();
+            let cutoff = ((1.0 - p.top_p as f64) / (n.max(2) - 1) as f64 * total) as f32;
+            cands.extend(
+                weights
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &w)| w >= cutoff)
+                    .map(|(i, &w)| (i as u32, w)),
+            );
+            nucleus(cands, p.top_p as f64 * total);
+        } else {
+            cands.extend(weights.iter().enumerate().map(|(i, &w)| (i as u32, w)));
+        }
+    }
+    if p.min_p > 0.0 {
+        // Relative to the most likely token, whose weight is exp(0) = 1.
+        cands.retain(|&(_, w)| w >= p.min_p);
+    }
+    Pool::Candidates
+}
+
+/// The `k` largest logits as (id, logit), in id order, through a size-k min-heap: most
+/// tokens cost one comparison.
+fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Ordered by logit, then by lower id winning ties (as a stable sort would).
+    #[derive(PartialEq)]
+    struct Entry(f32, Reverse<u32>);
+    impl Eq for Entry {}
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Entry {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() {
+            continue;
+        }
+        if heap.len() < k {
+            heap.push(Reverse(Entry(l, Reverse(i as u32))));
+        } else if let Some(Reverse(min)) = heap.peek() {
+            if l > min.0 {
+                heap.pop();
+                heap.push(Reverse(Entry(l, Reverse(i as u32))));
+            }
+        }
+    }
+    out.clear();
+    out.extend(
+        heap.into_iter()
+            .map(|Reverse(Entry(l, Reverse(id)))| (id, l)),
+    );
+    out.sort_unstable_by_key(|&(id, _)| id);
+}
+
+/// Lanes of the hand-split reductions below: floating-point reductions only vectorize
+/// when written as independent lanes (the compiler may not reorder them itself).
+const LANES: usize = 8;
+
+/// The largest value (NaN never wins; -inf for none).
+fn max_of(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(rest) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
+/// The sum of `values`, by lanes.
+fn sum_of(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (s, &v) in lanes.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    lanes.iter().chain(rest).sum()
+}
+
+/// Orders candidates by weight, largest first, then by id.
+fn by_weight_desc(a: (u32, f32), b: (u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the smallest set of most likely candidates whose probability reaches `top_p`
+/// (of the candidates' own total), sorted by probability.
+fn top_p(cands: &mut Vec<(u32, f32)>, top_p: f32) {
+    let total: f64 = cands.iter().map(|&(_, w)| w as f64).sum();
+    nucleus(cands, top_p as f64 * total);
+}
+
+/// Sorts the candidates by weight (largest first, then by id) and keeps the shortest
+/// prefix whose weights add up to `target`.
+fn nucleus(cands: &mut Vec<(u32, f32)>, target: f64) {
+    cands.sort_unstable_by(|a, b| by_weight_desc(*a, *b));
+    let mut acc = 0.0f64;
+    let mut keep = cands.len();
+    for (i, &(_, w)) in cands.iter().enumerate() {
+        acc += w as f64;
+        if acc >= target {
+            keep = i + 1;
+            break;
+        }
+    }
+    cands.truncate(keep);
+}
+
+/// exp(x) for x <= 0, to about 2 ulp, in straight-line code the compiler vectorizes
+/// (`f32::exp` calls libm per element and dominates sampling time on large vocabularies).
+/// At or below -87.3 (and for -inf, a masked logit) the result is 0.
+#[inline]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in f32 and a remainder (Cody-Waite).
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round to nearest by adding and removing 1.5 * 2^23 (SSE2 has no round instruction).
+    const ROUNDER: f32 = 12_582_912.0;
+    let clamped = if x > -87.3 { x } else { -87.3 };
+    let biased = clamped * LOG2E + ROUNDER;
+    let n = biased - ROUNDER;
+    // n as an integer, read from the mantissa bits (a float-to-int cast would not vectorize).
+    let n_int = biased.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    // e^r on [-ln2/2, ln2/2], degree-6 Taylor polynomial (error below 2e-7 there).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // Scale by 2^n through the exponent bits; n >= -126 here, so 2^n is a normal number.
+    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
+    if x > -87.3 {
+        p * scale
+    } else {
+        0.0
     }
 }
 
 /// Index of the largest value; the first one among ties; NaN never wins.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    best as u32
+    // Two passes that vectorize: the maximum, then its first position.
+    let max = max_of(values);
+    values.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::with_params(params, 7)
+    }
+
+    fn ids(c: &[(u32, f32)]) -> Vec<u32> {
+        let mut v: Vec<u32> = c.iter().map(|&(id, _)| id).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Logits whose softmax at temperature 1 is exactly `probs`.
+    fn logits_of(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
+    }
 
     #[test]
     fn argmax_takes_first_of_ties_and_skips_nan() {
@@ -81,7 +416,82 @@ mod tests {
     #[test]
     fn temperature_zero_is_greedy() {
         let mut s = Sampler::new(0.0, 1);
-        assert_eq!(s.sample(&[0.1, 5.0, 4.9]), 1);
+        assert_eq!(s.sample(&[0.1, 5.0, 4.9], &[]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = sampler(SamplingParams {
+            temperature: 1.5,
+            top_k: 1,
+            ..Default::default()
+        });
+        for k in 0..50u32 {
+            let logits: Vec<f32> = (0..100u32)
+                .map(|i| ((i * 31 + k * 17) % 97) as f32 * 0.1)
+                .collect();
+            assert_eq!(s.sample(&logits, &[]), argmax(&logits));
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_most_likely() {
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            ..Default::default()
+        });
+        let kept = s.candidates(&logits_of(&[0.1, 0.4, 0.2, 0.3]), &[]);
+        assert_eq!(ids(&kept), vec![1, 3]);
+        let total: f32 = kept.iter().map(|c| c.1).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!((kept.iter().find(|c| c.0 == 1).unwrap().1 - 4.0 / 7.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        let logits = logits_of(&[0.05, 0.5, 0.15, 0.3]);
+        let kept = |p| {
+            ids(&sampler(SamplingParams {
+                temperature: 1.0,
+                top_p: p,
+                ..Default::default()
+            })
+            .candidates(&logits, &[]))
+        };
+        assert_eq!(kept(0.4), vec![1]);
+        assert_eq!(kept(0.75), vec![1, 3]);
+        assert_eq!(kept(0.85), vec![1, 2, 3]);
+        assert_eq!(kept(0.97), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_at_least_that_fraction_of_the_best() {
+        let logits = logits_of(&[0.05, 0.5, 0.15, 0.3]);
+        let kept = |m| {
+            ids(&sampler(SamplingParams {
+                temperature: 1.0,
+                min_p: m,
+                ..Default::default()
+            })
+            .candidates(&logits, &[]))
+        };
+        assert_eq!(kept(0.5), vec![1, 3]); // 0.3 / 0.5 = 0.6 >= 0.5
+        assert_eq!(kept(0.29), vec![1, 2, 3]); // 0.15 / 0.5 = 0.3
+        assert_eq!(kept(0.7), vec![1]);
+    }
+
+    #[test]
+    fn repetition_penalty_scales_seen_tokens_by_sign() {
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        // Token 0 (logit 3) halves to 1.5 and loses to token 1 (2.0); token 2 (-1) is seen too.
+        assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[0, 2, 0]), 1);
+        let mut scratch = Vec::new();
+        let penalized = penalize(&mut scratch, 2.0, &[3.0, 2.0, -1.0], &[0, 2, 0]);
+        assert_eq!(penalized, &[1.5, 2.0, -2.0]);
     }
 
     #[test]
@@ -89,21 +499,49 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 7919) % 13) as f32 * 0.3).collect();
         let draw = |seed| {
             let mut s = Sampler::new(1.0, seed);
-            (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..64).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
     }
 
     #[test]
-    fn sampling_follows_softmax() {
-        // Two tokens with logits differing by ln 3 at temperature 1: probabilities 3/4, 1/4.
-        let logits = [3f32.ln(), 0.0];
-        let mut s = Sampler::new(1.0, 7);
-        let n = 20_000;
-        let zeros = (0..n).filter(|_| s.sample(&logits) == 0).count() as f64;
-        let p = zeros / n as f64;
-        // 5 standard deviations of a binomial(20000, 0.75) proportion is about 0.0153.
-        assert!((p - 0.75).abs() < 0.0153, "p = {p}");
+    fn draws_follow_softmax_of_logits_over_temperature() {
+        // Chi-square goodness of fit over 8 tokens at T = 0.7; the 0.001 critical value for
+        // 7 degrees of freedom is 24.32.
+        let logits = [1.0f32, 0.5, 0.0, -0.3, 0.8, 1.2, -1.0, 0.2];
+        let t = 0.7f32;
+        let weights: Vec<f64> = logits.iter().map(|&l| ((l / t) as f64).exp()).collect();
+        let z: f64 = weights.iter().sum();
+        let n = 40_000;
+        let mut s = Sampler::new(t, 11);
+        let mut counts = [0usize; 8];
+        for _ in 0..n {
+            counts[s.sample(&logits, &[]) as usize] += 1;
+        }
+        let chi2: f64 = counts
+            .iter()
+            .zip(&weights)
+            .map(|(&c, &w)| {
+                let expected = n as f64 * w / z;
+                (c as f64 - expected).powi(2) / expected
+            })
+            .sum();
+        assert!(chi2 < 24.32, "chi-square {chi2}, counts {counts:?}");
+    }
+
+    #[test]
+    fn fast_exp_matches_std_exp() {
+        let mut worst = 0.0f32;
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let (a, b) = (exp_nonpositive(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+            x -= 0.0137;
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(-200.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }

@@ -350,3 +350,35 @@ fn prefill_text_then_generate_equals_generating_over_both() {
     let (one_call, _) = generate_ids(&mut runner, &all, &greedy(6));
     assert_eq!(two_calls.tokens, one_call.tokens);
 }
+
+#[test]
+fn top_k_one_reproduces_the_greedy_reference() {
+    let case = &reference("dyn_xnnpack").cases[1];
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        temperature: 1.3,
+        top_k: 1,
+        seed: Some(5),
+        ..greedy(case.greedy_ids.len() as i32)
+    };
+    let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &config);
+    assert_eq!(t.tokens, case.greedy_ids);
+}
+
+#[test]
+fn a_strong_repetition_penalty_avoids_repeating_prompt_tokens() {
+    let case = &reference("dyn_xnnpack").cases[1];
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        repetition_penalty: 1000.0,
+        ..greedy(12)
+    };
+    let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &config);
+    // With logits of this model's size (|l| < 20), a penalty of 1000 puts every seen
+    // token with a positive logit below every unseen one with a positive logit.
+    let mut seen: Vec<u32> = case.prompt_ids.clone();
+    for &tok in &t.tokens {
+        assert!(!seen.contains(&tok), "token {tok} repeated: {:?}", t.tokens);
+        seen.push(tok);
+    }
+}

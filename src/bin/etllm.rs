@@ -50,6 +50,18 @@ struct GenerateArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, value_name = "X", default_value_t = 0.8)]
     temperature: f32,
+    /// Sample only from the K most likely tokens (0: off).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: i32,
+    /// Sample only from the smallest set of most likely tokens reaching probability P (1: off).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Sample only from tokens at least M times as likely as the best one (0: off).
+    #[arg(long, value_name = "M", default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalize tokens already in the prompt or output (1: off, above 1 discourages repeats).
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Seed for sampling; the same seed gives the same text. Default: from the clock.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -114,6 +126,10 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         echo: args.echo,
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         num_bos: args.num_bos,
         ignore_eos: args.ignore_eos,

@@ -42,6 +42,16 @@ pub struct etllm_generation_config {
     pub stop_token_ids: *const u32,
     /// Number of entries in `stop_token_ids`.
     pub num_stop_token_ids: usize,
+    /// Sample only from the `top_k` most likely tokens; 0 is off. Default 0.
+    pub top_k: i32,
+    /// Sample only from the smallest most-likely set reaching probability `top_p`, in
+    /// (0, 1]; 1 is off. Default 1.
+    pub top_p: f32,
+    /// Sample only from tokens at least `min_p` times as likely as the best, in [0, 1];
+    /// 0 is off. Default 0.
+    pub min_p: f32,
+    /// Penalty for tokens already in this call's prompt or output, > 0; 1 is off. Default 1.
+    pub repetition_penalty: f32,
 }
 
 impl Default for etllm_generation_config {
@@ -61,6 +71,10 @@ impl Default for etllm_generation_config {
             seed: 0,
             stop_token_ids: std::ptr::null(),
             num_stop_token_ids: 0,
+            top_k: d.top_k,
+            top_p: d.top_p,
+            min_p: d.min_p,
+            repetition_penalty: d.repetition_penalty,
         }
     }
 }
@@ -92,6 +106,10 @@ pub(crate) fn read_config(
         ignore_eos: c.ignore_eos,
         seed: c.has_seed.then_some(c.seed),
         stop_token_ids: stop.to_vec(),
+        top_k: c.top_k,
+        top_p: c.top_p,
+        min_p: c.min_p,
+        repetition_penalty: c.repetition_penalty,
     })
 }
 
