@@ -166,6 +166,10 @@ typedef enum etllm_stop_reason {
    * The token callback returned non-zero.
    */
   ETLLM_STOP_CALLBACK = 5,
+  /**
+   * The generated text contained one of `config.stop_strings`.
+   */
+  ETLLM_STOP_STRING = 6,
 } etllm_stop_reason;
 
 /**
@@ -267,6 +271,16 @@ typedef struct etllm_generation_config {
    * Penalty for tokens already in this call's prompt or output, > 0; 1 is off. Default 1.
    */
   float repetition_penalty;
+  /**
+   * Strings (UTF-8, NUL-terminated) that end generation when the generated text
+   * contains one; the stop string is not streamed. May be NULL when
+   * `num_stop_strings` is 0. Read during the call only.
+   */
+  const char *const *stop_strings;
+  /**
+   * Number of entries in `stop_strings`.
+   */
+  size_t num_stop_strings;
 } etllm_generation_config;
 
 /**

@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 ///
 /// Field names and defaults follow upstream ExecuTorch's `GenerationConfig`, with one
 /// deliberate difference: `max_new_tokens = N` yields exactly N new tokens (upstream's
-/// runner yields N - 1). `top_k`, `top_p`, `min_p`, `repetition_penalty`, `ignore_eos`, `seed`
-/// and `stop_token_ids` are EtLlm additions.
+/// runner yields N - 1). `top_k`, `top_p`, `min_p`, `repetition_penalty`, `ignore_eos`, `seed`,
+/// `stop_token_ids` and `stop_strings` are EtLlm additions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     /// Pass the prompt text to the token callback before the generated text. Default true.
@@ -46,6 +46,10 @@ pub struct GenerationConfig {
     /// Token ids that end generation like an EOS token, in addition to the model's EOS
     /// ids; they apply even with `ignore_eos`. Default empty.
     pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation when the generated text contains one. The stop string
+    /// is not streamed, and text that could be its beginning is held back until it is
+    /// known not to be. Default empty.
+    pub stop_strings: Vec<String>,
 }
 
 impl Default for GenerationConfig {
@@ -65,6 +69,7 @@ impl Default for GenerationConfig {
             ignore_eos: false,
             seed: None,
             stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod model;
 pub mod runner;
 pub mod sampler;
 pub mod stats;
+pub mod stop;
 pub mod tensor;
 pub mod tokenizer;
 

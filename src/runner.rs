@@ -12,6 +12,7 @@ use crate::io_manager::{default_manager_for, IoManager};
 use crate::model::{Model, ModelMetadata};
 use crate::sampler::Sampler;
 use crate::stats::{now_us, Stats, StopReason};
+use crate::stop::{StopScan, StopStrings};
 use crate::tokenizer::Tokenizer;
 
 /// Options fixed when the runner is created.
@@ -568,6 +569,7 @@ fn generate_loop(
     };
 
     let mut stream = tokenizer.stream();
+    let mut stop_strings = StopStrings::new(&config.stop_strings);
     let mut generated = 0usize;
     let reason = loop {
         generated += 1;
@@ -580,7 +582,10 @@ fn generate_loop(
         {
             break StopReason::Eos;
         }
-        let piece = stream.push(token)?;
+        let (piece, found) = match stop_strings.push(&stream.push(token)?) {
+            StopScan::Continue(text) => (text, false),
+            StopScan::Stop(text) => (text, true),
+        };
         if emit(TokenPiece {
             token: Some(token),
             text: &piece,
@@ -588,6 +593,9 @@ fn generate_loop(
         .is_break()
         {
             break StopReason::Callback;
+        }
+        if found {
+            break StopReason::StopString;
         }
         if generated == n_new {
             break if pos + 1 >= *max_context {
@@ -613,7 +621,14 @@ fn generate_loop(
     stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
     stats.aggregate_sampling_time_us = (sampling_ns / 1000) as u64;
     stats.stop_reason = reason;
-    let rest = stream.flush()?;
+    let rest = match reason {
+        // The rest of the text is (or follows) the stop string.
+        StopReason::StopString => String::new(),
+        _ => match stop_strings.push(&stream.flush()?) {
+            StopScan::Continue(text) => text + &stop_strings.flush(),
+            StopScan::Stop(text) => text,
+        },
+    };
     if !rest.is_empty() && reason != StopReason::Callback {
         let _ = emit(TokenPiece {
             token: None,

@@ -22,10 +22,13 @@ pub enum StopReason {
     Stopped,
     /// The token callback asked to stop.
     Callback,
+    /// The generated text contained one of the config's `stop_strings`.
+    StopString,
 }
 
 impl StopReason {
-    /// A lower-case name: `none`, `eos`, `length`, `context_full`, `stopped`, `callback`.
+    /// A lower-case name: `none`, `eos`, `length`, `context_full`, `stopped`, `callback`,
+    /// `stop_string`.
     pub fn as_str(self) -> &'static str {
         match self {
             StopReason::None => "none",
@@ -34,6 +37,7 @@ impl StopReason {
             StopReason::ContextFull => "context_full",
             StopReason::Stopped => "stopped",
             StopReason::Callback => "callback",
+            StopReason::StopString => "stop_string",
         }
     }
 }

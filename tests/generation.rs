@@ -382,3 +382,34 @@ fn a_strong_repetition_penalty_avoids_repeating_prompt_tokens() {
         seen.push(tok);
     }
 }
+
+#[test]
+fn a_stop_string_ends_generation_and_is_never_streamed() {
+    let case = &reference("dyn_xnnpack").cases[1];
+    let mut runner = open("dyn_xnnpack");
+    let full = runner
+        .tokenizer()
+        .unwrap()
+        .decode(&case.greedy_ids)
+        .unwrap();
+    // A stop string from the middle of the reference continuation.
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let (start, _) = chars[chars.len() / 2];
+    let end = chars
+        .get(chars.len() / 2 + 3)
+        .map_or(full.len(), |&(i, _)| i);
+    let stop = full[start..end].to_string();
+    let first = full.find(&stop).unwrap();
+    let config = GenerationConfig {
+        stop_strings: vec![stop.clone()],
+        ..greedy(case.greedy_ids.len() as i32)
+    };
+    let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &config);
+    assert_eq!(
+        stats.stop_reason,
+        StopReason::StopString,
+        "stop {stop:?} in {full:?}"
+    );
+    assert_eq!(t.text, full[..first], "stop {stop:?}");
+    assert!(t.tokens.len() < case.greedy_ids.len());
+}

@@ -62,6 +62,9 @@ struct GenerateArgs {
     /// Penalize tokens already in the prompt or output (1: off, above 1 discourages repeats).
     #[arg(long, value_name = "R", default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Stop when the generated text contains STR (repeatable); STR itself is not printed.
+    #[arg(long = "stop", value_name = "STR")]
+    stop_strings: Vec<String>,
     /// Seed for sampling; the same seed gives the same text. Default: from the clock.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -130,6 +133,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         top_p: args.top_p,
         min_p: args.min_p,
         repetition_penalty: args.repetition_penalty,
+        stop_strings: args.stop_strings,
         seed: args.seed,
         num_bos: args.num_bos,
         ignore_eos: args.ignore_eos,

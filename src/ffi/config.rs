@@ -1,8 +1,10 @@
 //! `etllm_generation_config` and `etllm_runner_options`: versioned option structs.
 
+use std::ffi::c_char;
+
 use super::error::FfiError;
 use super::io_manager::etllm_io_manager;
-use super::{c_slice, read_versioned};
+use super::{c_slice, c_str, read_versioned};
 use crate::config::GenerationConfig;
 
 /// Settings of one generation. Always start from `etllm_generation_config_default()`,
@@ -52,6 +54,12 @@ pub struct etllm_generation_config {
     pub min_p: f32,
     /// Penalty for tokens already in this call's prompt or output, > 0; 1 is off. Default 1.
     pub repetition_penalty: f32,
+    /// Strings (UTF-8, NUL-terminated) that end generation when the generated text
+    /// contains one; the stop string is not streamed. May be NULL when
+    /// `num_stop_strings` is 0. Read during the call only.
+    pub stop_strings: *const *const c_char,
+    /// Number of entries in `stop_strings`.
+    pub num_stop_strings: usize,
 }
 
 impl Default for etllm_generation_config {
@@ -75,6 +83,8 @@ impl Default for etllm_generation_config {
             top_p: d.top_p,
             min_p: d.min_p,
             repetition_penalty: d.repetition_penalty,
+            stop_strings: std::ptr::null(),
+            num_stop_strings: 0,
         }
     }
 }
@@ -95,6 +105,10 @@ pub(crate) fn read_config(
         c.num_stop_token_ids,
         "config.stop_token_ids",
     )?;
+    let stop_strings = c_slice(c.stop_strings, c.num_stop_strings, "config.stop_strings")?
+        .iter()
+        .map(|&s| c_str(s, "config.stop_strings[i]").map(str::to_string))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(GenerationConfig {
         echo: c.echo,
         max_new_tokens: c.max_new_tokens,
@@ -110,6 +124,7 @@ pub(crate) fn read_config(
         top_p: c.top_p,
         min_p: c.min_p,
         repetition_penalty: c.repetition_penalty,
+        stop_strings,
     })
 }
 

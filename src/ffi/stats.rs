@@ -23,6 +23,8 @@ pub enum etllm_stop_reason {
     ETLLM_STOP_REQUESTED = 4,
     /// The token callback returned non-zero.
     ETLLM_STOP_CALLBACK = 5,
+    /// The generated text contained one of `config.stop_strings`.
+    ETLLM_STOP_STRING = 6,
 }
 
 /// Timestamps (microseconds on a monotonic clock anchored to the Unix epoch; 0 when not
@@ -76,6 +78,7 @@ impl From<&Stats> for etllm_stats {
                 StopReason::ContextFull => etllm_stop_reason::ETLLM_STOP_CONTEXT_FULL,
                 StopReason::Stopped => etllm_stop_reason::ETLLM_STOP_REQUESTED,
                 StopReason::Callback => etllm_stop_reason::ETLLM_STOP_CALLBACK,
+                StopReason::StopString => etllm_stop_reason::ETLLM_STOP_STRING,
                 _ => etllm_stop_reason::ETLLM_STOP_NONE,
             },
             model_load_start_us: s.model_load_start_us,
@@ -114,6 +117,7 @@ impl From<&etllm_stats> for Stats {
                 etllm_stop_reason::ETLLM_STOP_CONTEXT_FULL => StopReason::ContextFull,
                 etllm_stop_reason::ETLLM_STOP_REQUESTED => StopReason::Stopped,
                 etllm_stop_reason::ETLLM_STOP_CALLBACK => StopReason::Callback,
+                etllm_stop_reason::ETLLM_STOP_STRING => StopReason::StopString,
             },
         }
     }
@@ -182,7 +186,7 @@ pub extern "C" fn etllm_stats_to_json(
         // Safety: non-null, at least 8 bytes; `stop_reason` is the second 32-bit field. An out-of-range value
         // must not be read as the enum.
         let reason = unsafe { *(stats as *const u32).add(1) };
-        if reason > etllm_stop_reason::ETLLM_STOP_CALLBACK as u32 {
+        if reason > etllm_stop_reason::ETLLM_STOP_STRING as u32 {
             return Err(FfiError::Core(crate::Error::InvalidArgument(format!(
                 "stats.stop_reason is {reason}, not an etllm_stop_reason"
             ))));
