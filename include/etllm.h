@@ -769,6 +769,14 @@ enum etllm_status etllm_runner_prefill_tokens(struct etllm_runner *runner,
 enum etllm_status etllm_runner_stop(const struct etllm_runner *runner);
 
 /**
+ * Rolls the conversation back to its first `pos` tokens (see `etllm_runner_position`), to
+ * regenerate a reply or drop a turn; the next generate needs a non-empty prompt.
+ * `ETLLM_ERR_INVALID_ARGUMENT` if `pos` is negative or past the position, or if a
+ * static-attention model's sliding window has already dropped what rewinding needs.
+ */
+enum etllm_status etllm_runner_rewind(struct etllm_runner *runner, int64_t pos);
+
+/**
  * Forgets the conversation: the next generate starts at position 0.
  */
 enum etllm_status etllm_runner_reset(struct etllm_runner *runner);

@@ -259,6 +259,32 @@ impl Runner {
         self.stop.store(true, Ordering::Release);
     }
 
+    /// Rolls the conversation back to its first `pos` tokens (see [`position`](Self::position)),
+    /// to regenerate a reply or drop a turn: the next `generate` continues after them and
+    /// needs a non-empty prompt. `pos` equal to the position changes nothing; a larger one
+    /// is an error. A static-attention model can only rewind while the conversation still
+    /// fits in its cache (older entries of a sliding window are gone).
+    pub fn rewind(&mut self, pos: usize) -> Result<()> {
+        let current = self.position();
+        if pos > current {
+            return Err(Error::InvalidArgument(format!(
+                "cannot rewind to {pos}: the conversation holds {current} tokens"
+            )));
+        }
+        if pos == current {
+            return Ok(());
+        }
+        let loaded = self
+            .loaded
+            .as_mut()
+            .ok_or_else(|| Error::NotLoaded("nothing to rewind".into()))?;
+        // Positions past `pos` stay in the cache but are overwritten before they are read.
+        loaded.io.rewind(pos)?;
+        self.pos = pos;
+        self.pending = None;
+        Ok(())
+    }
+
     /// Forgets the conversation: the next `generate` starts at position 0.
     pub fn reset(&mut self) {
         if let Some(l) = self.loaded.as_mut() {

@@ -413,3 +413,50 @@ fn a_stop_string_ends_generation_and_is_never_streamed() {
     assert_eq!(t.text, full[..first], "stop {stop:?}");
     assert!(t.tokens.len() < case.greedy_ids.len());
 }
+
+/// Rewinding to a position and generating again equals a fresh run over the same tokens.
+fn check_rewind(fixture: &str) {
+    let cases = reference(fixture).cases;
+    let (a, b, c) = (
+        &cases[0].prompt_ids,
+        &cases[3].prompt_ids[1..],
+        &cases[4].prompt_ids[1..],
+    );
+    let mut runner = open(fixture);
+    let (turn1, _) = generate_ids(&mut runner, a, &greedy(4));
+    let keep = runner.position();
+    generate_ids(&mut runner, b, &greedy(6));
+    runner.rewind(keep).unwrap();
+    assert_eq!(runner.position(), keep);
+    let (after_rewind, _) = generate_ids(&mut runner, c, &greedy(8));
+
+    runner.reset();
+    let mut fresh = a.clone();
+    fresh.extend(&turn1.tokens);
+    fresh.extend(c);
+    let (once, _) = generate_ids(&mut runner, &fresh, &greedy(8));
+    assert_eq!(after_rewind.tokens, once.tokens, "{fixture}");
+}
+
+#[test]
+fn rewind_then_generate_equals_a_fresh_run_over_the_same_tokens() {
+    for fixture in [
+        "dyn_xnnpack",
+        "static_xnnpack",
+        "no_kv_cache",
+        "static_attention",
+    ] {
+        check_rewind(fixture);
+    }
+}
+
+#[test]
+fn rewind_past_the_position_is_an_error_and_changes_nothing() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let mut runner = open("dyn_xnnpack");
+    generate_ids(&mut runner, &case.prompt_ids, &greedy(3));
+    let position = runner.position();
+    let err = runner.rewind(position + 1).expect_err("past the end");
+    assert!(matches!(err, etllm::Error::InvalidArgument(_)), "{err}");
+    assert_eq!(runner.position(), position);
+}

@@ -331,6 +331,23 @@ pub extern "C" fn etllm_runner_stop(runner: *const etllm_runner) -> etllm_status
     })
 }
 
+/// Rolls the conversation back to its first `pos` tokens (see `etllm_runner_position`), to
+/// regenerate a reply or drop a turn; the next generate needs a non-empty prompt.
+/// `ETLLM_ERR_INVALID_ARGUMENT` if `pos` is negative or past the position, or if a
+/// static-attention model's sliding window has already dropped what rewinding needs.
+#[no_mangle]
+pub extern "C" fn etllm_runner_rewind(runner: *mut etllm_runner, pos: i64) -> etllm_status {
+    guard(|| {
+        let pos = usize::try_from(pos).map_err(|_| {
+            FfiError::Core(crate::Error::InvalidArgument(format!(
+                "position {pos} is negative"
+            )))
+        })?;
+        lock(runner_ref(runner)?)?.rewind(pos)?;
+        Ok(())
+    })
+}
+
 /// Forgets the conversation: the next generate starts at position 0.
 #[no_mangle]
 pub extern "C" fn etllm_runner_reset(runner: *mut etllm_runner) -> etllm_status {
