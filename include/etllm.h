@@ -777,6 +777,12 @@ enum etllm_status etllm_runner_stop(const struct etllm_runner *runner);
 enum etllm_status etllm_runner_rewind(struct etllm_runner *runner, int64_t pos);
 
 /**
+ * Loads if needed and runs a short generation without callbacks, so the first real
+ * request does not pay first-call costs; the conversation is empty afterwards.
+ */
+enum etllm_status etllm_runner_warmup(struct etllm_runner *runner);
+
+/**
  * Forgets the conversation: the next generate starts at position 0.
  */
 enum etllm_status etllm_runner_reset(struct etllm_runner *runner);

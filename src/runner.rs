@@ -285,6 +285,28 @@ impl Runner {
         Ok(())
     }
 
+    /// Loads if needed, then runs a short greedy generation (a few model steps, no
+    /// callbacks) so that first-call costs (delegate setup, allocations, caches) are paid
+    /// before the first real request, and resets the runner: the conversation is empty
+    /// afterwards.
+    pub fn warmup(&mut self) -> Result<()> {
+        self.load()?;
+        let first = self.bos_id().unwrap_or(0);
+        let config = GenerationConfig {
+            warming: true,
+            echo: false,
+            temperature: 0.0,
+            max_new_tokens: 4,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        self.reset();
+        let ok = ControlFlow::Continue(());
+        let result = self.generate_from_ids(&[first, first], &config, |_| ok, |_| {});
+        self.reset();
+        result.map(|_| ())
+    }
+
     /// Forgets the conversation: the next `generate` starts at position 0.
     pub fn reset(&mut self) {
         if let Some(l) = self.loaded.as_mut() {

@@ -460,3 +460,17 @@ fn rewind_past_the_position_is_an_error_and_changes_nothing() {
     assert!(matches!(err, etllm::Error::InvalidArgument(_)), "{err}");
     assert_eq!(runner.position(), position);
 }
+
+#[test]
+fn warmup_loads_runs_and_leaves_an_empty_conversation() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let mut runner = etllm::Runner::new(
+        model_path("dyn_xnnpack"),
+        tokenizer_path(),
+        Default::default(),
+    );
+    runner.warmup().unwrap();
+    assert!(runner.is_loaded());
+    assert_eq!(runner.position(), 0);
+    assert_matches_reference(&mut runner, case);
+}

@@ -348,6 +348,13 @@ pub extern "C" fn etllm_runner_rewind(runner: *mut etllm_runner, pos: i64) -> et
     })
 }
 
+/// Loads if needed and runs a short generation without callbacks, so the first real
+/// request does not pay first-call costs; the conversation is empty afterwards.
+#[no_mangle]
+pub extern "C" fn etllm_runner_warmup(runner: *mut etllm_runner) -> etllm_status {
+    guard(|| Ok(lock(runner_ref(runner)?)?.warmup()?))
+}
+
 /// Forgets the conversation: the next generate starts at position 0.
 #[no_mangle]
 pub extern "C" fn etllm_runner_reset(runner: *mut etllm_runner) -> etllm_status {
