@@ -11,18 +11,27 @@
 //   code written against TextLLMRunner changes little. See README.md, "Moving from
 //   upstream's TextLLMRunner".
 //
+// - KV-cache managers can be written in C++: derive from etllm::IoManager and pass a
+//   std::unique_ptr to the Runner constructor. An exception thrown by a manager method
+//   becomes ETLLM_ERR_IO_MANAGER with its what() as the message (it never reaches the
+//   library), and the runner deletes the manager exactly once.
+//
 // Thread rules are the C API's: one call at a time on a runner, except stop(), which any
 // thread may call while generate runs.
 #ifndef ETLLM_HPP
 #define ETLLM_HPP
 
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <initializer_list>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -117,6 +126,374 @@ struct Stats : etllm_stats {
   }
 };
 
+// ---- KV-cache managers written in C++ ---------------------------------------------------
+
+/// A contiguous run of `T` that someone else owns (C++17 has no std::span).
+template <class T>
+class Span {
+ public:
+  constexpr Span() noexcept = default;
+  constexpr Span(T* data, size_t size) noexcept : data_(data), size_(size) {}
+  /// A view of a vector's elements (of the same type: a Span<const T> of a vector<T> too).
+  template <class U, class = std::enable_if_t<std::is_same_v<std::remove_const_t<T>, U>>>
+  Span(std::vector<U>& v) noexcept : data_(v.data()), size_(v.size()) {}  // NOLINT: implicit
+  template <class U, class = std::enable_if_t<std::is_same_v<T, const U>>>
+  Span(const std::vector<U>& v) noexcept : data_(v.data()), size_(v.size()) {}  // NOLINT: implicit
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr size_t size() const noexcept { return size_; }
+  constexpr bool empty() const noexcept { return size_ == 0; }
+  constexpr T& operator[](size_t i) const noexcept { return data_[i]; }
+  /// Element `i`, or std::out_of_range.
+  T& at(size_t i) const {
+    if (i >= size_) throw std::out_of_range("etllm::Span index " + std::to_string(i) + " of " + std::to_string(size_));
+    return data_[i];
+  }
+  constexpr T* begin() const noexcept { return data_; }
+  constexpr T* end() const noexcept { return data_ + size_; }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+namespace detail {
+template <class T>
+constexpr etllm_dtype dtype_of() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, int64_t> || std::is_same_v<T, int32_t>,
+                "a tensor holds float, int64_t or int32_t");
+  if constexpr (std::is_same_v<T, float>) return ETLLM_DTYPE_F32;
+  else if constexpr (std::is_same_v<T, int64_t>) return ETLLM_DTYPE_I64;
+  else return ETLLM_DTYPE_I32;
+}
+
+inline const char* dtype_name(etllm_dtype d) {
+  switch (d) {
+    case ETLLM_DTYPE_F32: return "f32";
+    case ETLLM_DTYPE_I64: return "i64";
+    case ETLLM_DTYPE_I32: return "i32";
+    default: return "other";
+  }
+}
+}  // namespace detail
+
+/// A tensor passed across the boundary without a copy (an etllm_tensor_view with helpers):
+/// element type, sizes, and a pointer to contiguous row-major data it does not own.
+/// Layout-compatible with etllm_tensor_view, so an array of TensorView is an array of
+/// etllm_tensor_view.
+class TensorView {
+ public:
+  /// An empty view (no data).
+  TensorView() noexcept : v_{} {}
+  /// Wraps a C view.
+  TensorView(const etllm_tensor_view& v) noexcept : v_(v) {}  // NOLINT: implicit on purpose
+
+  /// A view of `data` (float, int64_t or int32_t) with `sizes`, outermost first; `data`
+  /// must hold the product of the sizes elements and outlive every use of the view.
+  template <class T>
+  static TensorView of(T* data, std::initializer_list<int64_t> sizes) {
+    return of(data, sizes.begin(), sizes.size());
+  }
+  template <class T>
+  static TensorView of(T* data, const int64_t* sizes, size_t ndim) {
+    if (ndim > ETLLM_MAX_DIMS) throw std::invalid_argument("etllm::TensorView: more than 8 dimensions");
+    TensorView t;
+    t.v_.dtype = detail::dtype_of<std::remove_const_t<T>>();
+    t.v_.ndim = static_cast<uint32_t>(ndim);
+    for (size_t d = 0; d < ndim; ++d) t.v_.sizes[d] = sizes[d];
+    t.v_.data = const_cast<void*>(static_cast<const void*>(data));
+    t.v_.nbytes = static_cast<size_t>(t.numel()) * sizeof(T);
+    return t;
+  }
+
+  etllm_dtype dtype() const noexcept { return v_.dtype; }
+  size_t ndim() const noexcept { return v_.ndim; }
+  /// Size of dimension `d` (negative counts from the end, -1 is the innermost).
+  int64_t size(int d) const {
+    const int n = static_cast<int>(v_.ndim);
+    const int i = d < 0 ? n + d : d;
+    if (i < 0 || i >= n) throw std::out_of_range("etllm::TensorView: no dimension " + std::to_string(d));
+    return v_.sizes[i];
+  }
+  std::vector<int64_t> sizes() const { return std::vector<int64_t>(v_.sizes, v_.sizes + v_.ndim); }
+  /// Number of elements: the product of the sizes.
+  int64_t numel() const noexcept {
+    int64_t n = 1;
+    for (uint32_t d = 0; d < v_.ndim; ++d) n *= v_.sizes[d];
+    return n;
+  }
+  size_t nbytes() const noexcept { return v_.nbytes; }
+  void* raw_data() const noexcept { return v_.data; }
+
+  /// The elements as `T`; throws std::invalid_argument if the view holds another type.
+  template <class T>
+  T* data() const {
+    if (v_.dtype != detail::dtype_of<std::remove_const_t<T>>()) {
+      throw std::invalid_argument(std::string("etllm::TensorView holds ") + detail::dtype_name(v_.dtype) +
+                                  ", not " + detail::dtype_name(detail::dtype_of<std::remove_const_t<T>>()));
+    }
+    return static_cast<T*>(v_.data);
+  }
+
+  /// Changes the sizes (same number of dimensions or not) and nbytes to match, keeping the
+  /// data pointer: for inputs whose length changes from step to step.
+  void resize(std::initializer_list<int64_t> sizes) {
+    if (sizes.size() > ETLLM_MAX_DIMS) throw std::invalid_argument("etllm::TensorView: more than 8 dimensions");
+    v_.ndim = static_cast<uint32_t>(sizes.size());
+    size_t d = 0;
+    for (int64_t s : sizes) v_.sizes[d++] = s;
+    const size_t elem = v_.dtype == ETLLM_DTYPE_I64 ? 8 : 4;
+    v_.nbytes = static_cast<size_t>(numel()) * elem;
+  }
+
+  /// "f32[1, 2, 64, 16]"
+  std::string describe() const {
+    std::string s = std::string(detail::dtype_name(v_.dtype)) + "[";
+    for (uint32_t d = 0; d < v_.ndim; ++d) s += (d ? ", " : "") + std::to_string(v_.sizes[d]);
+    return s + "]";
+  }
+
+  const etllm_tensor_view& c_view() const noexcept { return v_; }
+
+ private:
+  etllm_tensor_view v_;
+};
+static_assert(std::is_standard_layout_v<TensorView> && sizeof(TensorView) == sizeof(etllm_tensor_view),
+              "etllm::TensorView must be layout-compatible with etllm_tensor_view");
+
+/// One model step, as a manager's prepare method returns it: the method to run and every
+/// one of its inputs, in order. The name and the inputs (and the data they point to)
+/// belong to the manager and must stay valid until its matching update method returns.
+struct Step {
+  const char* method = nullptr;  ///< NUL-terminated, e.g. "forward"
+  Span<const TensorView> inputs;
+};
+
+/// The logits that predict the next token, as an update method returns them: `size` floats
+/// that stay valid until the next step (usually a row of the step's output 0).
+struct Logits {
+  const float* data = nullptr;
+  size_t size = 0;
+
+  /// Row `row` of a logits tensor shaped [vocab], [1, vocab] or [1, rows, vocab].
+  static Logits row_of(const TensorView& t, int64_t row) {
+    const float* p = t.data<const float>();
+    const int64_t vocab = t.ndim() > 0 ? t.size(-1) : 0;
+    if (vocab < 1 || row < 0 || (row + 1) * vocab > t.numel()) {
+      throw std::out_of_range("the logits output " + t.describe() + " has no row " + std::to_string(row));
+    }
+    return {p + row * vocab, static_cast<size_t>(vocab)};
+  }
+  /// The last row of a logits tensor.
+  static Logits last_row_of(const TensorView& t) {
+    const int64_t vocab = t.ndim() > 0 ? t.size(-1) : 0;
+    return row_of(t, vocab > 0 ? t.numel() / vocab - 1 : 0);
+  }
+};
+
+/// What a manager's load returns.
+struct LoadResult {
+  int64_t max_prefill_chunk = 1;  ///< most tokens per prefill step, >= 1
+  int64_t max_context = 0;        ///< most positions the manager can hold, >= 1
+};
+
+/// What a KV-cache manager sees of the model in IoManager::load (a thin wrapper over
+/// etllm_model_info, valid only during that call). Failing lookups throw etllm::Error.
+class ModelInfo {
+ public:
+  explicit ModelInfo(const etllm_model_info* info) noexcept : info_(info) {}
+
+  /// The (non-constant) method names, in name order.
+  std::vector<std::string> methods() const {
+    size_t n = 0;
+    detail::check(etllm_model_info_num_methods(info_, &n));
+    std::vector<std::string> names;
+    for (size_t i = 0; i < n; ++i) {
+      const char* name = nullptr;
+      detail::check(etllm_model_info_method_name(info_, i, &name));
+      names.emplace_back(name);
+    }
+    return names;
+  }
+  bool has_method(const std::string& method) const {
+    size_t in = 0, out = 0;
+    return etllm_model_info_method(info_, method.c_str(), &in, &out) == ETLLM_OK;
+  }
+  size_t num_inputs(const std::string& method) const { return counts(method).first; }
+  size_t num_outputs(const std::string& method) const { return counts(method).second; }
+  /// Input `index` of `method`: dtype and sizes (upper bounds for a dynamic shape), no data.
+  TensorView input(const std::string& method, size_t index) const {
+    etllm_tensor_view v{};
+    detail::check(etllm_model_info_input(info_, method.c_str(), index, &v));
+    return v;
+  }
+  TensorView output(const std::string& method, size_t index) const {
+    etllm_tensor_view v{};
+    detail::check(etllm_model_info_output(info_, method.c_str(), index, &v));
+    return v;
+  }
+  /// The integers of constant method `name` (an int, bool, int list or integer tensor,
+  /// flattened); std::nullopt when there is no such constant or it is not integers.
+  std::optional<std::vector<int64_t>> constant_ints(const std::string& name) const {
+    size_t n = 0;
+    if (etllm_model_info_constant_ints(info_, name.c_str(), nullptr, 0, &n) != ETLLM_OK) return std::nullopt;
+    std::vector<int64_t> v(n);
+    detail::check(etllm_model_info_constant_ints(info_, name.c_str(), v.data(), v.size(), &n));
+    return v;
+  }
+  /// The floats of constant method `name` (a float tensor, flattened), or std::nullopt.
+  std::optional<std::vector<float>> constant_floats(const std::string& name) const {
+    size_t n = 0;
+    if (etllm_model_info_constant_floats(info_, name.c_str(), nullptr, 0, &n) != ETLLM_OK) return std::nullopt;
+    std::vector<float> v(n);
+    detail::check(etllm_model_info_constant_floats(info_, name.c_str(), v.data(), v.size(), &n));
+    return v;
+  }
+  /// Constant method `name` as one integer; throws etllm::Error if it is not exactly one.
+  int64_t constant_int(const std::string& name) const {
+    const auto v = constant_ints(name);
+    if (!v) throw Error(ETLLM_ERR_NOT_FOUND, "the model has no integer constant method `" + name + "`");
+    if (v->size() != 1) {
+      throw Error(ETLLM_ERR_UNSUPPORTED_MODEL,
+                  "constant method `" + name + "` holds " + std::to_string(v->size()) + " integers, not one");
+    }
+    return v->front();
+  }
+  /// The model's metadata (-1 where the model does not say).
+  etllm_model_metadata metadata() const {
+    etllm_model_metadata m{};
+    m.struct_size = sizeof m;
+    detail::check(etllm_model_info_metadata(info_, &m));
+    return m;
+  }
+  const etllm_model_info* handle() const noexcept { return info_; }
+
+ private:
+  std::pair<size_t, size_t> counts(const std::string& method) const {
+    size_t in = 0, out = 0;
+    detail::check(etllm_model_info_method(info_, method.c_str(), &in, &out));
+    return {in, out};
+  }
+  const etllm_model_info* info_;
+};
+
+/// A KV-cache manager written in C++: prepares every input of each model step and takes
+/// every output (the C vtable etllm_io_manager, as a class). The runner calls load once,
+/// then for each step prepare_* followed by update_*, with reset and rewind between steps,
+/// all on the thread that called into the runner, one at a time.
+///
+/// Errors: throw. The exception stops at the C boundary: the runner's call fails with
+/// ETLLM_ERR_IO_MANAGER and the exception's what() in its message (etllm::Runner throws
+/// that as etllm::Error), rolls the conversation back and stays usable.
+///
+/// Ownership: give the manager to etllm::Runner's constructor (or to_c()); the runner
+/// deletes it exactly once, when it is destroyed or when its creation fails.
+class IoManager {
+ public:
+  virtual ~IoManager() = default;
+
+  /// Checks the model fits, allocates buffers, and says how many tokens a prefill step
+  /// takes and how many positions the manager can hold.
+  virtual LoadResult load(const ModelInfo& model) = 0;
+  /// Forgets everything: the next step starts at position 0.
+  virtual void reset() = 0;
+  /// Keeps only the first `pos` positions.
+  virtual void rewind(int64_t pos) = 0;
+  /// The step for a prefill of `tokens` (at most max_prefill_chunk) starting at `start_pos`.
+  virtual Step prepare_prefill(Span<const uint64_t> tokens, int64_t start_pos) = 0;
+  /// Takes the outputs of the prefill step prepared last; returns the next-token logits.
+  virtual Logits update_prefill(Span<const TensorView> outputs) = 0;
+  /// The step for decoding `token` at position `pos`.
+  virtual Step prepare_decode(uint64_t token, int64_t pos) = 0;
+  /// As update_prefill, for the decode step prepared last.
+  virtual Logits update_decode(Span<const TensorView> outputs) = 0;
+
+  /// The C vtable for `manager`, which it now owns: pass it in
+  /// etllm_runner_options.io_manager (the runner calls destroy, which deletes the manager,
+  /// exactly once). A null manager gives a zeroed vtable.
+  static etllm_io_manager to_c(std::unique_ptr<IoManager> manager) noexcept {
+    etllm_io_manager vt{};
+    if (!manager) return vt;
+    vt.struct_size = sizeof vt;
+    vt.user_data = manager.release();
+    vt.load = &load_trampoline;
+    vt.reset = &reset_trampoline;
+    vt.rewind = &rewind_trampoline;
+    vt.prepare_prefill = &prepare_prefill_trampoline;
+    vt.update_prefill = &update_prefill_trampoline;
+    vt.prepare_decode = &prepare_decode_trampoline;
+    vt.update_decode = &update_decode_trampoline;
+    vt.destroy = &destroy_trampoline;
+    return vt;
+  }
+
+ private:
+  static IoManager& self(void* user_data) noexcept { return *static_cast<IoManager*>(user_data); }
+
+  // Runs `f`; an exception becomes ETLLM_ERR_IO_MANAGER with its message.
+  template <class F>
+  static etllm_status guarded(F&& f) noexcept {
+    try {
+      f();
+      return ETLLM_OK;
+    } catch (const std::exception& e) {
+      etllm_set_error_message(e.what());
+    } catch (...) {
+      etllm_set_error_message("a C++ exception that is not a std::exception");
+    }
+    return ETLLM_ERR_IO_MANAGER;
+  }
+
+  static void out_step(const Step& step, etllm_step* out) {
+    if (step.method == nullptr) throw std::invalid_argument("the step has no method name");
+    out->method = step.method;
+    // TensorView is layout-compatible with etllm_tensor_view (checked above).
+    out->inputs = reinterpret_cast<const etllm_tensor_view*>(step.inputs.data());
+    out->num_inputs = step.inputs.size();
+  }
+
+  static void out_logits(const Logits& logits, const float** out, size_t* out_vocab) {
+    if (logits.data == nullptr || logits.size == 0) throw std::invalid_argument("the update returned no logits");
+    *out = logits.data;
+    *out_vocab = logits.size;
+  }
+
+  static Span<const TensorView> outputs_of(const etllm_tensor_view* outputs, size_t n) noexcept {
+    return {reinterpret_cast<const TensorView*>(outputs), n};
+  }
+
+  static etllm_status load_trampoline(void* ud, const etllm_model_info* model, int64_t* chunk,
+                                      int64_t* context) {
+    return guarded([&] {
+      const LoadResult r = self(ud).load(ModelInfo(model));
+      *chunk = r.max_prefill_chunk;
+      *context = r.max_context;
+    });
+  }
+  static etllm_status reset_trampoline(void* ud) {
+    return guarded([&] { self(ud).reset(); });
+  }
+  static etllm_status rewind_trampoline(void* ud, int64_t pos) {
+    return guarded([&] { self(ud).rewind(pos); });
+  }
+  static etllm_status prepare_prefill_trampoline(void* ud, const uint64_t* tokens, size_t n, int64_t start_pos,
+                                                 etllm_step* out) {
+    return guarded([&] { out_step(self(ud).prepare_prefill(Span<const uint64_t>(tokens, n), start_pos), out); });
+  }
+  static etllm_status update_prefill_trampoline(void* ud, const etllm_tensor_view* outputs, size_t n,
+                                                const float** logits, size_t* vocab) {
+    return guarded([&] { out_logits(self(ud).update_prefill(outputs_of(outputs, n)), logits, vocab); });
+  }
+  static etllm_status prepare_decode_trampoline(void* ud, uint64_t token, int64_t pos, etllm_step* out) {
+    return guarded([&] { out_step(self(ud).prepare_decode(token, pos), out); });
+  }
+  static etllm_status update_decode_trampoline(void* ud, const etllm_tensor_view* outputs, size_t n,
+                                               const float** logits, size_t* vocab) {
+    return guarded([&] { out_logits(self(ud).update_decode(outputs_of(outputs, n)), logits, vocab); });
+  }
+  static void destroy_trampoline(void* ud) { delete static_cast<IoManager*>(ud); }
+};
+
 /// Options fixed when a runner is created.
 struct RunnerOptions {
   uint32_t num_threads = 0;  ///< ExecuTorch thread-pool size (process-wide); 0 keeps it
@@ -135,9 +512,23 @@ class Runner {
 
   /// A runner for the model and tokenizer; nothing is read until load() or the first
   /// generate (as upstream's TextLLMRunner).
-  Runner(const std::string& model_path, const std::string& tokenizer_path, RunnerOptions options = {}) {
+  Runner(const std::string& model_path, const std::string& tokenizer_path, RunnerOptions options = {})
+      : Runner(model_path, tokenizer_path, options, nullptr) {}
+
+  /// A runner that drives the model through `io_manager`, a KV-cache manager written in
+  /// C++ (nullptr: the built-in manager chosen from the model's signature), e.g.
+  /// `etllm::Runner runner(model, tokenizer, {}, std::make_unique<MyManager>());`. The runner
+  /// owns the manager from here on, also when this constructor throws: it is deleted
+  /// exactly once.
+  Runner(const std::string& model_path, const std::string& tokenizer_path, RunnerOptions options,
+         std::unique_ptr<IoManager> io_manager) {
     etllm_runner_options o = etllm_runner_options_default();
     o.num_threads = options.num_threads;
+    etllm_io_manager vt{};
+    if (io_manager) {
+      vt = IoManager::to_c(std::move(io_manager));
+      o.io_manager = &vt;
+    }
     detail::check(etllm_runner_new(model_path.c_str(), tokenizer_path.c_str(), &o, &handle_));
   }
 

@@ -5,8 +5,14 @@
 #
 # writes <output dir>/etllm_reference.h (declarations) and etllm_reference.c (the data) and
 # sets ETLLM_REFERENCE_MODELS to the model folder names, in a stable (sorted) order. Models
-# named after SKIP are left out.
+# named after SKIP are left out of ETLLM_REFERENCE_MODELS (so no generic test is made for
+# them) but their data is still written: tests of their own find it with
+# etllm_ref_find_model().
 # Prompts are written byte by byte as \xHH escapes, so any UTF-8 survives unchanged.
+# Optional per-case fields (the static_attention fixture's): `name`, `beyond_cache`,
+# `static_driver_greedy_ids`; cases without them get NULL / false / an empty list. For each
+# model it also sets ETLLM_REFERENCE_CASE_NAMES_<model> (the names of its named cases) and
+# ETLLM_REFERENCE_BEYOND_CACHE_CASES_<model> (those with `beyond_cache` true).
 
 function(_etllm_c_string text out_var)
   string(HEX "${text}" hex)
@@ -44,25 +50,28 @@ function(etllm_generate_reference fixtures_dir out_dir)
 
   set(data "")
   set(models "")
+  set(all_models "")
   set(model_rows "")
   foreach(ref IN LISTS ref_files)
     get_filename_component(dir "${ref}" DIRECTORY)
     get_filename_component(model "${dir}" NAME)
-    if(model IN_LIST ARG_SKIP)
-      continue()
-    endif()
     if(NOT model MATCHES "^[A-Za-z0-9_]+$")
       message(FATAL_ERROR "fixture folder name `${model}` is not a C identifier")
     endif()
     if(NOT EXISTS "${dir}/model.pte")
       message(FATAL_ERROR "${dir} has reference.json but no model.pte")
     endif()
-    list(APPEND models "${model}")
+    if(NOT model IN_LIST ARG_SKIP)
+      list(APPEND models "${model}")
+    endif()
+    list(APPEND all_models "${model}")
     file(READ "${ref}" json)
     string(JSON cases GET "${json}" cases)
     string(JSON n_cases LENGTH "${cases}")
     math(EXPR last_case "${n_cases} - 1")
     set(case_rows "")
+    set(case_names "")
+    set(beyond_names "")
     foreach(c RANGE ${last_case})
       string(JSON prompt GET "${cases}" ${c} prompt)
       string(JSON prompt_ids GET "${cases}" ${c} prompt_ids)
@@ -73,15 +82,42 @@ function(etllm_generate_reference fixtures_dir out_dir)
       string(APPEND data
         "static const uint32_t ${model}_prompt_ids_${c}[] = {${prompt_list}};\n"
         "static const uint32_t ${model}_greedy_ids_${c}[] = {${greedy_list}};\n")
+      # Optional fields.
+      string(JSON name ERROR_VARIABLE err GET "${cases}" ${c} name)
+      if(err)
+        set(name_c "NULL")
+      else()
+        _etllm_c_string("${name}" name_c)
+        list(APPEND case_names "${name}")
+      endif()
+      string(JSON beyond ERROR_VARIABLE err GET "${cases}" ${c} beyond_cache)
+      if(NOT err AND beyond)
+        set(beyond_c "true")
+        list(APPEND beyond_names "${name}")
+      else()
+        set(beyond_c "false")
+      endif()
+      string(JSON driver_ids ERROR_VARIABLE err GET "${cases}" ${c} static_driver_greedy_ids)
+      if(err)
+        set(driver_c "NULL, 0")
+      else()
+        _etllm_c_ids("${driver_ids}" driver_list driver_len)
+        string(APPEND data
+          "static const uint32_t ${model}_static_driver_greedy_ids_${c}[] = {${driver_list}};\n")
+        set(driver_c "${model}_static_driver_greedy_ids_${c}, ${driver_len}")
+      endif()
       string(APPEND case_rows
         "  {${prompt_c},\n"
-        "   ${model}_prompt_ids_${c}, ${prompt_len}, ${model}_greedy_ids_${c}, ${greedy_len}},\n")
+        "   ${model}_prompt_ids_${c}, ${prompt_len}, ${model}_greedy_ids_${c}, ${greedy_len},\n"
+        "   ${name_c}, ${beyond_c}, ${driver_c}},\n")
     endforeach()
     string(APPEND data
       "static const etllm_ref_case ${model}_cases[] = {\n${case_rows}};\n\n")
     string(APPEND model_rows "  {\"${model}\", ${model}_cases, ${n_cases}},\n")
+    set(ETLLM_REFERENCE_CASE_NAMES_${model} "${case_names}" PARENT_SCOPE)
+    set(ETLLM_REFERENCE_BEYOND_CACHE_CASES_${model} "${beyond_names}" PARENT_SCOPE)
   endforeach()
-  list(LENGTH models n_models)
+  list(LENGTH all_models n_models)
 
   file(MAKE_DIRECTORY "${out_dir}")
   file(CONFIGURE OUTPUT "${out_dir}/etllm_reference.h" @ONLY CONTENT [=[
@@ -90,6 +126,7 @@ function(etllm_generate_reference fixtures_dir out_dir)
 #ifndef ETLLM_REFERENCE_H
 #define ETLLM_REFERENCE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -104,9 +141,16 @@ typedef struct etllm_ref_case {
   size_t num_prompt_ids;
   const uint32_t *greedy_ids;
   size_t num_greedy_ids;
+  const char *name;            /* the case's `name`, or NULL */
+  bool beyond_cache;           /* static_attention: prompt + greedy ids exceed cache_len */
+  /* static_attention: what a runtime following the fixture's spec generates (NULL, 0 when
+   * the reference has no such field). */
+  const uint32_t *static_driver_greedy_ids;
+  size_t num_static_driver_greedy_ids;
 } etllm_ref_case;
 
-/* A fixture model: tests/fixtures/<name>/model.pte. */
+/* A fixture model: tests/fixtures/<name>/model.pte. Every fixture with a reference.json is
+ * here, those CMake's SKIP list leaves out of the generic tests included. */
 typedef struct etllm_ref_model {
   const char *name;
   const etllm_ref_case *cases;
