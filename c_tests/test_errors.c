@@ -411,9 +411,10 @@ static void invalid_config_values(const char *arg) {
 static void bad_struct_size(const char *arg) {
   (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
-  /* Too small to hold struct_size and the next field, or bigger than this library's
-   * struct (a newer caller's fields this library cannot know). */
-  const uint32_t bad_sizes[] = {0, 4, 7, 0xFFFFFFFFu, 0};
+  /* Sizes no version of the struct has: too small to hold a field after struct_size,
+   * ending inside a field (9 cuts an 8-byte field of every struct below), or bigger
+   * than this library's struct (a newer caller's fields this library cannot know). */
+  const uint32_t bad_sizes[] = {0, 4, 9, 0xFFFFFFFFu, 0};
   for (size_t i = 0; i < NUM_CASES(bad_sizes); i++) {
     const bool too_big = i == NUM_CASES(bad_sizes) - 1;
     etllm_generation_config config = greedy_config(2);

@@ -3,6 +3,8 @@
  * runner is freed, and before etllm_runner_new/etllm_runner_open return when they fail.
  * faulty_destroy_calls counts the calls (each case runs in its own process); AddressSanitizer
  * catches a missing destroy as a leak and a second one as a double free. */
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -140,12 +142,19 @@ static void destroy_runs_once_when_out_runner_is_null(const char *arg) {
  * struct is trusted, destroy is not called, and the caller still owns user_data. */
 static void destroy_not_called_for_unknown_struct_size(const char *arg) {
   (void)arg;
-  const uint32_t sizes[] = {0, (uint32_t)sizeof(etllm_io_manager) + 8};
+  /* Too small, inside the last function pointer, too big; then a valid manager carried by
+   * options whose own struct_size ends inside the io_manager pointer. */
+  const uint32_t sizes[] = {0, (uint32_t)sizeof(etllm_io_manager) - 4,
+                            (uint32_t)sizeof(etllm_io_manager) + 8, 0};
   for (size_t i = 0; i < NUM_CASES(sizes); i++) {
+    const bool bad_options = i == NUM_CASES(sizes) - 1;
     etllm_io_manager manager = counted_manager(NULL);
-    manager.struct_size = sizes[i];
+    manager.struct_size = bad_options ? (uint32_t)sizeof manager : sizes[i];
     etllm_runner_options options = etllm_runner_options_default();
     options.io_manager = &manager;
+    if (bad_options) {
+      options.struct_size = (uint32_t)offsetof(etllm_runner_options, io_manager) + 4;
+    }
     etllm_runner *runner = NULL;
     CHECK_ERR(etllm_runner_new(fixture_model(MODEL), TOKENIZER(), &options, &runner),
               ETLLM_ERR_STRUCT_SIZE);

@@ -124,7 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (mut ours, mut raw, mut share) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.runs {
-        runner.reset();
+        runner.reset().unwrap();
         let mut tokens = Vec::new();
         let stats = runner.generate_from_ids(
             &prompt,

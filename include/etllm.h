@@ -341,15 +341,19 @@ typedef struct etllm_step {
  * `user_data` from then on; it calls `destroy(user_data)` exactly once: when the runner
  * is freed, or before `etllm_runner_new`/`etllm_runner_open` returns if they fail
  * (including when a required function is NULL). The one exception is a `struct_size`
- * this library does not know, where nothing in the struct can be trusted and `destroy`
- * is not called.
+ * this library does not know (in this struct or in the `etllm_runner_options` carrying
+ * it), where nothing in the struct can be trusted and `destroy` is not called. A valid
+ * `struct_size` is `sizeof(etllm_io_manager)` or, for a caller built against an older
+ * header, that version's size.
  *
  * Every function except `destroy` returns `ETLLM_OK` or an error status; on error it may
  * call `etllm_set_error_message` first to explain. An error ends the current generate
  * with `ETLLM_ERR_IO_MANAGER` and that message; the runner rolls the conversation back
  * and stays usable. Functions are called on the thread that called into the runner, one
  * at a time, in the order load, then for each step prepare_* followed by update_*;
- * `reset` and `rewind` between steps. All functions are required except `destroy`.
+ * `reset` and `rewind` between steps. All functions are required except `destroy`. If
+ * `rewind` fails while the runner rolls back a failed generate, the runner calls `reset`
+ * and the conversation starts over; if `reset` fails, `etllm_runner_reset` reports it.
  */
 typedef struct etllm_io_manager {
   /**
@@ -361,7 +365,8 @@ typedef struct etllm_io_manager {
    */
   void *user_data;
   /**
-   * Called once when the model is loaded: check the model fits, allocate buffers, and
+   * Called when the runner loads (again on each retry after a failed load): check the
+   * model fits, allocate buffers, and
    * set `*out_max_prefill_chunk` (most tokens per prefill step, >= 1) and
    * `*out_max_context` (most positions the manager can hold).
    */
@@ -645,7 +650,8 @@ enum etllm_status etllm_model_info_output(const struct etllm_model_info *model,
 /**
  * Copies up to `capacity` integers of constant method `name` (an int, bool, int list or
  * integer tensor, flattened) into `values`, and sets `*out_count` to how many it has.
- * `ETLLM_ERR_NOT_FOUND` if there is no such constant or it is not integers.
+ * `ETLLM_ERR_NOT_FOUND` if there is no such constant, `ETLLM_ERR_INVALID_ARGUMENT` if it
+ * is not integers.
  */
 enum etllm_status etllm_model_info_constant_ints(const struct etllm_model_info *model,
                                                  const char *name,
@@ -655,13 +661,24 @@ enum etllm_status etllm_model_info_constant_ints(const struct etllm_model_info *
 
 /**
  * Copies up to `capacity` floats of constant method `name` (a float tensor, flattened
- * row-major) into `values`, and sets `*out_count` to how many it has.
+ * row-major; `etllm_model_info_constant_shape` gives its shape) into `values`, and sets
+ * `*out_count` to how many it has. `ETLLM_ERR_NOT_FOUND` if there is no such constant,
+ * `ETLLM_ERR_INVALID_ARGUMENT` if it is not floats.
  */
 enum etllm_status etllm_model_info_constant_floats(const struct etllm_model_info *model,
                                                    const char *name,
                                                    float *values,
                                                    size_t capacity,
                                                    size_t *out_count);
+
+/**
+ * Sets the shape of constant method `name`'s value: `*out_ndim` dimensions in `sizes`
+ * (a scalar has 0, a list 1). `ETLLM_ERR_NOT_FOUND` if there is no such constant.
+ */
+enum etllm_status etllm_model_info_constant_shape(const struct etllm_model_info *model,
+                                                  const char *name,
+                                                  int64_t *sizes,
+                                                  uint32_t *out_ndim);
 
 /**
  * Fills `*out` with the model's metadata, no further than its `struct_size`.
@@ -783,7 +800,9 @@ enum etllm_status etllm_runner_rewind(struct etllm_runner *runner, int64_t pos);
 enum etllm_status etllm_runner_warmup(struct etllm_runner *runner);
 
 /**
- * Forgets the conversation: the next generate starts at position 0.
+ * Forgets the conversation: the next generate starts at position 0. Returns
+ * `ETLLM_ERR_IO_MANAGER` if a custom KV-cache manager's reset fails (the position is 0
+ * either way).
  */
 enum etllm_status etllm_runner_reset(struct etllm_runner *runner);
 

@@ -175,12 +175,12 @@ impl Runner {
         } else {
             meta.eos_ids.clone()
         };
-        let mut io = match self.custom_io.take() {
-            Some(io) => io,
-            None => default_manager_for(info)?,
+        let (mut io, custom) = match self.custom_io.take() {
+            Some(io) => (io, true),
+            None => (default_manager_for(info)?, false),
         };
         if let Err(e) = io.load(info) {
-            if self.custom_io.is_none() {
+            if custom {
                 // Keep a caller's manager for the next attempt.
                 self.custom_io = Some(io);
             }
@@ -300,20 +300,22 @@ impl Runner {
             ignore_eos: true,
             ..Default::default()
         };
-        self.reset();
+        self.reset()?;
         let ok = ControlFlow::Continue(());
         let result = self.generate_from_ids(&[first, first], &config, |_| ok, |_| {});
-        self.reset();
+        self.reset()?;
         result.map(|_| ())
     }
 
-    /// Forgets the conversation: the next `generate` starts at position 0.
-    pub fn reset(&mut self) {
-        if let Some(l) = self.loaded.as_mut() {
-            l.io.reset();
-        }
+    /// Forgets the conversation: the next `generate` starts at position 0. Fails only if
+    /// a custom KV-cache manager's reset fails; the position is 0 either way.
+    pub fn reset(&mut self) -> Result<()> {
         self.pos = 0;
         self.pending = None;
+        match self.loaded.as_mut() {
+            Some(l) => l.io.reset(),
+            None => Ok(()),
+        }
     }
 
     /// Tokenizes `prompt` (adding `config.num_bos` BOS and `config.num_eos` EOS tokens),
@@ -324,7 +326,8 @@ impl Runner {
     /// not be empty, except to continue after a previous call (an empty prompt then
     /// generates from where that call stopped). A prompt that does not fit in the context
     /// left is an error and changes nothing. If the model or manager fails midway, the
-    /// conversation is rolled back to where it was before the call.
+    /// conversation is rolled back to where it was before the call (or, when the manager
+    /// cannot roll back, as a static-attention sliding window past its cache, reset).
     pub fn generate(
         &mut self,
         prompt: &str,
@@ -527,16 +530,22 @@ impl Runner {
                 }
             }
             Err(e) => {
-                // Roll the conversation back to where it was before this call.
-                let _ = loaded.io.rewind(orig_pos);
-                self.pos = orig_pos;
-                self.pending = orig_pending;
+                // Roll the conversation back to where it was before this call; a manager
+                // that cannot (a sliding window past its cache) starts over instead.
+                if loaded.io.rewind(orig_pos).is_ok() {
+                    self.pos = orig_pos;
+                    self.pending = orig_pending;
+                } else {
+                    let _ = loaded.io.reset();
+                    self.pos = 0;
+                    self.pending = None;
+                }
                 return Err(e);
             }
         }
         stats.inference_end_us = now_us();
         if config.warming {
-            self.reset();
+            self.reset()?;
         } else if callbacks {
             on_stats(&stats);
         }

@@ -142,14 +142,14 @@ fn prompt_longer_than_the_remaining_context_changes_nothing() {
     assert_eq!(runner.position(), position);
     // The conversation goes on exactly as if the failed call had not happened.
     let (t, _) = generate_ids(&mut runner, &cases[0].prompt_ids[1..], &greedy(5));
-    runner.reset();
+    runner.reset().unwrap();
     let mut all = cases[1].prompt_ids.clone();
     all.extend(
         &generate_ids(&mut runner, &cases[1].prompt_ids, &greedy(10))
             .0
             .tokens,
     );
-    runner.reset();
+    runner.reset().unwrap();
     all.extend(&cases[0].prompt_ids[1..]);
     assert_eq!(
         t.tokens,

@@ -17,7 +17,7 @@ fn two_generate_calls_equal_one_call_over_the_concatenated_tokens() {
     let (turn2, _) = generate_ids(&mut runner, second, &greedy(8));
     assert_eq!(runner.position(), first.len() + 5 + second.len() + 8);
 
-    runner.reset();
+    runner.reset().unwrap();
     let mut all = first.clone();
     all.extend(&turn1.tokens);
     all.extend(second);
@@ -30,7 +30,7 @@ fn reset_starts_the_conversation_over() {
     let case = &reference("dyn_xnnpack").cases[0];
     let mut runner = open("dyn_xnnpack");
     generate_ids(&mut runner, &case.prompt_ids, &greedy(4));
-    runner.reset();
+    runner.reset().unwrap();
     assert_eq!(runner.position(), 0);
     assert_matches_reference(&mut runner, case);
 }
@@ -143,7 +143,7 @@ fn the_models_eos_ends_generation_and_is_not_streamed() {
     assert_eq!(t.tokens, case.greedy_ids[..eos_at]);
     assert_eq!(stats.num_generated_tokens as usize, eos_at + 1);
     // With ignore_eos the same prompt runs past it, exactly as eager PyTorch did.
-    runner.reset();
+    runner.reset().unwrap();
     let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &greedy(24));
     assert_eq!(t.tokens, case.greedy_ids);
 }
@@ -174,7 +174,7 @@ fn the_same_seed_gives_the_same_sampled_tokens() {
     let case = &reference("dyn_xnnpack").cases[3];
     let mut runner = open("dyn_xnnpack");
     let sampled = |runner: &mut etllm::Runner, seed| {
-        runner.reset();
+        runner.reset().unwrap();
         let config = GenerationConfig {
             temperature: 1.0,
             seed: Some(seed),
@@ -195,7 +195,7 @@ fn max_new_tokens_n_yields_exactly_n_tokens() {
     let case = &reference("dyn_xnnpack").cases[0];
     let mut runner = open("dyn_xnnpack");
     for n in [1, 2, 7] {
-        runner.reset();
+        runner.reset().unwrap();
         let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &greedy(n));
         assert_eq!(t.tokens.len(), n as usize);
         assert_eq!(stats.num_generated_tokens, n as u64);
@@ -344,7 +344,7 @@ fn prefill_text_then_generate_equals_generating_over_both() {
     };
     runner.prefill(&cases[3].prompt, &config).unwrap();
     let (two_calls, _) = generate_ids(&mut runner, &cases[4].prompt_ids[1..], &greedy(6));
-    runner.reset();
+    runner.reset().unwrap();
     let mut all = cases[3].prompt_ids.clone();
     all.extend(&cases[4].prompt_ids[1..]);
     let (one_call, _) = generate_ids(&mut runner, &all, &greedy(6));
@@ -430,7 +430,7 @@ fn check_rewind(fixture: &str) {
     assert_eq!(runner.position(), keep);
     let (after_rewind, _) = generate_ids(&mut runner, c, &greedy(8));
 
-    runner.reset();
+    runner.reset().unwrap();
     let mut fresh = a.clone();
     fresh.extend(&turn1.tokens);
     fresh.extend(c);

@@ -24,7 +24,7 @@ enum Fail {
 
 /// The built-in manager, counting calls and failing on command.
 struct Wrapped {
-    inner: KvCacheInModel,
+    inner: Box<dyn IoManager>,
     fail: Arc<std::sync::Mutex<Fail>>,
     calls: Arc<AtomicUsize>,
 }
@@ -51,7 +51,7 @@ impl IoManager for Wrapped {
     fn max_context(&self) -> usize {
         self.inner.max_context()
     }
-    fn reset(&mut self) {
+    fn reset(&mut self) -> etllm::Result<()> {
         self.inner.reset()
     }
     fn rewind(&mut self, pos: usize) -> etllm::Result<()> {
@@ -80,10 +80,18 @@ impl IoManager for Wrapped {
 }
 
 fn runner_with(fail: Fail) -> (Runner, Arc<std::sync::Mutex<Fail>>, Arc<AtomicUsize>) {
+    wrapped_runner("dyn_xnnpack", Box::new(KvCacheInModel::new()), fail)
+}
+
+fn wrapped_runner(
+    fixture: &str,
+    inner: Box<dyn IoManager>,
+    fail: Fail,
+) -> (Runner, Arc<std::sync::Mutex<Fail>>, Arc<AtomicUsize>) {
     let fail = Arc::new(std::sync::Mutex::new(fail));
     let calls = Arc::new(AtomicUsize::new(0));
     let manager = Wrapped {
-        inner: KvCacheInModel::new(),
+        inner,
         fail: fail.clone(),
         calls: calls.clone(),
     };
@@ -92,7 +100,7 @@ fn runner_with(fail: Fail) -> (Runner, Arc<std::sync::Mutex<Fail>>, Arc<AtomicUs
         ..Default::default()
     };
     (
-        Runner::new(model_path("dyn_xnnpack"), tokenizer_path(), options),
+        Runner::new(model_path(fixture), tokenizer_path(), options),
         fail,
         calls,
     )
@@ -156,7 +164,7 @@ fn a_failure_in_each_step_function_ends_generate_and_rolls_back() {
             "{at:?}: the conversation is rolled back"
         );
         *fail.lock().unwrap() = Fail::Never;
-        runner.reset();
+        runner.reset().unwrap();
         assert_matches_reference(&mut runner, case);
     }
 }
@@ -180,4 +188,31 @@ fn a_manager_that_does_not_fit_the_model_is_refused_at_load() {
         .load()
         .expect_err("9 inputs are not (tokens, input_pos)");
     assert!(matches!(err, Error::UnsupportedModel(_)), "{err}");
+}
+
+#[test]
+fn a_failure_that_cannot_be_rolled_back_resets_the_conversation() {
+    // Past its 64-entry cache a static-attention window cannot rewind, so a failed turn
+    // there leaves an empty conversation rather than a broken one.
+    let case = &reference("dyn_xnnpack").cases[3];
+    let (mut runner, fail, _) = wrapped_runner(
+        "static_attention",
+        Box::new(StaticAttention::new()),
+        Fail::Never,
+    );
+    generate_ids(&mut runner, &case.prompt_ids, &greedy(70));
+    assert!(runner.position() > 64);
+    *fail.lock().unwrap() = Fail::PrepareDecode;
+    let err = runner
+        .generate_from_ids(
+            &[5, 6],
+            &greedy(4),
+            |_| std::ops::ControlFlow::Continue(()),
+            |_| {},
+        )
+        .expect_err("generate fails");
+    assert!(matches!(err, Error::IoManager(_)), "{err}");
+    assert_eq!(runner.position(), 0, "the conversation starts over");
+    *fail.lock().unwrap() = Fail::Never;
+    assert_matches_reference(&mut runner, case);
 }

@@ -11,7 +11,7 @@ fn greedy_generation_matches_eager_pytorch_for_every_fixture() {
         let reference = reference(fixture);
         let mut runner = open(fixture);
         for case in &reference.cases {
-            runner.reset();
+            runner.reset().unwrap();
             let n = case.greedy_ids.len() as i32;
             let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &greedy(n));
             assert_eq!(
@@ -30,7 +30,7 @@ fn text_prompt_with_one_bos_matches_the_reference_ids() {
     let reference = reference("dyn_xnnpack");
     let mut runner = open("dyn_xnnpack");
     for case in &reference.cases {
-        runner.reset();
+        runner.reset().unwrap();
         let config = GenerationConfig {
             num_bos: 1,
             ..greedy(case.greedy_ids.len() as i32)

@@ -35,7 +35,7 @@ fn greedy_generation_matches_eager_pytorch_within_the_cache() {
     let mut runner = open("static_attention");
     let mut checked = 0;
     for case in reference.cases.iter().filter(|c| !c.beyond_cache) {
-        runner.reset();
+        runner.reset().unwrap();
         let (t, _) = generate_ids(
             &mut runner,
             &case.prompt_ids,
@@ -86,7 +86,7 @@ fn multi_turn_on_static_attention_equals_one_call() {
     let mut runner = open("static_attention");
     let (turn1, _) = generate_ids(&mut runner, &a.prompt_ids, &greedy(4));
     let (turn2, _) = generate_ids(&mut runner, &b.prompt_ids[1..], &greedy(5));
-    runner.reset();
+    runner.reset().unwrap();
     let mut all = a.prompt_ids.clone();
     all.extend(&turn1.tokens);
     all.extend(&b.prompt_ids[1..]);

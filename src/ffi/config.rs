@@ -99,7 +99,7 @@ pub extern "C" fn etllm_generation_config_default() -> etllm_generation_config {
 pub(crate) fn read_config(
     ptr: *const etllm_generation_config,
 ) -> Result<GenerationConfig, FfiError> {
-    let c = read_versioned(ptr, etllm_generation_config::default(), "config")?;
+    let c = read_versioned(ptr, etllm_generation_config::default())?;
     let stop = c_slice(
         c.stop_token_ids,
         c.num_stop_token_ids,
@@ -160,3 +160,8 @@ impl Default for etllm_runner_options {
 pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
     etllm_runner_options::default()
 }
+
+super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_seed,
+    max_new_tokens, seq_len, temperature, num_bos, num_eos, seed, stop_token_ids,
+    num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings);
+super::versioned!(etllm_runner_options, "options"; io_manager);

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use super::error::{etllm_status, guard, FfiError};
-use super::{c_str, out_arg};
+use super::{c_str, check_struct_size, out_arg, write_versioned};
 use crate::error::{Error, Result};
 use crate::io_manager::{IoManager, StepInputs};
 use crate::model::{ConstValue, ModelInfo};
@@ -101,15 +101,19 @@ pub struct etllm_model_info(ModelInfo);
 /// `user_data` from then on; it calls `destroy(user_data)` exactly once: when the runner
 /// is freed, or before `etllm_runner_new`/`etllm_runner_open` returns if they fail
 /// (including when a required function is NULL). The one exception is a `struct_size`
-/// this library does not know, where nothing in the struct can be trusted and `destroy`
-/// is not called.
+/// this library does not know (in this struct or in the `etllm_runner_options` carrying
+/// it), where nothing in the struct can be trusted and `destroy` is not called. A valid
+/// `struct_size` is `sizeof(etllm_io_manager)` or, for a caller built against an older
+/// header, that version's size.
 ///
 /// Every function except `destroy` returns `ETLLM_OK` or an error status; on error it may
 /// call `etllm_set_error_message` first to explain. An error ends the current generate
 /// with `ETLLM_ERR_IO_MANAGER` and that message; the runner rolls the conversation back
 /// and stays usable. Functions are called on the thread that called into the runner, one
 /// at a time, in the order load, then for each step prepare_* followed by update_*;
-/// `reset` and `rewind` between steps. All functions are required except `destroy`.
+/// `reset` and `rewind` between steps. All functions are required except `destroy`. If
+/// `rewind` fails while the runner rolls back a failed generate, the runner calls `reset`
+/// and the conversation starts over; if `reset` fails, `etllm_runner_reset` reports it.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +122,8 @@ pub struct etllm_io_manager {
     pub struct_size: u32,
     /// Passed to every function.
     pub user_data: *mut c_void,
-    /// Called once when the model is loaded: check the model fits, allocate buffers, and
+    /// Called when the runner loads (again on each retry after a failed load): check the
+    /// model fits, allocate buffers, and
     /// set `*out_max_prefill_chunk` (most tokens per prefill step, >= 1) and
     /// `*out_max_context` (most positions the manager can hold).
     pub load: Option<
@@ -242,19 +247,14 @@ impl CIoManager {
             update_decode: None,
             destroy: None,
         };
-        if (16..=ours).contains(&size) {
-            // Safety: the caller's struct has `size` readable bytes of this layout.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr as *const u8, &mut vt as *mut _ as *mut u8, size)
-            };
-        } else {
-            // With an unknown layout even `destroy` cannot be found: it is not called.
-            return Err(FfiError::StructSize {
-                name: "io_manager",
-                given: size,
-                known: ours,
-            });
-        }
+        // A size that is not one of this struct's field boundaries would cut a function
+        // pointer in half; with it even `destroy` cannot be trusted, so it is not called.
+        check_struct_size::<etllm_io_manager>(size)?;
+        // Safety: the caller's struct has `size` readable bytes of this layout, ending on a
+        // field boundary.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ptr as *const u8, &mut vt as *mut _ as *mut u8, size)
+        };
         let manager = Self {
             vt,
             max_chunk: 1,
@@ -468,11 +468,10 @@ impl IoManager for CIoManager {
         self.max_context
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Result<()> {
         let (f, ud) = (self.vt.reset.expect("checked"), self.vt.user_data);
-        // Safety: the caller's function. A failing reset leaves the manager as it is; the
-        // next step reports any inconsistency.
-        let _ = self.call("reset", || unsafe { f(ud) });
+        // Safety: the caller's function.
+        self.call("reset", || unsafe { f(ud) })
     }
 
     fn rewind(&mut self, pos: usize) -> Result<()> {
@@ -669,7 +668,8 @@ fn constant<'a>(
 
 /// Copies up to `capacity` integers of constant method `name` (an int, bool, int list or
 /// integer tensor, flattened) into `values`, and sets `*out_count` to how many it has.
-/// `ETLLM_ERR_NOT_FOUND` if there is no such constant or it is not integers.
+/// `ETLLM_ERR_NOT_FOUND` if there is no such constant, `ETLLM_ERR_INVALID_ARGUMENT` if it
+/// is not integers.
 #[no_mangle]
 pub extern "C" fn etllm_model_info_constant_ints(
     model: *const etllm_model_info,
@@ -679,9 +679,11 @@ pub extern "C" fn etllm_model_info_constant_ints(
     out_count: *mut usize,
 ) -> etllm_status {
     guard(|| {
-        let v = constant(model, name)?
-            .as_ints()
-            .ok_or_else(|| FfiError::NotFound("that constant is not integers".into()))?;
+        let v = constant(model, name)?.as_ints().ok_or_else(|| {
+            FfiError::Core(Error::InvalidArgument(
+                "that constant is not integers".into(),
+            ))
+        })?;
         copy_out(&v, values, capacity)?;
         *out_arg(out_count, "out_count")? = v.len();
         Ok(())
@@ -689,7 +691,9 @@ pub extern "C" fn etllm_model_info_constant_ints(
 }
 
 /// Copies up to `capacity` floats of constant method `name` (a float tensor, flattened
-/// row-major) into `values`, and sets `*out_count` to how many it has.
+/// row-major; `etllm_model_info_constant_shape` gives its shape) into `values`, and sets
+/// `*out_count` to how many it has. `ETLLM_ERR_NOT_FOUND` if there is no such constant,
+/// `ETLLM_ERR_INVALID_ARGUMENT` if it is not floats.
 #[no_mangle]
 pub extern "C" fn etllm_model_info_constant_floats(
     model: *const etllm_model_info,
@@ -702,7 +706,11 @@ pub extern "C" fn etllm_model_info_constant_floats(
         let v = match constant(model, name)? {
             ConstValue::FloatTensor { data, .. } => data.clone(),
             ConstValue::Double(d) => vec![*d as f32],
-            _ => return Err(FfiError::NotFound("that constant is not floats".into())),
+            _ => {
+                return Err(FfiError::Core(Error::InvalidArgument(
+                    "that constant is not floats".into(),
+                )))
+            }
         };
         copy_out(&v, values, capacity)?;
         *out_arg(out_count, "out_count")? = v.len();
@@ -722,6 +730,42 @@ fn copy_out<T: Copy>(v: &[T], dst: *mut T, capacity: usize) -> std::result::Resu
     Ok(())
 }
 
+/// Sets the shape of constant method `name`'s value: `*out_ndim` dimensions in `sizes`
+/// (a scalar has 0, a list 1). `ETLLM_ERR_NOT_FOUND` if there is no such constant.
+#[no_mangle]
+pub extern "C" fn etllm_model_info_constant_shape(
+    model: *const etllm_model_info,
+    name: *const c_char,
+    sizes: *mut i64,
+    out_ndim: *mut u32,
+) -> etllm_status {
+    guard(|| {
+        let shape: Vec<usize> = match constant(model, name)? {
+            ConstValue::IntTensor { sizes, .. } | ConstValue::FloatTensor { sizes, .. } => {
+                sizes.clone()
+            }
+            ConstValue::IntList(v) => vec![v.len()],
+            _ => Vec::new(),
+        };
+        if shape.len() > ETLLM_MAX_DIMS {
+            return Err(FfiError::Core(Error::InvalidArgument(format!(
+                "the constant has {} dimensions, more than {ETLLM_MAX_DIMS}",
+                shape.len()
+            ))));
+        }
+        let (ndim, c_sizes) = sizes_to_c(&shape);
+        if ndim > 0 {
+            if sizes.is_null() {
+                return Err(FfiError::Null("sizes"));
+            }
+            // Safety: the caller provides room for ETLLM_MAX_DIMS sizes.
+            unsafe { std::ptr::copy_nonoverlapping(c_sizes.as_ptr(), sizes, ndim as usize) };
+        }
+        *out_arg(out_ndim, "out_ndim")? = ndim;
+        Ok(())
+    })
+}
+
 /// Fills `*out` with the model's metadata, no further than its `struct_size`.
 #[no_mangle]
 pub extern "C" fn etllm_model_info_metadata(
@@ -731,17 +775,8 @@ pub extern "C" fn etllm_model_info_metadata(
     guard(|| {
         let m = &info_ref(model)?.metadata;
         let out = out_arg(out, "out")?;
-        let size = out.struct_size as usize;
-        let ours = std::mem::size_of::<etllm_model_metadata>();
-        if size < 8 || size > ours {
-            return Err(FfiError::StructSize {
-                name: "metadata",
-                given: size,
-                known: ours,
-            });
-        }
         let value = etllm_model_metadata {
-            struct_size: size as u32,
+            struct_size: std::mem::size_of::<etllm_model_metadata>() as u32,
             max_seq_len: m.max_seq_len as i64,
             max_context_len: m.max_context_len as i64,
             vocab_size: m.vocab_size.map_or(-1, |v| v as i64),
@@ -749,14 +784,7 @@ pub extern "C" fn etllm_model_info_metadata(
             use_kv_cache: m.use_kv_cache,
             enable_dynamic_shape: m.enable_dynamic_shape,
         };
-        // Safety: the caller's struct holds `size` writable bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                &value as *const _ as *const u8,
-                out as *mut _ as *mut u8,
-                size,
-            )
-        };
+        write_versioned(out, &value)?;
         Ok(())
     })
 }
@@ -765,3 +793,8 @@ pub extern "C" fn etllm_model_info_metadata(
 pub(crate) fn clear_names() {
     let _ = NAMES.try_with(|n| n.borrow_mut().clear());
 }
+
+super::versioned!(etllm_io_manager, "io_manager"; load, reset, rewind,
+    prepare_prefill, update_prefill, prepare_decode, update_decode, destroy);
+super::versioned!(etllm_model_metadata, "metadata"; max_context_len, vocab_size,
+    bos_id, use_kv_cache, enable_dynamic_shape);

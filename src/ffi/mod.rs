@@ -80,33 +80,75 @@ pub(crate) fn c_slice<'a, T>(
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// A struct that starts with `uint32_t struct_size` and may grow at its end. A caller's
+/// `struct_size` must end on a field boundary of this version (an older version's size);
+/// anything else would cut a field in half and is refused.
+pub(crate) trait Versioned: Copy {
+    /// The struct's name in messages.
+    const NAME: &'static str;
+    /// Every accepted size: the offset of each field after `struct_size`, and the whole size.
+    fn valid_sizes() -> Vec<usize>;
+}
+
+/// The accepted sizes of a versioned struct: each listed field's offset, and its full size.
+/// The list starts at the second field after `struct_size`, so that every accepted size
+/// holds at least one field.
+macro_rules! versioned {
+    ($t:ty, $name:literal; $($field:ident),+) => {
+        impl $crate::ffi::Versioned for $t {
+            const NAME: &'static str = $name;
+            fn valid_sizes() -> Vec<usize> {
+                vec![$(std::mem::offset_of!($t, $field),)+ std::mem::size_of::<$t>()]
+            }
+        }
+    };
+}
+pub(crate) use versioned;
+
+/// Checks a caller's `struct_size` for `T`.
+pub(crate) fn check_struct_size<T: Versioned>(size: usize) -> Result<(), FfiError> {
+    if T::valid_sizes().contains(&size) {
+        Ok(())
+    } else {
+        Err(FfiError::StructSize {
+            name: T::NAME,
+            given: size,
+            known: std::mem::size_of::<T>(),
+        })
+    }
+}
+
 /// Reads a caller's versioned struct: `struct_size` (its first field, a `uint32_t`) says
 /// how many bytes the caller's version has. Fields the caller's version lacks keep the
-/// values of `defaults`.
-pub(crate) fn read_versioned<T: Copy>(
-    ptr: *const T,
-    defaults: T,
-    name: &'static str,
-) -> Result<T, FfiError> {
+/// values of `defaults`. NULL means `defaults`.
+pub(crate) fn read_versioned<T: Versioned>(ptr: *const T, defaults: T) -> Result<T, FfiError> {
     if ptr.is_null() {
         return Ok(defaults);
     }
     // Safety: every versioned struct starts with a uint32_t struct_size.
     let size = unsafe { *(ptr as *const u32) } as usize;
-    let ours = std::mem::size_of::<T>();
-    if size < 8 || size > ours {
-        return Err(FfiError::StructSize {
-            name,
-            given: size,
-            known: ours,
-        });
-    }
+    check_struct_size::<T>(size)?;
     let mut value = defaults;
-    // Safety: the caller's struct has `size` readable bytes, and `size <= size_of::<T>()`;
-    // every field of these structs is valid for any bit pattern except `bool`s, which the
-    // caller's compiler wrote as 0 or 1.
+    // Safety: the caller's struct has `size` readable bytes, `size <= size_of::<T>()` and
+    // ends on a field boundary; every field of these structs is valid for any bit pattern
+    // except `bool`s, which the caller's compiler wrote as 0 or 1, and enums, which the
+    // callers of this function check first.
     unsafe {
         std::ptr::copy_nonoverlapping(ptr as *const u8, &mut value as *mut T as *mut u8, size);
     }
     Ok(value)
+}
+
+/// Writes `value` into a caller's versioned struct, no further than its `struct_size`.
+pub(crate) fn write_versioned<T: Versioned>(out: *mut T, value: &T) -> Result<(), FfiError> {
+    // Safety: callers pass a non-null pointer whose struct starts with struct_size.
+    let size = unsafe { *(out as *const u32) } as usize;
+    check_struct_size::<T>(size)?;
+    // Safety: the caller's struct holds `size` writable bytes; struct_size itself is then
+    // put back to the caller's value.
+    unsafe {
+        std::ptr::copy_nonoverlapping(value as *const T as *const u8, out as *mut u8, size);
+        *(out as *mut u32) = size as u32;
+    }
+    Ok(())
 }

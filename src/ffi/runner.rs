@@ -65,7 +65,7 @@ fn lock(r: &etllm_runner) -> Result<MutexGuard<'_, Runner>, FfiError> {
 }
 
 fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiError> {
-    let o = read_versioned(ptr, etllm_runner_options::default(), "options")?;
+    let o = read_versioned(ptr, etllm_runner_options::default())?;
     // Take the manager first: from here on dropping it calls its destroy exactly once.
     let io_manager = if o.io_manager.is_null() {
         None
@@ -355,13 +355,12 @@ pub extern "C" fn etllm_runner_warmup(runner: *mut etllm_runner) -> etllm_status
     guard(|| Ok(lock(runner_ref(runner)?)?.warmup()?))
 }
 
-/// Forgets the conversation: the next generate starts at position 0.
+/// Forgets the conversation: the next generate starts at position 0. Returns
+/// `ETLLM_ERR_IO_MANAGER` if a custom KV-cache manager's reset fails (the position is 0
+/// either way).
 #[no_mangle]
 pub extern "C" fn etllm_runner_reset(runner: *mut etllm_runner) -> etllm_status {
-    guard(|| {
-        lock(runner_ref(runner)?)?.reset();
-        Ok(())
-    })
+    guard(|| Ok(lock(runner_ref(runner)?)?.reset()?))
 }
 
 /// Reads one value of a loaded runner.

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, CString};
 
 use super::error::{etllm_status, guard, FfiError};
-use super::{out_arg, read_versioned};
+use super::{check_struct_size, out_arg, read_versioned, write_versioned};
 use crate::stats::{Stats, StopReason};
 
 /// Why a generation ended.
@@ -129,43 +129,22 @@ pub extern "C" fn etllm_stats_default() -> etllm_stats {
     etllm_stats::default()
 }
 
-/// Checks the `struct_size` of a caller's stats struct (NULL is fine) and returns it, so
-/// that a bad one is reported before any work is done.
-pub(crate) fn check_stats_out(out: *const etllm_stats) -> Result<usize, FfiError> {
-    if out.is_null() {
-        return Ok(0);
-    }
-    // Safety: non-null; the caller's struct starts with its struct_size.
-    let size = unsafe { (*out).struct_size } as usize;
-    let ours = std::mem::size_of::<etllm_stats>();
-    if size < 8 || size > ours {
-        return Err(FfiError::StructSize {
-            name: "stats",
-            given: size,
-            known: ours,
-        });
-    }
-    Ok(size)
-}
-
-/// Writes `stats` into the caller's struct, no further than its `struct_size`.
-pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), FfiError> {
-    let size = check_stats_out(out)?;
+/// Checks the `struct_size` of a caller's stats struct (NULL is fine), so that a bad one
+/// is reported before any work is done.
+pub(crate) fn check_stats_out(out: *const etllm_stats) -> Result<(), FfiError> {
     if out.is_null() {
         return Ok(());
     }
-    let value = etllm_stats::from(stats);
-    // Safety: the caller's struct holds `size` writable bytes; struct_size itself is
-    // rewritten with the same value.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            &value as *const etllm_stats as *const u8,
-            out as *mut u8,
-            size,
-        );
-        (*out).struct_size = size as u32;
+    // Safety: non-null; the caller's struct starts with its struct_size.
+    check_struct_size::<etllm_stats>(unsafe { (*out).struct_size } as usize)
+}
+
+/// Writes `stats` into the caller's struct (if any), no further than its `struct_size`.
+pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), FfiError> {
+    if out.is_null() {
+        return Ok(());
     }
-    Ok(())
+    write_versioned(out, &etllm_stats::from(stats))
 }
 
 /// The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
@@ -183,17 +162,23 @@ pub extern "C" fn etllm_stats_to_json(
             return Err(FfiError::Null("stats"));
         }
         check_stats_out(stats)?;
-        // Safety: non-null, at least 8 bytes; `stop_reason` is the second 32-bit field. An out-of-range value
-        // must not be read as the enum.
+        // Safety: non-null, at least 8 bytes (checked); `stop_reason` is the second 32-bit
+        // field. An out-of-range value must not be read as the enum.
         let reason = unsafe { *(stats as *const u32).add(1) };
         if reason > etllm_stop_reason::ETLLM_STOP_STRING as u32 {
             return Err(FfiError::Core(crate::Error::InvalidArgument(format!(
                 "stats.stop_reason is {reason}, not an etllm_stop_reason"
             ))));
         }
-        let s = read_versioned(stats, etllm_stats::default(), "stats")?;
+        let s = read_versioned(stats, etllm_stats::default())?;
         let json = Stats::from(&s).to_json_string();
         *out = CString::new(json).expect("JSON has no NUL").into_raw();
         Ok(())
     })
 }
+
+// The smallest accepted size covers `stop_reason` too.
+super::versioned!(etllm_stats, "stats"; model_load_start_us, model_load_end_us,
+    inference_start_us, token_encode_end_us, prompt_eval_end_us, first_token_us,
+    inference_end_us, aggregate_sampling_time_us, aggregate_model_execution_time_us,
+    num_prompt_tokens, num_generated_tokens);

@@ -83,7 +83,9 @@ impl IoManager for KvCacheInModel {
         self.max_context
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     fn rewind(&mut self, pos: usize) -> Result<()> {
         if pos > self.max_context {

@@ -61,7 +61,7 @@ pub trait IoManager: Send {
     fn max_context(&self) -> usize;
 
     /// Forgets everything: the next step starts at position 0.
-    fn reset(&mut self);
+    fn reset(&mut self) -> Result<()>;
 
     /// Rolls the cache back so that it holds only the first `pos` positions.
     fn rewind(&mut self, pos: usize) -> Result<()>;

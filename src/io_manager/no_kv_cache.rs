@@ -60,8 +60,9 @@ impl IoManager for NoKvCache {
         self.max_seq
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Result<()> {
         self.history.clear();
+        Ok(())
     }
 
     fn rewind(&mut self, pos: usize) -> Result<()> {

@@ -422,10 +422,11 @@ impl IoManager for StaticAttention {
         self.rope_rows
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Result<()> {
         self.pos = 0;
         self.pending = None;
         self.update_masks();
+        Ok(())
     }
 
     fn rewind(&mut self, pos: usize) -> Result<()> {
