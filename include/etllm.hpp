@@ -69,8 +69,8 @@ inline void check(etllm_status status) {
 inline std::string version() { return etllm_version(); }
 
 /// Settings of one generation: upstream's GenerationConfig fields and defaults, plus
-/// EtLlm's ignore_eos, seed and stop_token_ids. `max_new_tokens = N` yields exactly N
-/// tokens (upstream yields N - 1).
+/// EtLlm's sampling filters, ignore_eos, seed, stop_token_ids and stop_strings.
+/// `max_new_tokens = N` yields exactly N tokens (upstream yields N - 1).
 struct GenerationConfig {
   bool echo = true;              ///< pass the prompt to the token callback first
   int32_t max_new_tokens = -1;   ///< -1: as many as the context allows
@@ -82,9 +82,16 @@ struct GenerationConfig {
   bool ignore_eos = false;       ///< keep generating past EOS
   std::optional<uint64_t> seed;  ///< same seed, same tokens; empty: seeded from the clock
   std::vector<uint32_t> stop_token_ids;  ///< extra ids that end generation like EOS
+  int32_t top_k = 0;                 ///< sample from the k most likely tokens; 0: off
+  float top_p = 1.0f;                ///< sample from the nucleus of mass top_p; 1: off
+  float min_p = 0.0f;                ///< drop tokens below min_p times the best; 0: off
+  float repetition_penalty = 1.0f;   ///< penalize tokens already seen; 1: off
+  std::vector<std::string> stop_strings;  ///< text that ends generation (never streamed)
 
   /// The C struct for this config; valid while this object lives unchanged.
   etllm_generation_config to_c() const {
+    stop_string_ptrs_.clear();
+    for (const std::string& s : stop_strings) stop_string_ptrs_.push_back(s.c_str());
     etllm_generation_config c = etllm_generation_config_default();
     c.echo = echo;
     c.max_new_tokens = max_new_tokens;
@@ -98,8 +105,17 @@ struct GenerationConfig {
     c.seed = seed.value_or(0);
     c.stop_token_ids = stop_token_ids.empty() ? nullptr : stop_token_ids.data();
     c.num_stop_token_ids = stop_token_ids.size();
+    c.top_k = top_k;
+    c.top_p = top_p;
+    c.min_p = min_p;
+    c.repetition_penalty = repetition_penalty;
+    c.stop_strings = stop_string_ptrs_.empty() ? nullptr : stop_string_ptrs_.data();
+    c.num_stop_strings = stop_string_ptrs_.size();
     return c;
   }
+
+ private:
+  mutable std::vector<const char*> stop_string_ptrs_;  // what to_c() points at
 };
 
 /// Timings (microseconds) and counts of one generation: the C struct plus helpers.
@@ -602,6 +618,13 @@ class Runner {
 
   /// Forgets the conversation.
   void reset() { detail::check(etllm_runner_reset(handle())); }
+
+  /// Rolls the conversation back to its first `pos` tokens (see position()).
+  void rewind(int64_t pos) { detail::check(etllm_runner_rewind(handle(), pos)); }
+
+  /// Loads if needed and runs a short generation without callbacks; the conversation is
+  /// empty afterwards.
+  void warmup() { detail::check(etllm_runner_warmup(handle())); }
 
   /// Most positions a conversation holds (needs a loaded runner).
   int64_t max_context_len() const { return get(etllm_runner_max_context_len); }

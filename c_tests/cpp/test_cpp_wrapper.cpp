@@ -218,6 +218,57 @@ void prefill_then_continue_matches_reference() {
   CHECK(got == c.greedy_ids);
 }
 
+void sampling_filters_and_stop_strings_reach_the_library() {
+  etllm::Runner runner(kModel, kTokenizer);
+  const Case c = reference_case(1);
+  // top_k 1 is greedy whatever the temperature.
+  etllm::GenerationConfig config = greedy(static_cast<int32_t>(c.greedy_ids.size()));
+  config.temperature = 1.5f;
+  config.top_k = 1;
+  config.seed = 3;
+  std::vector<uint32_t> got;
+  runner.generate_tokens(c.prompt_ids, config, collect_into(got));
+  CHECK(got == c.greedy_ids);
+  // A stop string taken from the greedy text ends generation before it.
+  runner.reset();
+  std::string text;
+  etllm::GenerationConfig plain = greedy(static_cast<int32_t>(c.greedy_ids.size()));
+  runner.generate_tokens(c.prompt_ids, plain, [&](std::string_view piece, int64_t) {
+    text.append(piece);
+    return true;
+  });
+  // One whole character from the middle (never half of a multi-byte one).
+  auto continuation = [&](size_t i) { return (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80; };
+  size_t start = text.size() / 2, end = start + 1;
+  while (start < text.size() && continuation(start)) ++start;
+  end = start + 1;
+  while (end < text.size() && continuation(end)) ++end;
+  CHECK(start < text.size());
+  const std::string stop = text.substr(start, end - start);
+  runner.reset();
+  plain.stop_strings = {stop};
+  std::string cut;
+  const etllm::Stats stats = runner.generate_tokens(c.prompt_ids, plain, [&](std::string_view piece, int64_t) {
+    cut.append(piece);
+    return true;
+  });
+  CHECK(stats.stop_reason == ETLLM_STOP_STRING);
+  CHECK(cut == text.substr(0, text.find(stop)));
+}
+
+void rewind_and_warmup() {
+  etllm::Runner runner(kModel, kTokenizer);
+  runner.warmup();
+  CHECK(runner.is_loaded());
+  CHECK(runner.position() == 0);
+  const Case c = reference_case(0);
+  std::vector<uint32_t> got;
+  runner.generate_tokens(c.prompt_ids, greedy(3), collect_into(got));
+  CHECK(got.size() == 3);
+  runner.rewind(1);
+  CHECK(runner.position() == 1);
+}
+
 }  // namespace
 
 int main() {
@@ -228,6 +279,8 @@ int main() {
   run("stop_from_std_thread_ends_generation", stop_from_std_thread_ends_generation);
   run("runner_is_move_only_and_moves_keep_the_handle", runner_is_move_only_and_moves_keep_the_handle);
   run("prefill_then_continue_matches_reference", prefill_then_continue_matches_reference);
+  run("sampling_filters_and_stop_strings_reach_the_library", sampling_filters_and_stop_strings_reach_the_library);
+  run("rewind_and_warmup", rewind_and_warmup);
   std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
   return failures == 0 ? 0 : 1;
 }
