@@ -98,14 +98,6 @@ fn raw_loop(module: &mut Module, prompt: &[i64], n: usize, dynamic: bool) -> (Ve
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     etllm::set_num_threads(args.threads)?;
-    let mut runner = Runner::open(&args.model, &args.tokenizer, RunnerOptions::default())?;
-    let meta = runner.metadata().unwrap().clone();
-    let prompt: Vec<u32> = std::iter::once(meta.bos_id.unwrap_or(1))
-        .chain((3..).take(args.prompt_tokens.saturating_sub(1)))
-        .collect();
-    let prompt_i64: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut module = Module::new(&args.model);
-    module.load(None, None).map_err(|e| format!("{e:?}"))?;
     let config = GenerationConfig {
         echo: false,
         temperature: 0.0,
@@ -113,18 +105,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: true,
         ..Default::default()
     };
-    // One warm-up run of each.
-    runner.generate_from_ids(&prompt, &config, |_| ControlFlow::Continue(()), |_| {})?;
-    raw_loop(
-        &mut module,
-        &prompt_i64,
-        args.tokens.min(8),
-        meta.enable_dynamic_shape,
-    );
-
     let (mut ours, mut raw, mut share) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..args.runs {
-        runner.reset().unwrap();
+    for run in 0..args.runs {
+        // A fresh runner and module every run, opened in alternating order: on a large
+        // model the instance opened first is measurably slower (memory placement), which
+        // would otherwise bias the ratio.
+        let open_runner = || Runner::open(&args.model, &args.tokenizer, RunnerOptions::default());
+        let open_module = || -> Result<Module<'static>, String> {
+            let mut module = Module::new(&args.model);
+            module.load(None, None).map_err(|e| format!("{e:?}"))?;
+            Ok(module)
+        };
+        let (mut runner, mut module) = if run % 2 == 0 {
+            let r = open_runner()?;
+            (r, open_module()?)
+        } else {
+            let m = open_module()?;
+            (open_runner()?, m)
+        };
+        let meta = runner.metadata().unwrap().clone();
+        let prompt: Vec<u32> = std::iter::once(meta.bos_id.unwrap_or(1))
+            .chain((3..).take(args.prompt_tokens.saturating_sub(1)))
+            .collect();
+        let prompt_i64: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        // Warm both up (first-call costs), then measure.
+        runner.warmup()?;
+        raw_loop(
+            &mut module,
+            &prompt_i64,
+            args.tokens.min(8),
+            meta.enable_dynamic_shape,
+        );
         let mut tokens = Vec::new();
         let stats = runner.generate_from_ids(
             &prompt,
