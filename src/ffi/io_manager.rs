@@ -615,6 +615,29 @@ fn describe(spec: &ValueSpec) -> std::result::Result<etllm_tensor_view, FfiError
     })
 }
 
+/// Writes the description of input (or output) `index` of a method to `*out`.
+fn describe_value(
+    model: *const etllm_model_info,
+    method_name: *const c_char,
+    index: usize,
+    out: *mut etllm_tensor_view,
+    output: bool,
+) -> etllm_status {
+    guard(|| {
+        let m = method(model, method_name)?;
+        let (values, what) = if output {
+            (&m.outputs, "output")
+        } else {
+            (&m.inputs, "input")
+        };
+        let spec = values
+            .get(index)
+            .ok_or_else(|| FfiError::NotFound(format!("`{}` has no {what} {index}", m.name)))?;
+        *out_arg(out, "out")? = describe(spec)?;
+        Ok(())
+    })
+}
+
 /// Describes input `index` of method `method` in `*out` (data NULL; for a dynamic-shape
 /// input the sizes are the upper bound). `ETLLM_ERR_NOT_FOUND` if it does not exist or is
 /// not a tensor.
@@ -625,15 +648,7 @@ pub extern "C" fn etllm_model_info_input(
     index: usize,
     out: *mut etllm_tensor_view,
 ) -> etllm_status {
-    guard(|| {
-        let m = method(model, method_name)?;
-        let spec = m
-            .inputs
-            .get(index)
-            .ok_or_else(|| FfiError::NotFound(format!("`{}` has no input {index}", m.name)))?;
-        *out_arg(out, "out")? = describe(spec)?;
-        Ok(())
-    })
+    describe_value(model, method_name, index, out, false)
 }
 
 /// Describes output `index` of method `method`, as `etllm_model_info_input`.
@@ -644,15 +659,7 @@ pub extern "C" fn etllm_model_info_output(
     index: usize,
     out: *mut etllm_tensor_view,
 ) -> etllm_status {
-    guard(|| {
-        let m = method(model, method_name)?;
-        let spec = m
-            .outputs
-            .get(index)
-            .ok_or_else(|| FfiError::NotFound(format!("`{}` has no output {index}", m.name)))?;
-        *out_arg(out, "out")? = describe(spec)?;
-        Ok(())
-    })
+    describe_value(model, method_name, index, out, true)
 }
 
 fn constant<'a>(
