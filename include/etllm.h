@@ -114,6 +114,10 @@ typedef enum etllm_status {
    * A bug in EtLlm: a Rust panic was caught at the boundary.
    */
   ETLLM_ERR_PANIC = 16,
+  /**
+   * The sampler plugin (`etllm_sampler`) failed or chose a token outside the vocabulary.
+   */
+  ETLLM_ERR_SAMPLER = 17,
 } etllm_status;
 
 /**
@@ -556,6 +560,54 @@ typedef struct etllm_stats {
  */
 typedef void (*etllm_stats_callback)(void *user_data, const struct etllm_stats *stats);
 
+/**
+ * A sampler plugin, in the manner of llama.cpp's `llama_sampler_i`: `apply` sees the
+ * next-token logits (a copy it may edit, e.g. to forbid tokens for constrained decoding)
+ * and either picks the token or leaves the choice to the built-in sampler, which then
+ * samples from the edited logits. Start from a zeroed struct with `struct_size` set to
+ * `sizeof(etllm_sampler)`.
+ *
+ * Ownership: `etllm_runner_set_sampler` copies the struct and owns `user_data` from then
+ * on; it calls `destroy(user_data)` exactly once: when the sampler is replaced or
+ * removed, when the runner is freed, or before `etllm_runner_set_sampler` returns if it
+ * fails. The exception is a `struct_size` this library does not know: nothing in the
+ * struct is trusted and `destroy` is not called.
+ *
+ * The functions run on the thread that called generate. An error status (with a message
+ * set through `etllm_set_error_message`) ends generate with `ETLLM_ERR_SAMPLER`, and the
+ * conversation is rolled back.
+ */
+typedef struct etllm_sampler {
+  /**
+   * `sizeof(etllm_sampler)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * Passed to every function.
+   */
+  void *user_data;
+  /**
+   * Required. `logits` holds `num_logits` writable floats (valid during the call);
+   * `history` the `num_history` tokens of this generate call so far (prompt, then
+   * generated). Set `*out_token` to the chosen token id, or to -1 to let the built-in
+   * sampler choose from `logits` as left.
+   */
+  enum etllm_status (*apply)(void *user_data,
+                             float *logits,
+                             size_t num_logits,
+                             const uint32_t *history,
+                             size_t num_history,
+                             int64_t *out_token);
+  /**
+   * Called when a generate call starts. May be NULL.
+   */
+  enum etllm_status (*reset)(void *user_data);
+  /**
+   * Frees `user_data`; called exactly once. May be NULL.
+   */
+  void (*destroy)(void *user_data);
+} etllm_sampler;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -600,9 +652,9 @@ const char *etllm_last_error_message(void);
 const char *etllm_status_name(int32_t status);
 
 /**
- * Sets the message that explains the error a KV-cache manager function is about to
- * return (copied; NULL clears it). Call it from inside the manager function, on the same
- * thread. Has no effect elsewhere.
+ * Sets the message that explains the error a plugin function (of an `etllm_io_manager` or
+ * an `etllm_sampler`) is about to return (copied; NULL clears it). Call it from inside
+ * that function, on the same thread. Has no effect elsewhere.
  */
 void etllm_set_error_message(const char *message);
 
@@ -843,6 +895,15 @@ enum etllm_status etllm_runner_eos_ids(const struct etllm_runner *runner,
  * since the last reset). Needs a loaded runner.
  */
 enum etllm_status etllm_runner_position(const struct etllm_runner *runner, int64_t *out);
+
+/**
+ * Sets the runner's sampler plugin (copied; see `etllm_sampler` for ownership), or
+ * removes it when `sampler` is NULL. A previous plugin is destroyed. It applies to the
+ * following generate calls. Returns `ETLLM_ERR_NULL_ARGUMENT` if `apply` is NULL and
+ * `ETLLM_ERR_BUSY` during a generate; the new sampler is destroyed in both cases.
+ */
+enum etllm_status etllm_runner_set_sampler(struct etllm_runner *runner,
+                                           const struct etllm_sampler *sampler);
 
 /**
  * Stats with every field 0 and `struct_size` set.

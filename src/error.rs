@@ -72,6 +72,9 @@ pub enum Error {
     /// A KV-cache manager (IoManager) failed.
     #[error("KV-cache manager error: {0}")]
     IoManager(String),
+    /// A sampler plugin failed or chose an impossible token.
+    #[error("sampler plugin error: {0}")]
+    Sampler(String),
     /// The operation needs a loaded runner and loading has not succeeded.
     #[error("the runner is not loaded: {0}")]
     NotLoaded(String),

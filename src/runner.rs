@@ -10,7 +10,7 @@ use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::io_manager::{default_manager_for, IoManager};
 use crate::model::{Model, ModelMetadata};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
 use crate::tokenizer::Tokenizer;
@@ -90,6 +90,7 @@ pub struct Runner {
     pending: Option<u32>,
     load_start_us: u64,
     load_end_us: u64,
+    plugin: Option<Box<dyn SamplerPlugin>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -122,6 +123,7 @@ impl Runner {
             pending: None,
             load_start_us: 0,
             load_end_us: 0,
+            plugin: None,
         }
     }
 
@@ -283,6 +285,12 @@ impl Runner {
         self.pos = pos;
         self.pending = None;
         Ok(())
+    }
+
+    /// Sets (or with `None` removes) a sampling plugin that runs before the built-in
+    /// sampler for every generated token; it replaces any previous one (which is dropped).
+    pub fn set_sampler_plugin(&mut self, plugin: Option<Box<dyn SamplerPlugin>>) {
+        self.plugin = plugin;
     }
 
     /// Loads if needed, then runs a short greedy generation (a few model steps, no
@@ -497,7 +505,16 @@ impl Runner {
         }
 
         let seed = config.seed.unwrap_or_else(clock_seed);
-        let mut sampler = Sampler::with_params(config.sampling(), seed);
+        let mut picker = Picker {
+            sampler: Sampler::with_params(config.sampling(), seed),
+            plugin: self.plugin.as_deref_mut(),
+            scratch: Vec::new(),
+            vocab: loaded.vocab_size,
+            elapsed_ns: 0,
+        };
+        if let Some(p) = picker.plugin.as_mut() {
+            p.reset()?;
+        }
         // A prefill keeps the last token back, so that a following `generate` can start
         // from it even without a prompt of its own.
         let (feed, held) = match mode {
@@ -511,7 +528,7 @@ impl Runner {
             orig_pos,
             n_new,
             config,
-            &mut sampler,
+            &mut picker,
             &mut stats,
             |piece| {
                 if callbacks {
@@ -579,7 +596,7 @@ fn generate_loop(
     mut pos: usize,
     n_new: usize,
     config: &GenerationConfig,
-    sampler: &mut Sampler,
+    picker: &mut Picker<'_>,
     stats: &mut Stats,
     mut emit: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
 ) -> Result<(usize, Option<u32>)> {
@@ -594,12 +611,12 @@ fn generate_loop(
     let stopped = || stop.load(Ordering::Acquire);
     // This call's tokens, for the repetition penalty.
     let mut history: Vec<u32> = Vec::new();
-    if config.repetition_penalty != 1.0 {
+    let keep_history = config.repetition_penalty != 1.0 || picker.plugin.is_some();
+    if keep_history {
         history.extend(feed.iter().map(|&t| t as u32));
     }
     // Summed in nanoseconds: a single step can take less than a microsecond.
     let mut model_ns = 0u128;
-    let mut sampling_ns = 0u128;
     let chunk = io.max_prefill_chunk().max(1);
     let mut token = None;
     for (i, part) in feed.chunks(chunk).enumerate() {
@@ -611,7 +628,7 @@ fn generate_loop(
         model_ns += t0.elapsed().as_nanos();
         pos += part.len();
         if last && n_new > 0 {
-            token = Some(sample(sampler, logits, &history, &mut sampling_ns));
+            token = Some(picker.pick(logits, &history)?);
         }
     }
     stats.prompt_eval_end_us = now_us();
@@ -670,13 +687,13 @@ fn generate_loop(
         let logits = io.update_decode(&outputs)?;
         model_ns += t0.elapsed().as_nanos();
         pos += 1;
-        if config.repetition_penalty != 1.0 {
+        if keep_history {
             history.push(token);
         }
-        token = sample(sampler, logits, &history, &mut sampling_ns);
+        token = picker.pick(logits, &history)?;
     };
     stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
-    stats.aggregate_sampling_time_us = (sampling_ns / 1000) as u64;
+    stats.aggregate_sampling_time_us = (picker.elapsed_ns / 1000) as u64;
     stats.stop_reason = reason;
     let rest = match reason {
         // The rest of the text is (or follows) the stop string.
@@ -695,11 +712,40 @@ fn generate_loop(
     Ok((pos, Some(token)))
 }
 
-fn sample(sampler: &mut Sampler, logits: &[f32], history: &[u32], elapsed_ns: &mut u128) -> u32 {
-    let t0 = Instant::now();
-    let token = sampler.sample(logits, history);
-    *elapsed_ns += t0.elapsed().as_nanos();
-    token
+/// Picks each generated token: the caller's plugin first, if any, then the sampler.
+struct Picker<'p> {
+    sampler: Sampler,
+    plugin: Option<&'p mut (dyn SamplerPlugin + 'static)>,
+    /// The logits copy a plugin may edit.
+    scratch: Vec<f32>,
+    vocab: usize,
+    /// Time spent picking, summed.
+    elapsed_ns: u128,
+}
+
+impl Picker<'_> {
+    fn pick(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let t0 = Instant::now();
+        let token = match self.plugin.as_mut() {
+            None => self.sampler.sample(logits, history),
+            Some(plugin) => {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(logits);
+                match plugin.apply(&mut self.scratch, history)? {
+                    Some(t) if (t as usize) < self.vocab.min(logits.len()) => t,
+                    Some(t) => {
+                        return Err(Error::Sampler(format!(
+                            "the plugin chose token {t}, outside the vocabulary of {}",
+                            self.vocab.min(logits.len())
+                        )))
+                    }
+                    None => self.sampler.sample(&self.scratch, history),
+                }
+            }
+        };
+        self.elapsed_ns += t0.elapsed().as_nanos();
+        Ok(token)
+    }
 }
 
 /// A seed for runs that did not ask for one.

@@ -288,6 +288,22 @@ fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
     out.sort_unstable_by_key(|&(id, _)| id);
 }
 
+/// A caller's sampling step, run before the built-in sampler for every generated token:
+/// it sees the logits (and may edit them, e.g. to forbid tokens for constrained decoding)
+/// and either picks the token itself or lets the built-in sampler pick from the edited
+/// logits. Set it with [`Runner::set_sampler_plugin`](crate::Runner::set_sampler_plugin).
+pub trait SamplerPlugin: Send {
+    /// Called when a generate call starts, before its first token.
+    fn reset(&mut self) -> crate::Result<()> {
+        Ok(())
+    }
+
+    /// Sees the next-token logits (a copy the plugin may change) and the tokens of this
+    /// call so far (prompt, then generated). Returns `Some(token)` to choose it, or `None`
+    /// to let the built-in sampler choose from `logits` as left.
+    fn apply(&mut self, logits: &mut [f32], history: &[u32]) -> crate::Result<Option<u32>>;
+}
+
 /// Lanes of the hand-split reductions below: floating-point reductions only vectorize
 /// when written as independent lanes (the compiler may not reorder them itself).
 const LANES: usize = 8;

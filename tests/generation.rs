@@ -474,3 +474,71 @@ fn warmup_loads_runs_and_leaves_an_empty_conversation() {
     assert_eq!(runner.position(), 0);
     assert_matches_reference(&mut runner, case);
 }
+
+/// Forbids one token by setting its logit to -inf.
+struct Ban(u32);
+
+impl etllm::sampler::SamplerPlugin for Ban {
+    fn apply(&mut self, logits: &mut [f32], _: &[u32]) -> etllm::Result<Option<u32>> {
+        logits[self.0 as usize] = f32::NEG_INFINITY;
+        Ok(None)
+    }
+}
+
+#[test]
+fn a_sampler_plugin_can_edit_the_logits() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let (best, second) = (case.first_logits_top[0].0, case.first_logits_top[1].0);
+    assert_eq!(best, case.greedy_ids[0]);
+    let mut runner = open("dyn_xnnpack");
+    runner.set_sampler_plugin(Some(Box::new(Ban(best))));
+    let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &greedy(1));
+    // With the greedy choice banned, eager PyTorch's second choice wins.
+    assert_eq!(t.tokens, vec![second]);
+    runner.set_sampler_plugin(None);
+    runner.reset().unwrap();
+    assert_matches_reference(&mut runner, case);
+}
+
+/// Always picks the same token; fails on request.
+struct Fixed(u32, bool);
+
+impl etllm::sampler::SamplerPlugin for Fixed {
+    fn apply(&mut self, _: &mut [f32], _: &[u32]) -> etllm::Result<Option<u32>> {
+        if self.1 {
+            return Err(etllm::Error::Sampler("plugin refused".into()));
+        }
+        Ok(Some(self.0))
+    }
+}
+
+#[test]
+fn a_sampler_plugin_can_pick_the_token_or_fail() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let mut runner = open("dyn_xnnpack");
+    runner.set_sampler_plugin(Some(Box::new(Fixed(42, false))));
+    let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &greedy(5));
+    assert_eq!(t.tokens, vec![42; 5]);
+    runner.reset().unwrap();
+    runner.set_sampler_plugin(Some(Box::new(Fixed(42, true))));
+    let err = runner
+        .generate_from_ids(
+            &case.prompt_ids,
+            &greedy(5),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .expect_err("the plugin fails");
+    assert!(err.to_string().contains("plugin refused"), "{err}");
+    assert_eq!(runner.position(), 0);
+    runner.set_sampler_plugin(Some(Box::new(Fixed(9999, false))));
+    let err = runner
+        .generate_from_ids(
+            &case.prompt_ids,
+            &greedy(5),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .expect_err("token outside the vocabulary");
+    assert!(matches!(err, etllm::Error::Sampler(_)), "{err}");
+}

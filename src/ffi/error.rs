@@ -47,6 +47,8 @@ pub enum etllm_status {
     ETLLM_ERR_NOT_FOUND = 15,
     /// A bug in EtLlm: a Rust panic was caught at the boundary.
     ETLLM_ERR_PANIC = 16,
+    /// The sampler plugin (`etllm_sampler`) failed or chose a token outside the vocabulary.
+    ETLLM_ERR_SAMPLER = 17,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -89,6 +91,7 @@ impl FfiError {
                 Error::ContextFull { .. } => ETLLM_ERR_CONTEXT_FULL,
                 Error::Runtime { .. } => ETLLM_ERR_RUNTIME,
                 Error::IoManager(_) => ETLLM_ERR_IO_MANAGER,
+                Error::Sampler(_) => ETLLM_ERR_SAMPLER,
                 Error::NotLoaded(_) => ETLLM_ERR_NOT_LOADED,
             },
         }
@@ -185,6 +188,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_BUSY,
         ETLLM_ERR_NOT_FOUND,
         ETLLM_ERR_PANIC,
+        ETLLM_ERR_SAMPLER,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -204,6 +208,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_BUSY) => c"ETLLM_ERR_BUSY",
         Some(ETLLM_ERR_NOT_FOUND) => c"ETLLM_ERR_NOT_FOUND",
         Some(ETLLM_ERR_PANIC) => c"ETLLM_ERR_PANIC",
+        Some(ETLLM_ERR_SAMPLER) => c"ETLLM_ERR_SAMPLER",
         None => c"unknown status",
     };
     name.as_ptr()

@@ -186,9 +186,9 @@ thread_local! {
     static MANAGER_MESSAGE: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Sets the message that explains the error a KV-cache manager function is about to
-/// return (copied; NULL clears it). Call it from inside the manager function, on the same
-/// thread. Has no effect elsewhere.
+/// Sets the message that explains the error a plugin function (of an `etllm_io_manager` or
+/// an `etllm_sampler`) is about to return (copied; NULL clears it). Call it from inside
+/// that function, on the same thread. Has no effect elsewhere.
 #[no_mangle]
 pub extern "C" fn etllm_set_error_message(message: *const c_char) {
     let text = if message.is_null() {
@@ -202,6 +202,28 @@ pub extern "C" fn etllm_set_error_message(message: *const c_char) {
         )
     };
     let _ = MANAGER_MESSAGE.try_with(|m| *m.borrow_mut() = text);
+}
+
+/// Runs one function of a caller's plugin (KV-cache manager or sampler) and turns a
+/// failure into a message naming the function, its status and the plugin's own message.
+pub(crate) fn call_plugin(
+    what: &str,
+    f: impl FnOnce() -> etllm_status,
+) -> std::result::Result<(), String> {
+    let _ = MANAGER_MESSAGE.try_with(|m| m.borrow_mut().take());
+    let status = f();
+    let message = MANAGER_MESSAGE
+        .try_with(|m| m.borrow_mut().take())
+        .ok()
+        .flatten();
+    if status == etllm_status::ETLLM_OK {
+        return Ok(());
+    }
+    let name = super::error::status_name(status);
+    Err(match message {
+        Some(m) => format!("{what} failed ({name}): {m}"),
+        None => format!("{what} failed ({name})"),
+    })
 }
 
 /// A caller's vtable as a Rust [`IoManager`]. Calls `destroy` once when dropped.
@@ -289,20 +311,7 @@ impl CIoManager {
 
     /// Runs one manager function and turns a failure into an IoManager error.
     fn call(&self, what: &str, f: impl FnOnce() -> etllm_status) -> Result<()> {
-        let _ = MANAGER_MESSAGE.try_with(|m| m.borrow_mut().take());
-        let status = f();
-        let message = MANAGER_MESSAGE
-            .try_with(|m| m.borrow_mut().take())
-            .ok()
-            .flatten();
-        if status == etllm_status::ETLLM_OK {
-            return Ok(());
-        }
-        let name = super::error::status_name(status);
-        Err(Error::IoManager(match message {
-            Some(m) => format!("{what} failed ({name}): {m}"),
-            None => format!("{what} failed ({name})"),
-        }))
+        call_plugin(what, f).map_err(Error::IoManager)
     }
 
     fn step<'s>(&'s mut self, step: etllm_step) -> Result<StepInputs<'s>> {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod io_manager;
 pub mod runner;
+pub mod sampler;
 pub mod stats;
 
 use std::ffi::{c_char, CStr};

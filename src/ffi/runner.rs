@@ -64,6 +64,13 @@ fn lock(r: &etllm_runner) -> Result<MutexGuard<'_, Runner>, FfiError> {
     }
 }
 
+/// Locks a runner for one call (`ETLLM_ERR_BUSY` if another call holds it).
+pub(crate) fn lock_runner<'a>(
+    runner: *mut etllm_runner,
+) -> Result<MutexGuard<'a, Runner>, FfiError> {
+    lock(runner_ref(runner)?)
+}
+
 fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiError> {
     let o = read_versioned(ptr, etllm_runner_options::default())?;
     // Take the manager first: from here on dropping it calls its destroy exactly once.

@@ -44,6 +44,9 @@ pub struct Case {
     pub prompt_ids: Vec<u32>,
     /// The eager-PyTorch greedy continuation, EOS ignored.
     pub greedy_ids: Vec<u32>,
+    /// The ten largest first-step logits as (id, logit), largest first.
+    #[serde(default)]
+    pub first_logits_top: Vec<(u32, f32)>,
     /// Index in `greedy_ids` of the first EOS, when there is one.
     #[serde(default)]
     pub greedy_first_eos_index: Option<usize>,
