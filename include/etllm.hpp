@@ -510,6 +510,61 @@ class IoManager {
   static void destroy_trampoline(void* ud) { delete static_cast<IoManager*>(ud); }
 };
 
+// ---- Sampler plugins written in C++ ------------------------------------------------------
+
+/// A sampling step run before the built-in sampler for every generated token (constrained
+/// decoding and the like): apply() sees the logits (and may edit them) and the tokens of
+/// this generate call so far, and returns a token to choose it, or std::nullopt to let the
+/// built-in sampler choose from the edited logits. An exception thrown by a method ends
+/// generate with ETLLM_ERR_SAMPLER and its message. Give it to Runner::set_sampler, which
+/// owns it from then on.
+class SamplerPlugin {
+ public:
+  virtual ~SamplerPlugin() = default;
+  /// Called when a generate call starts.
+  virtual void reset() {}
+  /// Sees (and may edit) the next-token logits; returns the chosen token or std::nullopt.
+  virtual std::optional<uint32_t> apply(Span<float> logits, Span<const uint32_t> history) = 0;
+
+  /// The C vtable for `plugin`, which it now owns (destroy deletes it).
+  static etllm_sampler to_c(std::unique_ptr<SamplerPlugin> plugin) noexcept {
+    etllm_sampler vt{};
+    if (!plugin) return vt;
+    vt.struct_size = sizeof vt;
+    vt.user_data = plugin.release();
+    vt.apply = &apply_trampoline;
+    vt.reset = &reset_trampoline;
+    vt.destroy = &destroy_trampoline;
+    return vt;
+  }
+
+ private:
+  template <class F>
+  static etllm_status guarded(F&& f) noexcept {
+    try {
+      f();
+      return ETLLM_OK;
+    } catch (const std::exception& e) {
+      etllm_set_error_message(e.what());
+    } catch (...) {
+      etllm_set_error_message("a C++ exception that is not a std::exception");
+    }
+    return ETLLM_ERR_SAMPLER;
+  }
+  static etllm_status apply_trampoline(void* ud, float* logits, size_t n, const uint32_t* history,
+                                       size_t num_history, int64_t* out_token) {
+    return guarded([&] {
+      const std::optional<uint32_t> t = static_cast<SamplerPlugin*>(ud)->apply(
+          Span<float>(logits, n), Span<const uint32_t>(history, num_history));
+      *out_token = t ? static_cast<int64_t>(*t) : -1;
+    });
+  }
+  static etllm_status reset_trampoline(void* ud) {
+    return guarded([&] { static_cast<SamplerPlugin*>(ud)->reset(); });
+  }
+  static void destroy_trampoline(void* ud) { delete static_cast<SamplerPlugin*>(ud); }
+};
+
 /// Options fixed when a runner is created.
 struct RunnerOptions {
   uint32_t num_threads = 0;  ///< ExecuTorch thread-pool size (process-wide); 0 keeps it
@@ -618,6 +673,16 @@ class Runner {
 
   /// Forgets the conversation.
   void reset() { detail::check(etllm_runner_reset(handle())); }
+
+  /// Sets the sampler plugin (the runner owns it from now on), or removes it with nullptr.
+  void set_sampler(std::unique_ptr<SamplerPlugin> plugin) {
+    if (!plugin) {
+      detail::check(etllm_runner_set_sampler(handle(), nullptr));
+      return;
+    }
+    const etllm_sampler vt = SamplerPlugin::to_c(std::move(plugin));
+    detail::check(etllm_runner_set_sampler(handle(), &vt));
+  }
 
   /// Rolls the conversation back to its first `pos` tokens (see position()).
   void rewind(int64_t pos) { detail::check(etllm_runner_rewind(handle(), pos)); }

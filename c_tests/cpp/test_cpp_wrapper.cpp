@@ -269,6 +269,42 @@ void rewind_and_warmup() {
   CHECK(runner.position() == 1);
 }
 
+// Forbids one token; throws on request.
+struct Ban : etllm::SamplerPlugin {
+  uint32_t banned;
+  bool throw_now = false;
+  int* destroyed;
+  Ban(uint32_t b, int* d) : banned(b), destroyed(d) {}
+  ~Ban() override { ++*destroyed; }
+  std::optional<uint32_t> apply(etllm::Span<float> logits, etllm::Span<const uint32_t>) override {
+    if (throw_now) throw std::runtime_error("no such token allowed");
+    logits[banned] = -1e30f;
+    return std::nullopt;
+  }
+};
+
+void sampler_plugin_in_cpp() {
+  etllm::Runner runner(kModel, kTokenizer);
+  const Case c = reference_case(0);
+  int destroyed = 0;
+  auto plugin = std::make_unique<Ban>(c.greedy_ids[0], &destroyed);
+  Ban* raw = plugin.get();
+  runner.set_sampler(std::move(plugin));
+  std::vector<uint32_t> got;
+  runner.generate_tokens(c.prompt_ids, greedy(1), collect_into(got));
+  CHECK(got.size() == 1 && got[0] != c.greedy_ids[0]);
+  raw->throw_now = true;
+  try {
+    runner.generate_tokens(c.prompt_ids, greedy(1), collect_into(got));
+    CHECK(false);
+  } catch (const etllm::Error& e) {
+    CHECK(e.status() == ETLLM_ERR_SAMPLER);
+    CHECK(e.message().find("no such token allowed") != std::string::npos);
+  }
+  runner.set_sampler(nullptr);
+  CHECK(destroyed == 1);
+}
+
 }  // namespace
 
 int main() {
@@ -281,6 +317,7 @@ int main() {
   run("prefill_then_continue_matches_reference", prefill_then_continue_matches_reference);
   run("sampling_filters_and_stop_strings_reach_the_library", sampling_filters_and_stop_strings_reach_the_library);
   run("rewind_and_warmup", rewind_and_warmup);
+  run("sampler_plugin_in_cpp", sampler_plugin_in_cpp);
   std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
   return failures == 0 ? 0 : 1;
 }
