@@ -63,6 +63,21 @@ inline void check(etllm_status status) {
     throw Error(status, etllm_last_error_message());
   }
 }
+
+// Runs a plug-in method for a C trampoline: an exception must not cross into the library,
+// so it becomes `on_error` with the exception's message (etllm_set_error_message).
+template <class F>
+etllm_status guarded(etllm_status on_error, F&& f) noexcept {
+  try {
+    f();
+    return ETLLM_OK;
+  } catch (const std::exception& e) {
+    etllm_set_error_message(e.what());
+  } catch (...) {
+    etllm_set_error_message("a C++ exception that is not a std::exception");
+  }
+  return on_error;
+}
 }  // namespace detail
 
 /// The library's version, e.g. "0.1.0".
@@ -446,18 +461,9 @@ class IoManager {
  private:
   static IoManager& self(void* user_data) noexcept { return *static_cast<IoManager*>(user_data); }
 
-  // Runs `f`; an exception becomes ETLLM_ERR_IO_MANAGER with its message.
   template <class F>
   static etllm_status guarded(F&& f) noexcept {
-    try {
-      f();
-      return ETLLM_OK;
-    } catch (const std::exception& e) {
-      etllm_set_error_message(e.what());
-    } catch (...) {
-      etllm_set_error_message("a C++ exception that is not a std::exception");
-    }
-    return ETLLM_ERR_IO_MANAGER;
+    return detail::guarded(ETLLM_ERR_IO_MANAGER, std::forward<F>(f));
   }
 
   static void out_step(const Step& step, etllm_step* out) {
@@ -541,15 +547,7 @@ class SamplerPlugin {
  private:
   template <class F>
   static etllm_status guarded(F&& f) noexcept {
-    try {
-      f();
-      return ETLLM_OK;
-    } catch (const std::exception& e) {
-      etllm_set_error_message(e.what());
-    } catch (...) {
-      etllm_set_error_message("a C++ exception that is not a std::exception");
-    }
-    return ETLLM_ERR_SAMPLER;
+    return detail::guarded(ETLLM_ERR_SAMPLER, std::forward<F>(f));
   }
   static etllm_status apply_trampoline(void* ud, float* logits, size_t n, const uint32_t* history,
                                        size_t num_history, int64_t* out_token) {
