@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong. Each variant carries a message meant for a person; the
 /// C ABI maps each variant to its own status code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be opened or read.
@@ -78,4 +78,13 @@ pub enum Error {
     /// The operation needs a loaded runner and loading has not succeeded.
     #[error("the runner is not loaded: {0}")]
     NotLoaded(String),
+    /// A chat template failed to compile or to render (a template's own
+    /// `raise_exception` message included).
+    #[error("chat template error{}: {message}", source_path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    ChatTemplate {
+        /// The file the template came from, if any.
+        source_path: Option<PathBuf>,
+        /// What went wrong.
+        message: String,
+    },
 }

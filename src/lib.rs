@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod config;
 pub mod error;
 mod et;
@@ -32,6 +33,7 @@ pub mod stop;
 pub mod tensor;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate, Conversation};
 pub use config::GenerationConfig;
 pub use error::{Error, Result};
 pub use io_manager::IoManager;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::io_manager::{default_manager_for, IoManager};
@@ -14,6 +15,10 @@ use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
 use crate::tokenizer::Tokenizer;
+
+/// The fallback chat template, compiled once.
+static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama3);
 
 /// Options fixed when the runner is created.
 #[derive(Default)]
@@ -67,6 +72,8 @@ struct Loaded {
     eos_ids: Vec<u32>,
     vocab_size: usize,
     max_context: usize,
+    /// The template beside the tokenizer (or the error reading it), if there is one.
+    chat_template: Option<Result<ChatTemplate>>,
 }
 
 /// Runs a decoder-only LLM exported to an ExecuTorch `.pte` file.
@@ -91,6 +98,8 @@ pub struct Runner {
     load_start_us: u64,
     load_end_us: u64,
     plugin: Option<Box<dyn SamplerPlugin>>,
+    /// A chat template set by the caller; it wins over the tokenizer's.
+    chat_template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -124,6 +133,7 @@ impl Runner {
             load_start_us: 0,
             load_end_us: 0,
             plugin: None,
+            chat_template: None,
         }
     }
 
@@ -189,6 +199,7 @@ impl Runner {
             return Err(e);
         }
         let max_context = io.max_context().min(meta.max_context_len);
+        let chat_template = crate::chat::template_for_tokenizer(&self.tokenizer_path).transpose();
         self.loaded = Some(Loaded {
             model,
             tokenizer,
@@ -197,6 +208,7 @@ impl Runner {
             eos_ids,
             vocab_size,
             max_context,
+            chat_template,
         });
         self.pos = 0;
         self.pending = None;
@@ -285,6 +297,42 @@ impl Runner {
         self.pos = pos;
         self.pending = None;
         Ok(())
+    }
+
+    /// The chat template in use: the one set with
+    /// [`set_chat_template`](Self::set_chat_template); else the model's, from a
+    /// `chat_template.jinja` or `tokenizer_config.json` beside the tokenizer file; else the
+    /// built-in Llama 3 template ([`ChatTemplate::llama3`]). Fails when the runner is not
+    /// loaded and no template was set, or when the model's template files are unreadable
+    /// or the template does not compile.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        if let Some(t) = &self.chat_template {
+            return Ok(t);
+        }
+        let loaded = self.loaded.as_ref().ok_or_else(|| {
+            Error::NotLoaded("load the runner (or set a chat template) first".into())
+        })?;
+        match &loaded.chat_template {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(e.clone()),
+            None => Ok(&LLAMA3),
+        }
+    }
+
+    /// Sets the chat template (or with `None` goes back to the model's own).
+    pub fn set_chat_template(&mut self, template: Option<ChatTemplate>) {
+        self.chat_template = template;
+    }
+
+    /// Renders `messages` with the [chat template](Self::chat_template) into prompt text
+    /// (see [`ChatTemplate::apply`]); generate from it with `num_bos = 0`, since the
+    /// template writes its own BOS.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.chat_template()?.apply(messages, add_generation_prompt)
     }
 
     /// Sets (or with `None` removes) a sampling plugin that runs before the built-in

@@ -49,6 +49,9 @@ pub enum etllm_status {
     ETLLM_ERR_PANIC = 16,
     /// The sampler plugin (`etllm_sampler`) failed or chose a token outside the vocabulary.
     ETLLM_ERR_SAMPLER = 17,
+    /// A chat template failed to compile or render (its own `raise_exception` message
+    /// included).
+    ETLLM_ERR_CHAT_TEMPLATE = 18,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -93,6 +96,7 @@ impl FfiError {
                 Error::IoManager(_) => ETLLM_ERR_IO_MANAGER,
                 Error::Sampler(_) => ETLLM_ERR_SAMPLER,
                 Error::NotLoaded(_) => ETLLM_ERR_NOT_LOADED,
+                Error::ChatTemplate { .. } => ETLLM_ERR_CHAT_TEMPLATE,
             },
         }
     }
@@ -189,6 +193,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_NOT_FOUND,
         ETLLM_ERR_PANIC,
         ETLLM_ERR_SAMPLER,
+        ETLLM_ERR_CHAT_TEMPLATE,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -209,6 +214,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_NOT_FOUND) => c"ETLLM_ERR_NOT_FOUND",
         Some(ETLLM_ERR_PANIC) => c"ETLLM_ERR_PANIC",
         Some(ETLLM_ERR_SAMPLER) => c"ETLLM_ERR_SAMPLER",
+        Some(ETLLM_ERR_CHAT_TEMPLATE) => c"ETLLM_ERR_CHAT_TEMPLATE",
         None => c"unknown status",
     };
     name.as_ptr()

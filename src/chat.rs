@@ -1,0 +1,578 @@
+//! Chat templates: turn a list of messages into the prompt text a chat model was trained
+//! on, the way HF transformers' `apply_chat_template` does.
+//!
+//! Templates are Jinja, rendered with [minijinja] in the configuration HF uses (blocks
+//! trimmed and left-stripped, loop controls, Python string and dict methods such as
+//! `.strip()` and `.items()`, `raise_exception`, `strftime_now`, a `tojson` that writes
+//! like Python's `json.dumps`). They come from a model's `chat_template.jinja` or
+//! `tokenizer_config.json`, or are built in ([`ChatTemplate::llama3`],
+//! [`ChatTemplate::llama2`]).
+//!
+//! [`Conversation`] keeps a multi-turn chat on a [`Runner`]: each turn feeds only the text
+//! the template adds for the new messages, so earlier turns stay in the KV cache.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use minijinja::value::Kwargs;
+use minijinja::{AutoEscape, Environment, ErrorKind, Value};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::runner::{Runner, TokenPiece};
+use crate::{GenerationConfig, Stats, StopReason};
+
+/// The name under which the template is stored in its environment.
+const NAME: &str = "chat";
+
+/// Meta's Llama 3 Instruct template (as in `Meta-Llama-3-8B-Instruct`'s
+/// `tokenizer_config.json`).
+pub const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Meta's Llama 2 Chat template (as in `Llama-2-7b-chat-hf`'s `tokenizer_config.json`).
+pub const LLAMA2_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// Who speaks: usually "system", "user" or "assistant".
+    pub role: String,
+    /// What they say.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// A "system" message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    /// A "user" message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    /// An "assistant" message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// A compiled chat template and the special-token strings it is rendered with
+/// (`bos_token`, `eos_token`, and any other `*_token` a `tokenizer_config.json` names).
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    tokens: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl Clone for ChatTemplate {
+    fn clone(&self) -> Self {
+        // Recompiling a source that compiled before cannot fail.
+        let mut copy = Self::new(self.source.clone()).expect("template compiled before");
+        copy.tokens = self.tokens.clone();
+        copy
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles a Jinja chat template. `bos_token` and `eos_token` render as empty text
+    /// until set with [`with_token`](Self::with_token). Fails with
+    /// [`Error::ChatTemplate`] on a syntax error.
+    pub fn new(source: impl Into<String>) -> Result<Self> {
+        let source = source.into();
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(template_error)?;
+        env.set_syntax(syntax);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.clone())
+            .map_err(template_error)?;
+        Ok(Self {
+            env,
+            source,
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Sets a special-token variable, such as `("bos_token", "<s>")`.
+    pub fn with_token(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let name = name.into();
+        self.tokens.retain(|(n, _)| *n != name);
+        self.tokens.push((name, value.into()));
+        self
+    }
+
+    /// The built-in Llama 3 Instruct template, with `<|begin_of_text|>` as `bos_token` and
+    /// `<|eot_id|>` as `eos_token`.
+    pub fn llama3() -> Self {
+        Self::new(LLAMA3_TEMPLATE)
+            .expect("built-in template compiles")
+            .with_token("bos_token", "<|begin_of_text|>")
+            .with_token("eos_token", "<|eot_id|>")
+    }
+
+    /// The built-in Llama 2 Chat template, with `<s>` as `bos_token` and `</s>` as
+    /// `eos_token`.
+    pub fn llama2() -> Self {
+        Self::new(LLAMA2_TEMPLATE)
+            .expect("built-in template compiles")
+            .with_token("bos_token", "<s>")
+            .with_token("eos_token", "</s>")
+    }
+
+    /// Reads a model's chat template the way HF transformers does: from
+    /// `chat_template.jinja` if that file exists, else from the `chat_template` field of
+    /// `tokenizer_config.json` (a string, or a list of named templates of which "default"
+    /// is used). `path` is a folder holding those files, or the `tokenizer_config.json`
+    /// itself. The special tokens (`bos_token`, `eos_token`, `unk_token`, `pad_token`, ...)
+    /// come from `tokenizer_config.json`. Returns `Ok(None)` when neither file has a
+    /// template; a file that exists but cannot be read or parsed is an error.
+    pub fn from_model_dir(path: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = path.as_ref();
+        let (dir, config_path) = if path.is_dir() {
+            (path.to_path_buf(), path.join("tokenizer_config.json"))
+        } else {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (dir, path.to_path_buf())
+        };
+        let config = if config_path.exists() {
+            let text = read_text(&config_path)?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::ChatTemplate {
+                    source_path: Some(config_path.clone()),
+                    message: format!("not valid JSON: {e}"),
+                })?;
+            Some(json)
+        } else {
+            None
+        };
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = if jinja_path.is_file() {
+            Some(read_text(&jinja_path)?)
+        } else {
+            config
+                .as_ref()
+                .map(|c| template_in_config(c, &config_path))
+                .transpose()?
+                .flatten()
+        };
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        let mut template = Self::new(source).map_err(|e| match e {
+            Error::ChatTemplate { message, .. } => Error::ChatTemplate {
+                source_path: Some(if jinja_path.is_file() {
+                    jinja_path.clone()
+                } else {
+                    config_path.clone()
+                }),
+                message,
+            },
+            other => other,
+        })?;
+        if let Some(serde_json::Value::Object(fields)) = &config {
+            for (name, value) in fields {
+                if !name.ends_with("_token") {
+                    continue;
+                }
+                // A plain string, or an AddedToken object {"content": "...", ...}.
+                let text = match value {
+                    serde_json::Value::String(s) => Some(s.as_str()),
+                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
+                    _ => None,
+                };
+                if let Some(text) = text {
+                    template = template.with_token(name.as_str(), text);
+                }
+            }
+        }
+        Ok(Some(template))
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The value of a special-token variable, if set.
+    pub fn token(&self, name: &str) -> Option<&str> {
+        self.tokens
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Renders `messages` into prompt text. With `add_generation_prompt`, the text ends
+    /// with the header that starts the assistant's reply. The text already holds the BOS
+    /// token when the template writes one, so generate from it with `num_bos = 0`. Fails
+    /// with [`Error::ChatTemplate`] when the template raises an exception (such as
+    /// "roles must alternate") or misuses a value.
+    pub fn apply(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template(NAME).map_err(template_error)?;
+        let mut ctx: Vec<(String, Value)> = self
+            .tokens
+            .iter()
+            .map(|(n, v)| (n.clone(), Value::from(v.as_str())))
+            .collect();
+        ctx.push((
+            "messages".into(),
+            Value::from(minijinja::value::Serde(messages)),
+        ));
+        ctx.push((
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        ));
+        let ctx = Value::from_pairs(ctx);
+        template.render(ctx).map_err(template_error)
+    }
+}
+
+/// The `chat_template` field of a `tokenizer_config.json`, if any.
+fn template_in_config(config: &serde_json::Value, path: &Path) -> Result<Option<String>> {
+    let bad = |message: &str| Error::ChatTemplate {
+        source_path: Some(path.to_path_buf()),
+        message: message.to_string(),
+    };
+    match config.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(list)) => {
+            let named = |name: &str| {
+                list.iter().find_map(|entry| {
+                    (entry.get("name")?.as_str()? == name)
+                        .then(|| entry.get("template")?.as_str().map(str::to_string))
+                        .flatten()
+                })
+            };
+            named("default")
+                .map(Some)
+                .ok_or_else(|| bad("`chat_template` is a list without a \"default\" template"))
+        }
+        Some(_) => Err(bad("`chat_template` is neither a string nor a list")),
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::FileAccess {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A minijinja error as ours, with the template's own message (for `raise_exception`).
+fn template_error(e: minijinja::Error) -> Error {
+    let message = match (e.kind(), e.detail()) {
+        (ErrorKind::InvalidOperation, Some(detail)) if detail.starts_with("raised: ") => {
+            detail["raised: ".len()..].to_string()
+        }
+        _ => {
+            let mut m = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                m.push_str(": ");
+                m.push_str(&s.to_string());
+                source = s.source();
+            }
+            m
+        }
+    };
+    Error::ChatTemplate {
+        source_path: None,
+        message,
+    }
+}
+
+/// `raise_exception(message)`: templates call it to refuse a conversation.
+fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("raised: {message}"),
+    ))
+}
+
+/// `strftime_now(format)`: the local time, formatted like Python's `strftime`.
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    let now = jiff::Zoned::now();
+    let mut out = String::new();
+    jiff::fmt::strtime::format(format.as_bytes(), &now)
+        .map(|s| out.push_str(&s))
+        .map_err(|e| {
+            minijinja::Error::new(ErrorKind::InvalidOperation, "bad strftime format").with_source(e)
+        })?;
+    Ok(out)
+}
+
+/// `tojson`: JSON written as Python's `json.dumps(value, ensure_ascii=False)` writes it
+/// (`", "` and `": "` separators; with `indent`, one item a line), as HF's template
+/// environment does.
+fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&pad),
+            );
+            value.serialize(&mut ser)
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonCompact);
+            value.serialize(&mut ser)
+        }
+    };
+    result.map_err(|e| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, "cannot serialize to JSON")
+            .with_source(e)
+    })?;
+    Ok(Value::from_safe_string(
+        String::from_utf8(out).expect("serde_json writes UTF-8"),
+    ))
+}
+
+/// serde_json's compact output with Python's default separators.
+struct PythonCompact;
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// A multi-turn chat on a [`Runner`] that keeps earlier turns in the KV cache.
+///
+/// Each [`send`](Self::send) renders the whole conversation with the template, checks
+/// that the text fed so far is a prefix of it, and feeds only the rest (the new user
+/// message and the assistant header). If the template renders earlier turns differently
+/// once a new message is added (some templates do), the conversation is re-fed from the
+/// start instead; [`refed_turns`](Self::refed_turns) counts how often that happened.
+///
+/// The conversation owns no runner: pass the same runner to every call, and do not
+/// generate on it in between, or the positions it records no longer match.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    template: ChatTemplate,
+    messages: Vec<ChatMessage>,
+    /// The rendered text fed to the runner so far.
+    fed: String,
+    /// Per turn: the runner position, the message count and the fed text before it.
+    turns: Vec<(usize, usize, String)>,
+    refed: usize,
+}
+
+impl Conversation {
+    /// An empty conversation that renders with `template`.
+    pub fn new(template: ChatTemplate) -> Self {
+        Self {
+            template,
+            messages: Vec::new(),
+            fed: String::new(),
+            turns: Vec::new(),
+            refed: 0,
+        }
+    }
+
+    /// The messages so far, the assistant's replies included.
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// The number of completed turns (user message plus reply).
+    pub fn turns(&self) -> usize {
+        self.turns.len()
+    }
+
+    /// How many turns had to re-feed the whole conversation because the template did not
+    /// extend the earlier text.
+    pub fn refed_turns(&self) -> usize {
+        self.refed
+    }
+
+    /// Adds a system message; only allowed before the first turn.
+    pub fn set_system(&mut self, content: impl Into<String>) -> Result<()> {
+        if !self.turns.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the system message must come before the first turn".into(),
+            ));
+        }
+        self.messages.retain(|m| m.role != "system");
+        self.messages.insert(0, ChatMessage::system(content));
+        Ok(())
+    }
+
+    /// Sends a user message and generates the reply, streaming it to `on_token`. The
+    /// reply is added to the conversation (as the text streamed). `config.num_bos` and
+    /// `num_eos` are ignored: the template decides where special tokens go. On error, the
+    /// conversation and the runner are left as they were before the call.
+    pub fn send(
+        &mut self,
+        runner: &mut Runner,
+        user: &str,
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+    ) -> Result<(String, Stats)> {
+        let first = self.fed.is_empty();
+        let mut messages = self.messages.clone();
+        messages.push(ChatMessage::user(user));
+        let full = self.template.apply(&messages, true)?;
+        let config = GenerationConfig {
+            num_bos: 0,
+            num_eos: 0,
+            ..config.clone()
+        };
+        // Extend the fed text when the template kept it; else start over.
+        let extend = !first && full.starts_with(&self.fed);
+        let saved = (runner.position(), self.messages.len(), self.fed.clone());
+        if !extend {
+            runner.reset()?;
+        }
+        let new_text = if extend {
+            &full[self.fed.len()..]
+        } else {
+            &full[..]
+        };
+        let mut reply = String::new();
+        let result = runner.generate(
+            new_text,
+            &config,
+            |piece| {
+                reply.push_str(piece.text);
+                on_token(piece)
+            },
+            |_| {},
+        );
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                if !extend {
+                    // The runner was reset: earlier turns must be fed again next time.
+                    self.fed.clear();
+                    self.turns.clear();
+                }
+                // Otherwise generate rolled the runner back to where this turn started.
+                return Err(e);
+            }
+        };
+        if extend {
+            self.turns.push(saved);
+        } else {
+            if !first {
+                self.refed += 1;
+            }
+            // Earlier turns' positions are gone with the reset.
+            self.turns.clear();
+            self.turns.push((0, saved.1, String::new()));
+        }
+        messages.push(ChatMessage::assistant(reply.clone()));
+        let history = self.template.apply(&messages, false)?;
+        let spoken = full + &reply;
+        // After an end-of-turn token (fed at the start of the next call) the model has seen
+        // this turn as the template writes it in history. After any other stop it has seen
+        // the prompt and the reply, and the template's end of the turn is still to come.
+        self.fed = if stats.stop_reason == StopReason::Eos || !history.starts_with(&spoken) {
+            history
+        } else {
+            spoken
+        };
+        self.messages = messages;
+        Ok((reply, stats))
+    }
+
+    /// Drops the last turn (the user message and its reply) and rewinds the runner to
+    /// where that turn started, so that the next [`send`](Self::send) continues from
+    /// there. Returns false when there is no turn to drop.
+    pub fn rewind(&mut self, runner: &mut Runner) -> Result<bool> {
+        let Some((pos, n_messages, fed)) = self.turns.last().cloned() else {
+            return Ok(false);
+        };
+        if pos == 0 {
+            runner.reset()?;
+        } else {
+            runner.rewind(pos)?;
+        }
+        self.turns.pop();
+        self.messages.truncate(n_messages);
+        self.fed = fed;
+        Ok(true)
+    }
+
+    /// Forgets every turn (a system message stays) and resets the runner.
+    pub fn reset(&mut self, runner: &mut Runner) -> Result<()> {
+        runner.reset()?;
+        self.messages.retain(|m| m.role == "system");
+        self.turns.clear();
+        self.fed.clear();
+        Ok(())
+    }
+}
+
+/// Where a runner finds its chat template: a `chat_template.jinja` or
+/// `tokenizer_config.json` beside the tokenizer file (or inside the tokenizer folder).
+pub(crate) fn template_for_tokenizer(tokenizer_path: &Path) -> Result<Option<ChatTemplate>> {
+    let dir: PathBuf = if tokenizer_path.is_dir() {
+        tokenizer_path.to_path_buf()
+    } else {
+        tokenizer_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
+    if !dir.join("chat_template.jinja").is_file() && !dir.join("tokenizer_config.json").is_file() {
+        return Ok(None);
+    }
+    ChatTemplate::from_model_dir(&dir)
+}
