@@ -118,29 +118,12 @@ typedef enum etllm_status {
    * The sampler plugin (`etllm_sampler`) failed or chose a token outside the vocabulary.
    */
   ETLLM_ERR_SAMPLER = 17,
+  /**
+   * A chat template failed to compile or render (its own `raise_exception` message
+   * included).
+   */
+  ETLLM_ERR_CHAT_TEMPLATE = 18,
 } etllm_status;
-
-/**
- * Element type of a tensor.
- */
-typedef enum etllm_dtype {
-  /**
-   * 32-bit float.
-   */
-  ETLLM_DTYPE_F32 = 0,
-  /**
-   * 64-bit signed integer.
-   */
-  ETLLM_DTYPE_I64 = 1,
-  /**
-   * 32-bit signed integer.
-   */
-  ETLLM_DTYPE_I32 = 2,
-  /**
-   * Any other type (not accepted as a method input).
-   */
-  ETLLM_DTYPE_OTHER = 3,
-} etllm_dtype;
 
 /**
  * Why a generation ended.
@@ -177,6 +160,47 @@ typedef enum etllm_stop_reason {
 } etllm_stop_reason;
 
 /**
+ * Element type of a tensor.
+ */
+typedef enum etllm_dtype {
+  /**
+   * 32-bit float.
+   */
+  ETLLM_DTYPE_F32 = 0,
+  /**
+   * 64-bit signed integer.
+   */
+  ETLLM_DTYPE_I64 = 1,
+  /**
+   * 32-bit signed integer.
+   */
+  ETLLM_DTYPE_I32 = 2,
+  /**
+   * Any other type (not accepted as a method input).
+   */
+  ETLLM_DTYPE_OTHER = 3,
+} etllm_dtype;
+
+/**
+ * A compiled chat template (Jinja, rendered as HF transformers renders chat templates)
+ * with its special-token strings. Opaque; free with `etllm_chat_template_free`.
+ *
+ * Thread rules: an `etllm_chat_template` is immutable except through
+ * `etllm_chat_template_set_token`; concurrent `etllm_chat_template_apply` calls on one
+ * template are safe as long as no call to `etllm_chat_template_set_token` races with them.
+ */
+typedef struct etllm_chat_template etllm_chat_template;
+
+/**
+ * A multi-turn chat over a runner that keeps earlier turns in the KV cache: each send
+ * feeds only the text the template adds. Opaque; free with `etllm_conversation_free`.
+ *
+ * Thread rules: one call at a time (another call meanwhile returns `ETLLM_ERR_BUSY`).
+ * Pass the same runner to every call and do not generate on that runner between them.
+ */
+typedef struct etllm_conversation etllm_conversation;
+
+/**
  * What a KV-cache manager sees of the model in its `load` function: methods with their
  * input and output descriptions, the constant (metadata) methods' values, and the
  * metadata. Opaque; valid only during that `load` call.
@@ -194,6 +218,22 @@ typedef struct etllm_model_info etllm_model_info;
  * race with any other call on the same runner.
  */
 typedef struct etllm_runner etllm_runner;
+
+/**
+ * One message of a conversation: `role` ("system", "user", "assistant", ...) and
+ * `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its
+ * layout is fixed for good.
+ */
+typedef struct etllm_chat_message {
+  /**
+   * Who speaks.
+   */
+  const char *role;
+  /**
+   * What they say.
+   */
+  const char *content;
+} etllm_chat_message;
 
 /**
  * Settings of one generation. Always start from `etllm_generation_config_default()`,
@@ -286,6 +326,85 @@ typedef struct etllm_generation_config {
    */
   size_t num_stop_strings;
 } etllm_generation_config;
+
+/**
+ * Called with each piece of generated text: `piece` points to `len` bytes of complete
+ * UTF-8 (followed by a NUL that `len` does not count), valid only during the call. Use
+ * `len`, not `strlen`: a model may generate the character U+0000, which is a NUL byte
+ * inside the piece.
+ * `token_id` is the generated token, or -1 for the echoed prompt and for bytes released
+ * at the end. Return 0 to continue, non-zero to stop generating. It runs on the thread
+ * that called generate and must not unwind (no C++ exception, no longjmp) out of it.
+ */
+typedef int32_t (*etllm_token_callback)(void *user_data,
+                                        const char *piece,
+                                        size_t len,
+                                        int64_t token_id);
+
+/**
+ * Timestamps (microseconds on a monotonic clock anchored to the Unix epoch; 0 when not
+ * reached), token counts and summed times of one generation. Initialize with
+ * `etllm_stats_default()` before passing it to be filled.
+ */
+typedef struct etllm_stats {
+  /**
+   * `sizeof(etllm_stats)` as the caller compiled it; the library writes no further.
+   */
+  uint32_t struct_size;
+  /**
+   * Why generation ended.
+   */
+  enum etllm_stop_reason stop_reason;
+  /**
+   * Model loading began.
+   */
+  uint64_t model_load_start_us;
+  /**
+   * Model loading ended.
+   */
+  uint64_t model_load_end_us;
+  /**
+   * The generate call began.
+   */
+  uint64_t inference_start_us;
+  /**
+   * The prompt was tokenized.
+   */
+  uint64_t token_encode_end_us;
+  /**
+   * The prompt was evaluated (prefill ended).
+   */
+  uint64_t prompt_eval_end_us;
+  /**
+   * The first token was generated.
+   */
+  uint64_t first_token_us;
+  /**
+   * Generation ended.
+   */
+  uint64_t inference_end_us;
+  /**
+   * Time spent sampling, summed.
+   */
+  uint64_t aggregate_sampling_time_us;
+  /**
+   * Time spent inside the model's method calls, summed.
+   */
+  uint64_t aggregate_model_execution_time_us;
+  /**
+   * Tokens in the encoded prompt, BOS/EOS included.
+   */
+  uint64_t num_prompt_tokens;
+  /**
+   * Tokens generated, an EOS that ended generation included.
+   */
+  uint64_t num_generated_tokens;
+} etllm_stats;
+
+/**
+ * Called once when generation ends, with its stats (valid only during the call).
+ */
+typedef void (*etllm_stats_callback)(void *user_data, const struct etllm_stats *stats);
 
 /**
  * A tensor passed across the boundary without a copy: element type, sizes, and a pointer
@@ -482,85 +601,6 @@ typedef struct etllm_model_metadata {
 } etllm_model_metadata;
 
 /**
- * Called with each piece of generated text: `piece` points to `len` bytes of complete
- * UTF-8 (followed by a NUL that `len` does not count), valid only during the call. Use
- * `len`, not `strlen`: a model may generate the character U+0000, which is a NUL byte
- * inside the piece.
- * `token_id` is the generated token, or -1 for the echoed prompt and for bytes released
- * at the end. Return 0 to continue, non-zero to stop generating. It runs on the thread
- * that called generate and must not unwind (no C++ exception, no longjmp) out of it.
- */
-typedef int32_t (*etllm_token_callback)(void *user_data,
-                                        const char *piece,
-                                        size_t len,
-                                        int64_t token_id);
-
-/**
- * Timestamps (microseconds on a monotonic clock anchored to the Unix epoch; 0 when not
- * reached), token counts and summed times of one generation. Initialize with
- * `etllm_stats_default()` before passing it to be filled.
- */
-typedef struct etllm_stats {
-  /**
-   * `sizeof(etllm_stats)` as the caller compiled it; the library writes no further.
-   */
-  uint32_t struct_size;
-  /**
-   * Why generation ended.
-   */
-  enum etllm_stop_reason stop_reason;
-  /**
-   * Model loading began.
-   */
-  uint64_t model_load_start_us;
-  /**
-   * Model loading ended.
-   */
-  uint64_t model_load_end_us;
-  /**
-   * The generate call began.
-   */
-  uint64_t inference_start_us;
-  /**
-   * The prompt was tokenized.
-   */
-  uint64_t token_encode_end_us;
-  /**
-   * The prompt was evaluated (prefill ended).
-   */
-  uint64_t prompt_eval_end_us;
-  /**
-   * The first token was generated.
-   */
-  uint64_t first_token_us;
-  /**
-   * Generation ended.
-   */
-  uint64_t inference_end_us;
-  /**
-   * Time spent sampling, summed.
-   */
-  uint64_t aggregate_sampling_time_us;
-  /**
-   * Time spent inside the model's method calls, summed.
-   */
-  uint64_t aggregate_model_execution_time_us;
-  /**
-   * Tokens in the encoded prompt, BOS/EOS included.
-   */
-  uint64_t num_prompt_tokens;
-  /**
-   * Tokens generated, an EOS that ended generation included.
-   */
-  uint64_t num_generated_tokens;
-} etllm_stats;
-
-/**
- * Called once when generation ends, with its stats (valid only during the call).
- */
-typedef void (*etllm_stats_callback)(void *user_data, const struct etllm_stats *stats);
-
-/**
  * A sampler plugin, in the manner of llama.cpp's `llama_sampler_i`: `apply` sees the
  * next-token logits (a copy it may edit, e.g. to forbid tokens for constrained decoding)
  * and either picks the token or leaves the choice to the built-in sampler, which then
@@ -627,6 +667,149 @@ const char *etllm_executorch_version(void);
  * `etllm_stats_to_json`). NULL is ignored. Never pass a string from anywhere else.
  */
 void etllm_string_free(char *s);
+
+/**
+ * Compiles the Jinja chat template `source`. `bos_token` and `eos_token` render as empty
+ * text until set with `etllm_chat_template_set_token`. On success `*out_template` is a
+ * new template the caller frees with `etllm_chat_template_free`; on failure NULL
+ * (`ETLLM_ERR_CHAT_TEMPLATE` for a syntax error).
+ */
+enum etllm_status etllm_chat_template_new(const char *source,
+                                          struct etllm_chat_template **out_template);
+
+/**
+ * The built-in Llama 3 Instruct template (`bos_token` `<|begin_of_text|>`, `eos_token`
+ * `<|eot_id|>`). Free with `etllm_chat_template_free`.
+ */
+enum etllm_status etllm_chat_template_llama3(struct etllm_chat_template **out_template);
+
+/**
+ * The built-in Llama 2 Chat template (`bos_token` `<s>`, `eos_token` `</s>`). Free with
+ * `etllm_chat_template_free`.
+ */
+enum etllm_status etllm_chat_template_llama2(struct etllm_chat_template **out_template);
+
+/**
+ * Reads a model's template as HF transformers does: `chat_template.jinja`, else the
+ * `chat_template` of `tokenizer_config.json` ("default" when it is a list), with the
+ * special tokens of `tokenizer_config.json`. `path` is the folder, or the
+ * `tokenizer_config.json` itself. `ETLLM_ERR_NOT_FOUND` when there is no template;
+ * `ETLLM_ERR_FILE_ACCESS` or `ETLLM_ERR_CHAT_TEMPLATE` for unreadable or broken files.
+ * Free the result with `etllm_chat_template_free`.
+ */
+enum etllm_status etllm_chat_template_from_model_dir(const char *path,
+                                                     struct etllm_chat_template **out_template);
+
+/**
+ * Sets a special-token variable of the template, such as `bos_token` to `<s>`; the
+ * strings are copied.
+ */
+enum etllm_status etllm_chat_template_set_token(struct etllm_chat_template *chat_template,
+                                                const char *name,
+                                                const char *value);
+
+/**
+ * Renders `num_messages` messages into prompt text; with `add_generation_prompt` the text
+ * ends with the header of the assistant's reply. The text holds the BOS token when the
+ * template writes one, so generate from it with `num_bos = 0`. On success `*out_text` is
+ * a NUL-terminated string the caller frees with `etllm_string_free`.
+ * `ETLLM_ERR_CHAT_TEMPLATE` when the template raises (for example "roles must
+ * alternate"); its message is the template's.
+ */
+enum etllm_status etllm_chat_template_apply(const struct etllm_chat_template *chat_template,
+                                            const struct etllm_chat_message *messages,
+                                            size_t num_messages,
+                                            bool add_generation_prompt,
+                                            char **out_text);
+
+/**
+ * Frees a template. NULL is ignored.
+ */
+void etllm_chat_template_free(struct etllm_chat_template *chat_template);
+
+/**
+ * Sets the runner's chat template (copied: the caller still frees its own), or with NULL
+ * goes back to the model's own (a `chat_template.jinja` or `tokenizer_config.json`
+ * beside the tokenizer file, else the built-in Llama 3 template).
+ */
+enum etllm_status etllm_runner_set_chat_template(struct etllm_runner *runner,
+                                                 const struct etllm_chat_template *chat_template);
+
+/**
+ * Renders messages with the runner's chat template (see
+ * `etllm_runner_set_chat_template`); like `etllm_chat_template_apply` otherwise. Needs a
+ * loaded runner unless a template was set. Free `*out_text` with `etllm_string_free`.
+ */
+enum etllm_status etllm_runner_apply_chat_template(struct etllm_runner *runner,
+                                                   const struct etllm_chat_message *messages,
+                                                   size_t num_messages,
+                                                   bool add_generation_prompt,
+                                                   char **out_text);
+
+/**
+ * Starts an empty conversation that renders with a copy of `chat_template` (NULL: the
+ * runner's template, read from `runner`, which is loaded if needed). On success
+ * `*out_conversation` is new and freed with `etllm_conversation_free`; on failure NULL.
+ */
+enum etllm_status etllm_conversation_new(struct etllm_runner *runner,
+                                         const struct etllm_chat_template *chat_template,
+                                         struct etllm_conversation **out_conversation);
+
+/**
+ * Adds a system message; only before the first turn (else `ETLLM_ERR_INVALID_ARGUMENT`).
+ */
+enum etllm_status etllm_conversation_set_system(struct etllm_conversation *conversation,
+                                                const char *content);
+
+/**
+ * Sends the user message `user` and generates the reply on `runner`, streaming it to
+ * `on_token` like `etllm_runner_generate` (same callbacks, `config`, `user_data` and
+ * `out_stats` rules). Only the text the template adds for this turn is fed; the reply is
+ * added to the conversation. `config.num_bos`, `num_eos` and `echo` are ignored: the
+ * template places special tokens, and only the reply streams. On error the conversation and runner are as before the call.
+ */
+enum etllm_status etllm_conversation_send(struct etllm_conversation *conversation,
+                                          struct etllm_runner *runner,
+                                          const char *user,
+                                          const struct etllm_generation_config *config,
+                                          etllm_token_callback on_token,
+                                          etllm_stats_callback on_stats,
+                                          void *user_data,
+                                          struct etllm_stats *out_stats);
+
+/**
+ * Drops the last turn (user message and reply) and rewinds `runner` to where it began.
+ * `*out_dropped` (may be NULL) is set to whether there was a turn to drop.
+ */
+enum etllm_status etllm_conversation_rewind(struct etllm_conversation *conversation,
+                                            struct etllm_runner *runner,
+                                            bool *out_dropped);
+
+/**
+ * Forgets every turn (a system message stays) and resets `runner`.
+ */
+enum etllm_status etllm_conversation_reset(struct etllm_conversation *conversation,
+                                           struct etllm_runner *runner);
+
+/**
+ * Sets `*out_count` to the number of messages so far (system, user and assistant).
+ */
+enum etllm_status etllm_conversation_num_messages(const struct etllm_conversation *conversation,
+                                                  size_t *out_count);
+
+/**
+ * Copies message `index` into new strings `*out_role` and `*out_content`, which the caller
+ * frees with `etllm_string_free`. `ETLLM_ERR_NOT_FOUND` if `index` is out of range.
+ */
+enum etllm_status etllm_conversation_message(const struct etllm_conversation *conversation,
+                                             size_t index,
+                                             char **out_role,
+                                             char **out_content);
+
+/**
+ * Frees a conversation (the runner is untouched). NULL is ignored.
+ */
+void etllm_conversation_free(struct etllm_conversation *conversation);
 
 /**
  * A generation config with every default and `struct_size` set.

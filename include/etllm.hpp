@@ -563,6 +563,63 @@ class SamplerPlugin {
   static void destroy_trampoline(void* ud) { delete static_cast<SamplerPlugin*>(ud); }
 };
 
+/// Called with each piece and its token id (-1 for echoed or trailing text); return false
+/// to stop generating.
+using StreamCallback = std::function<bool(std::string_view piece, int64_t token_id)>;
+/// Called once with the stats when generation ends.
+using StatsCallback = std::function<void(const Stats&)>;
+
+namespace detail {
+// State shared with the C trampolines for one streaming call: an exception thrown by a
+// callback stops generation and is rethrown once the C call returns.
+struct StreamContext {
+  const StreamCallback* on_piece;
+  const StatsCallback* on_stats;
+  std::exception_ptr error;
+
+  static int32_t token_trampoline(void* user_data, const char* piece, size_t len, int64_t token_id) {
+    auto* ctx = static_cast<StreamContext*>(user_data);
+    if (ctx->error || !*ctx->on_piece) return ctx->error ? 1 : 0;
+    try {
+      return (*ctx->on_piece)(std::string_view(piece, len), token_id) ? 0 : 1;
+    } catch (...) {
+      ctx->error = std::current_exception();
+      return 1;
+    }
+  }
+
+  static void stats_trampoline(void* user_data, const etllm_stats* stats) {
+    auto* ctx = static_cast<StreamContext*>(user_data);
+    if (ctx->error || !*ctx->on_stats) return;
+    try {
+      (*ctx->on_stats)(Stats(*stats));
+    } catch (...) {
+      ctx->error = std::current_exception();
+    }
+  }
+};
+
+// Runs `call(token_cb, stats_cb, user_data, out_stats)`, a streaming C call, with the
+// callables behind the trampolines; rethrows a callback's exception, then checks the status.
+template <class F>
+Stats stream(const StreamCallback& on_piece, const StatsCallback& on_stats, F&& call) {
+  StreamContext ctx{&on_piece, &on_stats, nullptr};
+  Stats stats;
+  const etllm_status s = call(&StreamContext::token_trampoline, &StreamContext::stats_trampoline, &ctx, &stats);
+  if (ctx.error) std::rethrow_exception(ctx.error);
+  check(s);
+  return stats;
+}
+}  // namespace detail
+
+/// One message of a conversation.
+struct ChatMessage {
+  std::string role;     ///< "system", "user", "assistant", ...
+  std::string content;  ///< what they say
+};
+
+class ChatTemplate;
+
 /// Options fixed when a runner is created.
 struct RunnerOptions {
   uint32_t num_threads = 0;  ///< ExecuTorch thread-pool size (process-wide); 0 keeps it
@@ -575,9 +632,9 @@ class Runner {
   using TokenCallback = std::function<void(const std::string&)>;
   /// Called with each piece and its token id (-1 for echoed or trailing text); return
   /// false to stop generating.
-  using StreamCallback = std::function<bool(std::string_view piece, int64_t token_id)>;
+  using StreamCallback = etllm::StreamCallback;
   /// Called once with the stats when generation ends.
-  using StatsCallback = std::function<void(const Stats&)>;
+  using StatsCallback = etllm::StatsCallback;
 
   /// A runner for the model and tokenizer; nothing is read until load() or the first
   /// generate (as upstream's TextLLMRunner).
@@ -682,6 +739,13 @@ class Runner {
     detail::check(etllm_runner_set_sampler(handle(), &vt));
   }
 
+  /// Sets the chat template (copied), or with nullptr goes back to the model's own
+  /// (template files beside the tokenizer, else the built-in Llama 3 template).
+  void set_chat_template(const ChatTemplate* chat_template);
+
+  /// Renders `messages` with the runner's chat template (generate with num_bos = 0).
+  std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt);
+
   /// Rolls the conversation back to its first `pos` tokens (see position()).
   void rewind(int64_t pos) { detail::check(etllm_runner_rewind(handle(), pos)); }
 
@@ -728,48 +792,16 @@ class Runner {
     const std::vector<uint32_t>* ids;
   };
 
-  // State shared with the C trampolines for one generate call.
-  struct Context {
-    const StreamCallback* on_piece;
-    const StatsCallback* on_stats;
-    std::exception_ptr error;
-  };
-
-  static int32_t token_trampoline(void* user_data, const char* piece, size_t len, int64_t token_id) {
-    auto* ctx = static_cast<Context*>(user_data);
-    if (ctx->error || !*ctx->on_piece) return ctx->error ? 1 : 0;
-    try {
-      return (*ctx->on_piece)(std::string_view(piece, len), token_id) ? 0 : 1;
-    } catch (...) {
-      ctx->error = std::current_exception();
-      return 1;
-    }
-  }
-
-  static void stats_trampoline(void* user_data, const etllm_stats* stats) {
-    auto* ctx = static_cast<Context*>(user_data);
-    if (ctx->error || !*ctx->on_stats) return;
-    try {
-      (*ctx->on_stats)(Stats(*stats));
-    } catch (...) {
-      ctx->error = std::current_exception();
-    }
-  }
-
   Stats run(Input input, const GenerationConfig& config, const StreamCallback& on_piece,
             const StatsCallback& on_stats) {
     const etllm_generation_config c = config.to_c();
-    Context ctx{&on_piece, &on_stats, nullptr};
-    Stats stats;
-    const etllm_status s =
-        input.text != nullptr
-            ? etllm_runner_generate(handle(), input.text->c_str(), &c, &token_trampoline, &stats_trampoline,
-                                    &ctx, &stats)
-            : etllm_runner_generate_tokens(handle(), input.ids->data(), input.ids->size(), &c,
-                                           &token_trampoline, &stats_trampoline, &ctx, &stats);
-    if (ctx.error) std::rethrow_exception(ctx.error);
-    detail::check(s);
-    return stats;
+    return detail::stream(on_piece, on_stats,
+                          [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
+                            return input.text != nullptr
+                                       ? etllm_runner_generate(handle(), input.text->c_str(), &c, t, st, ctx, out)
+                                       : etllm_runner_generate_tokens(handle(), input.ids->data(),
+                                                                      input.ids->size(), &c, t, st, ctx, out);
+                          });
   }
 
   int64_t get(etllm_status (*fn)(const etllm_runner*, int64_t*)) const {
@@ -779,6 +811,186 @@ class Runner {
   }
 
   etllm_runner* handle_ = nullptr;
+};
+
+namespace detail {
+inline std::vector<etllm_chat_message> c_messages(const std::vector<ChatMessage>& messages) {
+  std::vector<etllm_chat_message> c;
+  c.reserve(messages.size());
+  for (const ChatMessage& m : messages) c.push_back({m.role.c_str(), m.content.c_str()});
+  return c;
+}
+// Takes a string the library allocated.
+inline std::string take_string(char* s) {
+  std::string out(s);
+  etllm_string_free(s);
+  return out;
+}
+}  // namespace detail
+
+/// A compiled chat template (Jinja, rendered as HF transformers renders chat templates).
+/// Move-only.
+class ChatTemplate {
+ public:
+  /// Compiles `source`; throws etllm::Error (ETLLM_ERR_CHAT_TEMPLATE) on a syntax error.
+  explicit ChatTemplate(const std::string& source) {
+    detail::check(etllm_chat_template_new(source.c_str(), &handle_));
+  }
+  /// The built-in Llama 3 Instruct template.
+  static ChatTemplate llama3() { return make(etllm_chat_template_llama3); }
+  /// The built-in Llama 2 Chat template.
+  static ChatTemplate llama2() { return make(etllm_chat_template_llama2); }
+  /// A model folder's template (chat_template.jinja or tokenizer_config.json), or nullopt
+  /// when it has none.
+  static std::optional<ChatTemplate> from_model_dir(const std::string& path) {
+    etllm_chat_template* h = nullptr;
+    const etllm_status s = etllm_chat_template_from_model_dir(path.c_str(), &h);
+    if (s == ETLLM_ERR_NOT_FOUND) return std::nullopt;
+    detail::check(s);
+    return ChatTemplate(h);
+  }
+
+  ChatTemplate(const ChatTemplate&) = delete;
+  ChatTemplate& operator=(const ChatTemplate&) = delete;
+  ChatTemplate(ChatTemplate&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  ChatTemplate& operator=(ChatTemplate&& other) noexcept {
+    if (this != &other) {
+      etllm_chat_template_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~ChatTemplate() { etllm_chat_template_free(handle_); }
+
+  /// Sets a special-token variable, such as ("bos_token", "<s>").
+  ChatTemplate& set_token(const std::string& name, const std::string& value) {
+    detail::check(etllm_chat_template_set_token(handle(), name.c_str(), value.c_str()));
+    return *this;
+  }
+
+  /// Renders `messages` into prompt text (generate from it with num_bos = 0).
+  std::string apply(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+    const std::vector<etllm_chat_message> c = detail::c_messages(messages);
+    char* text = nullptr;
+    detail::check(etllm_chat_template_apply(handle(), c.data(), c.size(), add_generation_prompt, &text));
+    return detail::take_string(text);
+  }
+
+  /// The underlying C handle, still owned by this object.
+  etllm_chat_template* handle() const {
+    if (handle_ == nullptr) throw Error(ETLLM_ERR_NULL_ARGUMENT, "use of a moved-from etllm::ChatTemplate");
+    return handle_;
+  }
+
+ private:
+  explicit ChatTemplate(etllm_chat_template* h) noexcept : handle_(h) {}
+  static ChatTemplate make(etllm_status (*fn)(etllm_chat_template**)) {
+    etllm_chat_template* h = nullptr;
+    detail::check(fn(&h));
+    return ChatTemplate(h);
+  }
+  etllm_chat_template* handle_ = nullptr;
+};
+
+inline void Runner::set_chat_template(const ChatTemplate* chat_template) {
+  detail::check(etllm_runner_set_chat_template(handle(), chat_template ? chat_template->handle() : nullptr));
+}
+
+inline std::string Runner::apply_chat_template(const std::vector<ChatMessage>& messages,
+                                               bool add_generation_prompt) {
+  const std::vector<etllm_chat_message> c = detail::c_messages(messages);
+  char* text = nullptr;
+  detail::check(etllm_runner_apply_chat_template(handle(), c.data(), c.size(), add_generation_prompt, &text));
+  return detail::take_string(text);
+}
+
+/// A multi-turn chat on a runner that keeps earlier turns in the KV cache. It refers to
+/// the runner, which must outlive it; do not generate on the runner between turns.
+/// Move-only.
+class Conversation {
+ public:
+  /// A conversation on `runner` rendered with a copy of `chat_template` (nullptr: the
+  /// runner's template; the runner is loaded if needed).
+  explicit Conversation(Runner& runner, const ChatTemplate* chat_template = nullptr) : runner_(&runner) {
+    detail::check(etllm_conversation_new(runner.handle(), chat_template ? chat_template->handle() : nullptr,
+                                         &handle_));
+  }
+  Conversation(const Conversation&) = delete;
+  Conversation& operator=(const Conversation&) = delete;
+  Conversation(Conversation&& other) noexcept
+      : runner_(other.runner_), handle_(std::exchange(other.handle_, nullptr)) {}
+  Conversation& operator=(Conversation&& other) noexcept {
+    if (this != &other) {
+      etllm_conversation_free(handle_);
+      runner_ = other.runner_;
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~Conversation() { etllm_conversation_free(handle_); }
+
+  /// Adds a system message (only before the first turn).
+  void set_system(const std::string& content) {
+    detail::check(etllm_conversation_set_system(handle(), content.c_str()));
+  }
+
+  /// The reply to one user message.
+  struct Reply {
+    std::string text;
+    Stats stats;
+  };
+
+  /// Sends `user` and generates the reply, streaming it to `on_piece` (return false to stop).
+  Reply send(const std::string& user, const GenerationConfig& config = {}, const StreamCallback& on_piece = {}) {
+    Reply reply;
+    const StreamCallback collect = [&](std::string_view piece, int64_t id) {
+      reply.text.append(piece);
+      return on_piece ? on_piece(piece, id) : true;
+    };
+    const StatsCallback no_stats;
+    const etllm_generation_config c = config.to_c();
+    reply.stats = detail::stream(collect, no_stats,
+                                 [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
+                                   return etllm_conversation_send(handle(), runner_->handle(), user.c_str(), &c, t,
+                                                                  st, ctx, out);
+                                 });
+    return reply;
+  }
+
+  /// Drops the last turn and rewinds the runner; false when there was none.
+  bool rewind() {
+    bool dropped = false;
+    detail::check(etllm_conversation_rewind(handle(), runner_->handle(), &dropped));
+    return dropped;
+  }
+
+  /// Forgets every turn (a system message stays) and resets the runner.
+  void reset() { detail::check(etllm_conversation_reset(handle(), runner_->handle())); }
+
+  /// The messages so far, replies included.
+  std::vector<ChatMessage> messages() const {
+    size_t n = 0;
+    detail::check(etllm_conversation_num_messages(handle(), &n));
+    std::vector<ChatMessage> out;
+    for (size_t i = 0; i < n; ++i) {
+      char* role = nullptr;
+      char* content = nullptr;
+      detail::check(etllm_conversation_message(handle(), i, &role, &content));
+      std::string r = detail::take_string(role);
+      out.push_back({std::move(r), detail::take_string(content)});
+    }
+    return out;
+  }
+
+  /// The underlying C handle, still owned by this object.
+  etllm_conversation* handle() const {
+    if (handle_ == nullptr) throw Error(ETLLM_ERR_NULL_ARGUMENT, "use of a moved-from etllm::Conversation");
+    return handle_;
+  }
+
+ private:
+  Runner* runner_;
+  etllm_conversation* handle_ = nullptr;
 };
 
 }  // namespace etllm

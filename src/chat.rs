@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use minijinja::value::Kwargs;
 use minijinja::{AutoEscape, Environment, ErrorKind, Value};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::runner::{Runner, TokenPiece};
@@ -33,7 +33,7 @@ pub const LLAMA3_TEMPLATE: &str = "{% set loop_messages = messages %}{% for mess
 pub const LLAMA2_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Who speaks: usually "system", "user" or "assistant".
     pub role: String,
@@ -121,10 +121,15 @@ impl ChatTemplate {
 
     /// Sets a special-token variable, such as `("bos_token", "<s>")`.
     pub fn with_token(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.set_token(name, value);
+        self
+    }
+
+    /// Sets a special-token variable in place (see [`with_token`](Self::with_token)).
+    pub fn set_token(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let name = name.into();
         self.tokens.retain(|(n, _)| *n != name);
         self.tokens.push((name, value.into()));
-        self
     }
 
     /// The built-in Llama 3 Instruct template, with `<|begin_of_text|>` as `bos_token` and
@@ -207,7 +212,7 @@ impl ChatTemplate {
                     _ => None,
                 };
                 if let Some(text) = text {
-                    template = template.with_token(name.as_str(), text);
+                    template.set_token(name.as_str(), text);
                 }
             }
         }
@@ -455,8 +460,9 @@ impl Conversation {
     }
 
     /// Sends a user message and generates the reply, streaming it to `on_token`. The
-    /// reply is added to the conversation (as the text streamed). `config.num_bos` and
-    /// `num_eos` are ignored: the template decides where special tokens go. On error, the
+    /// reply is added to the conversation (as the text streamed). `config.num_bos`,
+    /// `num_eos` and `echo` are ignored: the template decides where special tokens go, and
+    /// only the reply is streamed. On error, the
     /// conversation and the runner are left as they were before the call.
     pub fn send(
         &mut self,
@@ -472,6 +478,7 @@ impl Conversation {
         let config = GenerationConfig {
             num_bos: 0,
             num_eos: 0,
+            echo: false,
             ..config.clone()
         };
         // Extend the fed text when the template kept it; else start over.

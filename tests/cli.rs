@@ -31,7 +31,10 @@ fn help_documents_every_generate_option() {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     let top = etllm().arg("--help").output().unwrap();
-    assert!(String::from_utf8(top.stdout).unwrap().contains("generate"));
+    let top = String::from_utf8(top.stdout).unwrap();
+    for command in ["generate", "chat", "apply-chat-template"] {
+        assert!(top.contains(command), "{command} missing from:\n{top}");
+    }
 }
 
 /// The JSON lines of a run: (ids of token lines, concatenated text, the stats object).
@@ -206,4 +209,179 @@ fn errors_exit_nonzero_with_a_message_on_stderr() {
 
     let out = etllm().args(["generate"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+/// A chat template short enough for the fixture models' 128-token context, in a file.
+fn compact_template_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("etllm-cli-chat-{}.jinja", std::process::id()));
+    std::fs::write(
+        &path,
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
+         {% if add_generation_prompt %}<assistant>{% endif %}",
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `etllm chat --json` (greedy, 4 tokens a reply) on `input`; returns its JSON lines.
+fn chat_json(input: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let template = compact_template_file();
+    let mut child = etllm()
+        .args([
+            "chat",
+            "--json",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
+        .arg("--ignore-eos")
+        .arg("--chat-template")
+        .arg(&template)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn chat_rewind_regenerates_the_last_reply_from_the_kept_cache() {
+    let lines = chat_json("hi\nhello\n/rewind\nhello\n");
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[2]["command"], "/rewind");
+    assert_eq!(lines[2]["ok"], true);
+    assert_eq!(lines[1]["reply"], lines[3]["reply"]);
+    // The second turn fed only its own text, not the first turn again.
+    let fed = |i: usize| lines[i]["stats"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(fed(1), fed(3));
+    let ids = |text: &str| {
+        etllm::Tokenizer::from_file(tokenizer_path())
+            .unwrap()
+            .encode(text)
+            .unwrap()
+            .len() as u64
+    };
+    assert_eq!(fed(1), ids("<user>hello<assistant>"));
+}
+
+#[test]
+fn chat_reset_starts_over_and_rewind_with_no_turn_says_so() {
+    let lines = chat_json("hi\n/reset\n/rewind\nhi\n");
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[1]["ok"], true);
+    assert_eq!(lines[2]["ok"], false);
+    assert_eq!(lines[0]["reply"], lines[3]["reply"]);
+}
+
+#[derive(serde::Deserialize)]
+struct ChatFolderCase {
+    folder: String,
+    conversation: String,
+    text: String,
+}
+
+#[test]
+fn apply_chat_template_prints_what_hf_transformers_renders() {
+    let chat = fixtures_dir().join("chat");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chat.join("cases.json")).unwrap()).unwrap();
+    let folders: Vec<ChatFolderCase> =
+        serde_json::from_str(&std::fs::read_to_string(chat.join("folders.json")).unwrap()).unwrap();
+    for f in folders {
+        let messages = cases["conversations"][&f.conversation].to_string();
+        let out = etllm()
+            .args(["apply-chat-template", "--messages", &messages])
+            .arg("--chat-template")
+            .arg(chat.join(&f.folder))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            f.text,
+            "{}",
+            f.folder
+        );
+    }
+}
+
+#[test]
+fn apply_chat_template_reports_the_templates_exception() {
+    let out = etllm()
+        .args(["apply-chat-template", "--builtin", "llama2", "--messages"])
+        .arg(r#"[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]"#)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("Conversation roles must alternate"), "{err}");
+    let bad = etllm()
+        .args([
+            "apply-chat-template",
+            "--builtin",
+            "llama3",
+            "--messages",
+            "[1]",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8(bad.stderr)
+        .unwrap()
+        .contains("--messages"));
+}
+
+#[test]
+fn generate_chat_sends_the_prompt_through_the_template_without_an_extra_bos() {
+    let out = etllm()
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "Hi",
+            "--json",
+            "--temperature",
+            "0",
+        ])
+        .args(["--max-new-tokens", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, _, stats) = parse_json_lines(&out.stdout);
+    let rendered = etllm::ChatTemplate::llama3()
+        .apply(&[etllm::ChatMessage::user("Hi")], true)
+        .unwrap();
+    let ids = etllm::Tokenizer::from_file(tokenizer_path())
+        .unwrap()
+        .encode(&rendered)
+        .unwrap();
+    assert_eq!(stats["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
 }

@@ -1,12 +1,14 @@
 //! `etllm`: stream text from an ExecuTorch LLM and report its stats.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use etllm::{GenerationConfig, Runner, RunnerOptions, Stats};
+use etllm::{
+    ChatMessage, ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions, Stats,
+};
 
 /// The model and tokenizer built into this binary, used when no --model is given.
 const DEFAULT_MODEL: &[u8] = include_bytes!("../../tests/fixtures/dyn_xnnpack/model.pte");
@@ -30,10 +32,17 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it as it is produced.
     Generate(GenerateArgs),
+    /// Chat in the terminal: one user message a line, the reply streamed back. Earlier
+    /// turns stay in the KV cache. Commands: /rewind drops the last turn, /reset starts
+    /// over, /quit (or end of input) leaves.
+    Chat(ChatArgs),
+    /// Print the prompt text a chat template makes of a list of messages.
+    ApplyChatTemplate(ApplyChatTemplateArgs),
 }
 
+/// Which model to run.
 #[derive(Args)]
-struct GenerateArgs {
+struct ModelArgs {
     /// The .pte model. Without it, the small model built into etllm is used.
     #[arg(long, value_name = "M.pte")]
     model: Option<PathBuf>,
@@ -41,9 +50,14 @@ struct GenerateArgs {
     /// tokenizer when --model is not given either.
     #[arg(long, value_name = "T")]
     tokenizer: Option<PathBuf>,
-    /// The prompt.
-    #[arg(long, value_name = "TEXT")]
-    prompt: String,
+    /// Threads for ExecuTorch's CPU thread pool. Default: the runtime's choice.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+/// How to pick tokens and when to stop.
+#[derive(Args)]
+struct SamplingArgs {
     /// Tokens to generate; -1 generates until EOS or the end of the context.
     #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
     max_new_tokens: i32,
@@ -68,28 +82,106 @@ struct GenerateArgs {
     /// Seed for sampling; the same seed gives the same text. Default: from the clock.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
-    /// BOS tokens to put before the prompt.
-    #[arg(long = "bos", value_name = "N", default_value_t = 1)]
-    num_bos: i32,
-    /// Print the prompt before the generated text.
-    #[arg(long)]
-    echo: bool,
     /// Keep generating past EOS tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Threads for ExecuTorch's CPU thread pool. Default: the runtime's choice.
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            stop_strings: self.stop_strings.clone(),
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt.
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    /// BOS tokens to put before the prompt (with --chat the template places them).
+    #[arg(long = "bos", value_name = "N", default_value_t = 1)]
+    num_bos: i32,
+    /// Send the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    system: Option<String>,
+    /// Print the prompt before the generated text.
+    #[arg(long)]
+    echo: bool,
     /// Print one JSON object per line to stdout: {"id", "text"} per token ("id" is null for
     /// echoed or trailing text), then {"stats": {...}}.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// A system message for the whole conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// The chat template: a Jinja file, a tokenizer_config.json, or a folder holding
+    /// chat_template.jinja or tokenizer_config.json. Default: the one beside the
+    /// tokenizer, else the built-in Llama 3 template.
+    #[arg(long, value_name = "PATH")]
+    chat_template: Option<PathBuf>,
+    /// After each reply, print its stats to stderr.
+    #[arg(long)]
+    stats: bool,
+    /// Print one JSON object per line to stdout instead of streaming text: {"reply",
+    /// "stats"} per turn, {"command", "ok"} per command.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ApplyChatTemplateArgs {
+    /// The messages, as a JSON array of {"role", "content"} objects.
+    #[arg(long, value_name = "JSON")]
+    messages: String,
+    /// The template: a Jinja file, a tokenizer_config.json, or a model folder (as for
+    /// `chat --chat-template`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "builtin",
+        required_unless_present = "builtin"
+    )]
+    chat_template: Option<PathBuf>,
+    /// A built-in template instead: llama3 or llama2.
+    #[arg(long, value_name = "NAME", value_parser = ["llama3", "llama2"])]
+    builtin: Option<String>,
+    /// Leave out the header that starts the assistant's reply.
+    #[arg(long)]
+    no_generation_prompt: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Chat(args) => chat(args),
+        Command::ApplyChatTemplate(args) => apply_chat_template(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,7 +192,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<(), String> {
+/// Opens the runner that `args` names.
+fn open_runner(args: &ModelArgs) -> Result<Runner, String> {
     let (model, tokenizer) = match (&args.model, &args.tokenizer) {
         (Some(model), Some(tok)) => (model.clone(), tok.clone()),
         (Some(model), None) => {
@@ -124,20 +217,39 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         num_threads: args.threads,
         ..Default::default()
     };
-    let mut runner = Runner::open(&model, &tokenizer, options).map_err(|e| e.to_string())?;
+    Runner::open(&model, &tokenizer, options).map_err(|e| e.to_string())
+}
+
+/// Reads a chat template from a Jinja file, a tokenizer_config.json or a model folder.
+fn read_template(path: &Path) -> Result<ChatTemplate, String> {
+    let is_config = path.is_dir() || path.extension().is_some_and(|e| e == "json");
+    if is_config {
+        ChatTemplate::from_model_dir(path)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} holds no chat template", path.display()))
+    } else {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        ChatTemplate::new(source).map_err(|e| e.to_string())
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<(), String> {
+    let mut runner = open_runner(&args.model)?;
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        messages.extend(args.system.map(ChatMessage::system));
+        messages.push(ChatMessage::user(args.prompt));
+        runner
+            .apply_chat_template(&messages, true)
+            .map_err(|e| e.to_string())?
+    } else {
+        args.prompt
+    };
     let config = GenerationConfig {
         echo: args.echo,
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        stop_strings: args.stop_strings,
-        seed: args.seed,
-        num_bos: args.num_bos,
-        ignore_eos: args.ignore_eos,
-        ..Default::default()
+        num_bos: if args.chat { 0 } else { args.num_bos },
+        ..args.sampling.config()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -145,7 +257,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let json = args.json;
     let stats = runner
         .generate(
-            &args.prompt,
+            &prompt,
             &config,
             |piece| {
                 let result = if json {
@@ -154,14 +266,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
                 } else {
                     write!(out, "{}", piece.text).and_then(|_| out.flush())
                 };
-                match result {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(e) => {
-                        // stdout closed (e.g. piped into `head`): stop quietly.
-                        write_error = Some(e);
-                        ControlFlow::Break(())
-                    }
-                }
+                stop_on_write_error(result, &mut write_error)
             },
             |_| {},
         )
@@ -176,6 +281,159 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         let _ = writeln!(out);
         report(&stats);
     }
+    Ok(())
+}
+
+/// Continues while stdout takes the text; stops quietly once it is closed (e.g. piped
+/// into `head`), remembering the error.
+fn stop_on_write_error(
+    result: std::io::Result<()>,
+    error: &mut Option<std::io::Error>,
+) -> ControlFlow<()> {
+    match result {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            *error = Some(e);
+            ControlFlow::Break(())
+        }
+    }
+}
+
+fn chat(args: ChatArgs) -> Result<(), String> {
+    let mut runner = open_runner(&args.model)?;
+    let template = match &args.chat_template {
+        Some(path) => read_template(path)?,
+        None => runner.chat_template().map_err(|e| e.to_string())?.clone(),
+    };
+    let mut conversation = Conversation::new(template);
+    if let Some(system) = &args.system {
+        conversation
+            .set_system(system.as_str())
+            .map_err(|e| e.to_string())?;
+    }
+    let config = GenerationConfig {
+        echo: false,
+        ..args.sampling.config()
+    };
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "Chatting with {}. /rewind drops the last turn, /reset starts over, /quit leaves.",
+            runner_name(&args.model)
+        );
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot read stdin: {e}")),
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        if input.trim().is_empty() {
+            continue;
+        }
+        let command = match input.trim() {
+            "/quit" | "/exit" => break,
+            "/reset" => Some(conversation.reset(&mut runner).map(|()| true)),
+            "/rewind" => Some(conversation.rewind(&mut runner)),
+            "/help" => {
+                eprintln!("/rewind: drop the last turn  /reset: start over  /quit: leave");
+                continue;
+            }
+            other if other.starts_with('/') => {
+                eprintln!("unknown command {other}; /help lists them");
+                continue;
+            }
+            _ => None,
+        };
+        if let Some(result) = command {
+            let ok = result.map_err(|e| e.to_string())?;
+            if args.json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "command": input.trim(), "ok": ok })
+                );
+            } else {
+                eprintln!(
+                    "{}",
+                    match (input.trim(), ok) {
+                        ("/reset", _) => "(the conversation starts over)",
+                        (_, true) => "(dropped the last turn)",
+                        (_, false) => "(nothing to rewind)",
+                    }
+                );
+            }
+            continue;
+        }
+        let mut write_error = None;
+        let json = args.json;
+        let result = conversation.send(&mut runner, input, &config, |piece| {
+            if json {
+                return ControlFlow::Continue(());
+            }
+            let result = write!(out, "{}", piece.text).and_then(|_| out.flush());
+            stop_on_write_error(result, &mut write_error)
+        });
+        if write_error.is_some() {
+            return Ok(());
+        }
+        match result {
+            Ok((reply, stats)) => {
+                if json {
+                    let line = serde_json::json!({ "reply": reply, "stats": stats.to_json() });
+                    let _ = writeln!(out, "{line}");
+                } else {
+                    let _ = writeln!(out);
+                }
+                if args.stats {
+                    report(&stats);
+                }
+            }
+            // The turn was not taken; the conversation is as before it.
+            Err(etllm::Error::ContextFull { .. }) if !json => {
+                eprintln!("the conversation no longer fits in the context: /rewind or /reset");
+            }
+            Err(e) => {
+                if json {
+                    let _ = writeln!(out, "{}", serde_json::json!({ "error": e.to_string() }));
+                } else {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the banner calls the model.
+fn runner_name(args: &ModelArgs) -> String {
+    match &args.model {
+        Some(m) => m.display().to_string(),
+        None => "the built-in model".into(),
+    }
+}
+
+fn apply_chat_template(args: ApplyChatTemplateArgs) -> Result<(), String> {
+    let template = match (&args.chat_template, args.builtin.as_deref()) {
+        (Some(path), _) => read_template(path)?,
+        (None, Some("llama2")) => ChatTemplate::llama2(),
+        _ => ChatTemplate::llama3(),
+    };
+    let messages: Vec<ChatMessage> = serde_json::from_str(&args.messages).map_err(|e| {
+        format!("--messages must be a JSON array of {{\"role\", \"content\"}} objects: {e}")
+    })?;
+    let text = template
+        .apply(&messages, !args.no_generation_prompt)
+        .map_err(|e| e.to_string())?;
+    print!("{text}");
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 // UTF-8, sizes) before use, behind the panic boundary.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod io_manager;
@@ -57,6 +58,18 @@ pub(crate) fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a st
     unsafe { CStr::from_ptr(ptr) }
         .to_str()
         .map_err(|_| FfiError::Utf8(name))
+}
+
+/// Hands `text` to the caller as a new NUL-terminated string (freed with
+/// `etllm_string_free`). Text holding a NUL byte cannot be a C string: an error.
+pub(crate) fn out_string(out: &mut *mut c_char, text: String) -> Result<(), FfiError> {
+    let s = std::ffi::CString::new(text).map_err(|_| {
+        FfiError::Core(crate::Error::InvalidArgument(
+            "the text holds a NUL byte and cannot be returned as a C string".into(),
+        ))
+    })?;
+    *out = s.into_raw();
+    Ok(())
 }
 
 /// An output argument, checked for NULL.

@@ -179,7 +179,7 @@ pub extern "C" fn etllm_runner_free(runner: *mut etllm_runner) {
 }
 
 /// Streams one generation through the C callbacks.
-fn stream(
+pub(crate) fn stream(
     runner: *mut etllm_runner,
     config: *const etllm_generation_config,
     on_token: etllm_token_callback,
