@@ -246,6 +246,7 @@ fn greedy(max_new_tokens: i32) -> GenerationConfig {
         max_new_tokens,
         temperature: 0.0,
         ignore_eos: true,
+        echo: false,
         ..Default::default()
     }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs EtLlm for C and C++ users into PREFIX:
 #
+#   PREFIX/bin/etllm                           the command-line tool
 #   PREFIX/include/etllm.h, etllm.hpp          the C API and the C++ wrapper
 #   PREFIX/lib/libetllm.so, libetllm.a         the library (shared and static)
 #   PREFIX/lib/libexecutorch*.so               the ExecuTorch 1.5.1 runtime libetllm.so needs
@@ -65,7 +66,7 @@ trap 'rm -f "$messages"' EXIT
   cd "$ROOT"
   CARGO_ENCODED_RUSTFLAGS="$encoded" \
     CFLAGS="${CFLAGS:-} $cmaps" CXXFLAGS="${CXXFLAGS:-} $cmaps" \
-    cargo build --release --locked --lib --quiet --target-dir "$TARGET_DIR" \
+    cargo build --release --locked --lib --bin etllm --quiet --target-dir "$TARGET_DIR" \
     --message-format=json-render-diagnostics >"$messages"
 )
 
@@ -95,7 +96,7 @@ EOF
 BUILT="$TARGET_DIR/release"
 
 # --- Install ------------------------------------------------------------------------------
-mkdir -p "$PREFIX/include" "$PREFIX/lib/cmake/EtLlm" "$PREFIX/lib/pkgconfig"
+mkdir -p "$PREFIX/bin" "$PREFIX/include" "$PREFIX/lib/cmake/EtLlm" "$PREFIX/lib/pkgconfig"
 install -m 0644 "$ROOT/include/etllm.h" "$PREFIX/include/etllm.h"
 if [ -f "$ROOT/include/etllm.hpp" ]; then
   install -m 0644 "$ROOT/include/etllm.hpp" "$PREFIX/include/etllm.hpp"
@@ -107,6 +108,10 @@ install -m 0755 "$BUILT/libetllm.so" "$PREFIX/lib/libetllm.so"
 strip --strip-debug "$PREFIX/lib/libetllm.so"
 patchelf --set-rpath '$ORIGIN' "$PREFIX/lib/libetllm.so"
 install -m 0644 "$BUILT/libetllm.a" "$PREFIX/lib/libetllm.a"
+# The CLI links the library statically and finds the runtime in ../lib.
+install -m 0755 "$BUILT/etllm" "$PREFIX/bin/etllm"
+strip --strip-debug "$PREFIX/bin/etllm"
+patchelf --set-rpath '$ORIGIN/../lib' "$PREFIX/bin/etllm"
 strip --strip-debug "$PREFIX/lib/libetllm.a"
 
 # The ExecuTorch libraries libetllm.so needs, and what they need in turn (they find each
@@ -116,7 +121,7 @@ runtime_libs=(libexecutorch.so libexecutorch_threadpool.so
 for lib in "${runtime_libs[@]}"; do
   install -m 0755 "$ET_LIB_DIR/$lib" "$PREFIX/lib/$lib"
 done
-for lib in libetllm.so "${runtime_libs[@]}"; do
+for lib in libetllm.so ../bin/etllm "${runtime_libs[@]}"; do
   for needed in $(readelf -d "$PREFIX/lib/$lib" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
     case "$needed" in
       libexecutorch*)
