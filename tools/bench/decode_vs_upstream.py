@@ -21,7 +21,7 @@ Needs the export venv (torch + executorch 1.5.1; see tools/fixtures/README.md). 
     cargo build --release
     /root/etllm-export-venv/bin/python tools/bench/decode_vs_upstream.py \
         --model /work/bench-models/llama_288_6/model.pte --tokenizer tests/fixtures/tokenizer.json \
-        --rounds 9
+        --rounds 9 [--threads 1]
 
 The bench model comes from `tools/fixtures/make_fixtures.py --bench` (dim 288, 6 layers,
 32,000-entry vocabulary).
@@ -40,9 +40,15 @@ PROMPT = "Once upon a time"
 TOKENS = 100
 
 
-def upstream_runner(model, tokenizer):
+def upstream_runner(model, tokenizer, threads):
     from executorch.extension.llm.runner import TextLLMRunner
 
+    if threads:
+        # The runner and the pybindings share libexecutorch_threadpool.so's pool.
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+        assert portable_lib._threadpool_get_thread_count() == threads
     return TextLLMRunner(model, tokenizer)
 
 
@@ -66,12 +72,12 @@ def run_upstream(runner, temperature):
     return s.num_generated_tokens, (s.inference_end_ms - s.prompt_eval_end_ms) / 1000.0
 
 
-def run_etllm(binary, model, tokenizer, temperature, top_p, seed):
+def run_etllm(binary, model, tokenizer, temperature, top_p, seed, threads):
     cmd = [
         binary, "generate", "--model", model, "--tokenizer", tokenizer, "--prompt", PROMPT,
         "--bos", "1", "--max-new-tokens", str(TOKENS), "--ignore-eos", "--json",
         "--temperature", str(temperature), "--top-p", str(top_p), "--seed", str(seed),
-    ]
+    ] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     stats = json.loads(out.strip().splitlines()[-1])["stats"]
     return stats["generated_tokens"], (stats["inference_end_ms"] - stats["prompt_eval_end_ms"]) / 1000.0
@@ -83,14 +89,16 @@ def main():
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--etllm", default=str(ROOT / "target" / "release" / "etllm"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="thread-pool size for both (0: each runtime's default)")
     args = ap.parse_args()
 
-    upstream = upstream_runner(args.model, args.tokenizer)
+    upstream = upstream_runner(args.model, args.tokenizer, args.threads)
     configs = {
         "upstream T=0.8 (top-p 0.9)": lambda r: run_upstream(upstream, 0.8),
         "upstream T=0": lambda r: run_upstream(upstream, 0.0),
-        "etllm T=0.8 top-p 0.9": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.8, 0.9, r),
-        "etllm T=0": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.0, 1.0, r),
+        "etllm T=0.8 top-p 0.9": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.8, 0.9, r, args.threads),
+        "etllm T=0": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.0, 1.0, r, args.threads),
     }
     names = list(configs)
     # One warm-up run of each, not counted.
@@ -111,6 +119,7 @@ def main():
     med = {name: statistics.median(v) for name, v in rates.items()}
     report = {
         "rounds": args.rounds,
+        "threads": args.threads or "default",
         "tokens_per_run": TOKENS,
         "decode_tok_s_median": {k: round(v, 1) for k, v in med.items()},
         "decode_tok_s_min_max": {k: [round(min(v), 1), round(max(v), 1)] for k, v in rates.items()},
