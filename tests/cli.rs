@@ -385,3 +385,48 @@ fn generate_chat_sends_the_prompt_through_the_template_without_an_extra_bos() {
         .unwrap();
     assert_eq!(stats["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
 }
+
+#[test]
+fn stop_token_id_ends_generation_at_that_token() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    // The third greedy token, first seen there (so generation stops exactly at it).
+    let stop = case.greedy_ids[2];
+    assert!(!case.greedy_ids[..2].contains(&stop));
+    let out = etllm()
+        .args(["generate", "--prompt", &case.prompt, "--temperature", "0"])
+        .args(["--ignore-eos", "--max-new-tokens", "20", "--json"])
+        .args(["--stop-token-id", &stop.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ids, _, stats) = parse_json_lines(&out.stdout);
+    assert_eq!(ids, case.greedy_ids[..2]);
+    assert_eq!(stats["generated_tokens"], 3);
+    assert_eq!(stats["stop_reason"], "eos");
+}
+
+#[test]
+fn warmup_leaves_the_output_unchanged() {
+    let case = &reference("dyn_xnnpack").cases[0];
+    let run = |warmup: bool| {
+        let mut cmd = etllm();
+        cmd.args(["generate", "--prompt", &case.prompt, "--temperature", "0"])
+            .args(["--ignore-eos", "--max-new-tokens", "8", "--json"]);
+        if warmup {
+            cmd.arg("--warmup");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_json_lines(&out.stdout).0
+    };
+    assert_eq!(run(true), run(false));
+    assert_eq!(run(true), case.greedy_ids[..8]);
+}

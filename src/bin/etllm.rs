@@ -79,6 +79,9 @@ struct SamplingArgs {
     /// Stop when the generated text contains STR (repeatable); STR itself is not printed.
     #[arg(long = "stop", value_name = "STR")]
     stop_strings: Vec<String>,
+    /// Stop when this token id is generated, besides the model's EOS ids (repeatable).
+    #[arg(long = "stop-token-id", value_name = "ID")]
+    stop_token_ids: Vec<u32>,
     /// Seed for sampling; the same seed gives the same text. Default: from the clock.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -97,6 +100,7 @@ impl SamplingArgs {
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             stop_strings: self.stop_strings.clone(),
+            stop_token_ids: self.stop_token_ids.clone(),
             seed: self.seed,
             ignore_eos: self.ignore_eos,
             ..Default::default()
@@ -125,6 +129,10 @@ struct GenerateArgs {
     /// Print the prompt before the generated text.
     #[arg(long)]
     echo: bool,
+    /// Run a short warm-up generation first (first-call costs are paid before the timed
+    /// run).
+    #[arg(long)]
+    warmup: bool,
     /// Print one JSON object per line to stdout: {"id", "text"} per token ("id" is null for
     /// echoed or trailing text), then {"stats": {...}}.
     #[arg(long)]
@@ -236,6 +244,9 @@ fn read_template(path: &Path) -> Result<ChatTemplate, String> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     let mut runner = open_runner(&args.model)?;
+    if args.warmup {
+        runner.warmup().map_err(|e| e.to_string())?;
+    }
     let prompt = if args.chat {
         let mut messages = Vec::new();
         messages.extend(args.system.map(ChatMessage::system));
