@@ -251,6 +251,25 @@ fn greedy(max_new_tokens: i32) -> GenerationConfig {
     }
 }
 
+/// What a fresh runner generates from `ids`: the token ids and the text.
+fn fresh_run(ids: &[u32], config: &GenerationConfig) -> (Vec<u32>, String) {
+    let mut runner = open();
+    let (mut out_ids, mut text) = (Vec::new(), String::new());
+    runner
+        .generate_from_ids(
+            ids,
+            config,
+            |p| {
+                out_ids.extend(p.token);
+                text.push_str(p.text);
+                ControlFlow::Continue(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    (out_ids, text)
+}
+
 fn open() -> Runner {
     Runner::open(
         model_path("dyn_xnnpack"),
@@ -288,20 +307,7 @@ fn second_turn_feeds_only_the_new_text_and_matches_a_fresh_run_over_the_same_tok
     let mut whole = tokenizer.encode("<user>Once upon<assistant>").unwrap();
     whole.extend(&first_ids);
     whole.extend(&new_ids);
-    let mut fresh = open();
-    let mut fresh_ids = Vec::new();
-    fresh
-        .generate_from_ids(
-            &whole,
-            &config,
-            |p| {
-                fresh_ids.extend(p.token);
-                ControlFlow::Continue(())
-            },
-            |_| {},
-        )
-        .unwrap();
-    assert_eq!(second_ids, fresh_ids);
+    assert_eq!(second_ids, fresh_run(&whole, &config).0);
 }
 
 #[test]
@@ -385,18 +391,6 @@ fn a_template_that_rewrites_history_is_refed_from_the_start() {
         .unwrap();
     assert_eq!(chat.refed_turns(), 1);
     let whole = t.apply(&chat.messages()[..3], true).unwrap();
-    let mut fresh = open();
-    let mut text = String::new();
-    fresh
-        .generate(
-            &whole,
-            &config,
-            |p| {
-                text.push_str(p.text);
-                ControlFlow::Continue(())
-            },
-            |_| {},
-        )
-        .unwrap();
-    assert_eq!(reply, text);
+    let ids = runner.tokenizer().unwrap().encode(&whole).unwrap();
+    assert_eq!(reply, fresh_run(&ids, &config).1);
 }

@@ -195,13 +195,7 @@ pub extern "C" fn etllm_chat_template_apply(
 /// Frees a template. NULL is ignored.
 #[no_mangle]
 pub extern "C" fn etllm_chat_template_free(chat_template: *mut etllm_chat_template) {
-    let _ = guard(|| {
-        if !chat_template.is_null() {
-            // Safety: from a constructor, freed once.
-            drop(unsafe { Box::from_raw(chat_template) });
-        }
-        Ok(())
-    });
+    super::free_handle(chat_template);
 }
 
 /// Sets the runner's chat template (copied: the caller still frees its own), or with NULL
@@ -394,11 +388,5 @@ pub extern "C" fn etllm_conversation_message(
 /// Frees a conversation (the runner is untouched). NULL is ignored.
 #[no_mangle]
 pub extern "C" fn etllm_conversation_free(conversation: *mut etllm_conversation) {
-    let _ = guard(|| {
-        if !conversation.is_null() {
-            // Safety: from etllm_conversation_new, freed once.
-            drop(unsafe { Box::from_raw(conversation) });
-        }
-        Ok(())
-    });
+    super::free_handle(conversation);
 }

@@ -60,6 +60,20 @@ pub(crate) fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a st
         .map_err(|_| FfiError::Utf8(name))
 }
 
+/// Frees a handle that `Box::into_raw` made, behind the panic boundary (a destructor that
+/// panics must not unwind into C). NULL is ignored. The caller of the public `*_free`
+/// guarantees the pointer came from the matching constructor and is freed once.
+pub(crate) fn free_handle<T>(handle: *mut T) {
+    if handle.is_null() {
+        return;
+    }
+    let _ = error::guard(|| {
+        // Safety: see above.
+        drop(unsafe { Box::from_raw(handle) });
+        Ok(())
+    });
+}
+
 /// Hands `text` to the caller as a new NUL-terminated string (freed with
 /// `etllm_string_free`). Text holding a NUL byte cannot be a C string: an error.
 pub(crate) fn out_string(out: &mut *mut c_char, text: String) -> Result<(), FfiError> {

@@ -167,15 +167,7 @@ pub extern "C" fn etllm_runner_is_loaded(
 /// Frees a runner. NULL is ignored. No other call on the runner may be in progress.
 #[no_mangle]
 pub extern "C" fn etllm_runner_free(runner: *mut etllm_runner) {
-    if runner.is_null() {
-        return;
-    }
-    let _ = guard(|| {
-        // Safety: the pointer came from Box::into_raw in etllm_runner_new/open, and the
-        // caller guarantees no other call uses it now or later.
-        drop(unsafe { Box::from_raw(runner) });
-        Ok(())
-    });
+    super::free_handle(runner);
 }
 
 /// Streams one generation through the C callbacks.
