@@ -993,6 +993,122 @@ class Conversation {
   etllm_conversation* handle_ = nullptr;
 };
 
+/// A tokenizer of any supported format (HF tokenizer.json or its folder, tiktoken,
+/// SentencePiece, llama2.c), found from the file's content. Immutable once loaded: any
+/// number of threads may use it at once. Failing calls throw etllm::Error.
+class Tokenizer {
+ public:
+  /// Loads `path`; `preset` is ETLLM_PRESET_NONE or ETLLM_PRESET_LLAMA.
+  explicit Tokenizer(const std::string& path, etllm_preset preset = ETLLM_PRESET_NONE) {
+    detail::check(etllm_tokenizer_load(path.c_str(), static_cast<int32_t>(preset), &handle_));
+  }
+  Tokenizer(const Tokenizer&) = delete;
+  Tokenizer& operator=(const Tokenizer&) = delete;
+  Tokenizer(Tokenizer&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  Tokenizer& operator=(Tokenizer&& other) noexcept {
+    if (this != &other) {
+      etllm_tokenizer_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~Tokenizer() { etllm_tokenizer_free(handle_); }
+
+  /// The ids of `text`, with `num_bos` BOS tokens before and `num_eos` EOS tokens after.
+  std::vector<uint32_t> encode(const std::string& text, uint32_t num_bos = 0, uint32_t num_eos = 0) const {
+    uint32_t* ids = nullptr;
+    size_t len = 0;
+    detail::check(etllm_tokenizer_encode(handle_, text.c_str(), num_bos, num_eos, &ids, &len));
+    std::vector<uint32_t> out(ids, ids + len);
+    etllm_buffer_free(ids);
+    return out;
+  }
+
+  /// The text of `ids`.
+  std::string decode(const std::vector<uint32_t>& ids) const {
+    char* text = nullptr;
+    size_t len = 0;
+    detail::check(etllm_tokenizer_decode(handle_, ids.data(), ids.size(), &text, &len));
+    std::string out(text, len);
+    etllm_buffer_free(text);
+    return out;
+  }
+
+  /// The token's piece as the vocabulary stores it (raw bytes for tiktoken and llama2.c).
+  std::string token_to_piece(uint32_t id) const {
+    char* piece = nullptr;
+    size_t len = 0;
+    detail::check(etllm_tokenizer_token_to_piece(handle_, id, &piece, &len));
+    std::string out(piece, len);
+    etllm_buffer_free(piece);
+    return out;
+  }
+
+  size_t vocab_size() const {
+    size_t n = 0;
+    detail::check(etllm_tokenizer_vocab_size(handle_, &n));
+    return n;
+  }
+
+  /// The BOS id; throws etllm::Error (ETLLM_ERR_NOT_FOUND) when there is none.
+  uint32_t bos_id() const {
+    uint32_t id = 0;
+    detail::check(etllm_tokenizer_bos_id(handle_, &id));
+    return id;
+  }
+
+  std::vector<uint32_t> eos_ids() const {
+    const uint32_t* ids = nullptr;
+    size_t len = 0;
+    detail::check(etllm_tokenizer_eos_ids(handle_, &ids, &len));
+    return std::vector<uint32_t>(ids, ids + len);
+  }
+
+  const etllm_tokenizer* handle() const { return handle_; }
+
+ private:
+  etllm_tokenizer* handle_ = nullptr;
+};
+
+/// Token ids in, complete UTF-8 out. Keeps the tokenizer's data alive itself. One call
+/// at a time.
+class TextStream {
+ public:
+  explicit TextStream(const Tokenizer& tokenizer) {
+    detail::check(etllm_text_stream_new(tokenizer.handle(), &handle_));
+  }
+  TextStream(const TextStream&) = delete;
+  TextStream& operator=(const TextStream&) = delete;
+  TextStream(TextStream&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  TextStream& operator=(TextStream&& other) noexcept {
+    if (this != &other) {
+      etllm_text_stream_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~TextStream() { etllm_text_stream_free(handle_); }
+
+  /// The text token `id` completes (often empty while a character is incomplete).
+  std::string push(uint32_t id) {
+    const char* text = nullptr;
+    size_t len = 0;
+    detail::check(etllm_text_stream_push(handle_, id, &text, &len));
+    return std::string(text, len);
+  }
+
+  /// Whatever is held back (incomplete bytes become U+FFFD); starts the stream over.
+  std::string flush() {
+    const char* text = nullptr;
+    size_t len = 0;
+    detail::check(etllm_text_stream_flush(handle_, &text, &len));
+    return std::string(text, len);
+  }
+
+ private:
+  etllm_text_stream* handle_ = nullptr;
+};
+
 }  // namespace etllm
 
 #endif  // ETLLM_HPP

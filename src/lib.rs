@@ -40,7 +40,7 @@ pub use io_manager::IoManager;
 pub use model::{ModelInfo, ModelMetadata};
 pub use runner::{Runner, RunnerOptions, StopHandle, TokenPiece};
 pub use stats::{Stats, StopReason};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Preset, Tokenizer};
 
 /// The ExecuTorch runtime version EtLlm is built against.
 pub const EXECUTORCH_VERSION: &str = "1.5.1";

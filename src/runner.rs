@@ -14,7 +14,7 @@ use crate::model::{Model, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Preset, Tokenizer};
 
 /// The fallback chat template, compiled once.
 static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
@@ -29,6 +29,9 @@ pub struct RunnerOptions {
     /// A KV-cache manager to use instead of the built-in one chosen from the model's
     /// signature.
     pub io_manager: Option<Box<dyn IoManager>>,
+    /// Model-family conventions for the tokenizer (BOS/EOS, special tokens), e.g.
+    /// [`Preset::Llama`]. With a preset, the EOS ids are the model's and the preset's.
+    pub preset: Option<Preset>,
 }
 
 impl std::fmt::Debug for RunnerOptions {
@@ -36,6 +39,7 @@ impl std::fmt::Debug for RunnerOptions {
         f.debug_struct("RunnerOptions")
             .field("num_threads", &self.num_threads)
             .field("io_manager", &self.io_manager.as_ref().map(|_| "custom"))
+            .field("preset", &self.preset)
             .finish()
     }
 }
@@ -89,6 +93,7 @@ pub struct Runner {
     tokenizer_path: PathBuf,
     num_threads: Option<usize>,
     custom_io: Option<Box<dyn IoManager>>,
+    preset: Option<Preset>,
     loaded: Option<Loaded>,
     stop: Arc<AtomicBool>,
     /// Positions held by the KV cache.
@@ -126,6 +131,7 @@ impl Runner {
             tokenizer_path: tokenizer_path.as_ref().to_path_buf(),
             num_threads: options.num_threads,
             custom_io: options.io_manager,
+            preset: options.preset,
             loaded: None,
             stop: Arc::new(AtomicBool::new(false)),
             pos: 0,
@@ -158,7 +164,7 @@ impl Runner {
         if let Some(n) = self.num_threads {
             crate::et::set_num_threads(n)?;
         }
-        let tokenizer = Tokenizer::from_file(&self.tokenizer_path)?;
+        let tokenizer = Tokenizer::load(&self.tokenizer_path, self.preset)?;
         let model = Model::load(&self.model_path)?;
         let info = model.info();
         let meta = &info.metadata;
@@ -182,11 +188,18 @@ impl Runner {
             });
         }
         let bos_id = meta.bos_id.or(tokenizer.bos_id());
-        let eos_ids = if meta.eos_ids.is_empty() {
+        let mut eos_ids = if meta.eos_ids.is_empty() {
             tokenizer.eos_ids().to_vec()
         } else {
             meta.eos_ids.clone()
         };
+        if self.preset.is_some() {
+            for &id in tokenizer.eos_ids() {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
         let (mut io, custom) = match self.custom_io.take() {
             Some(io) => (io, true),
             None => (default_manager_for(info)?, false),

@@ -1,39 +1,120 @@
-//! Tokenizers: HF `tokenizer.json` through the `tokenizers` crate, and a streaming decoder
-//! that only ever yields complete UTF-8.
+//! Tokenizers of every format upstream's runner loads: HF `tokenizer.json` (a file, or a
+//! folder with `tokenizer_config.json`), tiktoken rank files, SentencePiece `.model` files
+//! and llama2.c `tokenizer.bin` files. The format is found from the content, not the name.
+//! Also a streaming decoder that only ever yields complete UTF-8.
+
+mod hf;
+mod llama2c;
+mod sentencepiece;
+mod tiktoken;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-/// Names that tokenizers commonly give their beginning-of-sequence token.
-const BOS_NAMES: &[&str] = &[
-    "<s>",
-    "<|begin_of_text|>",
-    "<bos>",
-    "[BOS]",
-    "<|startoftext|>",
-];
-/// Names that tokenizers commonly give their end-of-sequence tokens.
-const EOS_NAMES: &[&str] = &[
-    "</s>",
-    "<|end_of_text|>",
-    "<|eot_id|>",
-    "<eos>",
-    "[EOS]",
-    "<|endoftext|>",
-    "<|im_end|>",
-];
+pub use self::tiktoken::TiktokenOptions;
 
-/// A loaded tokenizer.
+/// The file formats a [`Tokenizer`] loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenizerFormat {
+    /// HF `tokenizer.json` (through the `tokenizers` crate).
+    HuggingFace,
+    /// A tiktoken base64 rank file, with special tokens and a split pattern.
+    Tiktoken,
+    /// A SentencePiece `.model` (BPE or unigram).
+    SentencePiece,
+    /// A llama2.c `tokenizer.bin`, as `pytorch_tokenizers` writes it.
+    Llama2c,
+}
+
+impl TokenizerFormat {
+    /// A short name: "hf", "tiktoken", "sentencepiece" or "llama2c".
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenizerFormat::HuggingFace => "hf",
+            TokenizerFormat::Tiktoken => "tiktoken",
+            TokenizerFormat::SentencePiece => "sentencepiece",
+            TokenizerFormat::Llama2c => "llama2c",
+        }
+    }
+}
+
+/// Model-family conventions applied on top of what a tokenizer file says (upstream's
+/// `LlamaRunner` role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Preset {
+    /// Llama 2 and Llama 3. A tokenizer with `<|begin_of_text|>` is taken as Llama 3: BOS
+    /// `<|begin_of_text|>`, EOS `<|end_of_text|>` and `<|eot_id|>` (the end of a turn); a
+    /// tiktoken rank file gets Llama 3's special tokens and split pattern. Any other is taken
+    /// as Llama 2: BOS `<s>`, EOS `</s>`. [`Tokenizer::llama_version`] tells which, for
+    /// choosing the chat template.
+    Llama,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "llama" => Ok(Preset::Llama),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown preset {s:?}; known presets: llama"
+            ))),
+        }
+    }
+}
+
+/// Which Llama generation the `llama` preset recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LlamaVersion {
+    /// Llama 2: `<s>`/`</s>`, `[INST]` chat format.
+    Llama2,
+    /// Llama 3: `<|begin_of_text|>`, turns end with `<|eot_id|>`, header-based chat format.
+    Llama3,
+}
+
+/// What each format implements.
+trait Backend: Send + Sync {
+    fn format(&self) -> TokenizerFormat;
+    fn vocab_size(&self) -> usize;
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Encodes with `bos` copies of `bos_id` before and `eos` copies of `eos_id` after.
+    fn encode_with(&self, text: &str, bos: (u32, usize), eos: (u32, usize)) -> Result<Vec<u32>> {
+        let body = self.encode(text)?;
+        let mut ids = Vec::with_capacity(body.len() + bos.1 + eos.1);
+        ids.extend(std::iter::repeat_n(bos.0, bos.1));
+        ids.extend(body);
+        ids.extend(std::iter::repeat_n(eos.0, eos.1));
+        Ok(ids)
+    }
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+    /// The token's piece as the vocabulary stores it; `None` when out of range.
+    fn piece(&self, id: u32) -> Option<Vec<u8>>;
+    /// The id of a token given by its exact piece (special tokens included).
+    fn token_id(&self, piece: &str) -> Option<u32>;
+    fn default_bos(&self) -> Option<u32>;
+    fn default_eos(&self) -> Vec<u32>;
+}
+
+/// A loaded tokenizer of any supported format. Immutable once loaded: it may be shared
+/// between threads.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Box<dyn Backend>,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    chat_template: Option<String>,
+    llama_version: Option<LlamaVersion>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
+            .field("format", &self.format())
             .field("vocab_size", &self.vocab_size())
             .field("bos_id", &self.bos_id)
             .field("eos_ids", &self.eos_ids)
@@ -41,84 +122,257 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Reads a whole file, as an `Error::FileAccess` on failure.
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::FileAccess {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 impl Tokenizer {
-    /// Loads an HF `tokenizer.json`.
+    /// Loads a tokenizer of any supported format, found from the content: an HF
+    /// `tokenizer.json` or a folder holding one (with an optional `tokenizer_config.json`),
+    /// a tiktoken rank file (with Llama 3's special tokens and pattern), a SentencePiece
+    /// `.model` or a llama2.c `tokenizer.bin`. A file that is none of them gives an
+    /// [`Error::InvalidTokenizer`] that lists what was tried and why each failed.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load(path, None)
+    }
+
+    /// [`Tokenizer::from_file`], then the conventions of `preset`, if any.
+    pub fn load(path: impl AsRef<Path>, preset: Option<Preset>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::FileAccess {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::InvalidTokenizer {
-                path: path.to_path_buf(),
-                message: format!("not a valid HF tokenizer.json: {e}"),
-            })?;
-        let special = |names: &[&str]| -> Vec<u32> {
-            let added = inner.get_added_tokens_decoder();
-            let mut ids: Vec<u32> = names
-                .iter()
-                .filter_map(|name| {
-                    added
-                        .iter()
-                        .find(|(_, t)| t.special && t.content == *name)
-                        .map(|(id, _)| *id)
-                })
-                .collect();
-            ids.dedup();
-            ids
+        let mut tokenizer = if path.is_dir() {
+            hf::load_folder(path)?
+        } else {
+            let bytes = read_file(path)?;
+            detect(path, &bytes)?
         };
-        // The first encode compiles the pre-tokenizer's regexes (milliseconds); pay for it
-        // here, at load time, rather than in the first generation's latency.
-        let _ = inner.encode("warm up", false);
-        let bos_id = special(BOS_NAMES).first().copied();
-        let eos_ids = special(EOS_NAMES);
-        Ok(Self {
-            inner,
+        if let Some(preset) = preset {
+            tokenizer.apply_preset(preset);
+        }
+        Ok(tokenizer)
+    }
+
+    /// Loads a tiktoken rank file with the given special tokens and split pattern.
+    pub fn from_tiktoken(path: impl AsRef<Path>, options: &TiktokenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = read_file(path)?;
+        let backend = tiktoken::Tiktoken::parse(&bytes, options).map_err(|message| {
+            Error::InvalidTokenizer {
+                path: path.to_path_buf(),
+                message: format!("not a valid tiktoken rank file: {message}"),
+            }
+        })?;
+        Ok(Self::new(Box::new(backend)))
+    }
+
+    fn new(backend: Box<dyn Backend>) -> Self {
+        let bos_id = backend.default_bos();
+        let eos_ids = backend.default_eos();
+        let mut t = Self {
+            backend,
             bos_id,
             eos_ids,
-        })
+            bos_token: None,
+            eos_token: None,
+            chat_template: None,
+            llama_version: None,
+        };
+        t.bos_token = t.piece_text(t.bos_id);
+        t.eos_token = t.piece_text(t.eos_ids.first().copied());
+        t
     }
 
-    /// Number of token ids, added tokens included.
+    fn piece_text(&self, id: Option<u32>) -> Option<String> {
+        id.and_then(|id| self.backend.piece(id))
+            .and_then(|p| String::from_utf8(p).ok())
+    }
+
+    fn apply_preset(&mut self, preset: Preset) {
+        match preset {
+            Preset::Llama => {
+                let id = |name: &str| self.backend.token_id(name);
+                if let Some(bot) = id("<|begin_of_text|>") {
+                    self.llama_version = Some(LlamaVersion::Llama3);
+                    self.bos_id = Some(bot);
+                    let eos: Vec<u32> = ["<|end_of_text|>", "<|eot_id|>"]
+                        .iter()
+                        .filter_map(|n| id(n))
+                        .collect();
+                    if !eos.is_empty() {
+                        self.eos_ids = eos;
+                    }
+                } else {
+                    self.llama_version = Some(LlamaVersion::Llama2);
+                    if let Some(bos) = id("<s>") {
+                        self.bos_id = Some(bos);
+                    }
+                    if let Some(eos) = id("</s>") {
+                        self.eos_ids = vec![eos];
+                    }
+                }
+                self.bos_token = self.piece_text(self.bos_id);
+                self.eos_token = self.piece_text(self.eos_ids.first().copied());
+            }
+        }
+    }
+
+    /// The format of the loaded file.
+    pub fn format(&self) -> TokenizerFormat {
+        self.backend.format()
+    }
+
+    /// Number of token ids, added and special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.backend.vocab_size()
     }
 
-    /// The BOS id the tokenizer defines, found among its special tokens by name.
+    /// The BOS id: from `tokenizer_config.json`, the model file's own, or found among the
+    /// special tokens by name; the preset's when one was applied.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
     }
 
-    /// The EOS ids the tokenizer defines, found among its special tokens by name.
+    /// The EOS ids (the first is the tokenizer's own EOS; a preset may add more, such as
+    /// Llama 3's `<|eot_id|>`).
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
     }
 
-    /// Encodes `text` without adding any special token; the tokenizer file's own
-    /// post-processor is not applied (the runner adds BOS/EOS as its config says).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+    /// The BOS token's text, e.g. `<s>` (from `tokenizer_config.json` when there is one).
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
     }
 
-    /// Decodes `ids` to text, skipping special tokens; incomplete UTF-8 becomes U+FFFD.
+    /// The first EOS token's text, e.g. `</s>` (from `tokenizer_config.json` when there is
+    /// one).
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    /// The raw Jinja chat template of an HF folder's `tokenizer_config.json` (a string, or
+    /// the entry named "default" of a list of `{name, template}`); `None` otherwise.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Which Llama generation the `llama` preset recognised; `None` without the preset.
+    pub fn llama_version(&self) -> Option<LlamaVersion> {
+        self.llama_version
+    }
+
+    /// The id of the token whose piece is exactly `piece` (special tokens included).
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        self.backend.token_id(piece)
+    }
+
+    /// Encodes `text` without adding any BOS or EOS token. Special tokens written in the
+    /// text are recognised as the reference implementation of the format does: HF added
+    /// tokens and tiktoken special tokens are; SentencePiece and llama2.c read them as text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.backend.encode(text)
+    }
+
+    /// Encodes `text` with `num_bos` BOS tokens before it and `num_eos` EOS tokens (the
+    /// first EOS id) after it. A count above 0 needs the tokenizer to define that token.
+    pub fn encode_with(&self, text: &str, num_bos: usize, num_eos: usize) -> Result<Vec<u32>> {
+        let bos = match (num_bos, self.bos_id) {
+            (0, id) => id.unwrap_or(0),
+            (_, Some(id)) => id,
+            (_, None) => {
+                return Err(Error::InvalidArgument(
+                    "num_bos > 0 but the tokenizer defines no BOS token".into(),
+                ))
+            }
+        };
+        let eos = match (num_eos, self.eos_ids.first()) {
+            (0, id) => id.copied().unwrap_or(0),
+            (_, Some(id)) => *id,
+            (_, None) => {
+                return Err(Error::InvalidArgument(
+                    "num_eos > 0 but the tokenizer defines no EOS token".into(),
+                ))
+            }
+        };
+        self.backend
+            .encode_with(text, (bos, num_bos), (eos, num_eos))
+    }
+
+    /// Decodes `ids` to text as the format's reference implementation does (HF: special
+    /// tokens skipped; SentencePiece: control tokens skipped; tiktoken and llama2.c: every
+    /// token's bytes). Bytes that are not UTF-8 become U+FFFD. An id outside the
+    /// vocabulary is an [`Error::Tokenizer`].
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        self.backend.decode(ids)
+    }
+
+    /// The token's piece as the vocabulary stores it: e.g. `▁the` (SentencePiece), `Ġthe`
+    /// (HF byte-level BPE), or raw bytes, possibly not UTF-8 (tiktoken, llama2.c).
+    pub fn token_to_piece(&self, id: u32) -> Result<Vec<u8>> {
+        self.backend.piece(id).ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "token id {id} is outside the vocabulary ({} tokens)",
+                self.vocab_size()
+            ))
+        })
     }
 
     /// A streaming decoder over this tokenizer.
     pub fn stream(&self) -> TextStream<'_> {
-        TextStream {
-            tokenizer: self,
-            ids: Vec::new(),
-            prefix: String::new(),
-            prefix_index: 0,
+        TextStream::with(TokRef::Borrowed(self))
+    }
+
+    /// A streaming decoder that keeps the tokenizer alive itself.
+    pub fn stream_shared(tokenizer: Arc<Tokenizer>) -> TextStream<'static> {
+        TextStream::with(TokRef::Shared(tokenizer))
+    }
+}
+
+/// Finds the format of `bytes` and loads it; the error lists every format tried.
+fn detect(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+    let invalid = |message: String| Error::InvalidTokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first == Some(b'{') {
+        // JSON: only HF's format is JSON, so its error is the one that matters.
+        return hf::load_json(path, bytes, None);
+    }
+    let mut tried = Vec::new();
+    match tiktoken::Tiktoken::parse(bytes, &TiktokenOptions::llama3()) {
+        Ok(t) => return Ok(Tokenizer::new(Box::new(t))),
+        Err(e) => tried.push(format!("tiktoken rank file ({e})")),
+    }
+    match llama2c::Llama2c::parse(bytes) {
+        Ok(t) => return Ok(Tokenizer::new(Box::new(t))),
+        Err(e) => tried.push(format!("llama2.c tokenizer.bin ({e})")),
+    }
+    match sentencepiece::Sp::parse(bytes) {
+        Ok(t) => return Ok(Tokenizer::new(Box::new(t))),
+        Err(e) => tried.push(format!("SentencePiece model ({e})")),
+    }
+    Err(invalid(format!(
+        "not a tokenizer format EtLlm knows; tried: HF tokenizer.json (does not start with \
+         '{{'); {}",
+        tried.join("; ")
+    )))
+}
+
+/// The tokenizer a [`TextStream`] decodes with.
+enum TokRef<'t> {
+    Borrowed(&'t Tokenizer),
+    Shared(Arc<Tokenizer>),
+}
+
+impl std::ops::Deref for TokRef<'_> {
+    type Target = Tokenizer;
+    fn deref(&self) -> &Tokenizer {
+        match self {
+            TokRef::Borrowed(t) => t,
+            TokRef::Shared(t) => t,
         }
     }
 }
@@ -135,14 +389,23 @@ const MAX_HELD_TOKENS: usize = 4;
 /// already emitted, which keeps decoders that treat the first token of a text specially
 /// (such as SentencePiece's leading-space rule) correct.
 pub struct TextStream<'t> {
-    tokenizer: &'t Tokenizer,
+    tokenizer: TokRef<'t>,
     ids: Vec<u32>,
     /// The text of `ids[..prefix_index]`, already emitted.
     prefix: String,
     prefix_index: usize,
 }
 
-impl TextStream<'_> {
+impl<'t> TextStream<'t> {
+    fn with(tokenizer: TokRef<'t>) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }
+    }
+
     /// Adds one token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);

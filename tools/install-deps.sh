@@ -14,6 +14,8 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+# The sentencepiece-sys crate builds SentencePiece's C++ library with CMake.
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # tools/install.sh sets the installed libetllm.so's RUNPATH to $ORIGIN.
 command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
 # For the CMake venv below (Debian ships venv/ensurepip apart from python3).

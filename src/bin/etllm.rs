@@ -38,6 +38,47 @@ enum Command {
     Chat(ChatArgs),
     /// Print the prompt text a chat template makes of a list of messages.
     ApplyChatTemplate(ApplyChatTemplateArgs),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Print the text of a JSON array of token ids (exactly the text, no newline added).
+    Detokenize(DetokenizeArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text", "file"])))]
+struct TokenizeArgs {
+    /// The tokenizer: HF tokenizer.json or its folder, tiktoken, SentencePiece or llama2.c
+    /// (the format is found from the content).
+    #[arg(long, value_name = "T")]
+    tokenizer: PathBuf,
+    /// The text to encode.
+    #[arg(long, value_name = "S")]
+    text: Option<String>,
+    /// A UTF-8 file whose content to encode.
+    #[arg(long, value_name = "F")]
+    file: Option<PathBuf>,
+    /// BOS tokens to put before the text.
+    #[arg(long = "bos", value_name = "N", default_value_t = 0)]
+    num_bos: usize,
+    /// EOS tokens to put after the text.
+    #[arg(long = "eos", value_name = "N", default_value_t = 0)]
+    num_eos: usize,
+    /// Model-family conventions: "llama".
+    #[arg(long, value_name = "P")]
+    preset: Option<String>,
+}
+
+#[derive(Args)]
+struct DetokenizeArgs {
+    /// The tokenizer, as for `tokenize`.
+    #[arg(long, value_name = "T")]
+    tokenizer: PathBuf,
+    /// The ids, as a JSON array, e.g. '[1, 15043]'.
+    #[arg(long, value_name = "JSON")]
+    ids: String,
+    /// Model-family conventions: "llama".
+    #[arg(long, value_name = "P")]
+    preset: Option<String>,
 }
 
 /// Which model to run.
@@ -53,6 +94,10 @@ struct ModelArgs {
     /// Threads for ExecuTorch's CPU thread pool. Default: the runtime's choice.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Model-family conventions for the tokenizer: "llama" (Llama 2/3 BOS and EOS; Llama 3
+    /// also stops on <|eot_id|>).
+    #[arg(long, value_name = "P")]
+    preset: Option<String>,
 }
 
 /// How to pick tokens and when to stop.
@@ -182,6 +227,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Chat(args) => chat(args),
         Command::ApplyChatTemplate(args) => apply_chat_template(args),
+        Command::Tokenize(args) => tokenize(args),
+        Command::Detokenize(args) => detokenize(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +237,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_preset(name: Option<&str>) -> Result<Option<etllm::Preset>, String> {
+    name.map(|n| n.parse().map_err(|e: etllm::Error| e.to_string()))
+        .transpose()
+}
+
+fn load_tokenizer(path: &Path, preset: Option<&str>) -> Result<etllm::Tokenizer, String> {
+    etllm::Tokenizer::load(path, parse_preset(preset)?).map_err(|e| e.to_string())
+}
+
+fn tokenize(args: TokenizeArgs) -> Result<(), String> {
+    let tokenizer = load_tokenizer(&args.tokenizer, args.preset.as_deref())?;
+    let text = match (args.text, &args.file) {
+        (Some(text), _) => text,
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+        (None, None) => unreachable!("clap requires --text or --file"),
+    };
+    let ids = tokenizer
+        .encode_with(&text, args.num_bos, args.num_eos)
+        .map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string(&ids).expect("ids serialize"));
+    Ok(())
+}
+
+fn detokenize(args: DetokenizeArgs) -> Result<(), String> {
+    let tokenizer = load_tokenizer(&args.tokenizer, args.preset.as_deref())?;
+    let ids: Vec<u32> = serde_json::from_str(&args.ids)
+        .map_err(|e| format!("--ids is not a JSON array of token ids: {e}"))?;
+    let text = tokenizer.decode(&ids).map_err(|e| e.to_string())?;
+    // Exactly the text: no newline is added.
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|e| e.to_string())
 }
 
 /// Opens the runner that `args` names.
@@ -215,6 +298,7 @@ fn open_runner(args: &ModelArgs) -> Result<Runner, String> {
     };
     let options = RunnerOptions {
         num_threads: args.threads,
+        preset: parse_preset(args.preset.as_deref())?,
         ..Default::default()
     };
     Runner::open(&model, &tokenizer, options).map_err(|e| e.to_string())

@@ -143,6 +143,9 @@ pub struct etllm_runner_options {
     /// `user_data` as soon as `etllm_runner_new`/`etllm_runner_open` is called, whatever
     /// the outcome (see `etllm_io_manager`).
     pub io_manager: *const etllm_io_manager,
+    /// Model-family conventions for the tokenizer: an `etllm_preset` value. Default
+    /// `ETLLM_PRESET_NONE`.
+    pub preset: i32,
 }
 
 impl Default for etllm_runner_options {
@@ -151,6 +154,7 @@ impl Default for etllm_runner_options {
             struct_size: std::mem::size_of::<Self>() as u32,
             num_threads: 0,
             io_manager: std::ptr::null(),
+            preset: 0,
         }
     }
 }
@@ -164,4 +168,4 @@ pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
 super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_seed,
     max_new_tokens, seq_len, temperature, num_bos, num_eos, seed, stop_token_ids,
     num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings);
-super::versioned!(etllm_runner_options, "options"; io_manager);
+super::versioned!(etllm_runner_options, "options"; io_manager, preset);

@@ -20,6 +20,7 @@ pub mod io_manager;
 pub mod runner;
 pub mod sampler;
 pub mod stats;
+pub mod tokenizer;
 
 use std::ffi::{c_char, CStr};
 

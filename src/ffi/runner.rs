@@ -82,6 +82,7 @@ fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiEr
     Ok(RunnerOptions {
         num_threads: (o.num_threads > 0).then_some(o.num_threads as usize),
         io_manager,
+        preset: super::tokenizer::preset_from(o.preset)?,
     })
 }
 
@@ -117,8 +118,9 @@ fn create(
     })
 }
 
-/// Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (an HF
-/// `tokenizer.json`) without reading them; `etllm_runner_load` (or the first generate)
+/// Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (any tokenizer
+/// `etllm_tokenizer_load` reads: HF `tokenizer.json` or its folder, tiktoken, SentencePiece
+/// or llama2.c) without reading them; `etllm_runner_load` (or the first generate)
 /// loads. `options` may be NULL for the defaults. On success `*out_runner` is a new runner
 /// that the caller frees with `etllm_runner_free`; on failure it is set to NULL.
 #[no_mangle]
