@@ -271,7 +271,8 @@ class Runner:
         Generation runs on a worker thread; leaving the loop early stops it. Errors are
         raised from the iteration; the stats end up in ``runner.last_stats``."""
         config = _config_of(config, overrides)
-        q: "queue.Queue[Any]" = queue.Queue()
+        # A small queue: generation runs at most a few tokens ahead of the consumer.
+        q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
         done = object()
         failure: List[BaseException] = []
 
@@ -285,19 +286,26 @@ class Runner:
 
         worker = threading.Thread(target=work, name="etllm-stream", daemon=True)
         worker.start()
+        finished = False
         try:
             while True:
                 item = q.get()
                 if item is done:
+                    finished = True
                     break
                 yield item
-            worker.join()
-            if failure:
-                raise failure[0]
         finally:
-            if worker.is_alive():
+            if not finished:
                 self.stop()
-                worker.join()
+                while worker.is_alive() or not q.empty():  # unblock the worker's put
+                    try:
+                        if q.get(timeout=0.05) is done:
+                            break
+                    except queue.Empty:
+                        pass
+            worker.join()
+        if failure:
+            raise failure[0]
 
     def prefill(
         self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
