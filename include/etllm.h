@@ -220,6 +220,24 @@ typedef struct etllm_model_info etllm_model_info;
 typedef struct etllm_runner etllm_runner;
 
 /**
+ * An incremental decoder: token ids in, complete UTF-8 out. Opaque.
+ *
+ * Thread rules: one call at a time (from any thread); a call made while another is in
+ * progress returns `ETLLM_ERR_BUSY`. `etllm_text_stream_free` must not race with any
+ * other call on it.
+ */
+typedef struct etllm_text_stream etllm_text_stream;
+
+/**
+ * A loaded tokenizer. Opaque.
+ *
+ * Thread rules: a tokenizer never changes once loaded; any number of threads may use it
+ * at the same time. `etllm_tokenizer_free` must not race with any other call on it.
+ * Streams made from it keep what they need alive, so it may be freed before them.
+ */
+typedef struct etllm_tokenizer etllm_tokenizer;
+
+/**
  * One message of a conversation: `role` ("system", "user", "assistant", ...) and
  * `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its
  * layout is fixed for good.
@@ -563,6 +581,11 @@ typedef struct etllm_runner_options {
    * the outcome (see `etllm_io_manager`).
    */
   const struct etllm_io_manager *io_manager;
+  /**
+   * Model-family conventions for the tokenizer: an `etllm_preset` value. Default
+   * `ETLLM_PRESET_NONE`.
+   */
+  int32_t preset;
 } etllm_runner_options;
 
 /**
@@ -922,8 +945,9 @@ enum etllm_status etllm_model_info_metadata(const struct etllm_model_info *model
                                             struct etllm_model_metadata *out);
 
 /**
- * Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (an HF
- * `tokenizer.json`) without reading them; `etllm_runner_load` (or the first generate)
+ * Creates a runner for `model_path` (a `.pte`) and `tokenizer_path` (any tokenizer
+ * `etllm_tokenizer_load` reads: HF `tokenizer.json` or its folder, tiktoken, SentencePiece
+ * or llama2.c) without reading them; `etllm_runner_load` (or the first generate)
  * loads. `options` may be NULL for the defaults. On success `*out_runner` is a new runner
  * that the caller frees with `etllm_runner_free`; on failure it is set to NULL.
  */
@@ -1100,6 +1124,119 @@ struct etllm_stats etllm_stats_default(void);
  * `etllm_string_free`.
  */
 enum etllm_status etllm_stats_to_json(const struct etllm_stats *stats, char **out_json);
+
+/**
+ * Loads a tokenizer from `path`, whatever its format, found from the content: an HF
+ * `tokenizer.json` or a folder holding one (with an optional `tokenizer_config.json`), a
+ * tiktoken rank file (Llama 3's special tokens and pattern), a SentencePiece `.model`, or
+ * a llama2.c `tokenizer.bin`. `preset` is an `etllm_preset`. On success `*out_tokenizer`
+ * is a new tokenizer that the caller frees with `etllm_tokenizer_free`; on failure it is
+ * NULL, and a file that is no known format gives `ETLLM_ERR_INVALID_TOKENIZER` with a
+ * message listing what was tried.
+ */
+enum etllm_status etllm_tokenizer_load(const char *path,
+                                       int32_t preset,
+                                       struct etllm_tokenizer **out_tokenizer);
+
+/**
+ * Frees a tokenizer. NULL is ignored. No other call on it may be in progress.
+ */
+void etllm_tokenizer_free(struct etllm_tokenizer *tokenizer);
+
+/**
+ * Frees a buffer EtLlm allocated and returned (ids from `etllm_tokenizer_encode`, text
+ * from `etllm_tokenizer_decode` or `etllm_tokenizer_token_to_piece`). NULL is ignored.
+ */
+void etllm_buffer_free(void *buffer);
+
+/**
+ * Encodes the NUL-terminated UTF-8 `text` with `num_bos` BOS tokens before it and
+ * `num_eos` EOS tokens after it (a count above 0 needs the tokenizer to define the token:
+ * `ETLLM_ERR_INVALID_ARGUMENT` otherwise). On success `*out_ids` holds `*out_len` ids in a
+ * buffer the caller frees with `etllm_buffer_free` (NULL-safe even when `*out_len` is 0);
+ * on failure it is NULL.
+ */
+enum etllm_status etllm_tokenizer_encode(const struct etllm_tokenizer *tokenizer,
+                                         const char *text,
+                                         uint32_t num_bos,
+                                         uint32_t num_eos,
+                                         uint32_t **out_ids,
+                                         size_t *out_len);
+
+/**
+ * Decodes `num_ids` ids to text. On success `*out_text` holds `*out_len` bytes of UTF-8
+ * followed by a NUL that `*out_len` does not count (the text itself may contain U+0000:
+ * use the length); the caller frees it with `etllm_buffer_free`. An id outside the
+ * vocabulary gives `ETLLM_ERR_TOKENIZER`. `ids` may be NULL when `num_ids` is 0.
+ */
+enum etllm_status etllm_tokenizer_decode(const struct etllm_tokenizer *tokenizer,
+                                         const uint32_t *ids,
+                                         size_t num_ids,
+                                         char **out_text,
+                                         size_t *out_len);
+
+/**
+ * The piece of token `id` as the vocabulary stores it (e.g. `▁the` for SentencePiece;
+ * raw bytes, possibly not UTF-8, for tiktoken and llama2.c). On success `*out_piece`
+ * holds `*out_len` bytes followed by a NUL; the caller frees it with `etllm_buffer_free`.
+ * An id outside the vocabulary gives `ETLLM_ERR_TOKENIZER`.
+ */
+enum etllm_status etllm_tokenizer_token_to_piece(const struct etllm_tokenizer *tokenizer,
+                                                 uint32_t id,
+                                                 char **out_piece,
+                                                 size_t *out_len);
+
+/**
+ * Sets `*out_size` to the number of token ids, special tokens included.
+ */
+enum etllm_status etllm_tokenizer_vocab_size(const struct etllm_tokenizer *tokenizer,
+                                             size_t *out_size);
+
+/**
+ * Sets `*out_id` to the BOS id; `ETLLM_ERR_NOT_FOUND` when the tokenizer defines none.
+ */
+enum etllm_status etllm_tokenizer_bos_id(const struct etllm_tokenizer *tokenizer, uint32_t *out_id);
+
+/**
+ * Sets `*out_ids` to the tokenizer's EOS ids (`*out_len` of them, possibly 0). The array
+ * belongs to the tokenizer and stays valid until `etllm_tokenizer_free`.
+ */
+enum etllm_status etllm_tokenizer_eos_ids(const struct etllm_tokenizer *tokenizer,
+                                          const uint32_t **out_ids,
+                                          size_t *out_len);
+
+/**
+ * Creates an incremental decoder over `tokenizer` in `*out_stream` (NULL on failure); the
+ * caller frees it with `etllm_text_stream_free`. The stream keeps the tokenizer's data
+ * alive: the tokenizer may be freed first.
+ */
+enum etllm_status etllm_text_stream_new(const struct etllm_tokenizer *tokenizer,
+                                        struct etllm_text_stream **out_stream);
+
+/**
+ * Adds token `id` to the stream. `*out_text` is set to the text it completes: `*out_len`
+ * bytes of complete UTF-8 (often 0 bytes, while a character split across tokens is
+ * incomplete), followed by a NUL. The text belongs to the stream and stays valid until
+ * the next call on the stream or its free. An id outside the vocabulary gives
+ * `ETLLM_ERR_TOKENIZER`.
+ */
+enum etllm_status etllm_text_stream_push(struct etllm_text_stream *stream,
+                                         uint32_t id,
+                                         const char **out_text,
+                                         size_t *out_len);
+
+/**
+ * Releases whatever the stream holds back (incomplete bytes become U+FFFD) and starts it
+ * over. Output as for `etllm_text_stream_push`.
+ */
+enum etllm_status etllm_text_stream_flush(struct etllm_text_stream *stream,
+                                          const char **out_text,
+                                          size_t *out_len);
+
+/**
+ * Frees a stream. NULL is ignored. No other call on it may be in progress.
+ */
+void etllm_text_stream_free(struct etllm_text_stream *stream);
 
 #ifdef __cplusplus
 }  // extern "C"
