@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, the Rust unit, integration, CLI and doc tests,
 # the header check, then the C and C++ tests through CTest against an installed prefix
-# (and once more under AddressSanitizer). Run tools/install-deps.sh first on a fresh
+# (and once more under AddressSanitizer), then the Python package's pytest suite
+# (tools/test-python.sh). Run tools/install-deps.sh first on a fresh
 # machine. Ends with one summary line: "N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,10 @@ cargo test --all-targets --locked 2>&1 | tee -a "$LOG"
 cargo test --doc --locked 2>&1 | tee -a "$LOG"
 echo "== C and C++ tests (CTest, then AddressSanitizer)" >&2
 bash tools/test-c.sh 2>&1 | tee -a "$LOG"
+echo "== Python package (fresh venv, pip install ./python, pytest)" >&2
+bash tools/test-python.sh 2>&1 | tee -a "$LOG"
 
 rust=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s += $4} END {print s + 0}')
 c=$(grep -Eo 'tests passed out of [0-9]+' "$LOG" | awk '{s += $5} END {print s + 0}')
-echo "$((rust + c)) passed, 0 failed"
+py=$(grep -Eo '(^|= )[0-9]+ passed(, [0-9]+ [a-z]+)* in [0-9.]+s' "$LOG" | sed 's/^= //' | awk '{s += $1} END {print s + 0}')
+echo "$((rust + c + py)) passed, 0 failed"

@@ -1,0 +1,57 @@
+"""EtLlm: run decoder-only LLMs exported to ExecuTorch ``.pte`` files.
+
+A thin layer over EtLlm's C ABI (``libetllm.so``, bundled with the package)::
+
+    import etllm
+
+    runner = etllm.Runner("model.pte", "tokenizer.json")
+    config = etllm.GenerationConfig(max_new_tokens=32, temperature=0, num_bos=1, echo=False)
+    for piece in runner.stream("Once upon a time", config):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from . import _ffi
+from ._config import GenerationConfig, Stats
+from ._errors import (
+    BusyError,
+    ChatTemplateError,
+    ContextFullError,
+    ERROR_CLASSES,
+    EtLlmError,
+    ExecutorchRuntimeError,
+    FileAccessError,
+    InvalidArgumentError,
+    InvalidModelError,
+    InvalidTokenizerError,
+    InvalidUtf8Error,
+    IoManagerError,
+    NotFoundError,
+    NotLoadedError,
+    NullArgumentError,
+    PanicError,
+    SamplerError,
+    StructSizeError,
+    TokenizerError,
+    UnsupportedModelError,
+    status_name,
+)
+from ._io_manager import IoManager, ModelInfo, ModelMetadata, Step, TensorInfo, last_row
+from ._runner import Piece, Runner
+from ._tokenizer import TextStream, Tokenizer
+from ._chat import ChatTemplate, Conversation
+
+__version__: str = _ffi.lib.etllm_version().decode()
+EXECUTORCH_VERSION: str = _ffi.lib.etllm_executorch_version().decode()
+
+__all__ = [
+    "BusyError", "ChatTemplate", "ChatTemplateError", "ContextFullError", "Conversation",
+    "ERROR_CLASSES", "EXECUTORCH_VERSION", "EtLlmError", "ExecutorchRuntimeError",
+    "FileAccessError", "GenerationConfig", "InvalidArgumentError", "InvalidModelError",
+    "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
+    "ModelMetadata", "NotFoundError", "NotLoadedError", "NullArgumentError", "PanicError",
+    "Piece", "Runner", "SamplerError", "Stats", "Step", "StructSizeError", "TensorInfo",
+    "TextStream", "Tokenizer", "TokenizerError", "UnsupportedModelError", "last_row",
+    "status_name",
+]

@@ -1,0 +1,360 @@
+"""Runner: load a model and tokenizer, generate with streaming callbacks."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+
+from . import _ffi
+from ._config import GenerationConfig, Stats
+from ._errors import NotFoundError, check, error_for
+from ._io_manager import IoManager, make_vtable
+
+PathLike = Union[str, "os.PathLike[str]"]
+Prompt = Union[str, Sequence[int]]
+TokenCallback = Callable[["Piece"], Any]
+StatsCallback = Callable[[Stats], Any]
+
+PRESETS = {None: 0, "none": 0, "llama": 1}
+
+
+def preset_value(preset: Optional[str]) -> int:
+    try:
+        return PRESETS[preset if preset is None else str(preset).lower()]
+    except KeyError:
+        raise ValueError(f"preset must be None or 'llama', not {preset!r}") from None
+
+
+class Piece(str):
+    """A piece of generated text (complete UTF-8) with the token that produced it:
+    ``token_id`` is ``None`` for echoed prompt text and for text released at the end."""
+
+    token_id: Optional[int]
+
+    def __new__(cls, text: str, token_id: Optional[int] = None) -> "Piece":
+        p = super().__new__(cls, text)
+        p.token_id = token_id
+        return p
+
+
+def _ids_array(ids: Sequence[int]) -> "ctypes.Array[ctypes.c_uint32]":
+    values = [int(i) for i in ids]
+    for i in values:
+        if not 0 <= i < 2**32:
+            raise ValueError(f"token id {i} is not a u32")
+    return (ctypes.c_uint32 * max(1, len(values)))(*values)
+
+
+class Runner:
+    """One model, one tokenizer, one conversation (KV cache).
+
+    ``Runner(model_path, tokenizer_path)`` opens both (``load=False`` defers that to
+    :meth:`load` or the first generate). ``io_manager`` replaces the built-in KV-cache
+    manager with an :class:`IoManager` written in Python; ``num_threads`` sizes
+    ExecuTorch's (process-wide) thread pool; ``preset="llama"`` applies Llama's tokenizer
+    conventions. A runner runs one call at a time (another call meanwhile raises
+    :class:`BusyError`), except :meth:`stop`, which works from any thread. The model runs
+    with the GIL released, so other Python threads keep going.
+    """
+
+    def __init__(
+        self,
+        model_path: PathLike,
+        tokenizer_path: PathLike,
+        *,
+        io_manager: Optional[IoManager] = None,
+        num_threads: int = 0,
+        preset: Optional[str] = None,
+        load: bool = True,
+    ) -> None:
+        self._ptr: Optional[int] = None
+        self._bridge = None
+        self.last_stats: Optional[Stats] = None
+        options = _ffi.lib.etllm_runner_options_default()
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+            raise ValueError("num_threads must be an int >= 0")
+        options.num_threads = num_threads
+        options.preset = preset_value(preset)
+        vtable = None
+        if io_manager is not None:
+            vtable, self._bridge = make_vtable(io_manager)
+            options.io_manager = ctypes.pointer(vtable)
+        out = ctypes.c_void_p()
+        create = _ffi.lib.etllm_runner_open if load else _ffi.lib.etllm_runner_new
+        status = create(
+            os.fsencode(model_path), os.fsencode(tokenizer_path), ctypes.byref(options),
+            ctypes.byref(out),
+        )
+        self._finish(status)
+        self._ptr = out.value
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _p(self) -> int:
+        if self._ptr is None:
+            raise ValueError("the runner is closed")
+        return self._ptr
+
+    def _finish(self, status: int, *extra: Optional[BaseException]) -> None:
+        """Raises, in order: an exception from a Python callback, one from the Python
+        KV-cache manager, then the C status."""
+        err = error_for(status) if status != 0 else None
+        for e in extra:
+            if e is not None:
+                raise e
+        if self._bridge is not None:
+            e = self._bridge.take_error()
+            if e is not None:
+                raise e
+        if err is not None:
+            raise err
+
+    def _call(self, fn: Callable[..., int], *args: Any) -> None:
+        self._finish(fn(self._p(), *args))
+
+    def close(self) -> None:
+        """Frees the runner (and its KV-cache manager). Further calls raise ValueError."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            _ffi.lib.etllm_runner_free(ptr)
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ---- loading and state -------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Loads the tokenizer and model (nothing when already loaded)."""
+        self._call(_ffi.lib.etllm_runner_load)
+
+    def is_loaded(self) -> bool:
+        out = ctypes.c_bool()
+        self._call(_ffi.lib.etllm_runner_is_loaded, ctypes.byref(out))
+        return bool(out.value)
+
+    def _int64(self, fn: Callable[..., int]) -> int:
+        out = ctypes.c_int64()
+        self._call(fn, ctypes.byref(out))
+        return out.value
+
+    @property
+    def position(self) -> int:
+        """Tokens in the conversation so far."""
+        return self._int64(_ffi.lib.etllm_runner_position)
+
+    @property
+    def max_context_len(self) -> int:
+        return self._int64(_ffi.lib.etllm_runner_max_context_len)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._int64(_ffi.lib.etllm_runner_max_seq_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._int64(_ffi.lib.etllm_runner_vocab_size)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        out = ctypes.c_uint32()
+        try:
+            self._call(_ffi.lib.etllm_runner_bos_id, ctypes.byref(out))
+        except NotFoundError:
+            return None
+        return out.value
+
+    @property
+    def eos_ids(self) -> List[int]:
+        n = ctypes.c_size_t()
+        self._call(_ffi.lib.etllm_runner_eos_ids, None, 0, ctypes.byref(n))
+        ids = (ctypes.c_uint32 * max(1, n.value))()
+        self._call(_ffi.lib.etllm_runner_eos_ids, ids, n.value, ctypes.byref(n))
+        return list(ids[: n.value])
+
+    def stop(self) -> None:
+        """Asks a running generate to end before its next model step; any thread."""
+        check(_ffi.lib.etllm_runner_stop(self._p()))
+
+    def reset(self) -> None:
+        """Forgets the conversation: the next generate starts at position 0."""
+        self._call(_ffi.lib.etllm_runner_reset)
+
+    def rewind(self, pos: int) -> None:
+        """Rolls the conversation back to its first ``pos`` tokens."""
+        self._call(_ffi.lib.etllm_runner_rewind, int(pos))
+
+    def warmup(self) -> None:
+        """Runs a short generation so the first real one does not pay first-call costs."""
+        self._call(_ffi.lib.etllm_runner_warmup)
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Prompt,
+        config: Optional[GenerationConfig] = None,
+        token_callback: Optional[TokenCallback] = None,
+        stats_callback: Optional[StatsCallback] = None,
+        **overrides: Any,
+    ) -> str:
+        """Generates from ``prompt`` (text, or a sequence of token ids) and returns all the
+        text streamed (the echoed prompt first when ``config.echo``).
+
+        ``token_callback(piece)`` gets each :class:`Piece` as it is produced; returning
+        ``True`` stops generation. ``stats_callback(stats)`` gets the :class:`Stats` at
+        the end (also in ``runner.last_stats``). Keyword arguments override fields of
+        ``config`` (``runner.generate("Hi", max_new_tokens=8, temperature=0)``). An
+        exception raised by a callback stops generation and is raised here.
+        """
+        config = _config_of(config, overrides)
+        cfg, keep = config._to_c()
+        pieces: List[str] = []
+        errors: List[BaseException] = []
+
+        def on_token(_user: Any, ptr: Any, n: int, token_id: int) -> int:
+            try:
+                text = ctypes.string_at(ptr, n).decode("utf-8")
+                pieces.append(text)
+                if token_callback is not None:
+                    piece = Piece(text, token_id if token_id >= 0 else None)
+                    return 1 if token_callback(piece) is True else 0
+                return 0
+            except BaseException as e:  # noqa: BLE001 - never let it reach C
+                errors.append(e)
+                return 1
+
+        def on_stats(_user: Any, stats: Any) -> None:
+            if stats_callback is None:
+                return
+            try:
+                stats_callback(Stats(stats[0]))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        c_token = _ffi.TOKEN_CB(on_token)
+        c_stats = _ffi.STATS_CB(on_stats)
+        out = _ffi.lib.etllm_stats_default()
+        if isinstance(prompt, str):
+            status = _ffi.lib.etllm_runner_generate(
+                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), c_token, c_stats, None,
+                ctypes.byref(out),
+            )
+        else:
+            ids = _ids_array(prompt)
+            status = _ffi.lib.etllm_runner_generate_tokens(
+                self._p(), ids, len(prompt), ctypes.byref(cfg), c_token, c_stats, None,
+                ctypes.byref(out),
+            )
+        del keep
+        self.last_stats = Stats(out)
+        self._finish(status, errors[0] if errors else None)
+        return "".join(pieces)
+
+    def stream(
+        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
+    ) -> Iterator[Piece]:
+        """Yields each :class:`Piece` as it is generated (``for piece in runner.stream(...)``).
+
+        Generation runs on a worker thread; leaving the loop early stops it. Errors are
+        raised from the iteration; the stats end up in ``runner.last_stats``."""
+        config = _config_of(config, overrides)
+        # A small queue: generation runs at most a few tokens ahead of the consumer.
+        q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
+        done = object()
+        failure: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.generate(prompt, config, q.put)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                failure.append(e)
+            finally:
+                q.put(done)
+
+        worker = threading.Thread(target=work, name="etllm-stream", daemon=True)
+        worker.start()
+        finished = False
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    finished = True
+                    break
+                yield item
+        finally:
+            if not finished:
+                self.stop()
+                while worker.is_alive() or not q.empty():  # unblock the worker's put
+                    try:
+                        if q.get(timeout=0.05) is done:
+                            break
+                    except queue.Empty:
+                        pass
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def prefill(
+        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
+    ) -> Stats:
+        """Feeds ``prompt`` into the conversation without generating (only ``num_bos`` and
+        ``num_eos`` of the config apply); a later ``generate("")`` continues after it."""
+        config = _config_of(config, overrides)
+        cfg, keep = config._to_c()
+        out = _ffi.lib.etllm_stats_default()
+        if isinstance(prompt, str):
+            status = _ffi.lib.etllm_runner_prefill(
+                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), ctypes.byref(out)
+            )
+        else:
+            ids = _ids_array(prompt)
+            status = _ffi.lib.etllm_runner_prefill_tokens(
+                self._p(), ids, len(prompt), ctypes.byref(cfg), ctypes.byref(out)
+            )
+        del keep
+        self._finish(status)
+        return Stats(out)
+
+    # ---- chat --------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: Sequence[Any], add_generation_prompt: bool = True
+    ) -> str:
+        """Renders ``messages`` (dicts with ``role`` and ``content``) with the model's chat
+        template, as HF transformers' ``apply_chat_template(..., tokenize=False)``."""
+        from ._chat import _messages
+
+        arr, keep = _messages(messages)
+        out = ctypes.c_void_p()
+        status = _ffi.lib.etllm_runner_apply_chat_template(
+            self._p(), arr, len(keep), bool(add_generation_prompt), ctypes.byref(out)
+        )
+        self._finish(status)
+        return _ffi.take_string(out)
+
+    def set_chat_template(self, template: Optional[Any]) -> None:
+        """Uses ``template`` (a :class:`ChatTemplate`) from now on; ``None``: the model's."""
+        self._call(_ffi.lib.etllm_runner_set_chat_template, None if template is None else template._p())
+
+
+def _config_of(config: Optional[GenerationConfig], overrides: dict) -> GenerationConfig:
+    if config is None:
+        config = GenerationConfig()
+    elif not isinstance(config, GenerationConfig):
+        raise TypeError("config must be an etllm.GenerationConfig")
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return config
