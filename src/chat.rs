@@ -205,13 +205,7 @@ impl ChatTemplate {
                 if !name.ends_with("_token") {
                     continue;
                 }
-                // A plain string, or an AddedToken object {"content": "...", ...}.
-                let text = match value {
-                    serde_json::Value::String(s) => Some(s.as_str()),
-                    serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
-                    _ => None,
-                };
-                if let Some(text) = text {
+                if let Some(text) = token_text(value) {
                     template.set_token(name.as_str(), text);
                 }
             }
@@ -254,6 +248,16 @@ impl ChatTemplate {
         ));
         let ctx = Value::from_pairs(ctx);
         template.render(ctx).map_err(template_error)
+    }
+}
+
+/// The text of a special-token entry of `tokenizer_config.json`: a plain string, or an
+/// AddedToken object `{"content": "...", ...}`.
+pub(crate) fn token_text(value: &serde_json::Value) -> Option<&str> {
+    match value {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Object(o) => o.get("content")?.as_str(),
+        _ => None,
     }
 }
 

@@ -14,11 +14,13 @@ use crate::model::{Model, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
-use crate::tokenizer::{Preset, Tokenizer};
+use crate::tokenizer::{LlamaVersion, Preset, Tokenizer};
 
-/// The fallback chat template, compiled once.
+/// The fallback chat templates, compiled once.
 static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
     once_cell::sync::Lazy::new(ChatTemplate::llama3);
+static LLAMA2: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama2);
 
 /// Options fixed when the runner is created.
 #[derive(Default)]
@@ -314,8 +316,10 @@ impl Runner {
 
     /// The chat template in use: the one set with
     /// [`set_chat_template`](Self::set_chat_template); else the model's, from a
-    /// `chat_template.jinja` or `tokenizer_config.json` beside the tokenizer file; else the
-    /// built-in Llama 3 template ([`ChatTemplate::llama3`]). Fails when the runner is not
+    /// `chat_template.jinja` or `tokenizer_config.json` beside the tokenizer file (or in
+    /// the tokenizer folder); else the built-in Llama 2 template when the `llama` preset
+    /// recognised a Llama 2 tokenizer; else the built-in Llama 3 template
+    /// ([`ChatTemplate::llama3`]). Fails when the runner is not
     /// loaded and no template was set, or when the model's template files are unreadable
     /// or the template does not compile.
     pub fn chat_template(&self) -> Result<&ChatTemplate> {
@@ -328,6 +332,8 @@ impl Runner {
         match &loaded.chat_template {
             Some(Ok(t)) => Ok(t),
             Some(Err(e)) => Err(e.clone()),
+            // The llama preset knows which generation the tokenizer belongs to.
+            None if loaded.tokenizer.llama_version() == Some(LlamaVersion::Llama2) => Ok(&LLAMA2),
             None => Ok(&LLAMA3),
         }
     }

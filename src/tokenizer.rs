@@ -107,7 +107,6 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     bos_token: Option<String>,
     eos_token: Option<String>,
-    chat_template: Option<String>,
     llama_version: Option<LlamaVersion>,
 }
 
@@ -177,7 +176,6 @@ impl Tokenizer {
             eos_ids,
             bos_token: None,
             eos_token: None,
-            chat_template: None,
             llama_version: None,
         };
         t.bos_token = t.piece_text(t.bos_id);
@@ -250,12 +248,6 @@ impl Tokenizer {
     /// one).
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
-    }
-
-    /// The raw Jinja chat template of an HF folder's `tokenizer_config.json` (a string, or
-    /// the entry named "default" of a list of `{name, template}`); `None` otherwise.
-    pub fn chat_template(&self) -> Option<&str> {
-        self.chat_template.as_deref()
     }
 
     /// Which Llama generation the `llama` preset recognised; `None` without the preset.

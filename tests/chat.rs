@@ -394,3 +394,27 @@ fn a_template_that_rewrites_history_is_refed_from_the_start() {
     let ids = runner.tokenizer().unwrap().encode(&whole).unwrap();
     assert_eq!(reply, fresh_run(&ids, &config).1);
 }
+
+#[test]
+fn llama_preset_on_a_llama2_tokenizer_falls_back_to_the_llama2_template() {
+    let sp = fixtures_dir().join("tokenizers/sp_unigram.model");
+    let msgs = [ChatMessage::user("Hi")];
+    let with_preset = Runner::open(
+        model_path("dyn_xnnpack"),
+        &sp,
+        RunnerOptions {
+            preset: Some(etllm::Preset::Llama),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        with_preset.apply_chat_template(&msgs, true).unwrap(),
+        ChatTemplate::llama2().apply(&msgs, true).unwrap()
+    );
+    let without = Runner::open(model_path("dyn_xnnpack"), &sp, RunnerOptions::default()).unwrap();
+    assert_eq!(
+        without.apply_chat_template(&msgs, true).unwrap(),
+        ChatTemplate::llama3().apply(&msgs, true).unwrap()
+    );
+}

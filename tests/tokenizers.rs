@@ -249,7 +249,12 @@ mod hf {
     #[test]
     fn folder_gives_default_chat_template_and_token_strings() {
         let (r, t) = load("hf");
-        assert_eq!(t.chat_template(), r.chat_template.as_deref());
+        let folder = dir().join(&r.file).parent().unwrap().to_path_buf();
+        let template = etllm::ChatTemplate::from_model_dir(&folder).unwrap();
+        assert_eq!(
+            template.as_ref().map(|t| t.source()),
+            r.chat_template.as_deref()
+        );
         assert_eq!(t.bos_token(), Some("<s>"));
         assert_eq!(t.eos_token(), Some("</s>"));
     }

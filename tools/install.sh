@@ -61,10 +61,18 @@ cmaps="-ffile-prefix-map=$ROOT=etllm -ffile-prefix-map=$CARGO_HOME_DIR/registry/
 cmaps+=" -ffile-prefix-map=$CARGO_HOME_DIR/git/checkouts=cargo-git -ffile-prefix-map=$TARGET_DIR=target"
 
 messages=$(mktemp)
+# SentencePiece's CMake build compiles its install folder (the build's OUT_DIR) into the
+# library as a default data folder, which EtLlm never uses (its data is embedded). A
+# toolchain file, read by the `cmake` crate from CMAKE_TOOLCHAIN_FILE, points it at a
+# neutral absolute path instead; it changes nothing else.
 trap 'rm -f "$messages"' EXIT
+mkdir -p "$TARGET_DIR"
+toolchain="$TARGET_DIR/etllm-install-toolchain.cmake"
+echo 'set(CMAKE_INSTALL_DATADIR "/usr/share" CACHE PATH "no build-machine path in libetllm" FORCE)' \
+  >"$toolchain"
 (
   cd "$ROOT"
-  CARGO_ENCODED_RUSTFLAGS="$encoded" \
+  CARGO_ENCODED_RUSTFLAGS="$encoded" CMAKE_TOOLCHAIN_FILE="$toolchain" \
     CFLAGS="${CFLAGS:-} $cmaps" CXXFLAGS="${CXXFLAGS:-} $cmaps" \
     cargo build --release --locked --lib --bin etllm --quiet --target-dir "$TARGET_DIR" \
     --message-format=json-render-diagnostics >"$messages"

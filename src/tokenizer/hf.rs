@@ -113,41 +113,25 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
     };
     add_config_tokens(&mut hf, config).map_err(invalid)?;
     let mut tokenizer = Tokenizer::new(Box::new(hf));
-    let token_text = |key: &str| -> Option<String> {
-        match config.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-            _ => None,
-        }
-    };
+    let token_text = |key: &str| config.get(key).and_then(crate::chat::token_text);
     if let Some(bos) = token_text("bos_token") {
-        let id = tokenizer.backend.token_id(&bos).ok_or_else(|| {
+        let id = tokenizer.backend.token_id(bos).ok_or_else(|| {
             invalid(format!(
                 "tokenizer_config.json names the BOS token {bos:?}, which is not in the vocabulary"
             ))
         })?;
         tokenizer.bos_id = Some(id);
-        tokenizer.bos_token = Some(bos);
+        tokenizer.bos_token = Some(bos.to_string());
     }
     if let Some(eos) = token_text("eos_token") {
-        let id = tokenizer.backend.token_id(&eos).ok_or_else(|| {
+        let id = tokenizer.backend.token_id(eos).ok_or_else(|| {
             invalid(format!(
                 "tokenizer_config.json names the EOS token {eos:?}, which is not in the vocabulary"
             ))
         })?;
         tokenizer.eos_ids = vec![id];
-        tokenizer.eos_token = Some(eos);
+        tokenizer.eos_token = Some(eos.to_string());
     }
-    tokenizer.chat_template = match config.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        _ => None,
-    };
     Ok(tokenizer)
 }
 
