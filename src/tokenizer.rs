@@ -398,8 +398,14 @@ impl<'t> TextStream<'t> {
         }
     }
 
-    /// Adds one token; returns the text it completes (possibly empty).
+    /// Adds one token; returns the text it completes (possibly empty). An id outside the
+    /// tokenizer's vocabulary has no text and yields nothing: models often pad their
+    /// embedding table past the tokenizer's vocabulary, and a generation that samples such
+    /// a row goes on (`Tokenizer::decode`, asked for that id, is an error).
     pub fn push(&mut self, id: u32) -> Result<String> {
+        if id as usize >= self.tokenizer.vocab_size() {
+            return Ok(String::new());
+        }
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
         let held = self.ids.len() - self.prefix_index;

@@ -342,3 +342,22 @@ fn folder_without_tokenizer_json_is_a_clear_error() {
     let d = temp_file("nojson", "other.txt", b"x");
     expect_invalid(d.parent().unwrap(), "folder");
 }
+
+#[test]
+fn stream_yields_nothing_for_ids_outside_the_vocabulary_and_goes_on() {
+    // A model may pad its embedding table past the tokenizer's vocabulary (the benchmark
+    // model has 32,000 rows for this 512-token tokenizer) and sample such a row.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
+    let t = Tokenizer::from_file(&path).unwrap();
+    let ids = t.encode("Hello, world").unwrap();
+    let outside = t.vocab_size() as u32 + 100;
+    assert!(t.decode(&[outside]).is_err());
+    let mut stream = t.stream();
+    let mut text = stream.push(outside).unwrap();
+    for &id in &ids {
+        text += &stream.push(id).unwrap();
+        text += &stream.push(outside).unwrap();
+    }
+    text += &stream.flush().unwrap();
+    assert_eq!(text, t.decode(&ids).unwrap());
+}
