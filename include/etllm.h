@@ -182,6 +182,22 @@ typedef enum etllm_dtype {
 } etllm_dtype;
 
 /**
+ * Model-family conventions applied when loading a tokenizer (see `etllm_tokenizer_load`).
+ */
+typedef enum etllm_preset {
+  /**
+   * Only what the tokenizer file says.
+   */
+  ETLLM_PRESET_NONE = 0,
+  /**
+   * Llama 2 and Llama 3 (upstream's `LlamaRunner`): a tokenizer with
+   * `<|begin_of_text|>` is Llama 3 (BOS `<|begin_of_text|>`, EOS `<|end_of_text|>` and
+   * `<|eot_id|>`), any other Llama 2 (BOS `<s>`, EOS `</s>`).
+   */
+  ETLLM_PRESET_LLAMA = 1,
+} etllm_preset;
+
+/**
  * A compiled chat template (Jinja, rendered as HF transformers renders chat templates)
  * with its special-token strings. Opaque; free with `etllm_chat_template_free`.
  *

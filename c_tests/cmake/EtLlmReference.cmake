@@ -1,4 +1,5 @@
-# Turns the fixtures' eager-PyTorch references (tests/fixtures/<model>/reference.json) into
+# Turns the fixtures' eager-PyTorch references (tests/fixtures/<model>/reference.json, for
+# every folder holding a model.pte and a reference.json) into
 # C data at configure time, with CMake's own JSON parser (no Python):
 #
 #   etllm_generate_reference(<fixtures dir> <output dir> [SKIP <model>...])
@@ -41,7 +42,16 @@ endfunction()
 
 function(etllm_generate_reference fixtures_dir out_dir)
   cmake_parse_arguments(ARG "" "" "SKIP" ${ARGN})
-  file(GLOB ref_files LIST_DIRECTORIES false "${fixtures_dir}/*/reference.json")
+  # Model fixtures: folders with a model.pte and its reference.json (other folders, such as
+  # tokenizers/ with a reference.json of its own, are not models).
+  file(GLOB model_files LIST_DIRECTORIES false "${fixtures_dir}/*/model.pte")
+  set(ref_files "")
+  foreach(pte IN LISTS model_files)
+    get_filename_component(dir "${pte}" DIRECTORY)
+    if(EXISTS "${dir}/reference.json")
+      list(APPEND ref_files "${dir}/reference.json")
+    endif()
+  endforeach()
   list(SORT ref_files)
   if(NOT ref_files)
     message(FATAL_ERROR "no ${fixtures_dir}/*/reference.json: set ETLLM_FIXTURES_DIR")
@@ -57,9 +67,6 @@ function(etllm_generate_reference fixtures_dir out_dir)
     get_filename_component(model "${dir}" NAME)
     if(NOT model MATCHES "^[A-Za-z0-9_]+$")
       message(FATAL_ERROR "fixture folder name `${model}` is not a C identifier")
-    endif()
-    if(NOT EXISTS "${dir}/model.pte")
-      message(FATAL_ERROR "${dir} has reference.json but no model.pte")
     endif()
     if(NOT model IN_LIST ARG_SKIP)
       list(APPEND models "${model}")
