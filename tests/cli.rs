@@ -63,23 +63,18 @@ fn built_in_model_runs_with_an_empty_environment_and_matches_the_reference() {
     // The default model is the dyn_xnnpack fixture; "The" is its reference case 0.
     let case = &reference("dyn_xnnpack").cases[0];
     let n = case.greedy_ids.len().to_string();
-    let out = etllm()
-        .env_clear()
-        .args([
-            "generate",
-            "--prompt",
-            &case.prompt,
-            "--temperature",
-            "0",
-            "--ignore-eos",
-        ])
-        .args(["--max-new-tokens", &n, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .env_clear()
+            .args([
+                "generate",
+                "--prompt",
+                &case.prompt,
+                "--temperature",
+                "0",
+                "--ignore-eos",
+            ])
+            .args(["--max-new-tokens", &n, "--json"]),
     );
     let (ids, _, stats) = parse_json_lines(&out.stdout);
     assert_eq!(ids, case.greedy_ids);
@@ -95,29 +90,24 @@ fn built_in_model_runs_with_an_empty_environment_and_matches_the_reference() {
 #[test]
 fn text_goes_to_stdout_and_stats_to_stderr() {
     let model = model_path("static_xnnpack");
-    let out = etllm()
-        .args([
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer_path().to_str().unwrap(),
-        ])
-        .args([
-            "--prompt",
-            "Hello",
-            "--max-new-tokens",
-            "8",
-            "--seed",
-            "3",
-            "--echo",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args([
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--tokenizer",
+                tokenizer_path().to_str().unwrap(),
+            ])
+            .args([
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "3",
+                "--echo",
+            ]),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.starts_with("Hello"), "{stdout:?}");
@@ -162,21 +152,16 @@ fn tokenizer_next_to_the_model_is_found() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(model_path("dyn_portable"), dir.join("model.pte")).unwrap();
     std::fs::copy(tokenizer_path(), dir.join("tokenizer.json")).unwrap();
-    let out = etllm()
-        .args([
-            "generate",
-            "--model",
-            dir.join("model.pte").to_str().unwrap(),
-            "--prompt",
-            "Hi",
-        ])
-        .args(["--max-new-tokens", "3", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        etllm()
+            .args([
+                "generate",
+                "--model",
+                dir.join("model.pte").to_str().unwrap(),
+                "--prompt",
+                "Hi",
+            ])
+            .args(["--max-new-tokens", "3", "--json"]),
     );
 }
 
@@ -308,16 +293,11 @@ fn apply_chat_template_prints_what_hf_transformers_renders() {
         serde_json::from_str(&std::fs::read_to_string(chat.join("folders.json")).unwrap()).unwrap();
     for f in folders {
         let messages = cases["conversations"][&f.conversation].to_string();
-        let out = etllm()
-            .args(["apply-chat-template", "--messages", &messages])
-            .arg("--chat-template")
-            .arg(chat.join(&f.folder))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_ok(
+            etllm()
+                .args(["apply-chat-template", "--messages", &messages])
+                .arg("--chat-template")
+                .arg(chat.join(&f.folder)),
         );
         assert_eq!(
             String::from_utf8(out.stdout).unwrap(),
@@ -357,23 +337,18 @@ fn apply_chat_template_reports_the_templates_exception() {
 
 #[test]
 fn generate_chat_sends_the_prompt_through_the_template_without_an_extra_bos() {
-    let out = etllm()
-        .args([
-            "generate",
-            "--chat",
-            "--prompt",
-            "Hi",
-            "--json",
-            "--temperature",
-            "0",
-        ])
-        .args(["--max-new-tokens", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args([
+                "generate",
+                "--chat",
+                "--prompt",
+                "Hi",
+                "--json",
+                "--temperature",
+                "0",
+            ])
+            .args(["--max-new-tokens", "2"]),
     );
     let (_, _, stats) = parse_json_lines(&out.stdout);
     let rendered = etllm::ChatTemplate::llama3()
@@ -392,16 +367,11 @@ fn stop_token_id_ends_generation_at_that_token() {
     // The third greedy token, first seen there (so generation stops exactly at it).
     let stop = case.greedy_ids[2];
     assert!(!case.greedy_ids[..2].contains(&stop));
-    let out = etllm()
-        .args(["generate", "--prompt", &case.prompt, "--temperature", "0"])
-        .args(["--ignore-eos", "--max-new-tokens", "20", "--json"])
-        .args(["--stop-token-id", &stop.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args(["generate", "--prompt", &case.prompt, "--temperature", "0"])
+            .args(["--ignore-eos", "--max-new-tokens", "20", "--json"])
+            .args(["--stop-token-id", &stop.to_string()]),
     );
     let (ids, _, stats) = parse_json_lines(&out.stdout);
     assert_eq!(ids, case.greedy_ids[..2]);

@@ -1,6 +1,9 @@
 //! `etllm tokenize` and `etllm detokenize`, checked against the reference output recorded
 //! by `tools/fixtures/make_tokenizers.py`.
 
+mod common;
+
+use common::output_ok;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -30,16 +33,11 @@ const TEXT: &str = "Café naïve façade déjà vu";
 
 #[test]
 fn tokenize_prints_reference_ids_with_bos_and_eos() {
-    let out = etllm()
-        .args(["tokenize", "--tokenizer"])
-        .arg(dir().join("llama2c.bin"))
-        .args(["--text", TEXT, "--bos", "1", "--eos", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args(["tokenize", "--tokenizer"])
+            .arg(dir().join("llama2c.bin"))
+            .args(["--text", TEXT, "--bos", "1", "--eos", "1"]),
     );
     let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids, case("llama2c", TEXT)["ids_bos_eos"]);
@@ -49,17 +47,12 @@ fn tokenize_prints_reference_ids_with_bos_and_eos() {
 fn tokenize_reads_the_text_from_a_file() {
     let path = std::env::temp_dir().join(format!("etllm-cli-tok-{}.txt", std::process::id()));
     std::fs::write(&path, TEXT).unwrap();
-    let out = etllm()
-        .args(["tokenize", "--tokenizer"])
-        .arg(dir().join("tiktoken.model"))
-        .arg("--file")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args(["tokenize", "--tokenizer"])
+            .arg(dir().join("tiktoken.model"))
+            .arg("--file")
+            .arg(&path),
     );
     let ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids, case("tiktoken", TEXT)["ids"]);
@@ -68,16 +61,11 @@ fn tokenize_reads_the_text_from_a_file() {
 #[test]
 fn detokenize_prints_reference_text() {
     let c = case("sentencepiece_unigram", TEXT);
-    let out = etllm()
-        .args(["detokenize", "--tokenizer"])
-        .arg(dir().join("sp_unigram.model"))
-        .args(["--ids", &c["ids"].to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        etllm()
+            .args(["detokenize", "--tokenizer"])
+            .arg(dir().join("sp_unigram.model"))
+            .args(["--ids", &c["ids"].to_string()]),
     );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),

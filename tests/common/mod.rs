@@ -132,3 +132,14 @@ pub fn assert_matches_reference(runner: &mut Runner, case: &Case) {
     );
     assert_eq!(t.tokens, case.greedy_ids, "prompt {:?}", case.prompt);
 }
+
+/// Runs `cmd` and returns its output; fails the test, showing its stderr, unless it exits 0.
+pub fn output_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
