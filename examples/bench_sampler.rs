@@ -1,7 +1,7 @@
 //! Sampling benchmark: microseconds to draw one token from a 32,000-entry vocabulary.
 //!
 //! ```text
-//! cargo run --release --example bench_sampler [-- --vocab 32000 --draws 2000]
+//! cargo run --release --example bench_sampler [-- --vocab 32000 --draws 2000] [--flat]
 //! ```
 //!
 //! Logits are a fixed pseudo-random spread like a language model's (a few tokens well
@@ -19,6 +19,10 @@ struct Args {
     vocab: usize,
     #[arg(long, default_value_t = 2000)]
     draws: usize,
+    /// Flat logits instead, like a random-weight model's: a bell curve of standard
+    /// deviation 1 (most tokens share the probability, so the top-p nucleus is large).
+    #[arg(long)]
+    flat: bool,
 }
 
 fn main() {
@@ -31,6 +35,17 @@ fn main() {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            if args.flat {
+                // Twelve uniforms summed: close to a standard normal.
+                let mut sum = u;
+                for _ in 0..11 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    sum += (x >> 11) as f64 / (1u64 << 53) as f64;
+                }
+                return (sum - 6.0) as f32;
+            }
             (-(1.0 - u).ln() * 2.0 - 2.0) as f32
         })
         .collect();

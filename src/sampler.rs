@@ -226,6 +226,8 @@ fn filter(
         if p.top_p < 1.0 {
             // A token below (1 - top_p) / (n - 1) of the total is never in the nucleus:
             // all the others together would already exceed top_p.
+            // A token below (1 - top_p) / (n - 1) of the total is never in the nucleus:
+            // all the others together would already exceed top_p.
             let total: f64 = weights.chunks(BLOCK).map(|b| sum_of(b) as f64).sum();
             let cutoff = ((1.0 - p.top_p as f64) / (n.max(2) - 1) as f64 * total) as f32;
             cands.extend(
@@ -235,7 +237,12 @@ fn filter(
                     .filter(|&(_, &w)| w >= cutoff)
                     .map(|(i, &w)| (i as u32, w)),
             );
-            nucleus(cands, p.top_p as f64 * total);
+            let target = p.top_p as f64 * total;
+            if cands.len() <= SORT_MAX {
+                nucleus(cands, target);
+            } else {
+                large_nucleus(cands, target);
+            }
         } else {
             cands.extend(weights.iter().enumerate().map(|(i, &w)| (i as u32, w)));
         }
@@ -348,6 +355,57 @@ fn by_weight_desc(a: (u32, f32), b: (u32, f32)) -> std::cmp::Ordering {
 fn top_p(cands: &mut Vec<(u32, f32)>, top_p: f32) {
     let total: f64 = cands.iter().map(|&(_, w)| w as f64).sum();
     nucleus(cands, top_p as f64 * total);
+}
+
+/// Up to this many candidates, the nucleus is found by sorting them (the usual case:
+/// logits of a trained model leave a few hundred); above, by [`large_nucleus`].
+const SORT_MAX: usize = 2048;
+
+/// Weight buckets of [`large_nucleus`]: a weight's bits shifted right by 19 keep its
+/// exponent and 4 mantissa bits, so a bucket spans a factor of at most 1 + 1/16, and
+/// heavier weights fall in higher buckets (weights are in [0, 1], whose bits are ordered
+/// like the values). 1.0 is in bucket 2032.
+const BUCKET_SHIFT: u32 = 19;
+const BUCKETS: usize = (1.0f32.to_bits() >> BUCKET_SHIFT) as usize + 1;
+
+/// Keeps the nucleus of many candidates: the smallest set of the heaviest (ties: lower
+/// ids first) whose weights reach `target`, in linear time whatever its size. A histogram
+/// of the weight per bucket finds the bucket where the running total from the top
+/// reaches `target`; every heavier candidate is in (in id order), and only that bucket's
+/// candidates are sorted to find where the nucleus ends. (Sorting every candidate costs
+/// milliseconds when flat logits put most of a 32,000-token vocabulary in the nucleus.)
+fn large_nucleus(cands: &mut Vec<(u32, f32)>, target: f64) {
+    let bucket = |w: f32| ((w.to_bits() >> BUCKET_SHIFT) as usize).min(BUCKETS - 1);
+    let mut mass = vec![0.0f64; BUCKETS];
+    for &(_, w) in cands.iter() {
+        mass[bucket(w)] += w as f64;
+    }
+    // The bucket where the nucleus ends, and the weight of the buckets above it. When
+    // rounding leaves the total short of the target, every candidate is in.
+    let mut above = 0.0f64;
+    let mut edge = 0;
+    for b in (0..BUCKETS).rev() {
+        if above + mass[b] >= target {
+            edge = b;
+            break;
+        }
+        above += mass[b];
+    }
+    let mut boundary: Vec<(u32, f32)> = cands
+        .iter()
+        .copied()
+        .filter(|c| bucket(c.1) == edge)
+        .collect();
+    cands.retain(|c| bucket(c.1) > edge);
+    boundary.sort_unstable_by(|a, b| by_weight_desc(*a, *b));
+    let mut acc = above;
+    for c in boundary {
+        cands.push(c);
+        acc += c.1 as f64;
+        if acc >= target {
+            break;
+        }
+    }
 }
 
 /// Sorts the candidates by weight (largest first, then by id) and keeps the shortest
@@ -479,6 +537,63 @@ mod tests {
         assert_eq!(kept(0.75), vec![1, 3]);
         assert_eq!(kept(0.85), vec![1, 2, 3]);
         assert_eq!(kept(0.97), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn top_p_on_ties_keeps_the_lowest_ids() {
+        // Ten equally likely tokens: 0.35 needs four of them (three hold only 0.3).
+        let kept = ids(&sampler(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.35,
+            ..Default::default()
+        })
+        .candidates(&[0.0; 10], &[]));
+        assert_eq!(kept, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn top_p_on_flat_logits_keeps_what_a_full_sort_keeps() {
+        // 32,000 flat logits (the nucleus holds most of them), against the definition
+        // computed the slow way: sort every token by probability, then take the shortest
+        // prefix reaching p.
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let logits: Vec<f32> = (0..32_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 3.0
+            })
+            .collect();
+        for p in [0.1f32, 0.5, 0.9, 0.99] {
+            let mut s = sampler(SamplingParams {
+                temperature: 0.8,
+                top_p: p,
+                ..Default::default()
+            });
+            let got = ids(&s.candidates(&logits, &[]));
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut all: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, exp_nonpositive((l - max) / 0.8)))
+                .collect();
+            let total: f64 = all.iter().map(|&(_, w)| w as f64).sum();
+            all.sort_by(|a, b| by_weight_desc(*a, *b));
+            let mut acc = 0.0f64;
+            let n = all
+                .iter()
+                .position(|&(_, w)| {
+                    acc += w as f64;
+                    acc >= p as f64 * total
+                })
+                .unwrap()
+                + 1;
+            // The kept set is the heaviest tokens, exactly; its size may differ by one at
+            // the edge, where sums taken in another order differ in their last bits.
+            assert_eq!(got, ids(&all[..got.len()]), "p {p}");
+            assert!(got.len().abs_diff(n) <= 1, "p {p}: {} vs {n}", got.len());
+        }
     }
 
     #[test]
