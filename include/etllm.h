@@ -9,14 +9,19 @@
  *   boundary: one is reported as ETLLM_ERR_PANIC. The library never writes to stdout.
  *
  * Ownership. Objects the library creates are freed by the caller with the matching
- *   function: an etllm_runner with etllm_runner_free, a string returned through a
- *   `char **` with etllm_string_free. Strings and structs passed to the library are only
+ *   function: an etllm_runner with etllm_runner_free, an etllm_chat_template with
+ *   etllm_chat_template_free, an etllm_conversation with etllm_conversation_free, an
+ *   etllm_tokenizer with etllm_tokenizer_free, an etllm_text_stream with
+ *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
+ *   and an id or text buffer returned with its length with etllm_buffer_free. Strings and structs passed to the library are only
  *   read during the call; pointers the library passes to callbacks are valid only during
  *   the callback. Strings returned as `const char *` belong to the library.
  *
  * Threads. A runner is used by one call at a time; etllm_runner_stop may be called from
  *   any thread at any time. Another call made while one is in progress returns
- *   ETLLM_ERR_BUSY. Different runners are independent. Callbacks run on the thread that
+ *   ETLLM_ERR_BUSY. Different runners are independent. An etllm_conversation follows the
+ *   same rule; a loaded etllm_tokenizer and an etllm_chat_template (once its tokens are
+ *   set) may be used from any number of threads at once. Callbacks run on the thread that
  *   called generate and must not unwind (no C++ exception, no longjmp) out of the call.
  *
  * Struct versioning. Option and stats structs start with `uint32_t struct_size`. Always
