@@ -114,15 +114,7 @@ pub extern "C" fn etllm_tokenizer_load(
 /// Frees a tokenizer. NULL is ignored. No other call on it may be in progress.
 #[no_mangle]
 pub extern "C" fn etllm_tokenizer_free(tokenizer: *mut etllm_tokenizer) {
-    if tokenizer.is_null() {
-        return;
-    }
-    let _ = guard(|| {
-        // Safety: the pointer came from Box::into_raw in etllm_tokenizer_load, and the
-        // caller guarantees no other call uses it now or later.
-        drop(unsafe { Box::from_raw(tokenizer) });
-        Ok(())
-    });
+    super::free_handle(tokenizer);
 }
 
 /// Frees a buffer EtLlm allocated and returned (ids from `etllm_tokenizer_encode`, text
@@ -337,13 +329,5 @@ pub extern "C" fn etllm_text_stream_flush(
 /// Frees a stream. NULL is ignored. No other call on it may be in progress.
 #[no_mangle]
 pub extern "C" fn etllm_text_stream_free(stream: *mut etllm_text_stream) {
-    if stream.is_null() {
-        return;
-    }
-    let _ = guard(|| {
-        // Safety: the pointer came from Box::into_raw in etllm_text_stream_new, and the
-        // caller guarantees no other call uses it now or later.
-        drop(unsafe { Box::from_raw(stream) });
-        Ok(())
-    });
+    super::free_handle(stream);
 }
