@@ -29,6 +29,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/et/threadpool_shim.cpp");
+    println!("cargo:rerun-if-changed=src/et/llama_ops.cpp");
 
     let root = match find_runtime() {
         Ok(root) => root,
@@ -48,6 +49,23 @@ fn main() {
         .cpp_link_stdlib(None)
         .file("src/et/threadpool_shim.cpp")
         .compile("etllm_threadpool_shim");
+
+    // Kernels for upstream's `llama::` custom ops, compiled against the runtime's own
+    // headers (with the defines its libraries were built with).
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .cpp_link_stdlib(None)
+        .opt_level(3)
+        .flag_if_supported("-fopenmp-simd")
+        .flag_if_supported("-Wno-unused-parameter")
+        .include(&include_dir)
+        .include(include_dir.join("executorch/runtime/core/portable_type/c10"))
+        .define("C10_USING_CUSTOM_GENERATED_MACROS", None)
+        .define("ET_EVENT_TRACER_ENABLED", None)
+        .define("ET_USE_THREADPOOL", None)
+        .file("src/et/llama_ops.cpp")
+        .compile("etllm_llama_ops");
 
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=executorch");

@@ -19,6 +19,9 @@ use crate::tensor::{DType, MethodInfo, TensorData, TensorSpec, TensorView, Value
 extern "C" {
     fn etllm_threadpool_set_threads(num_threads: u32) -> bool;
     fn etllm_threadpool_thread_count() -> usize;
+    fn etllm_llama_ops_count() -> u32;
+    fn etllm_llama_ops_name(index: u32) -> *const std::ffi::c_char;
+    fn etllm_llama_ops_register(status: *mut u8, count: u32);
 }
 
 /// How many ExecuTorch log lines of level Error or worse are kept per thread.
@@ -79,7 +82,52 @@ fn init_runtime() {
             executorch::platform::register_platform_impl(pal);
             executorch::platform::pal_init();
         }
+        register_llama_ops();
     });
+}
+
+/// Who provides one of the `llama::` custom operators after [`register_llama_ops`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OpProvider {
+    /// EtLlm's own kernel was registered by this call.
+    EtLlm,
+    /// The registry already had the operator (registered earlier, by EtLlm or by another
+    /// library in the process); it was left as it was.
+    AlreadyRegistered,
+    /// The registry refused EtLlm's kernel (for example because it is full).
+    Failed,
+}
+
+/// Registers EtLlm's kernels for upstream's `llama::` custom operators
+/// (`custom_sdpa.out`, `update_cache.out`, `sdpa_with_kv_cache.out`,
+/// `update_cache_with_indices.out`) with ExecuTorch's kernel registry. An operator the
+/// registry already has is skipped, so a process where another library registered them
+/// keeps that library's kernels and does not abort. Called once by the runtime's
+/// initialisation; calling it again only skips.
+pub(crate) fn register_llama_ops() -> Vec<(String, OpProvider)> {
+    // Safety: plain C calls into llama_ops.cpp; `status` has room for `count` entries and
+    // the names are static NUL-terminated strings. The registry is not thread-safe: this
+    // runs under `INIT`, or in tests before any model is loaded.
+    unsafe {
+        let count = etllm_llama_ops_count();
+        let mut status = vec![u8::MAX; count as usize];
+        etllm_llama_ops_register(status.as_mut_ptr(), count);
+        status
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let name = std::ffi::CStr::from_ptr(etllm_llama_ops_name(i as u32))
+                    .to_string_lossy()
+                    .into_owned();
+                let provider = match s {
+                    0 => OpProvider::EtLlm,
+                    1 => OpProvider::AlreadyRegistered,
+                    _ => OpProvider::Failed,
+                };
+                (name, provider)
+            })
+            .collect()
+    }
 }
 
 /// Drops the lines captured so far on this thread.
@@ -223,11 +271,37 @@ impl Program {
 
     /// Loads `method` (resolving its operators and delegates) so that the first call does
     /// not pay for it and a missing operator is reported at load time.
+    /// An operator without a kernel in this process is reported as an unsupported model,
+    /// naming the operators.
     pub(crate) fn load_method(&mut self, method: &str) -> Result<()> {
         clear_log();
         self.module
             .load_method(method, None, None)
-            .map_err(|e| runtime_error(format!("loading method `{method}`"), e))
+            .map_err(|e| match e {
+                executorch::Error::OperatorMissing => {
+                    let log = take_log();
+                    let mut missing: Vec<&str> = log
+                        .split("; ")
+                        .filter_map(|line| line.split("Missing operator: ").nth(1))
+                        .filter_map(|rest| rest.split_whitespace().last())
+                        .collect();
+                    missing.dedup();
+                    Error::UnsupportedModel(format!(
+                        "{}: method `{method}` uses operators that no kernel library in this \
+                         process provides: {} (EtLlm provides the ExecuTorch runtime's \
+                         optimized and portable kernels, XNNPACK, and upstream's \
+                         llama::custom_sdpa, update_cache, sdpa_with_kv_cache and \
+                         update_cache_with_indices)",
+                        self.path.display(),
+                        if missing.is_empty() {
+                            format!("(unnamed; ExecuTorch said{log})")
+                        } else {
+                            missing.join(", ")
+                        }
+                    ))
+                }
+                e => runtime_error(format!("loading method `{method}`"), e),
+            })
     }
 
     /// Input and output metadata of `method`.
@@ -448,3 +522,6 @@ fn dtype_of(s: ScalarType) -> DType {
         _ => DType::Other,
     }
 }
+
+#[cfg(test)]
+mod llama_ops_tests;

@@ -1,0 +1,556 @@
+// Kernels for the `llama::` custom operators that upstream's LLM export emits with
+// `use_sdpa_with_kv_cache=True`, registered with ExecuTorch's kernel registry.
+//
+// Upstream's only kernels for these ops live in libcustom_ops_aot_lib.so, which needs
+// libtorch and libpython; these need nothing but the prebuilt runtime. Semantics follow
+// the registered schemas and upstream's 1.5.1 kernels:
+//
+//   llama::update_cache.out(Tensor value, Tensor(a!) cache, SymInt start_pos, *,
+//                           Tensor(b!) out) -> Tensor(b!)
+//     cache[:, start_pos:start_pos+S] = value  (value [B,S,Hkv,D], cache [B,C,Hkv,D]);
+//     `out` is a dummy nothing reads.
+//   llama::update_cache_with_indices.out(Tensor value, Tensor(a!) cache, SymInt start_pos,
+//                           Tensor indices, *, Tensor(b!) out) -> Tensor(b!)
+//     cache[b, indices[b, s]] = value[b, s]  (indices i64 [B,S]; start_pos is unused).
+//   llama::custom_sdpa.out(Tensor query, Tensor key, Tensor value, SymInt start_pos,
+//                           Tensor? attn_mask=None, float drpout_p=0., bool is_causal=False,
+//                           float? scale=None, *, Tensor(a!) out) -> Tensor(a!)
+//     query [B,S,H,D]; key/value are the caches [B,C,Hkv,D]; out [B,S,H,D].
+//     Query head h reads kv head h / (H / Hkv) (grouped-query attention).
+//     Without a mask the keys are rows 0..start_pos+S-1; with is_causal, query row i sees
+//     rows 0..start_pos+i. With a mask (float [S, C], added to the scores) every cache row
+//     is a key; a mask together with is_causal is an error, as upstream.
+//     scale defaults to 1/sqrt(D). Dropout must be 0 (inference).
+//   llama::sdpa_with_kv_cache.out(Tensor query, Tensor key, Tensor value,
+//                           Tensor(a!) key_cache, Tensor(b!) value_cache, SymInt start_pos,
+//                           SymInt seq_len, Tensor? attn_mask=None, float drpout_p=0.,
+//                           bool is_causal=False, float? scale=None, *, Tensor(c!) out)
+//     update_cache for key and value, then custom_sdpa over the caches.
+//
+// Dtypes: Float, Half and BFloat16 (accumulation in float). Bad arguments are reported
+// through ctx.fail() with an Error-level log line, never by aborting.
+#include <executorch/runtime/core/evalue.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_runtime_context.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include <executorch/runtime/platform/log.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using executorch::aten::BFloat16;
+using executorch::aten::Half;
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+using executorch::runtime::Kernel;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+// Below this many multiply-adds a call runs on the calling thread: handing tiny work to
+// the pool costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+// Fails the kernel with InvalidArgument and an Error-level log line naming the op.
+#define ETLLM_OP_CHECK(ctx, op, cond, fmt, ...)                             \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      ET_LOG(Error, "%s: " fmt, op, ##__VA_ARGS__);                         \
+      (ctx).fail(Error::InvalidArgument);                                   \
+      return;                                                               \
+    }                                                                       \
+  } while (0)
+
+// A 4-D tensor viewed through its strides; the last dimension must be dense.
+struct View4 {
+  int64_t size[4];
+  int64_t stride[4];
+};
+
+bool view4(const Tensor& t, View4& v) {
+  if (t.dim() != 4 || t.strides()[3] != 1) {
+    return false;
+  }
+  for (int i = 0; i < 4; ++i) {
+    v.size[i] = t.size(i);
+    v.stride[i] = t.strides()[i];
+  }
+  return true;
+}
+
+bool is_float_type(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float:
+      return "Float";
+    case ScalarType::Half:
+      return "Half";
+    case ScalarType::BFloat16:
+      return "BFloat16";
+    case ScalarType::Long:
+      return "Long";
+    case ScalarType::Int:
+      return "Int";
+    default:
+      return "an unsupported dtype";
+  }
+}
+
+// Reads argument `i` of the boxed stack as the type the schema gives it; false when the
+// program passed something else.
+bool arg_tensor(Span<EValue*> stack, size_t i, Tensor*& out) {
+  if (!stack[i]->isTensor()) return false;
+  out = &stack[i]->toTensor();
+  return true;
+}
+bool arg_opt_tensor(Span<EValue*> stack, size_t i, Tensor*& out) {
+  if (stack[i]->isNone()) {
+    out = nullptr;
+    return true;
+  }
+  return arg_tensor(stack, i, out);
+}
+bool arg_int(Span<EValue*> stack, size_t i, int64_t& out) {
+  if (!stack[i]->isInt()) return false;
+  out = stack[i]->toInt();
+  return true;
+}
+bool arg_double(Span<EValue*> stack, size_t i, double& out) {
+  if (!stack[i]->isDouble()) return false;
+  out = stack[i]->toDouble();
+  return true;
+}
+bool arg_opt_double(Span<EValue*> stack, size_t i, std::optional<double>& out) {
+  if (stack[i]->isNone()) {
+    out.reset();
+    return true;
+  }
+  double d = 0;
+  if (!arg_double(stack, i, d)) return false;
+  out = d;
+  return true;
+}
+bool arg_bool(Span<EValue*> stack, size_t i, bool& out) {
+  if (!stack[i]->isBool()) return false;
+  out = stack[i]->toBool();
+  return true;
+}
+
+// The boxed stack holds the schema's arguments, then (as the runtime emits it) one more
+// entry for the returned value. True when `stack` has that shape for `n` arguments.
+bool has_arity(Span<EValue*> stack, size_t n) {
+  return stack.size() == n || stack.size() == n + 1;
+}
+
+// Sets the returned value (the stack's entry past the arguments, when present) to `out`,
+// which an out-variant op returns.
+void set_return(Span<EValue*> stack, size_t n, const Tensor& out) {
+  if (stack.size() == n + 1) *stack[n] = EValue(out);
+}
+
+// ---------------------------------------------------------------------------------------
+// update_cache
+
+// Copies value [B,S,Hkv,D] into cache rows; row_of(b, s) gives the cache row of (b, s).
+template <typename RowOf>
+void copy_rows(const Tensor& value, const View4& vv, Tensor& cache, const View4& cv,
+               RowOf row_of) {
+  const size_t elem = value.element_size();
+  const char* src = static_cast<const char*>(value.const_data_ptr());
+  char* dst = static_cast<char*>(cache.mutable_data_ptr());
+  const int64_t heads = vv.size[2], dim = vv.size[3];
+  const bool dense_rows =
+      vv.stride[2] == dim && cv.stride[2] == dim;  // a row's heads are one block
+  for (int64_t b = 0; b < vv.size[0]; ++b) {
+    for (int64_t s = 0; s < vv.size[1]; ++s) {
+      const int64_t row = row_of(b, s);
+      const char* from = src + (b * vv.stride[0] + s * vv.stride[1]) * elem;
+      char* to = dst + (b * cv.stride[0] + row * cv.stride[1]) * elem;
+      if (dense_rows) {
+        std::memcpy(to, from, heads * dim * elem);
+      } else {
+        for (int64_t h = 0; h < heads; ++h) {
+          std::memcpy(to + h * cv.stride[2] * elem, from + h * vv.stride[2] * elem,
+                      dim * elem);
+        }
+      }
+    }
+  }
+}
+
+// Checks that value [B,S,Hkv,D] fits cache [B,C,Hkv,D]; logs and returns false if not.
+bool check_cache_pair(const char* op, const Tensor& value, const Tensor& cache, View4& vv,
+                      View4& cv) {
+  if (!view4(value, vv) || !view4(cache, cv)) {
+    ET_LOG(Error,
+           "%s: value and cache must be 4-D [batch, seq, kv_heads, head_dim] with a dense "
+           "last dimension (got %d-D and %d-D)",
+           op, (int)value.dim(), (int)cache.dim());
+    return false;
+  }
+  if (value.scalar_type() != cache.scalar_type()) {
+    ET_LOG(Error, "%s: value is %s but cache is %s", op, dtype_name(value.scalar_type()),
+           dtype_name(cache.scalar_type()));
+    return false;
+  }
+  for (int d : {0, 2, 3}) {
+    if (vv.size[d] != cv.size[d]) {
+      ET_LOG(Error, "%s: value and cache differ in dimension %d (%lld vs %lld)", op, d,
+             (long long)vv.size[d], (long long)cv.size[d]);
+      return false;
+    }
+  }
+  return true;
+}
+
+// Writes value rows at start_pos; logs and returns false when they do not fit.
+bool update_cache_at(const char* op, const Tensor& value, Tensor& cache, int64_t start_pos) {
+  View4 vv, cv;
+  if (!check_cache_pair(op, value, cache, vv, cv)) return false;
+  if (start_pos < 0 || start_pos + vv.size[1] > cv.size[1]) {
+    ET_LOG(Error, "%s: rows %lld..%lld do not fit a cache of %lld rows", op,
+           (long long)start_pos, (long long)(start_pos + vv.size[1]), (long long)cv.size[1]);
+    return false;
+  }
+  copy_rows(value, vv, cache, cv, [start_pos](int64_t, int64_t s) { return start_pos + s; });
+  return true;
+}
+
+void update_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const char* op = "llama::update_cache.out";
+  ETLLM_OP_CHECK(ctx, op, has_arity(stack, 4), "expected 4 arguments, got %zu", stack.size());
+  Tensor *value, *cache, *out;
+  int64_t start_pos;
+  ETLLM_OP_CHECK(ctx, op,
+                 arg_tensor(stack, 0, value) && arg_tensor(stack, 1, cache) &&
+                     arg_int(stack, 2, start_pos) && arg_tensor(stack, 3, out),
+                 "arguments do not match the schema");
+  if (!update_cache_at(op, *value, *cache, start_pos)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  set_return(stack, 4, *out);
+}
+
+void update_cache_with_indices_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const char* op = "llama::update_cache_with_indices.out";
+  ETLLM_OP_CHECK(ctx, op, has_arity(stack, 5), "expected 5 arguments, got %zu", stack.size());
+  Tensor *value, *cache, *indices, *out;
+  int64_t start_pos;
+  ETLLM_OP_CHECK(ctx, op,
+                 arg_tensor(stack, 0, value) && arg_tensor(stack, 1, cache) &&
+                     arg_int(stack, 2, start_pos) && arg_tensor(stack, 3, indices) &&
+                     arg_tensor(stack, 4, out),
+                 "arguments do not match the schema");
+  (void)start_pos;
+  View4 vv, cv;
+  if (!check_cache_pair(op, *value, *cache, vv, cv)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  ETLLM_OP_CHECK(ctx, op,
+                 indices->dim() == 2 && indices->scalar_type() == ScalarType::Long &&
+                     indices->size(0) == vv.size[0] && indices->size(1) == vv.size[1],
+                 "indices must be Long [batch, seq] matching value (got %s, %d-D)",
+                 dtype_name(indices->scalar_type()), (int)indices->dim());
+  const int64_t* idx = indices->const_data_ptr<int64_t>();
+  const int64_t is0 = indices->strides()[0], is1 = indices->strides()[1];
+  for (int64_t b = 0; b < vv.size[0]; ++b) {
+    for (int64_t s = 0; s < vv.size[1]; ++s) {
+      const int64_t row = idx[b * is0 + s * is1];
+      ETLLM_OP_CHECK(ctx, op, row >= 0 && row < cv.size[1],
+                     "index %lld is outside the cache's %lld rows", (long long)row,
+                     (long long)cv.size[1]);
+    }
+  }
+  copy_rows(*value, vv, *cache, cv,
+            [idx, is0, is1](int64_t b, int64_t s) { return idx[b * is0 + s * is1]; });
+  set_return(stack, 5, *out);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+struct SdpaArgs {
+  const Tensor* q;
+  const Tensor* k;
+  const Tensor* v;
+  const Tensor* mask;  // nullptr when absent
+  Tensor* out;
+  int64_t start_pos;
+  bool is_causal;
+  float scale;
+  View4 qv, kv, vv, ov;
+};
+
+inline float to_float(float x) { return x; }
+inline float to_float(Half x) { return static_cast<float>(x); }
+inline float to_float(BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline float dot(const T* a, const T* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += to_float(a[d]) * to_float(b[d]);
+  return acc;
+}
+
+// One query row of one head: out = softmax(q·K^T * scale + mask) V over `keys` rows.
+template <typename T, typename M>
+void attend_row(const SdpaArgs& a, int64_t b, int64_t h, int64_t i, int64_t keys,
+                std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t dim = a.qv.size[3];
+  const int64_t group = a.qv.size[2] / a.kv.size[2];
+  const int64_t kh = h / group;
+  const T* q = a.q->template const_data_ptr<T>() + b * a.qv.stride[0] + i * a.qv.stride[1] +
+               h * a.qv.stride[2];
+  const T* k = a.k->template const_data_ptr<T>() + b * a.kv.stride[0] + kh * a.kv.stride[2];
+  const T* v = a.v->template const_data_ptr<T>() + b * a.vv.stride[0] + kh * a.vv.stride[2];
+  const M* mask_row = nullptr;
+  if (a.mask != nullptr) {
+    mask_row = a.mask->template const_data_ptr<M>() + i * a.mask->strides()[0];
+  }
+  const int64_t mask_stride = a.mask != nullptr ? a.mask->strides()[1] : 0;
+
+  if (static_cast<int64_t>(scores.size()) < keys) scores.resize(keys);
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < keys; ++j) {
+    float s = dot(q, k + j * a.kv.stride[1], dim) * a.scale;
+    if (mask_row != nullptr) s += to_float(mask_row[j * mask_stride]);
+    scores[j] = s;
+    max_score = std::max(max_score, s);
+  }
+  if (static_cast<int64_t>(acc.size()) < dim) acc.resize(dim);
+  std::fill(acc.begin(), acc.begin() + dim, 0.f);
+  float sum = 0.f;
+  if (max_score != -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < keys; ++j) {
+      const float p = std::exp(scores[j] - max_score);
+      sum += p;
+      const T* vj = v + j * a.vv.stride[1];
+      float* out_acc = acc.data();
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) out_acc[d] += p * to_float(vj[d]);
+    }
+  }
+  // A row whose every score is -inf has no defined softmax; like torch it comes out NaN.
+  const float inv = sum > 0.f ? 1.f / sum : std::numeric_limits<float>::quiet_NaN();
+  T* o = a.out->template mutable_data_ptr<T>() + b * a.ov.stride[0] + i * a.ov.stride[1] +
+         h * a.ov.stride[2];
+  for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] * inv);
+}
+
+template <typename T, typename M>
+void run_sdpa(const SdpaArgs& a) {
+  const int64_t batch = a.qv.size[0], seq = a.qv.size[1], heads = a.qv.size[2];
+  const int64_t dim = a.qv.size[3];
+  const int64_t cache_rows = a.kv.size[1];
+  // Keys each query row sees (the last query row sees the most).
+  auto keys_for = [&](int64_t i) -> int64_t {
+    if (a.mask != nullptr) return cache_rows;
+    return a.is_causal ? a.start_pos + i + 1 : a.start_pos + seq;
+  };
+  const int64_t tasks = batch * heads * seq;
+  const int64_t work = tasks * keys_for(seq - 1) * dim * 2;
+  auto body = [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores, acc;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % seq, h = (t / seq) % heads, b = t / (seq * heads);
+      attend_row<T, M>(a, b, h, i, keys_for(i), scores, acc);
+    }
+  };
+  if (work < kMinParallelWork || tasks == 1) {
+    body(0, tasks);
+  } else {
+    const int64_t per_task = std::max<int64_t>(1, work / tasks);
+    const int64_t grain = std::max<int64_t>(1, kMinParallelWork / per_task);
+    executorch::extension::parallel_for(0, tasks, grain, body);
+  }
+}
+
+// Validates shapes and runs attention; logs and returns false on bad arguments.
+bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> scale) {
+  if (!view4(*a.q, a.qv) || !view4(*a.k, a.kv) || !view4(*a.v, a.vv)) {
+    ET_LOG(Error,
+           "%s: query, key and value must be 4-D [batch, seq, heads, head_dim] with a dense "
+           "last dimension",
+           op);
+    return false;
+  }
+  const ScalarType dt = a.q->scalar_type();
+  if (!is_float_type(dt) || a.k->scalar_type() != dt || a.v->scalar_type() != dt ||
+      a.out->scalar_type() != dt) {
+    ET_LOG(Error, "%s: query, key, value and out must share one of Float, Half, BFloat16 "
+                  "(query is %s)",
+           op, dtype_name(dt));
+    return false;
+  }
+  for (int d : {0, 1, 2, 3}) {
+    if (a.kv.size[d] != a.vv.size[d]) {
+      ET_LOG(Error, "%s: key and value differ in dimension %d", op, d);
+      return false;
+    }
+  }
+  if (a.qv.size[0] != a.kv.size[0] || a.qv.size[3] != a.kv.size[3]) {
+    ET_LOG(Error, "%s: query and key differ in batch or head_dim", op);
+    return false;
+  }
+  if (a.kv.size[2] == 0 || a.qv.size[2] % a.kv.size[2] != 0) {
+    ET_LOG(Error, "%s: %lld query heads are not a multiple of %lld kv heads", op,
+           (long long)a.qv.size[2], (long long)a.kv.size[2]);
+    return false;
+  }
+  if (dropout_p != 0.0) {
+    ET_LOG(Error, "%s: dropout_p must be 0 at inference (got %f)", op, dropout_p);
+    return false;
+  }
+  if (a.mask != nullptr) {
+    if (a.is_causal) {
+      ET_LOG(Error, "%s: attn_mask and is_causal cannot be set at the same time", op);
+      return false;
+    }
+    const ScalarType mt = a.mask->scalar_type();
+    if (a.mask->dim() != 2 || a.mask->size(0) != a.qv.size[1] ||
+        a.mask->size(1) != a.kv.size[1] || (mt != ScalarType::Float && mt != dt)) {
+      ET_LOG(Error,
+             "%s: attn_mask must be Float (or the query's dtype) [seq, cache rows] = "
+             "[%lld, %lld]",
+             op, (long long)a.qv.size[1], (long long)a.kv.size[1]);
+      return false;
+    }
+  } else if (a.start_pos < 0 || a.start_pos + a.qv.size[1] > a.kv.size[1]) {
+    ET_LOG(Error, "%s: start_pos %lld + %lld query rows exceeds the cache's %lld rows", op,
+           (long long)a.start_pos, (long long)a.qv.size[1], (long long)a.kv.size[1]);
+    return false;
+  }
+  const Error resized = executorch::runtime::resize_tensor(*a.out, a.q->sizes());
+  if (resized != Error::Ok || !view4(*a.out, a.ov)) {
+    ET_LOG(Error, "%s: cannot resize out to the query's shape", op);
+    return false;
+  }
+  a.scale = static_cast<float>(scale.has_value() ? *scale
+                                                 : 1.0 / std::sqrt(double(a.qv.size[3])));
+  const bool float_mask = a.mask != nullptr && a.mask->scalar_type() == ScalarType::Float;
+  switch (dt) {
+    case ScalarType::Float:
+      run_sdpa<float, float>(a);
+      break;
+    case ScalarType::Half:
+      float_mask ? run_sdpa<Half, float>(a) : run_sdpa<Half, Half>(a);
+      break;
+    case ScalarType::BFloat16:
+      float_mask ? run_sdpa<BFloat16, float>(a) : run_sdpa<BFloat16, BFloat16>(a);
+      break;
+    default:
+      return false;
+  }
+  return true;
+}
+
+void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const char* op = "llama::custom_sdpa.out";
+  ETLLM_OP_CHECK(ctx, op, has_arity(stack, 9), "expected 9 arguments, got %zu", stack.size());
+  Tensor *q, *k, *v, *mask, *out;
+  SdpaArgs a{};
+  double dropout_p;
+  std::optional<double> scale;
+  ETLLM_OP_CHECK(ctx, op,
+                 arg_tensor(stack, 0, q) && arg_tensor(stack, 1, k) &&
+                     arg_tensor(stack, 2, v) && arg_int(stack, 3, a.start_pos) &&
+                     arg_opt_tensor(stack, 4, mask) && arg_double(stack, 5, dropout_p) &&
+                     arg_bool(stack, 6, a.is_causal) && arg_opt_double(stack, 7, scale) &&
+                     arg_tensor(stack, 8, out),
+                 "arguments do not match the schema");
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.mask = mask;
+  a.out = out;
+  if (!sdpa(op, a, dropout_p, scale)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  set_return(stack, 9, *out);
+}
+
+void sdpa_with_kv_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const char* op = "llama::sdpa_with_kv_cache.out";
+  ETLLM_OP_CHECK(ctx, op, has_arity(stack, 12), "expected 12 arguments, got %zu", stack.size());
+  Tensor *q, *k, *v, *k_cache, *v_cache, *mask, *out;
+  SdpaArgs a{};
+  int64_t seq_len;
+  double dropout_p;
+  std::optional<double> scale;
+  ETLLM_OP_CHECK(ctx, op,
+                 arg_tensor(stack, 0, q) && arg_tensor(stack, 1, k) &&
+                     arg_tensor(stack, 2, v) && arg_tensor(stack, 3, k_cache) &&
+                     arg_tensor(stack, 4, v_cache) && arg_int(stack, 5, a.start_pos) &&
+                     arg_int(stack, 6, seq_len) && arg_opt_tensor(stack, 7, mask) &&
+                     arg_double(stack, 8, dropout_p) && arg_bool(stack, 9, a.is_causal) &&
+                     arg_opt_double(stack, 10, scale) && arg_tensor(stack, 11, out),
+                 "arguments do not match the schema");
+  ETLLM_OP_CHECK(ctx, op, q->dim() == 4 && seq_len == q->size(1),
+                 "seq_len %lld does not match the query's %lld rows", (long long)seq_len,
+                 q->dim() == 4 ? (long long)q->size(1) : -1LL);
+  if (!update_cache_at(op, *k, *k_cache, a.start_pos) ||
+      !update_cache_at(op, *v, *v_cache, a.start_pos)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  a.q = q;
+  a.k = k_cache;
+  a.v = v_cache;
+  a.mask = mask;
+  a.out = out;
+  if (!sdpa(op, a, dropout_p, scale)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  set_return(stack, 12, *out);
+}
+
+const Kernel kKernels[] = {
+    Kernel("llama::custom_sdpa.out", custom_sdpa_out),
+    Kernel("llama::update_cache.out", update_cache_out),
+    Kernel("llama::sdpa_with_kv_cache.out", sdpa_with_kv_cache_out),
+    Kernel("llama::update_cache_with_indices.out", update_cache_with_indices_out),
+};
+constexpr uint32_t kNumKernels = sizeof(kKernels) / sizeof(kKernels[0]);
+
+}  // namespace
+
+extern "C" {
+
+// Number of kernels this file provides.
+uint32_t etllm_llama_ops_count() noexcept { return kNumKernels; }
+
+// Name of kernel `i`, or NULL past the end.
+const char* etllm_llama_ops_name(uint32_t i) noexcept {
+  return i < kNumKernels ? kKernels[i].name_ : nullptr;
+}
+
+// Registers each kernel whose op the registry does not have yet (another library may have
+// registered it first: that one is kept). Writes one status per kernel into `status`
+// (`count` entries at most): 0 registered now, 1 already registered, 2 refused.
+void etllm_llama_ops_register(uint8_t* status, uint32_t count) noexcept {
+  for (uint32_t i = 0; i < kNumKernels; ++i) {
+    uint8_t result = 1;
+    if (!executorch::runtime::registry_has_op_function(kKernels[i].name_)) {
+      result = executorch::runtime::register_kernels({&kKernels[i], 1}) == Error::Ok ? 0 : 2;
+    }
+    if (i < count) status[i] = result;
+  }
+}
+}
