@@ -154,6 +154,17 @@ static void model_without_forward(const char *arg) {
             etllm_last_error_message());
 }
 
+/* A model using an operator no kernel library provides fails to load, naming it. */
+static void model_with_unsupported_operator(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = NULL;
+  CHECK_ERR(etllm_runner_open(fixture("unsupported_op/model.pte"), TOKENIZER(), NULL, &runner),
+            ETLLM_ERR_UNSUPPORTED_MODEL);
+  CHECK_MSG(runner == NULL, "no runner on failure");
+  CHECK_MSG(strstr(etllm_last_error_message(), "llama::fast_hadamard_transform.out") != NULL,
+            "message: %s", etllm_last_error_message());
+}
+
 static void missing_tokenizer_file(const char *arg) {
   (void)arg;
   check_load_fails(fixture_model(DEFAULT_MODEL), fixture("does-not-exist.json"),
@@ -533,6 +544,7 @@ int main(int argc, char **argv) {
       {"corrupt_model_random_bytes", corrupt_model_random_bytes},
       {"corrupt_model_truncated", corrupt_model_truncated},
       {"model_without_forward", model_without_forward},
+      {"model_with_unsupported_operator", model_with_unsupported_operator},
       {"missing_tokenizer_file", missing_tokenizer_file},
       {"corrupt_tokenizer", corrupt_tokenizer},
       {"tokenizer_bigger_than_vocab", tokenizer_bigger_than_vocab},

@@ -53,6 +53,12 @@ def test_model_without_forward_raises_unsupported_model_error():
     assert "forward" in err.message
 
 
+def test_model_with_an_unsupported_operator_raises_unsupported_model_error():
+    err = raises(etllm.UnsupportedModelError, etllm.Runner, FIXTURES / "unsupported_op" / "model.pte",
+                 TOKENIZER)
+    assert "llama::fast_hadamard_transform.out" in err.message
+
+
 def test_tokenizer_bigger_than_the_vocab_raises_invalid_tokenizer_error():
     raises(etllm.InvalidTokenizerError, etllm.Runner, model("dyn_xnnpack"), FIXTURES / "tokenizer_big.json")
 

@@ -12,7 +12,7 @@ import etllm
 from conftest import TOKENIZER, generated_ids, greedy, model, reference
 
 MODELS = ["dyn_xnnpack", "static_xnnpack", "dyn_portable", "no_kv_cache", "cache_positions",
-          "static_attention"]
+          "static_attention", "sdpa_dyn_gqa", "sdpa_static_mha"]
 
 
 @pytest.fixture(scope="module")

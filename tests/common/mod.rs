@@ -16,7 +16,12 @@ pub const FIXTURES: &[&str] = &[
     "dyn_portable",
     "no_kv_cache",
     "cache_positions",
+    "sdpa_dyn_gqa",
+    "sdpa_static_mha",
 ];
+
+/// The fixtures exported with `use_sdpa_with_kv_cache` (upstream's `llama::` custom ops).
+pub const CUSTOM_OP_FIXTURES: &[&str] = &["sdpa_dyn_gqa", "sdpa_static_mha"];
 
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -47,6 +52,9 @@ pub struct Case {
     /// The ten largest first-step logits as (id, logit), largest first.
     #[serde(default)]
     pub first_logits_top: Vec<(u32, f32)>,
+    /// Every first-step logit (after the prompt), rounded to 7 significant digits.
+    #[serde(default)]
+    pub first_logits: Vec<f32>,
     /// Index in `greedy_ids` of the first EOS, when there is one.
     #[serde(default)]
     pub greedy_first_eos_index: Option<usize>,
