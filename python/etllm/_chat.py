@@ -49,14 +49,19 @@ class ChatTemplate:
 
     @classmethod
     def llama3(cls) -> "ChatTemplate":
+        """The built-in Llama 3 Instruct template (``bos_token`` ``<|begin_of_text|>``)."""
         return cls._from(_ffi.lib.etllm_chat_template_llama3)
 
     @classmethod
     def llama2(cls) -> "ChatTemplate":
+        """The built-in Llama 2 Chat template (``bos_token`` ``<s>``)."""
         return cls._from(_ffi.lib.etllm_chat_template_llama2)
 
     @classmethod
     def from_model_dir(cls, path: PathLike) -> "ChatTemplate":
+        """A model's template, read as HF transformers does (``chat_template.jinja``, else
+        ``tokenizer_config.json``, whose special tokens are set); ``path`` is the folder or
+        the ``tokenizer_config.json``. Raises :class:`NotFoundError` when there is none."""
         return cls._from(_ffi.lib.etllm_chat_template_from_model_dir, os.fsencode(path))
 
     def _p(self) -> int:
