@@ -1,30 +1,36 @@
-/*
- * EtLlm C API: run decoder-only LLMs exported to ExecuTorch .pte files.
+/**
+ * @file etllm.h
+ * @brief EtLlm C API: run decoder-only LLMs exported to ExecuTorch .pte files.
  *
- * Rules that hold for every function in this header:
+ * Rules that hold for every function in this header (docs/c-api.md has a guided tour):
  *
- * Errors. Every fallible function returns an etllm_status: ETLLM_OK (0) or an error code.
+ * @par Errors
+ *   Every fallible function returns an etllm_status: ETLLM_OK (0) or an error code.
  *   etllm_last_error_message() returns the message describing the status of the most
  *   recent call on the calling thread ("" after a success). No Rust panic crosses this
  *   boundary: one is reported as ETLLM_ERR_PANIC. The library never writes to stdout.
  *
- * Ownership. Objects the library creates are freed by the caller with the matching
+ * @par Ownership
+ *   Objects the library creates are freed by the caller with the matching
  *   function: an etllm_runner with etllm_runner_free, an etllm_chat_template with
  *   etllm_chat_template_free, an etllm_conversation with etllm_conversation_free, an
  *   etllm_tokenizer with etllm_tokenizer_free, an etllm_text_stream with
  *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
- *   and an id or text buffer returned with its length with etllm_buffer_free. Strings and structs passed to the library are only
- *   read during the call; pointers the library passes to callbacks are valid only during
- *   the callback. Strings returned as `const char *` belong to the library.
+ *   and an id or text buffer returned with its length with etllm_buffer_free. Strings
+ *   and structs passed to the library are only read during the call; pointers the
+ *   library passes to callbacks are valid only during the callback. Strings returned as
+ *   `const char *` belong to the library.
  *
- * Threads. A runner is used by one call at a time; etllm_runner_stop may be called from
+ * @par Threads
+ *   A runner is used by one call at a time; etllm_runner_stop may be called from
  *   any thread at any time. Another call made while one is in progress returns
  *   ETLLM_ERR_BUSY. Different runners are independent. An etllm_conversation follows the
  *   same rule; a loaded etllm_tokenizer and an etllm_chat_template (once its tokens are
  *   set) may be used from any number of threads at once. Callbacks run on the thread that
  *   called generate and must not unwind (no C++ exception, no longjmp) out of the call.
  *
- * Struct versioning. Option and stats structs start with `uint32_t struct_size`. Always
+ * @par Struct versioning
+ *   Option and stats structs start with `uint32_t struct_size`. Always
  *   initialize them with their *_default() function, which sets struct_size and every
  *   default; newer library versions add fields only at the end and read no further than
  *   the caller's struct_size. Passing NULL for an options or config pointer means the

@@ -68,6 +68,23 @@ impl ChatMessage {
 
 /// A compiled chat template and the special-token strings it is rendered with
 /// (`bos_token`, `eos_token`, and any other `*_token` a `tokenizer_config.json` names).
+///
+/// ```
+/// use etllm::{ChatMessage, ChatTemplate};
+///
+/// let template = ChatTemplate::new(
+///     "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
+///      {% if add_generation_prompt %}<assistant>{% endif %}",
+/// )?
+/// .with_token("bos_token", "<s>");
+/// let messages = [ChatMessage::system("Be brief."), ChatMessage::user("Hi")];
+/// assert_eq!(template.apply(&messages, true)?, "<s><system>Be brief.<user>Hi<assistant>");
+///
+/// // The built-in Llama 3 Instruct template, as HF transformers renders it.
+/// let llama3 = ChatTemplate::llama3().apply(&[ChatMessage::user("Hi")], true)?;
+/// assert!(llama3.starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>"));
+/// # Ok::<(), etllm::Error>(())
+/// ```
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
@@ -416,6 +433,37 @@ impl serde_json::ser::Formatter for PythonCompact {
 ///
 /// The conversation owns no runner: pass the same runner to every call, and do not
 /// generate on it in between, or the positions it records no longer match.
+///
+/// A chat with rewind (a compact template: the test model's context is 128 tokens):
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use etllm::{ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions};
+///
+/// let mut runner = Runner::open(
+///     "tests/fixtures/dyn_xnnpack/model.pte",
+///     "tests/fixtures/tokenizer.json",
+///     RunnerOptions::default(),
+/// )?;
+/// let template = ChatTemplate::new(
+///     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
+///      {% if add_generation_prompt %}<assistant>{% endif %}",
+/// )?;
+/// let mut chat = Conversation::new(template);
+/// let config = GenerationConfig { max_new_tokens: 6, temperature: 0.0, ignore_eos: true, ..Default::default() };
+/// let print = |piece: etllm::TokenPiece<'_>| { print!("{}", piece.text); ControlFlow::Continue(()) };
+///
+/// chat.send(&mut runner, "Once upon", &config, print)?;
+/// let before = runner.position();
+/// let (reply, _stats) = chat.send(&mut runner, "a time", &config, print)?;
+/// assert_eq!(chat.turns(), 2);
+///
+/// assert!(chat.rewind(&mut runner)?); // drops the last turn and its KV-cache entries
+/// assert_eq!((chat.turns(), runner.position()), (1, before));
+/// let (again, _) = chat.send(&mut runner, "a time", &config, print)?;
+/// assert_eq!(again, reply); // greedy: the same reply
+/// # Ok::<(), etllm::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Conversation {
     template: ChatTemplate,

@@ -8,6 +8,19 @@ use crate::error::{Error, Result};
 /// deliberate difference: `max_new_tokens = N` yields exactly N new tokens (upstream's
 /// runner yields N - 1). `top_k`, `top_p`, `min_p`, `repetition_penalty`, `ignore_eos`, `seed`,
 /// `stop_token_ids` and `stop_strings` are EtLlm additions.
+///
+/// ```
+/// use etllm::GenerationConfig;
+///
+/// let config = GenerationConfig { max_new_tokens: 64, temperature: 0.7, top_p: 0.9, seed: Some(42), ..Default::default() };
+/// assert!(config.validate().is_ok());
+/// // Upstream's defaults: echo on, no token limit, temperature 0.8, no BOS added.
+/// let d = GenerationConfig::default();
+/// assert!(d.echo && d.max_new_tokens == -1 && d.temperature == 0.8 && d.num_bos == 0);
+/// // Out-of-range values are errors that name the field.
+/// let bad = GenerationConfig { temperature: -1.0, ..Default::default() };
+/// assert!(bad.validate().unwrap_err().to_string().contains("temperature"));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
     /// Pass the prompt text to the token callback before the generated text. Default true.
@@ -130,6 +143,16 @@ impl GenerationConfig {
     /// How many tokens to generate, by upstream's `resolve_max_new_tokens` rules:
     /// `max_context_len` is the context left before the prompt, `num_prompt_tokens` the
     /// prompt's length. Never negative.
+    ///
+    /// ```
+    /// use etllm::GenerationConfig;
+    ///
+    /// let limit = |max_new_tokens, seq_len| GenerationConfig { max_new_tokens, seq_len, ..Default::default() };
+    /// assert_eq!(limit(-1, -1).resolve_max_new_tokens(128, 20), 108); // the rest of the context
+    /// assert_eq!(limit(16, -1).resolve_max_new_tokens(128, 20), 16);
+    /// assert_eq!(limit(16, -1).resolve_max_new_tokens(128, 120), 8); // what is left
+    /// assert_eq!(limit(-1, 32).resolve_max_new_tokens(128, 20), 12); // seq_len counts the prompt
+    /// ```
     pub fn resolve_max_new_tokens(&self, max_context_len: i64, num_prompt_tokens: i64) -> i64 {
         let seq_len = self.seq_len as i64;
         let max_new = self.max_new_tokens as i64;

@@ -1,15 +1,32 @@
 //! EtLlm runs decoder-only LLMs exported to ExecuTorch `.pte` files.
 //!
-//! ```no_run
-//! use std::ops::ControlFlow;
-//! use etllm::{GenerationConfig, Runner, RunnerOptions};
+//! The examples in this documentation run as doctests on the repository's tiny test model
+//! (`tests/fixtures/`, random weights: its text is noise); put your own `.pte` and
+//! tokenizer in their place.
 //!
-//! let mut runner = Runner::open("model.pte", "tokenizer.json", RunnerOptions::default())?;
-//! let config = GenerationConfig { max_new_tokens: 32, temperature: 0.0, num_bos: 1, ..Default::default() };
+//! ```
+//! use std::ops::ControlFlow;
+//! use etllm::{GenerationConfig, Runner, RunnerOptions, StopReason};
+//!
+//! let mut runner = Runner::open(
+//!     "tests/fixtures/dyn_xnnpack/model.pte",
+//!     "tests/fixtures/tokenizer.json",
+//!     RunnerOptions::default(),
+//! )?;
+//! let config = GenerationConfig {
+//!     max_new_tokens: 8,
+//!     temperature: 0.0, // greedy
+//!     num_bos: 1,
+//!     ..Default::default()
+//! };
+//! let mut text = String::new();
 //! let stats = runner.generate("Once upon a time", &config, |piece| {
-//!     print!("{}", piece.text);
+//!     text.push_str(piece.text); // complete UTF-8; print it to stream
 //!     ControlFlow::Continue(())
 //! }, |_| {})?;
+//! assert!(text.starts_with("Once upon a time")); // `echo` is on by default
+//! assert_eq!(stats.num_generated_tokens, 8); // exactly max_new_tokens
+//! assert_eq!(stats.stop_reason, StopReason::Length);
 //! eprintln!("{:.1} tokens/s", stats.decode_tokens_per_second());
 //! # Ok::<(), etllm::Error>(())
 //! ```

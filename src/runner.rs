@@ -58,6 +58,30 @@ pub struct TokenPiece<'a> {
 }
 
 /// Stops a running [`Runner::generate`] from any thread. Cheap to clone.
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use etllm::{GenerationConfig, Runner, RunnerOptions, StopReason};
+///
+/// let mut runner = Runner::open(
+///     "tests/fixtures/dyn_xnnpack/model.pte",
+///     "tests/fixtures/tokenizer.json",
+///     RunnerOptions::default(),
+/// )?;
+/// let handle = runner.stop_handle(); // Send + Clone: give it to another thread
+/// let config = GenerationConfig { max_new_tokens: 50, echo: false, ignore_eos: true, ..Default::default() };
+/// let mut pieces = 0;
+/// let stats = runner.generate("Once upon a time", &config, |_| {
+///     pieces += 1;
+///     if pieces == 3 {
+///         handle.stop(); // what a UI thread's "stop" button would do
+///     }
+///     ControlFlow::Continue(())
+/// }, |_| {})?;
+/// assert_eq!(stats.stop_reason, StopReason::Stopped);
+/// assert!(stats.num_generated_tokens < 50);
+/// # Ok::<(), etllm::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct StopHandle(Arc<AtomicBool>);
 
@@ -90,6 +114,37 @@ struct Loaded {
 ///
 /// A runner is used from one thread at a time (it is `Send`); only a [`StopHandle`] may be
 /// used from other threads while `generate` runs.
+///
+/// Continuing, rewinding and regenerating:
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use etllm::{GenerationConfig, Runner, RunnerOptions};
+///
+/// let mut runner = Runner::open(
+///     "tests/fixtures/dyn_xnnpack/model.pte",
+///     "tests/fixtures/tokenizer.json",
+///     RunnerOptions::default(),
+/// )?;
+/// let greedy = GenerationConfig { max_new_tokens: 4, temperature: 0.0, echo: false, ..Default::default() };
+/// let mut reply = |runner: &mut Runner, prompt: &str| -> etllm::Result<String> {
+///     let mut text = String::new();
+///     runner.generate(prompt, &greedy, |p| { text.push_str(p.text); ControlFlow::Continue(()) }, |_| {})?;
+///     Ok(text)
+/// };
+///
+/// runner.prefill("Once upon a time", &GenerationConfig { num_bos: 1, ..Default::default() })?;
+/// let start = runner.position(); // BOS + the prompt's tokens
+/// let first = reply(&mut runner, " the")?; // continues the prefilled text
+/// assert!(runner.position() > start);
+///
+/// runner.rewind(start)?; // back to just after the prompt
+/// assert_eq!(reply(&mut runner, " the")?, first); // greedy: the same reply again
+///
+/// runner.reset()?; // a new conversation
+/// assert_eq!(runner.position(), 0);
+/// # Ok::<(), etllm::Error>(())
+/// ```
 pub struct Runner {
     model_path: PathBuf,
     tokenizer_path: PathBuf,

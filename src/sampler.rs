@@ -44,6 +44,21 @@ impl Default for SamplingParams {
 /// logits give the same tokens on every platform and through every binding. Nothing sorts
 /// the whole vocabulary: top-k selects with a small heap, top-p sorts only the tokens that
 /// can be in the nucleus.
+///
+/// ```
+/// use etllm::sampler::{Sampler, SamplingParams};
+///
+/// let logits = [0.5, 3.0, 2.9, -1.0];
+/// assert_eq!(Sampler::new(0.0, 0).sample(&logits, &[]), 1); // temperature 0: greedy
+///
+/// let params = SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() };
+/// let draws = |seed| {
+///     let mut s = Sampler::with_params(params, seed);
+///     (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+/// };
+/// assert_eq!(draws(7), draws(7)); // the same seed, the same tokens
+/// assert!(draws(7).iter().all(|&t| t == 1 || t == 2)); // top-k 2
+/// ```
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
@@ -299,6 +314,40 @@ fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
 /// it sees the logits (and may edit them, e.g. to forbid tokens for constrained decoding)
 /// and either picks the token itself or lets the built-in sampler pick from the edited
 /// logits. Set it with [`Runner::set_sampler_plugin`](crate::Runner::set_sampler_plugin).
+///
+/// A plugin that forbids one token (constrained decoding in one line):
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use etllm::{sampler::SamplerPlugin, GenerationConfig, Runner, RunnerOptions};
+///
+/// struct Forbid(u32);
+/// impl SamplerPlugin for Forbid {
+///     fn apply(&mut self, logits: &mut [f32], _history: &[u32]) -> etllm::Result<Option<u32>> {
+///         logits[self.0 as usize] = f32::NEG_INFINITY;
+///         Ok(None) // let the built-in sampler pick from the edited logits
+///     }
+/// }
+///
+/// let mut runner = Runner::open(
+///     "tests/fixtures/dyn_xnnpack/model.pte",
+///     "tests/fixtures/tokenizer.json",
+///     RunnerOptions::default(),
+/// )?;
+/// let config = GenerationConfig { max_new_tokens: 12, temperature: 0.0, echo: false, ..Default::default() };
+/// let mut tokens = Vec::new();
+/// let mut collect = |p: etllm::TokenPiece<'_>| { tokens.extend(p.token); ControlFlow::Continue(()) };
+/// runner.generate("Once upon a time", &config, &mut collect, |_| {})?;
+/// let banned = tokens[0]; // the first greedy token...
+///
+/// runner.reset()?;
+/// runner.set_sampler_plugin(Some(Box::new(Forbid(banned))));
+/// tokens.clear();
+/// let mut collect = |p: etllm::TokenPiece<'_>| { tokens.extend(p.token); ControlFlow::Continue(()) };
+/// runner.generate("Once upon a time", &config, &mut collect, |_| {})?;
+/// assert!(!tokens.contains(&banned)); // ...never comes now
+/// # Ok::<(), etllm::Error>(())
+/// ```
 pub trait SamplerPlugin: Send {
     /// Called when a generate call starts, before its first token.
     fn reset(&mut self) -> crate::Result<()> {

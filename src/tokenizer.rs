@@ -101,6 +101,25 @@ trait Backend: Send + Sync {
 
 /// A loaded tokenizer of any supported format. Immutable once loaded: it may be shared
 /// between threads.
+///
+/// ```
+/// use etllm::Tokenizer;
+///
+/// let tokenizer = Tokenizer::from_file("tests/fixtures/tokenizer.json")?;
+/// let ids = tokenizer.encode_with("Hello, world!", 1, 0)?; // one BOS, no EOS
+/// assert_eq!(ids[0], tokenizer.bos_id().unwrap());
+/// assert_eq!(tokenizer.decode(&ids[1..])?, "Hello, world!");
+///
+/// // Streaming: each push returns the text the token completes (complete UTF-8 only).
+/// let mut stream = tokenizer.stream();
+/// let mut text = String::new();
+/// for &id in &ids[1..] {
+///     text += &stream.push(id)?;
+/// }
+/// text += &stream.flush()?;
+/// assert_eq!(text, "Hello, world!");
+/// # Ok::<(), etllm::Error>(())
+/// ```
 pub struct Tokenizer {
     backend: Box<dyn Backend>,
     bos_id: Option<u32>,

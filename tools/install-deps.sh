@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what EtLlm needs to build and test on Debian 12 (or a Debian-based system):
-# a C/C++ toolchain, libclang (bindgen), Python 3 with pip (the build fetches the
-# prebuilt ExecuTorch 1.5.1 runtime wheel with pip), and a Rust toolchain (rustup) when
-# cargo is missing or too old. Safe to run again; it only installs what is missing.
+# a C/C++ toolchain, libclang (bindgen), Doxygen (the C API reference), Python 3 with pip
+# (the build fetches the prebuilt ExecuTorch 1.5.1 runtime wheel with pip), and a Rust
+# toolchain (rustup) when cargo is missing or too old. Safe to run again; it only installs what is missing.
 set -euo pipefail
 
 SUDO=""
@@ -18,6 +18,8 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # tools/install.sh sets the installed libetllm.so's RUNPATH to $ORIGIN.
 command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
+# tools/build-docs.sh builds the C API reference with Doxygen.
+command -v doxygen >/dev/null 2>&1 || need_apt+=(doxygen)
 # For the CMake venv below (Debian ships venv/ensurepip apart from python3).
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # bindgen (used by the executorch-sys crate) loads libclang.

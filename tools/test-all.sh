@@ -2,7 +2,8 @@
 # Runs every test: formatting and lints, the Rust unit, integration, CLI and doc tests,
 # the header check, then the C and C++ tests through CTest against an installed prefix
 # (and once more under AddressSanitizer), then the Python package's pytest suite
-# (tools/test-python.sh). Run tools/install-deps.sh first on a fresh
+# (tools/test-python.sh), then builds the C, Rust and Python API references with warnings as
+# errors (tools/build-docs.sh). Run tools/install-deps.sh first on a fresh
 # machine. Ends with one summary line: "N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,8 @@ echo "== C and C++ tests (CTest, then AddressSanitizer)" >&2
 bash tools/test-c.sh 2>&1 | tee -a "$LOG"
 echo "== Python package (fresh venv, pip install ./python, pytest)" >&2
 bash tools/test-python.sh 2>&1 | tee -a "$LOG"
+echo "== API references (Doxygen, cargo doc, pdoc; any warning fails)" >&2
+bash tools/build-docs.sh
 
 rust=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s += $4} END {print s + 0}')
 c=$(grep -Eo 'tests passed out of [0-9]+' "$LOG" | awk '{s += $5} END {print s + 0}')

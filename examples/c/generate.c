@@ -97,5 +97,12 @@ int main(int argc, char **argv) {
           decode_s > 0 ? (double)stats.num_generated_tokens / decode_s : 0.0);
 
   etllm_runner_free(runner); /* every runner is freed exactly once */
+
+  /* max_new_tokens is exact unless the model ends the text first (CI relies on this). */
+  if (stats.stop_reason != ETLLM_STOP_EOS &&
+      stats.num_generated_tokens != (uint64_t)max_new_tokens) {
+    fprintf(stderr, "expected %d generated tokens\n", max_new_tokens);
+    return 1;
+  }
   return 0;
 }

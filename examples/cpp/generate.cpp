@@ -34,6 +34,12 @@ int main(int argc, char** argv) {
         [](const etllm::Stats& s) { std::cerr << "\n" << s.to_json() << "\n"; });
     std::cerr << stats.num_generated_tokens << " tokens, " << stats.decode_tokens_per_second()
               << " tokens/s\n";
+    // max_new_tokens is exact unless the model ends the text first (CI relies on this).
+    if (stats.stop_reason != ETLLM_STOP_EOS &&
+        stats.num_generated_tokens != static_cast<uint64_t>(config.max_new_tokens)) {
+      std::cerr << "error: expected " << config.max_new_tokens << " tokens\n";
+      return 1;
+    }
     return 0;
   } catch (const etllm::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import _ffi
 from ._config import GenerationConfig, Stats
 from ._errors import check
-from ._runner import PathLike, Runner, StatsCallback, TokenCallback
+from ._runner import PathLike, Piece, Runner, StatsCallback, TokenCallback  # noqa: F401 (Piece: for TokenCallback)
 
 
 def _messages(messages: Sequence[Any]) -> Tuple[Any, List[Tuple[bytes, bytes]]]:
@@ -49,14 +49,19 @@ class ChatTemplate:
 
     @classmethod
     def llama3(cls) -> "ChatTemplate":
+        """The built-in Llama 3 Instruct template (``bos_token`` ``<|begin_of_text|>``)."""
         return cls._from(_ffi.lib.etllm_chat_template_llama3)
 
     @classmethod
     def llama2(cls) -> "ChatTemplate":
+        """The built-in Llama 2 Chat template (``bos_token`` ``<s>``)."""
         return cls._from(_ffi.lib.etllm_chat_template_llama2)
 
     @classmethod
     def from_model_dir(cls, path: PathLike) -> "ChatTemplate":
+        """A model's template, read as HF transformers does (``chat_template.jinja``, else
+        ``tokenizer_config.json``, whose special tokens are set); ``path`` is the folder or
+        the ``tokenizer_config.json``. Raises :class:`NotFoundError` when there is none."""
         return cls._from(_ffi.lib.etllm_chat_template_from_model_dir, os.fsencode(path))
 
     def _p(self) -> int:
@@ -65,9 +70,13 @@ class ChatTemplate:
         return self._ptr
 
     def set_token(self, name: str, value: str) -> None:
+        """Sets a special token the template refers to (``bos_token``, ``eos_token``, ...)."""
         check(_ffi.lib.etllm_chat_template_set_token(self._p(), name.encode(), value.encode()))
 
     def apply(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Renders ``messages`` (dicts with ``role`` and ``content``) as HF transformers'
+        ``apply_chat_template(..., tokenize=False)`` does; ``add_generation_prompt`` appends
+        the assistant turn's opening."""
         arr, keep = _messages(messages)
         out = ctypes.c_void_p()
         check(
@@ -78,6 +87,7 @@ class ChatTemplate:
         return _ffi.take_string(out)
 
     def close(self) -> None:
+        """Frees the object now (otherwise it is freed when garbage-collected)."""
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             _ffi.lib.etllm_chat_template_free(ptr)
@@ -171,6 +181,7 @@ class Conversation:
 
     @property
     def messages(self) -> List[Dict[str, str]]:
+        """The conversation so far: the system message, then each user turn and reply."""
         n = ctypes.c_size_t()
         check(_ffi.lib.etllm_conversation_num_messages(self._p(), ctypes.byref(n)))
         out = []
@@ -181,6 +192,7 @@ class Conversation:
         return out
 
     def close(self) -> None:
+        """Frees the object now (otherwise it is freed when garbage-collected)."""
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             _ffi.lib.etllm_conversation_free(ptr)

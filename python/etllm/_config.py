@@ -137,6 +137,7 @@ class Stats:
         return _ffi.take_string(out)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a dict (microseconds, as in the C struct)."""
         return {name: getattr(self, name) for name in _STATS_FIELDS}
 
     @property

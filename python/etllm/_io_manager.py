@@ -1,6 +1,7 @@
 """KV-cache managers written in Python: the ``etllm_io_manager`` vtable as an ABC."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the NamedTuples' field annotations must be
+# real objects for documentation tools (pdoc) to resolve them.
 
 import abc
 import ctypes
@@ -68,6 +69,7 @@ class ModelInfo:
         return self._ptr
 
     def method_names(self) -> List[str]:
+        """Names of the program's methods (``forward``, constant methods, ...)."""
         n = ctypes.c_size_t()
         check(_ffi.lib.etllm_model_info_num_methods(self._p(), ctypes.byref(n)))
         names = []
@@ -78,6 +80,7 @@ class ModelInfo:
         return names
 
     def has_method(self, name: str) -> bool:
+        """Whether the program has a method called ``name``."""
         return name in self.method_names()
 
     def method(self, name: str) -> Tuple[int, int]:
@@ -96,12 +99,15 @@ class ModelInfo:
         return TensorInfo(_DTYPES.get(v.dtype), tuple(v.sizes[: v.ndim]))
 
     def input(self, method: str, index: int) -> TensorInfo:
+        """Description of input ``index`` of ``method``."""
         return self._describe(_ffi.lib.etllm_model_info_input, method, index)
 
     def output(self, method: str, index: int) -> TensorInfo:
+        """Description of output ``index`` of ``method``."""
         return self._describe(_ffi.lib.etllm_model_info_output, method, index)
 
     def constant_shape(self, name: str) -> Tuple[int, ...]:
+        """Shape of the tensor that constant method ``name`` returns."""
         sizes = (ctypes.c_int64 * _ffi.MAX_DIMS)()
         ndim = ctypes.c_uint32()
         check(
@@ -122,6 +128,7 @@ class ModelInfo:
         return out
 
     def constant_int(self, name: str) -> int:
+        """The single integer constant method ``name`` returns (ValueError if it holds more)."""
         values = self.constant_ints(name)
         if values.size != 1:
             raise ValueError(f"constant method `{name}` holds {values.size} values, not one")
@@ -141,6 +148,7 @@ class ModelInfo:
         return out.reshape(shape) if int(np.prod(shape)) == out.size else out
 
     def metadata(self) -> ModelMetadata:
+        """The model's metadata (-1 where the export does not say)."""
         m = _ffi.ModelMetadataC()
         m.struct_size = ctypes.sizeof(m)
         check(_ffi.lib.etllm_model_info_metadata(self._p(), ctypes.byref(m)))

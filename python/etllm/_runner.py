@@ -141,6 +141,7 @@ class Runner:
         self._call(_ffi.lib.etllm_runner_load)
 
     def is_loaded(self) -> bool:
+        """Whether the model and tokenizer are loaded."""
         out = ctypes.c_bool()
         self._call(_ffi.lib.etllm_runner_is_loaded, ctypes.byref(out))
         return bool(out.value)
@@ -157,18 +158,22 @@ class Runner:
 
     @property
     def max_context_len(self) -> int:
+        """Most positions (tokens) a conversation can hold."""
         return self._int64(_ffi.lib.etllm_runner_max_context_len)
 
     @property
     def max_seq_len(self) -> int:
+        """Most tokens one model call accepts (the export's ``get_max_seq_len``)."""
         return self._int64(_ffi.lib.etllm_runner_max_seq_len)
 
     @property
     def vocab_size(self) -> int:
+        """Size of the model's vocabulary."""
         return self._int64(_ffi.lib.etllm_runner_vocab_size)
 
     @property
     def bos_id(self) -> Optional[int]:
+        """The BOS id ``num_bos`` adds (the model's, else the tokenizer's); ``None`` if neither defines one."""
         out = ctypes.c_uint32()
         try:
             self._call(_ffi.lib.etllm_runner_bos_id, ctypes.byref(out))
@@ -178,6 +183,7 @@ class Runner:
 
     @property
     def eos_ids(self) -> List[int]:
+        """Ids that end a generation (the model's, else the tokenizer's)."""
         n = ctypes.c_size_t()
         self._call(_ffi.lib.etllm_runner_eos_ids, None, 0, ctypes.byref(n))
         ids = (ctypes.c_uint32 * max(1, n.value))()

@@ -43,6 +43,7 @@ class TextStream:
         return self._out(_ffi.lib.etllm_text_stream_flush)
 
     def close(self) -> None:
+        """Frees the object now (otherwise it is freed when garbage-collected)."""
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             _ffi.lib.etllm_text_stream_free(ptr)
@@ -86,6 +87,7 @@ class Tokenizer:
             _ffi.lib.etllm_buffer_free(ctypes.cast(ids, ctypes.c_void_p))
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; an id outside the vocabulary raises :class:`TokenizerError`."""
         arr = _ids_array(ids)
         text, n = ctypes.c_void_p(), ctypes.c_size_t()
         check(_ffi.lib.etllm_tokenizer_decode(self._p(), arr, len(ids), ctypes.byref(text), ctypes.byref(n)))
@@ -99,12 +101,14 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids."""
         n = ctypes.c_size_t()
         check(_ffi.lib.etllm_tokenizer_vocab_size(self._p(), ctypes.byref(n)))
         return n.value
 
     @property
     def bos_id(self) -> Optional[int]:
+        """The tokenizer's BOS id, or ``None`` when it defines none."""
         out = ctypes.c_uint32()
         try:
             check(_ffi.lib.etllm_tokenizer_bos_id(self._p(), ctypes.byref(out)))
@@ -114,6 +118,7 @@ class Tokenizer:
 
     @property
     def eos_ids(self) -> List[int]:
+        """The tokenizer's EOS ids."""
         ids = ctypes.POINTER(ctypes.c_uint32)()
         n = ctypes.c_size_t()
         check(_ffi.lib.etllm_tokenizer_eos_ids(self._p(), ctypes.byref(ids), ctypes.byref(n)))
@@ -124,6 +129,7 @@ class Tokenizer:
         return TextStream(self)
 
     def close(self) -> None:
+        """Frees the object now (otherwise it is freed when garbage-collected)."""
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             _ffi.lib.etllm_tokenizer_free(ptr)

@@ -34,6 +34,15 @@ def test_custom_kv_cache_example_matches_the_builtin_on_both_layouts():
         assert f"{manager}: 40 tokens, same as the built-in manager" in out.stderr
 
 
+def test_chat_example_rewinds_and_regenerates_the_same_reply():
+    out = run_example("chat.py", model("dyn_xnnpack"), str(TOKENIZER), "--template",
+                      str(EXAMPLES.parent / "data" / "compact_chat.jinja"), "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert "ok: 4 messages; the rewound turn regenerated the same reply" in out.stderr
+    replies = [line for line in out.stdout.splitlines() if line.startswith("assistant: ")]
+    assert len(replies) == 3 and replies[1] == replies[2] and len(replies[1]) > len("assistant: ")
+
+
 def test_package_imports_without_any_environment_variable(tmp_path):
     # A clean environment and a folder outside the source tree: what a user gets after
     # `pip install ./python`.

@@ -49,6 +49,56 @@ impl<'a> StepInputs<'a> {
 ///
 /// Positions count tokens already in the cache: a step that starts at `start_pos` with `n`
 /// tokens leaves the cache holding `start_pos + n` positions.
+///
+/// A manager that wraps the built-in [`KvCacheInModel`] and counts the model steps (a
+/// manager for a new layout implements the same methods on its own buffers:
+/// `examples/c/static_attention_manager.c` and `examples/python/` have complete ones):
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use std::sync::{atomic::{AtomicUsize, Ordering}, Arc};
+/// use etllm::io_manager::{IoManager, KvCacheInModel, StepInputs};
+/// use etllm::{model::ModelInfo, tensor::TensorView, GenerationConfig, Runner, RunnerOptions};
+///
+/// struct Counting { inner: KvCacheInModel, steps: Arc<AtomicUsize> }
+///
+/// impl IoManager for Counting {
+///     fn load(&mut self, model: &ModelInfo) -> etllm::Result<()> { self.inner.load(model) }
+///     fn max_prefill_chunk(&self) -> usize { self.inner.max_prefill_chunk() }
+///     fn max_context(&self) -> usize { self.inner.max_context() }
+///     fn reset(&mut self) -> etllm::Result<()> { self.inner.reset() }
+///     fn rewind(&mut self, pos: usize) -> etllm::Result<()> { self.inner.rewind(pos) }
+///     fn prepare_prefill(&mut self, tokens: &[u64], start: usize) -> etllm::Result<StepInputs<'_>> {
+///         self.steps.fetch_add(1, Ordering::Relaxed);
+///         self.inner.prepare_prefill(tokens, start)
+///     }
+///     fn update_prefill<'o>(&mut self, outputs: &[TensorView<'o>]) -> etllm::Result<&'o [f32]> {
+///         self.inner.update_prefill(outputs)
+///     }
+///     fn prepare_decode(&mut self, token: u64, pos: usize) -> etllm::Result<StepInputs<'_>> {
+///         self.steps.fetch_add(1, Ordering::Relaxed);
+///         self.inner.prepare_decode(token, pos)
+///     }
+///     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> etllm::Result<&'o [f32]> {
+///         self.inner.update_decode(outputs)
+///     }
+/// }
+///
+/// let steps = Arc::new(AtomicUsize::new(0));
+/// let manager = Counting { inner: KvCacheInModel::new(), steps: steps.clone() };
+/// let options = RunnerOptions { io_manager: Some(Box::new(manager)), ..Default::default() };
+/// let mut runner = Runner::open(
+///     "tests/fixtures/dyn_xnnpack/model.pte",
+///     "tests/fixtures/tokenizer.json",
+///     options,
+/// )?;
+/// let config = GenerationConfig { max_new_tokens: 5, temperature: 0.0, ..Default::default() };
+/// runner.generate("Once upon a time", &config, |_| ControlFlow::Continue(()), |_| {})?;
+/// // One prefill step (the model has dynamic shape), then a decode step per token after
+/// // the first (the first comes from the prefill's logits).
+/// assert_eq!(steps.load(Ordering::Relaxed), 1 + 4);
+/// # Ok::<(), etllm::Error>(())
+/// ```
 pub trait IoManager: Send {
     /// Called once after the model is loaded, before any other method. Checks that the
     /// model's signature fits this manager and allocates the manager's buffers.
