@@ -299,12 +299,122 @@ inline float to_float(float x) { return x; }
 inline float to_float(Half x) { return static_cast<float>(x); }
 inline float to_float(BFloat16 x) { return static_cast<float>(x); }
 
-template <typename T>
-inline float dot(const T* a, const T* b, int64_t n) {
-  float acc = 0.f;
+// The hot loops, for float data: compiled twice on x86-64 (AVX2+FMA and the baseline),
+// the best one picked at load time, so a prebuilt library is fast on new CPUs and still
+// runs on old ones.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define ETLLM_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define ETLLM_MULTIVERSION
+#endif
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, about 1 ulp), written so that loops over it
+// vectorize; exactly 0 below -87 (and for -inf, a masked-out score).
+inline __attribute__((always_inline)) float exp_nonpositive(float x) {
+  const float clamped = x < -87.f ? -87.f : x;
+  const float n = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// out[j] = scale * dot(q, k row j) for the `keys` rows of k (rows `k_stride` apart).
+// Four rows at a time: q is loaded once for four dot products.
+ETLLM_MULTIVERSION void qk_scores(const float* q, const float* k, int64_t k_stride,
+                                  int64_t keys, int64_t dim, float scale, float* out) {
+  int64_t j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const float* k0 = k + j * k_stride;
+    const float* k1 = k0 + k_stride;
+    const float* k2 = k1 + k_stride;
+    const float* k3 = k2 + k_stride;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < dim; ++d) {
+      a0 += q[d] * k0[d];
+      a1 += q[d] * k1[d];
+      a2 += q[d] * k2[d];
+      a3 += q[d] * k3[d];
+    }
+    out[j] = a0 * scale;
+    out[j + 1] = a1 * scale;
+    out[j + 2] = a2 * scale;
+    out[j + 3] = a3 * scale;
+  }
+  for (; j < keys; ++j) {
+    const float* kj = k + j * k_stride;
+    float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += to_float(a[d]) * to_float(b[d]);
-  return acc;
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * kj[d];
+    out[j] = acc * scale;
+  }
+}
+
+// s[j] = exp(s[j] - max); returns their sum.
+ETLLM_MULTIVERSION float exp_and_sum(float* s, int64_t n, float max) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_nonpositive(s[j] - max);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// acc = sum over j of p[j] * (v row j). Four rows at a time: acc is loaded and stored
+// once for four rows.
+ETLLM_MULTIVERSION void weighted_sum(const float* p, const float* v, int64_t v_stride,
+                                     int64_t keys, int64_t dim, float* acc) {
+  for (int64_t d = 0; d < dim; ++d) acc[d] = 0.f;
+  int64_t j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const float* v0 = v + j * v_stride;
+    const float* v1 = v0 + v_stride;
+    const float* v2 = v1 + v_stride;
+    const float* v3 = v2 + v_stride;
+    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) {
+      acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+    }
+  }
+  for (; j < keys; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * v_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) acc[d] += pj * vj[d];
+  }
+}
+
+// The same for Half and BFloat16 data (accumulation in float).
+template <typename T>
+void qk_scores(const T* q, const T* k, int64_t k_stride, int64_t keys, int64_t dim,
+               float scale, float* out) {
+  for (int64_t j = 0; j < keys; ++j) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < dim; ++d) acc += to_float(q[d]) * to_float(k[j * k_stride + d]);
+    out[j] = acc * scale;
+  }
+}
+
+template <typename T>
+void weighted_sum(const float* p, const T* v, int64_t v_stride, int64_t keys, int64_t dim,
+                  float* acc) {
+  for (int64_t d = 0; d < dim; ++d) acc[d] = 0.f;
+  for (int64_t j = 0; j < keys; ++j) {
+    for (int64_t d = 0; d < dim; ++d) acc[d] += p[j] * to_float(v[j * v_stride + d]);
+  }
 }
 
 // One query row of one head: out = softmax(q·K^T * scale + mask) V over `keys` rows.
@@ -318,37 +428,29 @@ void attend_row(const SdpaArgs& a, int64_t b, int64_t h, int64_t i, int64_t keys
                h * a.qv.stride[2];
   const T* k = a.k->template const_data_ptr<T>() + b * a.kv.stride[0] + kh * a.kv.stride[2];
   const T* v = a.v->template const_data_ptr<T>() + b * a.vv.stride[0] + kh * a.vv.stride[2];
-  const M* mask_row = nullptr;
-  if (a.mask != nullptr) {
-    mask_row = a.mask->template const_data_ptr<M>() + i * a.mask->strides()[0];
-  }
-  const int64_t mask_stride = a.mask != nullptr ? a.mask->strides()[1] : 0;
 
   if (static_cast<int64_t>(scores.size()) < keys) scores.resize(keys);
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < keys; ++j) {
-    float s = dot(q, k + j * a.kv.stride[1], dim) * a.scale;
-    if (mask_row != nullptr) s += to_float(mask_row[j * mask_stride]);
-    scores[j] = s;
-    max_score = std::max(max_score, s);
-  }
   if (static_cast<int64_t>(acc.size()) < dim) acc.resize(dim);
-  std::fill(acc.begin(), acc.begin() + dim, 0.f);
-  float sum = 0.f;
-  if (max_score != -std::numeric_limits<float>::infinity()) {
-    for (int64_t j = 0; j < keys; ++j) {
-      const float p = std::exp(scores[j] - max_score);
-      sum += p;
-      const T* vj = v + j * a.vv.stride[1];
-      float* out_acc = acc.data();
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) out_acc[d] += p * to_float(vj[d]);
-    }
+  float* s = scores.data();
+  qk_scores(q, k, a.kv.stride[1], keys, dim, a.scale, s);
+  if (a.mask != nullptr) {
+    const M* mask_row = a.mask->template const_data_ptr<M>() + i * a.mask->strides()[0];
+    const int64_t mask_stride = a.mask->strides()[1];
+    for (int64_t j = 0; j < keys; ++j) s[j] += to_float(mask_row[j * mask_stride]);
   }
-  // A row whose every score is -inf has no defined softmax; like torch it comes out NaN.
-  const float inv = sum > 0.f ? 1.f / sum : std::numeric_limits<float>::quiet_NaN();
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < keys; ++j) max_score = std::max(max_score, s[j]);
   T* o = a.out->template mutable_data_ptr<T>() + b * a.ov.stride[0] + i * a.ov.stride[1] +
          h * a.ov.stride[2];
+  // A row whose every score is -inf (or NaN) has no defined softmax; like torch, NaN.
+  if (!(max_score > -std::numeric_limits<float>::infinity())) {
+    for (int64_t d = 0; d < dim; ++d) {
+      o[d] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    }
+    return;
+  }
+  const float inv = 1.f / exp_and_sum(s, keys, max_score);
+  weighted_sum(s, v, a.vv.stride[1], keys, dim, acc.data());
   for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] * inv);
 }
 
