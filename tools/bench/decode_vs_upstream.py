@@ -24,7 +24,9 @@ Needs the export venv (torch + executorch 1.5.1; see tools/fixtures/README.md). 
         --rounds 9 [--threads 1]
 
 The bench model comes from `tools/fixtures/make_fixtures.py --bench` (dim 288, 6 layers,
-32,000-entry vocabulary).
+32,000-entry vocabulary); `tools/fixtures/make_custom_ops.py --bench` exports the same
+weights with `use_sdpa_with_kv_cache` (`custom_ops/model.pte`), which upstream runs on
+its own `llama::` kernels (loaded here) and EtLlm on its own.
 """
 import argparse
 import json
@@ -41,6 +43,9 @@ TOKENS = 100
 
 
 def upstream_runner(model, tokenizer, threads):
+    # Upstream's kernels for the llama:: custom ops (libcustom_ops_aot_lib), so that models
+    # exported with use_sdpa_with_kv_cache run on upstream's side too.
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.extension.llm.runner import TextLLMRunner
 
     if threads:
@@ -89,9 +94,12 @@ def main():
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--etllm", default=str(ROOT / "target" / "release" / "etllm"))
+    ap.add_argument("--tokens", type=int, default=TOKENS,
+                    help="tokens to generate per run (default 100; the context is 512 on the bench model)")
     ap.add_argument("--threads", type=int, default=0,
                     help="thread-pool size for both (0: each runtime's default)")
     args = ap.parse_args()
+    globals()["TOKENS"] = args.tokens
 
     upstream = upstream_runner(args.model, args.tokenizer, args.threads)
     configs = {

@@ -9,9 +9,12 @@ Prints {"upstream_decode_tok_s": median over RUNS (after one warm-up run), ...} 
 (upstream prints the generated text to stdout itself). Upstream generates 101 - 1 = 100
 tokens for max_new_tokens=101, samples with its fixed top-p 0.9 at temperature > 0, and its
 token callback is left out because the binding raises UnicodeDecodeError on pieces that
-split a UTF-8 character.
+split a UTF-8 character. Upstream's kernels for the `llama::` custom ops
+(libcustom_ops_aot_lib) are loaded first, so models exported with
+`use_sdpa_with_kv_cache` run too, on upstream's own kernels.
 """
 import sys, json
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: kernels)
 from executorch.extension.llm.runner import TextLLMRunner, GenerationConfig
 model, tok, temp, runs = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 r = TextLLMRunner(model, tok)
