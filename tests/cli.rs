@@ -60,8 +60,9 @@ fn parse_json_lines(stdout: &[u8]) -> (Vec<u32>, String, serde_json::Value) {
 
 #[test]
 fn built_in_model_runs_with_an_empty_environment_and_matches_the_reference() {
-    // The default model is the dyn_xnnpack fixture; "The" is its reference case 0.
-    let case = &reference("dyn_xnnpack").cases[0];
+    // The default model is the demo model of models/demo; its reference case 0 is the
+    // README's prompt.
+    let case = &demo_reference().cases[0];
     let n = case.greedy_ids.len().to_string();
     let out = output_ok(
         etllm()
@@ -259,7 +260,7 @@ fn chat_rewind_regenerates_the_last_reply_from_the_kept_cache() {
     let fed = |i: usize| lines[i]["stats"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(fed(1), fed(3));
     let ids = |text: &str| {
-        etllm::Tokenizer::from_file(tokenizer_path())
+        etllm::Tokenizer::from_file(demo_tokenizer_path())
             .unwrap()
             .encode(text)
             .unwrap()
@@ -354,7 +355,7 @@ fn generate_chat_sends_the_prompt_through_the_template_without_an_extra_bos() {
     let rendered = etllm::ChatTemplate::llama3()
         .apply(&[etllm::ChatMessage::user("Hi")], true)
         .unwrap();
-    let ids = etllm::Tokenizer::from_file(tokenizer_path())
+    let ids = etllm::Tokenizer::from_file(demo_tokenizer_path())
         .unwrap()
         .encode(&rendered)
         .unwrap();
@@ -363,10 +364,13 @@ fn generate_chat_sends_the_prompt_through_the_template_without_an_extra_bos() {
 
 #[test]
 fn stop_token_id_ends_generation_at_that_token() {
-    let case = &reference("dyn_xnnpack").cases[0];
-    // The third greedy token, first seen there (so generation stops exactly at it).
-    let stop = case.greedy_ids[2];
-    assert!(!case.greedy_ids[..2].contains(&stop));
+    let case = &demo_reference().cases[0];
+    // The first greedy token after the first that was not generated before it (so
+    // generation stops exactly there).
+    let k = (1..case.greedy_ids.len())
+        .find(|&i| !case.greedy_ids[..i].contains(&case.greedy_ids[i]))
+        .unwrap();
+    let stop = case.greedy_ids[k];
     let out = output_ok(
         etllm()
             .args(["generate", "--prompt", &case.prompt, "--temperature", "0"])
@@ -374,14 +378,14 @@ fn stop_token_id_ends_generation_at_that_token() {
             .args(["--stop-token-id", &stop.to_string()]),
     );
     let (ids, _, stats) = parse_json_lines(&out.stdout);
-    assert_eq!(ids, case.greedy_ids[..2]);
-    assert_eq!(stats["generated_tokens"], 3);
+    assert_eq!(ids, case.greedy_ids[..k]);
+    assert_eq!(stats["generated_tokens"], k + 1);
     assert_eq!(stats["stop_reason"], "eos");
 }
 
 #[test]
 fn warmup_leaves_the_output_unchanged() {
-    let case = &reference("dyn_xnnpack").cases[0];
+    let case = &demo_reference().cases[0];
     let run = |warmup: bool| {
         let mut cmd = etllm();
         cmd.args(["generate", "--prompt", &case.prompt, "--temperature", "0"])

@@ -26,6 +26,35 @@ fn greedy_generation_matches_eager_pytorch_for_every_fixture() {
 }
 
 #[test]
+fn the_bundled_demo_model_matches_eager_pytorch() {
+    // The trained model etllm runs by default, with its own tokenizer: the prompt text,
+    // encoded by our tokenizer with one BOS, gives the reference's ids and continuation.
+    let reference = demo_reference();
+    let tokenizer = Tokenizer::from_file(demo_tokenizer_path()).unwrap();
+    let mut runner = open_demo();
+    for case in &reference.cases {
+        assert_eq!(
+            tokenizer.encode(&case.prompt).unwrap(),
+            case.prompt_ids[1..],
+            "{:?}",
+            case.prompt
+        );
+        runner.reset().unwrap();
+        let n = case.greedy_ids.len() as i32;
+        let (t, _) = generate_ids(&mut runner, &case.prompt_ids, &greedy(n));
+        assert_eq!(t.tokens, case.greedy_ids, "demo: {:?}", case.prompt);
+        runner.reset().unwrap();
+        let config = GenerationConfig {
+            num_bos: 1,
+            ..greedy(n)
+        };
+        let (t, stats) = generate_text(&mut runner, &case.prompt, &config);
+        assert_eq!(stats.num_prompt_tokens as usize, case.prompt_ids.len());
+        assert_eq!(t.tokens, case.greedy_ids, "demo: {:?}", case.prompt);
+    }
+}
+
+#[test]
 fn text_prompt_with_one_bos_matches_the_reference_ids() {
     let reference = reference("dyn_xnnpack");
     let mut runner = open("dyn_xnnpack");

@@ -10,9 +10,10 @@ use etllm::{
     ChatMessage, ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions, Stats,
 };
 
-/// The model and tokenizer built into this binary, used when no --model is given.
-const DEFAULT_MODEL: &[u8] = include_bytes!("../../tests/fixtures/dyn_xnnpack/model.pte");
-const DEFAULT_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/tokenizer.json");
+/// The model and tokenizer built into this binary, used when no --model is given: the demo
+/// model of models/demo, trained on the King James Bible by tools/train_demo/train.py.
+const DEFAULT_MODEL: &[u8] = include_bytes!("../../models/demo/model.pte");
+const DEFAULT_TOKENIZER: &[u8] = include_bytes!("../../models/demo/tokenizer.json");
 
 #[derive(Parser)]
 #[command(

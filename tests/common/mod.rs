@@ -61,7 +61,33 @@ pub struct Case {
 }
 
 pub fn reference(fixture: &str) -> Reference {
-    let path = fixtures_dir().join(fixture).join("reference.json");
+    read_reference(fixtures_dir().join(fixture).join("reference.json"))
+}
+
+/// The demo model that the `etllm` binary bundles as its default, with its own tokenizer
+/// and eager-PyTorch reference (made by tools/train_demo/train.py).
+pub fn demo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+}
+
+pub fn demo_tokenizer_path() -> PathBuf {
+    demo_dir().join("tokenizer.json")
+}
+
+pub fn demo_reference() -> Reference {
+    read_reference(demo_dir().join("reference.json"))
+}
+
+pub fn open_demo() -> Runner {
+    Runner::open(
+        demo_dir().join("model.pte"),
+        demo_tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("loading the demo model: {e}"))
+}
+
+fn read_reference(path: PathBuf) -> Reference {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
