@@ -17,10 +17,11 @@ runs but its text is noise, which is how tests/fixtures/dyn_xnnpack/model.pte wa
 (tools/fixtures/make_fixtures.py).
 
 It writes the export_llm YAML config beside the model and runs
-`python -m executorch.extension.llm.export.export_llm --config ...` with the settings
-EtLlm's stock runtime needs: KV cache inside the model, dynamic shape (chunked prefill),
-XNNPACK with extended ops, fp32, BOS/EOS metadata, and *no* `use_sdpa_with_kv_cache`
-(its `llama::` custom ops have no kernels in ExecuTorch's prebuilt runtime).
+`python -m executorch.extension.llm.export.export_llm --config ...` with these settings:
+KV cache inside the model, dynamic shape (chunked prefill), XNNPACK with extended ops,
+fp32, BOS/EOS metadata. `--custom-ops` sets `use_sdpa_with_kv_cache` (upstream's
+recommendation): the model then calls `llama::update_cache` and `llama::custom_sdpa`,
+which ExecuTorch's prebuilt runtime has no kernels for but EtLlm brings its own.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> int:
     p.add_argument("--eos", type=int, nargs="+", default=[2], help="EOS ids stored as get_eos_ids")
     p.add_argument("--static-shape", action="store_true", help="no dynamic shape (prefill one token a call)")
     p.add_argument("--portable", action="store_true", help="no XNNPACK (portable kernels only)")
+    p.add_argument("--custom-ops", action="store_true",
+                   help="use_sdpa_with_kv_cache: upstream's llama:: attention and cache-update ops")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = p.parse_args()
 
@@ -84,7 +87,7 @@ def main() -> int:
   metadata: {json.dumps(metadata)}
 model:
   use_kv_cache: true
-  use_sdpa_with_kv_cache: false
+  use_sdpa_with_kv_cache: {yes(args.custom_ops)}
   enable_dynamic_shape: {yes(not args.static_shape)}
   dtype_override: fp32
 export:
