@@ -561,6 +561,17 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
   return true;
 }
 
+// Runs attention for an op with `n` schema arguments whose tensors are in `a`: fails the
+// kernel on bad arguments, else returns `out`.
+void sdpa_op(KernelRuntimeContext& ctx, Span<EValue*> stack, size_t n, const char* op,
+             SdpaArgs& a, double dropout_p, std::optional<double> scale) {
+  if (!sdpa(op, a, dropout_p, scale)) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  set_return(stack, n, *a.out);
+}
+
 void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const char* op = "llama::custom_sdpa.out";
   ETLLM_OP_CHECK(ctx, op, has_arity(stack, 9), "expected 9 arguments, got %zu", stack.size());
@@ -580,11 +591,7 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   a.v = v;
   a.mask = mask;
   a.out = out;
-  if (!sdpa(op, a, dropout_p, scale)) {
-    ctx.fail(Error::InvalidArgument);
-    return;
-  }
-  set_return(stack, 9, *out);
+  sdpa_op(ctx, stack, 9, op, a, dropout_p, scale);
 }
 
 void sdpa_with_kv_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -616,11 +623,7 @@ void sdpa_with_kv_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   a.v = v_cache;
   a.mask = mask;
   a.out = out;
-  if (!sdpa(op, a, dropout_p, scale)) {
-    ctx.fail(Error::InvalidArgument);
-    return;
-  }
-  set_return(stack, 12, *out);
+  sdpa_op(ctx, stack, 12, op, a, dropout_p, scale);
 }
 
 const Kernel kKernels[] = {
