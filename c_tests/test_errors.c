@@ -165,6 +165,31 @@ static void model_with_unsupported_operator(const char *arg) {
             "message: %s", etllm_last_error_message());
 }
 
+/* A method name that is not UTF-8 is an invalid model, not an abort (the executorch crate's
+ * method listing used to throw a C++ exception through the bridge). */
+static void model_with_non_utf8_method_name(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = NULL;
+  CHECK_ERR(etllm_runner_open(fixture("corrupt/bad_method_name.pte"), TOKENIZER(), NULL, &runner),
+            ETLLM_ERR_INVALID_MODEL);
+  CHECK_MSG(runner == NULL, "no runner on failure");
+  CHECK_MSG(strstr(etllm_last_error_message(), "not valid UTF-8") != NULL, "message: %s",
+            etllm_last_error_message());
+}
+
+/* A KernelCall naming an operator past the operator table is refused at load time (ExecuTorch
+ * only logs it, and executing it would call a null kernel). */
+static void model_with_out_of_range_operator_index(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = NULL;
+  CHECK_ERR(etllm_runner_open(fixture("corrupt/op_index_out_of_range.pte"), TOKENIZER(), NULL,
+                              &runner),
+            ETLLM_ERR_INVALID_MODEL);
+  CHECK_MSG(runner == NULL, "no runner on failure");
+  CHECK_MSG(strstr(etllm_last_error_message(), "Op index 1000000 out of range") != NULL,
+            "message: %s", etllm_last_error_message());
+}
+
 static void missing_tokenizer_file(const char *arg) {
   (void)arg;
   check_load_fails(fixture_model(DEFAULT_MODEL), fixture("does-not-exist.json"),
@@ -545,6 +570,8 @@ int main(int argc, char **argv) {
       {"corrupt_model_truncated", corrupt_model_truncated},
       {"model_without_forward", model_without_forward},
       {"model_with_unsupported_operator", model_with_unsupported_operator},
+      {"model_with_non_utf8_method_name", model_with_non_utf8_method_name},
+      {"model_with_out_of_range_operator_index", model_with_out_of_range_operator_index},
       {"missing_tokenizer_file", missing_tokenizer_file},
       {"corrupt_tokenizer", corrupt_tokenizer},
       {"tokenizer_bigger_than_vocab", tokenizer_bigger_than_vocab},

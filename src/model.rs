@@ -104,7 +104,7 @@ pub(crate) struct Model {
 impl Model {
     pub(crate) fn load(path: &Path) -> Result<Self> {
         let mut program = Program::load(path)?;
-        let names = program.method_names()?;
+        let names = program.method_names();
         if !names.iter().any(|n| n == "forward") {
             return Err(Error::UnsupportedModel(format!(
                 "{} has no `forward` method (its methods: {})",

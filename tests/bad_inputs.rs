@@ -48,6 +48,53 @@ fn random_bytes_are_an_invalid_model() {
 }
 
 #[test]
+fn non_utf8_method_name_is_an_invalid_model_not_an_abort() {
+    let err = load_error(
+        &fixtures_dir().join("corrupt/bad_method_name.pte"),
+        &tokenizer_path(),
+    );
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
+    assert_good_runner_still_works();
+}
+
+#[test]
+fn out_of_range_operator_index_is_refused_at_load_not_a_crash_at_execution() {
+    let err = load_error(
+        &fixtures_dir().join("corrupt/op_index_out_of_range.pte"),
+        &tokenizer_path(),
+    );
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(
+        err.to_string().contains("Op index 1000000 out of range"),
+        "{err}"
+    );
+    assert_good_runner_still_works();
+}
+
+#[test]
+fn the_corrupt_fixtures_differ_from_a_loadable_model_only_in_their_defect() {
+    // The two files above are multi_eos/model.pte with a few bytes patched
+    // (tools/fixtures/make_corrupt.py); the original loads, so the error is the defect's.
+    let good = std::fs::read(fixtures_dir().join("multi_eos/model.pte")).unwrap();
+    for (name, max_changed) in [("bad_method_name", 1), ("op_index_out_of_range", 4)] {
+        let bad = std::fs::read(fixtures_dir().join(format!("corrupt/{name}.pte"))).unwrap();
+        assert_eq!(bad.len(), good.len(), "{name}");
+        let changed = bad.iter().zip(&good).filter(|(a, b)| a != b).count();
+        assert!(
+            (1..=max_changed).contains(&changed),
+            "{name}: {changed} bytes"
+        );
+    }
+    let mut runner = Runner::new(
+        fixtures_dir().join("multi_eos/model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    );
+    runner.load().expect("the uncorrupted model loads");
+}
+
+#[test]
 fn truncated_model_is_an_invalid_model() {
     let bytes = std::fs::read(model_path("dyn_xnnpack")).unwrap();
     for keep in [16, 1000, bytes.len() / 2, bytes.len() - 100] {

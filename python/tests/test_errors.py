@@ -59,6 +59,18 @@ def test_model_with_an_unsupported_operator_raises_unsupported_model_error():
     assert "llama::fast_hadamard_transform.out" in err.message
 
 
+def test_model_with_a_non_utf8_method_name_raises_invalid_model_error():
+    err = raises(etllm.InvalidModelError, etllm.Runner, FIXTURES / "corrupt" / "bad_method_name.pte",
+                 TOKENIZER)
+    assert "not valid UTF-8" in err.message
+
+
+def test_model_with_an_out_of_range_operator_index_raises_invalid_model_error():
+    err = raises(etllm.InvalidModelError, etllm.Runner,
+                 FIXTURES / "corrupt" / "op_index_out_of_range.pte", TOKENIZER)
+    assert "Op index 1000000 out of range" in err.message
+
+
 def test_tokenizer_bigger_than_the_vocab_raises_invalid_tokenizer_error():
     raises(etllm.InvalidTokenizerError, etllm.Runner, model("dyn_xnnpack"), FIXTURES / "tokenizer_big.json")
 

@@ -185,6 +185,8 @@ pub(crate) fn num_threads() -> usize {
 pub(crate) struct Program {
     module: Module<'static>,
     path: PathBuf,
+    /// The program's method names, sorted; read once at load time (see [`read_method_names`]).
+    method_names: Vec<String>,
 }
 
 /// An input tensor handed to the runtime, viewing a host buffer.
@@ -243,23 +245,20 @@ impl Program {
                 path: path.to_path_buf(),
                 message: format!("ExecuTorch cannot load it ({e:?}){}", take_log()),
             })?;
+        let method_names = read_method_names(path).map_err(|message| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(Self {
             module,
             path: path.to_path_buf(),
+            method_names,
         })
     }
 
     /// Names of all methods, sorted.
-    pub(crate) fn method_names(&mut self) -> Result<Vec<String>> {
-        clear_log();
-        let mut names: Vec<String> = self
-            .module
-            .method_names()
-            .map_err(|e| self.invalid(format!("cannot list its methods ({e:?}){}", take_log())))?
-            .into_iter()
-            .collect();
-        names.sort();
-        Ok(names)
+    pub(crate) fn method_names(&self) -> Vec<String> {
+        self.method_names.clone()
     }
 
     fn invalid(&self, message: String) -> Error {
@@ -273,7 +272,16 @@ impl Program {
     /// not pay for it and a missing operator is reported at load time.
     /// An operator without a kernel in this process is reported as an unsupported model,
     /// naming the operators.
+    ///
+    /// ExecuTorch 1.5.1 loads some corrupt methods while logging an error (a KernelCall
+    /// naming an operator index past the operator table is logged as "Op index N out of
+    /// range" and left as a null kernel that crashes at execution). So a load that logged
+    /// an Error-level line is refused too: the method is unloaded and the model is reported
+    /// invalid with the logged lines.
     pub(crate) fn load_method(&mut self, method: &str) -> Result<()> {
+        if self.module.is_method_loaded(method) {
+            return Ok(());
+        }
         clear_log();
         self.module
             .load_method(method, None, None)
@@ -301,7 +309,15 @@ impl Program {
                     ))
                 }
                 e => runtime_error(format!("loading method `{method}`"), e),
-            })
+            })?;
+        let log = take_log();
+        if !log.is_empty() {
+            self.module.unload_method(method);
+            return Err(self.invalid(format!(
+                "ExecuTorch reported errors while loading method `{method}`{log}"
+            )));
+        }
+        Ok(())
     }
 
     /// Input and output metadata of `method`.
@@ -355,6 +371,8 @@ impl Program {
     /// Calls a method that takes no input and returns one value (the export's metadata
     /// methods such as `get_max_seq_len`).
     pub(crate) fn call_constant(&mut self, method: &str) -> Result<ConstValue> {
+        // Loaded through `load_method` so that its checks apply to metadata methods too.
+        self.load_method(method)?;
         clear_log();
         let outputs = self
             .module
@@ -505,6 +523,35 @@ impl Program {
         }
         Ok(views)
     }
+}
+
+/// Reads the method names of the program at `path` through ExecuTorch's `Program`, whose
+/// accessor reports a name that is not UTF-8 as an error. (`Module::method_names()` of the
+/// `executorch` crate builds Rust strings in C++ and aborts the process on such a name.)
+/// Names are sorted; an empty name or a duplicate is refused too.
+fn read_method_names(path: &Path) -> std::result::Result<Vec<String>, String> {
+    use executorch::data_loader::{MlockConfig, MmapDataLoader};
+    clear_log();
+    let loader = MmapDataLoader::from_path(path, Some(MlockConfig::NoMlock))
+        .map_err(|e| format!("cannot map it ({e:?}){}", take_log()))?;
+    let program = executorch::program::Program::load(&loader, None)
+        .map_err(|e| format!("ExecuTorch cannot load it ({e:?}){}", take_log()))?;
+    let mut names = Vec::with_capacity(program.num_methods());
+    for i in 0..program.num_methods() {
+        match program.get_method_name(i) {
+            Ok("") => return Err(format!("method {i} has an empty name")),
+            Ok(name) => names.push(name.to_string()),
+            Err(executorch::Error::InvalidString) => {
+                return Err(format!("the name of method {i} is not valid UTF-8"))
+            }
+            Err(e) => return Err(format!("cannot read the name of method {i} ({e:?})")),
+        }
+    }
+    names.sort();
+    if let Some(dup) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("two methods are named `{}`", dup[0]));
+    }
+    Ok(names)
 }
 
 fn dtype_of(s: ScalarType) -> DType {
