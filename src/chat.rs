@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::runner::{Runner, TokenPiece};
+use crate::tokenizer::tokenizer_config;
 use crate::{GenerationConfig, Stats, StopReason};
 
 /// The name under which the template is stored in its environment.
@@ -199,9 +200,14 @@ impl ChatTemplate {
         } else {
             config
                 .as_ref()
-                .map(|c| template_in_config(c, &config_path))
-                .transpose()?
+                .map(tokenizer_config::chat_template)
+                .transpose()
+                .map_err(|message| Error::ChatTemplate {
+                    source_path: Some(config_path.clone()),
+                    message: message.to_string(),
+                })?
                 .flatten()
+                .map(str::to_string)
         };
         let Some(source) = source else {
             return Ok(None);
@@ -217,14 +223,9 @@ impl ChatTemplate {
             },
             other => other,
         })?;
-        if let Some(serde_json::Value::Object(fields)) = &config {
-            for (name, value) in fields {
-                if !name.ends_with("_token") {
-                    continue;
-                }
-                if let Some(text) = token_text(value) {
-                    template.set_token(name.as_str(), text);
-                }
+        if let Some(config) = &config {
+            for (name, text) in tokenizer_config::special_tokens(config) {
+                template.set_token(name, text);
             }
         }
         Ok(Some(template))
@@ -265,41 +266,6 @@ impl ChatTemplate {
         ));
         let ctx = Value::from_pairs(ctx);
         template.render(ctx).map_err(template_error)
-    }
-}
-
-/// The text of a special-token entry of `tokenizer_config.json`: a plain string, or an
-/// AddedToken object `{"content": "...", ...}`.
-pub(crate) fn token_text(value: &serde_json::Value) -> Option<&str> {
-    match value {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Object(o) => o.get("content")?.as_str(),
-        _ => None,
-    }
-}
-
-/// The `chat_template` field of a `tokenizer_config.json`, if any.
-fn template_in_config(config: &serde_json::Value, path: &Path) -> Result<Option<String>> {
-    let bad = |message: &str| Error::ChatTemplate {
-        source_path: Some(path.to_path_buf()),
-        message: message.to_string(),
-    };
-    match config.get("chat_template") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(serde_json::Value::Array(list)) => {
-            let named = |name: &str| {
-                list.iter().find_map(|entry| {
-                    (entry.get("name")?.as_str()? == name)
-                        .then(|| entry.get("template")?.as_str().map(str::to_string))
-                        .flatten()
-                })
-            };
-            named("default")
-                .map(Some)
-                .ok_or_else(|| bad("`chat_template` is a list without a \"default\" template"))
-        }
-        Some(_) => Err(bad("`chat_template` is neither a string nor a list")),
     }
 }
 
