@@ -12,7 +12,7 @@
 //! the template adds for the new messages, so earlier turns stay in the KV cache.
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use minijinja::value::Kwargs;
 use minijinja::{AutoEscape, Environment, ErrorKind, Value};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::runner::{Runner, TokenPiece};
 use crate::tokenizer::tokenizer_config;
+use crate::tokenizer::{LlamaVersion, Tokenizer};
 use crate::{GenerationConfig, Stats, StopReason};
 
 /// The name under which the template is stored in its environment.
@@ -266,6 +267,69 @@ impl ChatTemplate {
         ));
         let ctx = Value::from_pairs(ctx);
         template.render(ctx).map_err(template_error)
+    }
+}
+
+/// The built-in fallback templates, compiled once.
+static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama3);
+static LLAMA2: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama2);
+
+/// What a loaded tokenizer says about the chat template: the template files beside it, and
+/// which Llama generation the `llama` preset recognised.
+#[derive(Debug)]
+pub(crate) struct TokenizerTemplate {
+    /// The template beside the tokenizer (or the error reading it), if there is one.
+    beside: Option<Result<ChatTemplate>>,
+    llama_version: Option<LlamaVersion>,
+}
+
+impl TokenizerTemplate {
+    /// Reads the `chat_template.jinja` or `tokenizer_config.json` beside the tokenizer file
+    /// at `tokenizer_path` (or inside the tokenizer folder). A file that cannot be read or
+    /// compiled is not an error here: it is kept, and reported by
+    /// [`ChatTemplate::for_tokenizer`].
+    pub(crate) fn find(tokenizer_path: &Path, tokenizer: &Tokenizer) -> Self {
+        let dir = if tokenizer_path.is_dir() {
+            tokenizer_path
+        } else {
+            tokenizer_path.parent().unwrap_or(Path::new(""))
+        };
+        let beside = if dir.join("chat_template.jinja").is_file()
+            || dir.join("tokenizer_config.json").is_file()
+        {
+            ChatTemplate::from_model_dir(dir).transpose()
+        } else {
+            None
+        };
+        Self {
+            beside,
+            llama_version: tokenizer.llama_version(),
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// The template a runner renders with: `chosen` (the caller's) if set; else the one
+    /// beside the tokenizer (an error when those files are unreadable or the template does
+    /// not compile); else the built-in Llama 2 template when the `llama` preset recognised
+    /// a Llama 2 tokenizer; else the built-in Llama 3 template. `None` when nothing was
+    /// chosen and there is no `tokenizer` (not loaded yet) to go by.
+    pub(crate) fn for_tokenizer<'a>(
+        chosen: Option<&'a ChatTemplate>,
+        tokenizer: Option<&'a TokenizerTemplate>,
+    ) -> Option<Result<&'a ChatTemplate>> {
+        if let Some(t) = chosen {
+            return Some(Ok(t));
+        }
+        let tokenizer = tokenizer?;
+        Some(match &tokenizer.beside {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(e.clone()),
+            None if tokenizer.llama_version == Some(LlamaVersion::Llama2) => Ok(&LLAMA2),
+            None => Ok(&LLAMA3),
+        })
     }
 }
 
@@ -587,21 +651,4 @@ impl Conversation {
         self.fed.clear();
         Ok(())
     }
-}
-
-/// Where a runner finds its chat template: a `chat_template.jinja` or
-/// `tokenizer_config.json` beside the tokenizer file (or inside the tokenizer folder).
-pub(crate) fn template_for_tokenizer(tokenizer_path: &Path) -> Result<Option<ChatTemplate>> {
-    let dir: PathBuf = if tokenizer_path.is_dir() {
-        tokenizer_path.to_path_buf()
-    } else {
-        tokenizer_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-    };
-    if !dir.join("chat_template.jinja").is_file() && !dir.join("tokenizer_config.json").is_file() {
-        return Ok(None);
-    }
-    ChatTemplate::from_model_dir(&dir)
 }
