@@ -8,19 +8,19 @@
 //! `tokenizer_config.json`, or are built in ([`ChatTemplate::llama3`],
 //! [`ChatTemplate::llama2`]).
 //!
-//! [`Conversation`] keeps a multi-turn chat on a [`Runner`]: each turn feeds only the text
-//! the template adds for the new messages, so earlier turns stay in the KV cache.
+//! [`Conversation`](crate::Conversation) keeps a multi-turn chat on a runner: each turn
+//! feeds only the text the template adds for the new messages, so earlier turns stay in
+//! the KV cache.
 
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use minijinja::value::Kwargs;
 use minijinja::{AutoEscape, Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::runner::{Runner, TokenPiece};
-use crate::{GenerationConfig, Stats, StopReason};
+use crate::tokenizer::tokenizer_config;
+use crate::tokenizer::{LlamaVersion, Tokenizer};
 
 /// The name under which the template is stored in its environment.
 const NAME: &str = "chat";
@@ -199,9 +199,14 @@ impl ChatTemplate {
         } else {
             config
                 .as_ref()
-                .map(|c| template_in_config(c, &config_path))
-                .transpose()?
+                .map(tokenizer_config::chat_template)
+                .transpose()
+                .map_err(|message| Error::ChatTemplate {
+                    source_path: Some(config_path.clone()),
+                    message: message.to_string(),
+                })?
                 .flatten()
+                .map(str::to_string)
         };
         let Some(source) = source else {
             return Ok(None);
@@ -217,14 +222,9 @@ impl ChatTemplate {
             },
             other => other,
         })?;
-        if let Some(serde_json::Value::Object(fields)) = &config {
-            for (name, value) in fields {
-                if !name.ends_with("_token") {
-                    continue;
-                }
-                if let Some(text) = token_text(value) {
-                    template.set_token(name.as_str(), text);
-                }
+        if let Some(config) = &config {
+            for (name, text) in tokenizer_config::special_tokens(config) {
+                template.set_token(name, text);
             }
         }
         Ok(Some(template))
@@ -268,38 +268,66 @@ impl ChatTemplate {
     }
 }
 
-/// The text of a special-token entry of `tokenizer_config.json`: a plain string, or an
-/// AddedToken object `{"content": "...", ...}`.
-pub(crate) fn token_text(value: &serde_json::Value) -> Option<&str> {
-    match value {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Object(o) => o.get("content")?.as_str(),
-        _ => None,
+/// The built-in fallback templates, compiled once.
+static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama3);
+static LLAMA2: once_cell::sync::Lazy<ChatTemplate> =
+    once_cell::sync::Lazy::new(ChatTemplate::llama2);
+
+/// What a loaded tokenizer says about the chat template: the template files beside it, and
+/// which Llama generation the `llama` preset recognised.
+#[derive(Debug)]
+pub(crate) struct TokenizerTemplate {
+    /// The template beside the tokenizer (or the error reading it), if there is one.
+    beside: Option<Result<ChatTemplate>>,
+    llama_version: Option<LlamaVersion>,
+}
+
+impl TokenizerTemplate {
+    /// Reads the `chat_template.jinja` or `tokenizer_config.json` beside the tokenizer file
+    /// at `tokenizer_path` (or inside the tokenizer folder). A file that cannot be read or
+    /// compiled is not an error here: it is kept, and reported by
+    /// [`ChatTemplate::for_tokenizer`].
+    pub(crate) fn find(tokenizer_path: &Path, tokenizer: &Tokenizer) -> Self {
+        let dir = if tokenizer_path.is_dir() {
+            tokenizer_path
+        } else {
+            tokenizer_path.parent().unwrap_or(Path::new(""))
+        };
+        let beside = if dir.join("chat_template.jinja").is_file()
+            || dir.join("tokenizer_config.json").is_file()
+        {
+            ChatTemplate::from_model_dir(dir).transpose()
+        } else {
+            None
+        };
+        Self {
+            beside,
+            llama_version: tokenizer.llama_version(),
+        }
     }
 }
 
-/// The `chat_template` field of a `tokenizer_config.json`, if any.
-fn template_in_config(config: &serde_json::Value, path: &Path) -> Result<Option<String>> {
-    let bad = |message: &str| Error::ChatTemplate {
-        source_path: Some(path.to_path_buf()),
-        message: message.to_string(),
-    };
-    match config.get("chat_template") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(serde_json::Value::Array(list)) => {
-            let named = |name: &str| {
-                list.iter().find_map(|entry| {
-                    (entry.get("name")?.as_str()? == name)
-                        .then(|| entry.get("template")?.as_str().map(str::to_string))
-                        .flatten()
-                })
-            };
-            named("default")
-                .map(Some)
-                .ok_or_else(|| bad("`chat_template` is a list without a \"default\" template"))
+impl ChatTemplate {
+    /// The template a runner renders with: `chosen` (the caller's) if set; else the one
+    /// beside the tokenizer (an error when those files are unreadable or the template does
+    /// not compile); else the built-in Llama 2 template when the `llama` preset recognised
+    /// a Llama 2 tokenizer; else the built-in Llama 3 template. `None` when nothing was
+    /// chosen and there is no `tokenizer` (not loaded yet) to go by.
+    pub(crate) fn for_tokenizer<'a>(
+        chosen: Option<&'a ChatTemplate>,
+        tokenizer: Option<&'a TokenizerTemplate>,
+    ) -> Option<Result<&'a ChatTemplate>> {
+        if let Some(t) = chosen {
+            return Some(Ok(t));
         }
-        Some(_) => Err(bad("`chat_template` is neither a string nor a list")),
+        let tokenizer = tokenizer?;
+        Some(match &tokenizer.beside {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(e.clone()),
+            None if tokenizer.llama_version == Some(LlamaVersion::Llama2) => Ok(&LLAMA2),
+            None => Ok(&LLAMA3),
+        })
     }
 }
 
@@ -421,221 +449,4 @@ impl serde_json::ser::Formatter for PythonCompact {
     ) -> std::io::Result<()> {
         writer.write_all(b": ")
     }
-}
-
-/// A multi-turn chat on a [`Runner`] that keeps earlier turns in the KV cache.
-///
-/// Each [`send`](Self::send) renders the whole conversation with the template, checks
-/// that the text fed so far is a prefix of it, and feeds only the rest (the new user
-/// message and the assistant header). If the template renders earlier turns differently
-/// once a new message is added (some templates do), the conversation is re-fed from the
-/// start instead; [`refed_turns`](Self::refed_turns) counts how often that happened.
-///
-/// The conversation owns no runner: pass the same runner to every call, and do not
-/// generate on it in between, or the positions it records no longer match.
-///
-/// A chat with rewind (a compact template: the test model's context is 128 tokens):
-///
-/// ```
-/// use std::ops::ControlFlow;
-/// use etllm::{ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions};
-///
-/// let mut runner = Runner::open(
-///     "tests/fixtures/dyn_xnnpack/model.pte",
-///     "tests/fixtures/tokenizer.json",
-///     RunnerOptions::default(),
-/// )?;
-/// let template = ChatTemplate::new(
-///     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
-///      {% if add_generation_prompt %}<assistant>{% endif %}",
-/// )?;
-/// let mut chat = Conversation::new(template);
-/// let config = GenerationConfig { max_new_tokens: 6, temperature: 0.0, ignore_eos: true, ..Default::default() };
-/// let print = |piece: etllm::TokenPiece<'_>| { print!("{}", piece.text); ControlFlow::Continue(()) };
-///
-/// chat.send(&mut runner, "Once upon", &config, print)?;
-/// let before = runner.position();
-/// let (reply, _stats) = chat.send(&mut runner, "a time", &config, print)?;
-/// assert_eq!(chat.turns(), 2);
-///
-/// assert!(chat.rewind(&mut runner)?); // drops the last turn and its KV-cache entries
-/// assert_eq!((chat.turns(), runner.position()), (1, before));
-/// let (again, _) = chat.send(&mut runner, "a time", &config, print)?;
-/// assert_eq!(again, reply); // greedy: the same reply
-/// # Ok::<(), etllm::Error>(())
-/// ```
-#[derive(Debug, Clone)]
-pub struct Conversation {
-    template: ChatTemplate,
-    messages: Vec<ChatMessage>,
-    /// The rendered text fed to the runner so far.
-    fed: String,
-    /// Per turn: the runner position, the message count and the fed text before it.
-    turns: Vec<(usize, usize, String)>,
-    refed: usize,
-}
-
-impl Conversation {
-    /// An empty conversation that renders with `template`.
-    pub fn new(template: ChatTemplate) -> Self {
-        Self {
-            template,
-            messages: Vec::new(),
-            fed: String::new(),
-            turns: Vec::new(),
-            refed: 0,
-        }
-    }
-
-    /// The messages so far, the assistant's replies included.
-    pub fn messages(&self) -> &[ChatMessage] {
-        &self.messages
-    }
-
-    /// The number of completed turns (user message plus reply).
-    pub fn turns(&self) -> usize {
-        self.turns.len()
-    }
-
-    /// How many turns had to re-feed the whole conversation because the template did not
-    /// extend the earlier text.
-    pub fn refed_turns(&self) -> usize {
-        self.refed
-    }
-
-    /// Adds a system message; only allowed before the first turn.
-    pub fn set_system(&mut self, content: impl Into<String>) -> Result<()> {
-        if !self.turns.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the system message must come before the first turn".into(),
-            ));
-        }
-        self.messages.retain(|m| m.role != "system");
-        self.messages.insert(0, ChatMessage::system(content));
-        Ok(())
-    }
-
-    /// Sends a user message and generates the reply, streaming it to `on_token`. The
-    /// reply is added to the conversation (as the text streamed). `config.num_bos`,
-    /// `num_eos` and `echo` are ignored: the template decides where special tokens go, and
-    /// only the reply is streamed. On error, the
-    /// conversation and the runner are left as they were before the call.
-    pub fn send(
-        &mut self,
-        runner: &mut Runner,
-        user: &str,
-        config: &GenerationConfig,
-        mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
-    ) -> Result<(String, Stats)> {
-        let first = self.fed.is_empty();
-        let mut messages = self.messages.clone();
-        messages.push(ChatMessage::user(user));
-        let full = self.template.apply(&messages, true)?;
-        let config = GenerationConfig {
-            num_bos: 0,
-            num_eos: 0,
-            echo: false,
-            ..config.clone()
-        };
-        // Extend the fed text when the template kept it; else start over.
-        let extend = !first && full.starts_with(&self.fed);
-        let saved = (runner.position(), self.messages.len(), self.fed.clone());
-        if !extend {
-            runner.reset()?;
-        }
-        let new_text = if extend {
-            &full[self.fed.len()..]
-        } else {
-            &full[..]
-        };
-        let mut reply = String::new();
-        let result = runner.generate(
-            new_text,
-            &config,
-            |piece| {
-                reply.push_str(piece.text);
-                on_token(piece)
-            },
-            |_| {},
-        );
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(e) => {
-                if !extend {
-                    // The runner was reset: earlier turns must be fed again next time.
-                    self.fed.clear();
-                    self.turns.clear();
-                }
-                // Otherwise generate rolled the runner back to where this turn started.
-                return Err(e);
-            }
-        };
-        if extend {
-            self.turns.push(saved);
-        } else {
-            if !first {
-                self.refed += 1;
-            }
-            // Earlier turns' positions are gone with the reset.
-            self.turns.clear();
-            self.turns.push((0, saved.1, String::new()));
-        }
-        messages.push(ChatMessage::assistant(reply.clone()));
-        let history = self.template.apply(&messages, false)?;
-        let spoken = full + &reply;
-        // After an end-of-turn token (fed at the start of the next call) the model has seen
-        // this turn as the template writes it in history. After any other stop it has seen
-        // the prompt and the reply, and the template's end of the turn is still to come.
-        self.fed = if stats.stop_reason == StopReason::Eos || !history.starts_with(&spoken) {
-            history
-        } else {
-            spoken
-        };
-        self.messages = messages;
-        Ok((reply, stats))
-    }
-
-    /// Drops the last turn (the user message and its reply) and rewinds the runner to
-    /// where that turn started, so that the next [`send`](Self::send) continues from
-    /// there. Returns false when there is no turn to drop.
-    pub fn rewind(&mut self, runner: &mut Runner) -> Result<bool> {
-        let Some((pos, n_messages, fed)) = self.turns.last().cloned() else {
-            return Ok(false);
-        };
-        if pos == 0 {
-            runner.reset()?;
-        } else {
-            runner.rewind(pos)?;
-        }
-        self.turns.pop();
-        self.messages.truncate(n_messages);
-        self.fed = fed;
-        Ok(true)
-    }
-
-    /// Forgets every turn (a system message stays) and resets the runner.
-    pub fn reset(&mut self, runner: &mut Runner) -> Result<()> {
-        runner.reset()?;
-        self.messages.retain(|m| m.role == "system");
-        self.turns.clear();
-        self.fed.clear();
-        Ok(())
-    }
-}
-
-/// Where a runner finds its chat template: a `chat_template.jinja` or
-/// `tokenizer_config.json` beside the tokenizer file (or inside the tokenizer folder).
-pub(crate) fn template_for_tokenizer(tokenizer_path: &Path) -> Result<Option<ChatTemplate>> {
-    let dir: PathBuf = if tokenizer_path.is_dir() {
-        tokenizer_path.to_path_buf()
-    } else {
-        tokenizer_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-    };
-    if !dir.join("chat_template.jinja").is_file() && !dir.join("tokenizer_config.json").is_file() {
-        return Ok(None);
-    }
-    ChatTemplate::from_model_dir(&dir)
 }

@@ -38,6 +38,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod conversation;
 pub mod error;
 mod et;
 pub mod ffi;
@@ -50,8 +51,9 @@ pub mod stop;
 pub mod tensor;
 pub mod tokenizer;
 
-pub use chat::{ChatMessage, ChatTemplate, Conversation};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::GenerationConfig;
+pub use conversation::Conversation;
 pub use error::{Error, Result};
 pub use io_manager::IoManager;
 pub use model::{ModelInfo, ModelMetadata};

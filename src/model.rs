@@ -8,6 +8,10 @@ use crate::error::{Error, Result};
 use crate::et::Program;
 use crate::tensor::{MethodInfo, TensorView};
 
+// Defined with the runtime's other values in `crate::tensor` (the ExecuTorch adapter makes
+// them); re-exported here, where the public API has always had it.
+pub use crate::tensor::ConstValue;
+
 /// Default maximum sequence length when the model has no `get_max_seq_len` (upstream's).
 pub const DEFAULT_MAX_SEQ_LEN: usize = 128;
 
@@ -32,56 +36,6 @@ pub struct ModelMetadata {
     pub enable_dynamic_shape: bool,
     /// Every metadata method that returned an integer or boolean, by name, as recorded.
     pub raw: BTreeMap<String, i64>,
-}
-
-/// The value a constant method (one without inputs, such as `get_max_seq_len`) returned.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum ConstValue {
-    /// An integer.
-    Int(i64),
-    /// A boolean.
-    Bool(bool),
-    /// A float.
-    Double(f64),
-    /// A list of integers (also what a Python list of ints exports as).
-    IntList(Vec<i64>),
-    /// An integer tensor, flattened in row-major order.
-    IntTensor {
-        /// Sizes, outermost first.
-        sizes: Vec<usize>,
-        /// Elements.
-        data: Vec<i64>,
-    },
-    /// A float tensor, flattened in row-major order.
-    FloatTensor {
-        /// Sizes, outermost first.
-        sizes: Vec<usize>,
-        /// Elements.
-        data: Vec<f32>,
-    },
-    /// Anything else, named by its kind.
-    Other(String),
-}
-
-impl ConstValue {
-    /// The value as integers: an int, a bool, a list or an integer tensor (flattened).
-    pub fn as_ints(&self) -> Option<Vec<i64>> {
-        match self {
-            ConstValue::Int(v) => Some(vec![*v]),
-            ConstValue::Bool(b) => Some(vec![*b as i64]),
-            ConstValue::IntList(v) | ConstValue::IntTensor { data: v, .. } => Some(v.clone()),
-            _ => None,
-        }
-    }
-
-    /// The value as one integer, if it is exactly one.
-    pub fn as_int(&self) -> Option<i64> {
-        match self.as_ints()?.as_slice() {
-            [v] => Some(*v),
-            _ => None,
-        }
-    }
 }
 
 /// What a KV-cache manager sees of the model when it is loaded.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate, TokenizerTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::io_manager::{default_manager_for, IoManager};
@@ -14,13 +14,7 @@ use crate::model::{Model, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
-use crate::tokenizer::{LlamaVersion, Preset, Tokenizer};
-
-/// The fallback chat templates, compiled once.
-static LLAMA3: once_cell::sync::Lazy<ChatTemplate> =
-    once_cell::sync::Lazy::new(ChatTemplate::llama3);
-static LLAMA2: once_cell::sync::Lazy<ChatTemplate> =
-    once_cell::sync::Lazy::new(ChatTemplate::llama2);
+use crate::tokenizer::{Preset, Tokenizer};
 
 /// Options fixed when the runner is created.
 #[derive(Default)]
@@ -102,8 +96,8 @@ struct Loaded {
     eos_ids: Vec<u32>,
     vocab_size: usize,
     max_context: usize,
-    /// The template beside the tokenizer (or the error reading it), if there is one.
-    chat_template: Option<Result<ChatTemplate>>,
+    /// The chat template the tokenizer comes with.
+    tokenizer_template: TokenizerTemplate,
 }
 
 /// Runs a decoder-only LLM exported to an ExecuTorch `.pte` file.
@@ -269,7 +263,7 @@ impl Runner {
             return Err(e);
         }
         let max_context = io.max_context().min(meta.max_context_len);
-        let chat_template = crate::chat::template_for_tokenizer(&self.tokenizer_path).transpose();
+        let tokenizer_template = TokenizerTemplate::find(&self.tokenizer_path, &tokenizer);
         self.loaded = Some(Loaded {
             model,
             tokenizer,
@@ -278,7 +272,7 @@ impl Runner {
             eos_ids,
             vocab_size,
             max_context,
-            chat_template,
+            tokenizer_template,
         });
         self.pos = 0;
         self.pending = None;
@@ -378,19 +372,12 @@ impl Runner {
     /// loaded and no template was set, or when the model's template files are unreadable
     /// or the template does not compile.
     pub fn chat_template(&self) -> Result<&ChatTemplate> {
-        if let Some(t) = &self.chat_template {
-            return Ok(t);
-        }
-        let loaded = self.loaded.as_ref().ok_or_else(|| {
-            Error::NotLoaded("load the runner (or set a chat template) first".into())
-        })?;
-        match &loaded.chat_template {
-            Some(Ok(t)) => Ok(t),
-            Some(Err(e)) => Err(e.clone()),
-            // The llama preset knows which generation the tokenizer belongs to.
-            None if loaded.tokenizer.llama_version() == Some(LlamaVersion::Llama2) => Ok(&LLAMA2),
-            None => Ok(&LLAMA3),
-        }
+        let tokenizer = self.loaded.as_ref().map(|l| &l.tokenizer_template);
+        ChatTemplate::for_tokenizer(self.chat_template.as_ref(), tokenizer).unwrap_or_else(|| {
+            Err(Error::NotLoaded(
+                "load the runner (or set a chat template) first".into(),
+            ))
+        })
     }
 
     /// Sets the chat template (or with `None` goes back to the model's own).

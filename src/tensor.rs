@@ -1,5 +1,6 @@
 //! Tensors as EtLlm sees them: element types, shapes from a method's metadata, owned host
-//! buffers handed to the runtime as inputs, and borrowed views of its outputs.
+//! buffers handed to the runtime as inputs, borrowed views of its outputs, and the values
+//! that constant methods return ([`ConstValue`]).
 
 use crate::error::{Error, Result};
 
@@ -246,6 +247,56 @@ impl<'a> TensorView<'a> {
     pub fn as_f32(&self) -> Option<&'a [f32]> {
         match self.data {
             TensorData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// The value a constant method (one without inputs, such as `get_max_seq_len`) returned.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConstValue {
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A float.
+    Double(f64),
+    /// A list of integers (also what a Python list of ints exports as).
+    IntList(Vec<i64>),
+    /// An integer tensor, flattened in row-major order.
+    IntTensor {
+        /// Sizes, outermost first.
+        sizes: Vec<usize>,
+        /// Elements.
+        data: Vec<i64>,
+    },
+    /// A float tensor, flattened in row-major order.
+    FloatTensor {
+        /// Sizes, outermost first.
+        sizes: Vec<usize>,
+        /// Elements.
+        data: Vec<f32>,
+    },
+    /// Anything else, named by its kind.
+    Other(String),
+}
+
+impl ConstValue {
+    /// The value as integers: an int, a bool, a list or an integer tensor (flattened).
+    pub fn as_ints(&self) -> Option<Vec<i64>> {
+        match self {
+            ConstValue::Int(v) => Some(vec![*v]),
+            ConstValue::Bool(b) => Some(vec![*b as i64]),
+            ConstValue::IntList(v) | ConstValue::IntTensor { data: v, .. } => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// The value as one integer, if it is exactly one.
+    pub fn as_int(&self) -> Option<i64> {
+        match self.as_ints()?.as_slice() {
+            [v] => Some(*v),
             _ => None,
         }
     }

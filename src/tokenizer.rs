@@ -7,6 +7,7 @@ mod hf;
 mod llama2c;
 mod sentencepiece;
 mod tiktoken;
+pub(crate) mod tokenizer_config;
 
 use std::path::Path;
 use std::sync::Arc;

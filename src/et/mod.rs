@@ -13,8 +13,7 @@ use executorch::program::{HeaderStatus, ProgramVerification};
 use executorch::tensor::{ScalarType, TensorPtr, TensorPtrBuilder, View};
 
 use crate::error::{Error, Result};
-use crate::model::ConstValue;
-use crate::tensor::{DType, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec};
+use crate::tensor::{ConstValue, DType, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec};
 
 extern "C" {
     fn etllm_threadpool_set_threads(num_threads: u32) -> bool;

@@ -10,7 +10,8 @@ use super::runner::{
 };
 use super::stats::etllm_stats;
 use super::{c_slice, c_str, out_arg, out_string};
-use crate::chat::{ChatMessage, ChatTemplate, Conversation};
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::conversation::Conversation;
 
 /// One message of a conversation: `role` ("system", "user", "assistant", ...) and
 /// `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its

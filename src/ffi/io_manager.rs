@@ -9,8 +9,8 @@ use super::error::{etllm_status, guard, FfiError};
 use super::{c_str, check_struct_size, out_arg, write_versioned};
 use crate::error::{Error, Result};
 use crate::io_manager::{IoManager, StepInputs};
-use crate::model::{ConstValue, ModelInfo};
-use crate::tensor::{DType, TensorData, TensorView, ValueSpec};
+use crate::model::ModelInfo;
+use crate::tensor::{ConstValue, DType, TensorData, TensorView, ValueSpec};
 
 /// Most dimensions an `etllm_tensor_view` describes.
 pub const ETLLM_MAX_DIMS: usize = 8;

@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::io_manager::{fill_integers, integer_input, logits_row, IoManager, StepInputs};
-use crate::model::{ConstValue, ModelInfo};
-use crate::tensor::{DType, HostData, HostDataMut, HostTensor, TensorView};
+use crate::model::ModelInfo;
+use crate::tensor::{ConstValue, DType, HostData, HostDataMut, HostTensor, TensorView};
 
 /// Value of a hidden mask entry (added to attention scores).
 const HIDDEN: f32 = f32::NEG_INFINITY;

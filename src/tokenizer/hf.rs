@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::tokenizer_config::token_text;
 use super::{read_file, Backend, Tokenizer, TokenizerFormat};
 use crate::error::{Error, Result};
 
@@ -113,8 +114,8 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
     };
     add_config_tokens(&mut hf, config).map_err(invalid)?;
     let mut tokenizer = Tokenizer::new(Box::new(hf));
-    let token_text = |key: &str| config.get(key).and_then(crate::chat::token_text);
-    if let Some(bos) = token_text("bos_token") {
+    let config_token = |key: &str| config.get(key).and_then(token_text);
+    if let Some(bos) = config_token("bos_token") {
         let id = tokenizer.backend.token_id(bos).ok_or_else(|| {
             invalid(format!(
                 "tokenizer_config.json names the BOS token {bos:?}, which is not in the vocabulary"
@@ -123,7 +124,7 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
         tokenizer.bos_id = Some(id);
         tokenizer.bos_token = Some(bos.to_string());
     }
-    if let Some(eos) = token_text("eos_token") {
+    if let Some(eos) = config_token("eos_token") {
         let id = tokenizer.backend.token_id(eos).ok_or_else(|| {
             invalid(format!(
                 "tokenizer_config.json names the EOS token {eos:?}, which is not in the vocabulary"
