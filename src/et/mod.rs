@@ -281,6 +281,7 @@ impl Program {
         if self.module.is_method_loaded(method) {
             return Ok(());
         }
+        self.check_planned_memory(method)?;
         clear_log();
         self.module
             .load_method(method, None, None)
@@ -314,6 +315,33 @@ impl Program {
             self.module.unload_method(method);
             return Err(self.invalid(format!(
                 "ExecuTorch reported errors while loading method `{method}`{log}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a method whose memory-planned buffers add up to more than this machine's
+    /// physical memory. ExecuTorch's `Module` allocates them with `new` when it loads the
+    /// method, and the `std::bad_alloc` of an impossible size (a corrupt buffer size in the
+    /// program) would cross the cxx bridge and terminate the process.
+    fn check_planned_memory(&mut self, method: &str) -> Result<()> {
+        clear_log();
+        let meta = self
+            .module
+            .method_meta(method)
+            .map_err(|e| runtime_error(format!("reading metadata of method `{method}`"), e))?;
+        let mut total: u128 = 0;
+        for i in 0..meta.num_memory_planned_buffers() {
+            let size = meta.memory_planned_buffer_size(i).map_err(|e| {
+                runtime_error(format!("reading planned buffer {i} of `{method}`"), e)
+            })?;
+            total += size as u128;
+        }
+        let limit = physical_memory();
+        if total > limit {
+            return Err(self.invalid(format!(
+                "method `{method}` asks for {total} bytes of memory-planned buffers, more than \
+                 this machine's {limit} bytes of physical memory"
             )));
         }
         Ok(())
@@ -521,6 +549,22 @@ impl Program {
             views.push(TensorView { sizes, data });
         }
         Ok(views)
+    }
+}
+
+/// This machine's physical memory in bytes (unbounded when the system does not say).
+fn physical_memory() -> u128 {
+    // Safety: sysconf only reads system configuration.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page_size > 0 {
+        pages as u128 * page_size as u128
+    } else {
+        u128::MAX
     }
 }
 
