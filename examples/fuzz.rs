@@ -1465,6 +1465,9 @@ mod cabi {
                 broken("output view ndim");
             }
         }
+        if ud.is_null() {
+            broken("update called without the manager's user data");
+        }
         // Safety: our own user data.
         let m = unsafe { &mut *(ud as *mut Manager) };
         for l in m.logits.iter_mut() {
@@ -1488,7 +1491,7 @@ mod cabi {
         }
     }
 
-    fn io_manager() -> *const etllm_io_manager {
+    fn io_manager() -> (*const etllm_io_manager, *mut Manager) {
         let m = Box::into_raw(Box::new(Manager {
             destroyed: 0,
             expect_destroy: false,
@@ -1520,17 +1523,18 @@ mod cabi {
             offset_of!(M, update_decode),
             offset_of!(M, destroy),
         ];
-        versioned(vt, &fields)
+        (versioned(vt, &fields), m)
     }
 
     fn options() -> *const etllm_runner_options {
         let mut o = etllm_runner_options_default();
         let mut manager: *const etllm_io_manager = std::ptr::null();
+        let mut state: *mut Manager = std::ptr::null_mut();
         if bool_() {
             o.num_threads = pick(&[0, 1, 2, 3]);
             o.preset = pick(&[0, 1, 2, -1, i32::MAX]);
             if u8_() % 3 == 0 {
-                manager = io_manager();
+                (manager, state) = io_manager();
                 o.io_manager = manager;
             }
         }
@@ -1548,7 +1552,7 @@ mod cabi {
                 && msize == size_of::<etllm_io_manager>()
                 && destroy;
             // Safety: our own user data.
-            let m = unsafe { &mut *(*manager).user_data.cast::<Manager>() };
+            let m = unsafe { &mut *state };
             m.expect_destroy = owned;
         }
         p

@@ -27,6 +27,20 @@ const EOS_NAMES: &[&str] = &[
     "<|im_end|>",
 ];
 
+/// Runs a call into the `tokenizers` crate, turning a panic into an error: some of its
+/// deserializers `expect` instead of returning an error (a `decoder` value cut short, a
+/// `Precompiled` normalizer whose `precompiled_charsmap` does not parse).
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::Tokenizer(format!("{what} failed in the tokenizers crate: {why}")))
+    })
+}
+
 pub(super) struct Hf {
     inner: tokenizers::Tokenizer,
 }
@@ -60,11 +74,13 @@ impl Backend for Hf {
 
     /// The tokenizer file's own post-processor is not applied (the caller adds BOS/EOS).
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        no_panic("encoding", || {
+            let enc = self
+                .inner
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+            Ok(enc.get_ids().to_vec())
+        })
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -74,9 +90,11 @@ impl Backend for Hf {
                 "token id {bad} is outside the vocabulary ({size} tokens)"
             )));
         }
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        no_panic("decoding", || {
+            self.inner
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        })
     }
 
     fn piece(&self, id: u32) -> Option<Vec<u8>> {
@@ -102,11 +120,22 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
         path: path.to_path_buf(),
         message,
     };
-    let inner = tokenizers::Tokenizer::from_bytes(bytes)
+    // JSON syntax first: a file cut short is then a clean error (the tokenizers crate
+    // panics on some of those, see `no_panic`).
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map_err(|e| invalid(format!("not a valid HF tokenizer.json: {e}")))?;
-    // The first encode compiles the pre-tokenizer's regexes (milliseconds); pay for it
-    // here, at load time, rather than in the first generation's latency.
-    let _ = inner.encode("warm up", false);
+    let inner = no_panic("loading", || {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| invalid(format!("not a valid HF tokenizer.json: {e}")))?;
+        // The first encode compiles the pre-tokenizer's regexes (milliseconds); pay for it
+        // here, at load time, rather than in the first generation's latency.
+        let _ = inner.encode("warm up", false);
+        Ok(inner)
+    })
+    .map_err(|e| match e {
+        Error::Tokenizer(m) => invalid(format!("not a valid HF tokenizer.json: {m}")),
+        e => e,
+    })?;
     let mut hf = Hf { inner };
     let Some(config) = config else {
         return Ok(Tokenizer::new(Box::new(hf)));
