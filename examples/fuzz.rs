@@ -438,13 +438,23 @@ fn signal_name(sig: i32) -> String {
     }
 }
 
-/// The first meaningful stderr line, with numbers and addresses replaced by N so that
-/// one bug is one kind.
+/// The stderr line that best names the failure (a panic's location, an uncaught C++
+/// exception, ExecuTorch's fatal or last error log line, a broken C ABI promise), with
+/// numbers replaced by N so that one bug is one kind.
 fn first_line(stderr: &str) -> String {
-    let line = stderr
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with("note:"))
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let find = |pat: &str| lines.iter().find(|l| l.contains(pat)).copied();
+    let line = find("panicked at")
+        .or_else(|| find("terminate called"))
+        .or_else(|| find("C ABI contract broken"))
+        .or_else(|| find("[executorch F"))
+        .or_else(|| lines.iter().rev().find(|l| l.starts_with("[executorch E")).copied())
+        .or_else(|| {
+            lines
+                .iter()
+                .find(|l| !l.starts_with("[executorch") && !l.starts_with("note:"))
+                .copied()
+        })
         .unwrap_or("");
     let mut out = String::new();
     let mut in_num = false;
@@ -477,6 +487,8 @@ impl Runner {
             .arg(self.target.name())
             .arg(file)
             .env("RUST_BACKTRACE", "0")
+            // ExecuTorch's log lines name what failed (see first_line).
+            .env("ETLLM_LOG", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -572,7 +584,7 @@ fn minimize(
     let start = Instant::now();
     let mut execs = 0;
     let mut cur = input.to_vec();
-    let still = |candidate: &[u8], execs: &mut usize| -> bool {
+    let mut still = |candidate: &[u8], execs: &mut usize| -> bool {
         if start.elapsed() > budget {
             return false;
         }
@@ -580,30 +592,7 @@ fn minimize(
         &r.run_bytes(scratch, candidate).0 == want
     };
     // 1. Revert the bytes that differ from the seed, in shrinking groups.
-    if let Some(base) = base.filter(|b| b.len() == cur.len()) {
-        let mut diff: Vec<usize> = (0..cur.len()).filter(|&i| cur[i] != base[i]).collect();
-        let mut group = diff.len().div_ceil(2).max(1);
-        while !diff.is_empty() && start.elapsed() < budget {
-            let mut i = 0;
-            while i < diff.len() {
-                let mut candidate = cur.clone();
-                let end = (i + group).min(diff.len());
-                for &p in &diff[i..end] {
-                    candidate[p] = base[p];
-                }
-                if still(&candidate, &mut execs) {
-                    cur = candidate;
-                    diff.drain(i..end);
-                } else {
-                    i = end;
-                }
-            }
-            if group == 1 {
-                break;
-            }
-            group = group.div_ceil(2);
-        }
-    }
+    revert(&mut cur, base, &mut still, &mut execs);
     // 2. Cut the tail.
     let mut step = cur.len() / 2;
     while step > 0 && start.elapsed() < budget {
@@ -629,7 +618,44 @@ fn minimize(
         }
         step /= 2;
     }
+    // 4. Cutting may have brought it back to the seed's length.
+    revert(&mut cur, base, &mut still, &mut execs);
     (cur, execs)
+}
+
+fn revert(
+    cur: &mut Vec<u8>,
+    base: Option<&[u8]>,
+    still: &mut impl FnMut(&[u8], &mut usize) -> bool,
+    execs: &mut usize,
+) {
+    let Some(base) = base.filter(|b| b.len() == cur.len()) else {
+        return;
+    };
+    let mut diff: Vec<usize> = (0..cur.len()).filter(|&i| cur[i] != base[i]).collect();
+    let mut group = diff.len().div_ceil(2).max(1);
+    while !diff.is_empty() {
+        let mut i = 0;
+        let mut progress = false;
+        while i < diff.len() {
+            let mut candidate = cur.clone();
+            let end = (i + group).min(diff.len());
+            for &p in &diff[i..end] {
+                candidate[p] = base[p];
+            }
+            if still(&candidate, execs) {
+                *cur = candidate;
+                diff.drain(i..end);
+                progress = true;
+            } else {
+                i = end;
+            }
+        }
+        if group == 1 && !progress {
+            break;
+        }
+        group = group.div_ceil(2);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -756,7 +782,12 @@ fn run(
                     );
                     execs += n;
                     std::fs::write(entry.dir.join("min.bin"), &min).unwrap();
-                    if min.len() == seeds[from].1.len() {
+                    let ndiff = if min.len() == seeds[from].1.len() {
+                        (0..min.len()).filter(|&i| min[i] != seeds[from].1[i]).count()
+                    } else {
+                        usize::MAX
+                    };
+                    if ndiff <= 64 {
                         let diff: Vec<String> = (0..min.len())
                             .filter(|&i| min[i] != seeds[from].1[i])
                             .map(|i| format!("{i}: {:#04x} -> {:#04x}", seeds[from].1[i], min[i]))
