@@ -67,6 +67,10 @@ enum Cmd {
         /// Address-space limit of each child, in MiB (0: none).
         #[arg(long, default_value_t = 4096)]
         memory_mb: u64,
+        /// A file of crash-kind substrings (one a line, `#` comments) that are reported
+        /// and saved but do not fail the run: known crashes EtLlm cannot prevent.
+        #[arg(long)]
+        allow: Option<PathBuf>,
     },
     /// Run one case in this process (what `run` spawns).
     Exec {
@@ -692,6 +696,7 @@ fn run(
     timeout: Duration,
     minimize_secs: f64,
     memory_mb: u64,
+    allow: Vec<String>,
 ) -> ExitCode {
     let seeds = match &corpus {
         Some(dir) => load_corpus(dir),
@@ -811,16 +816,23 @@ fn run(
     let _ = std::fs::remove_file(&scratch);
     let _ = std::fs::remove_file(&min_scratch);
     let secs = start.elapsed().as_secs_f64();
+    let allowed = |kind: &str| allow.iter().any(|a| kind.contains(a.as_str()));
+    let known: usize = kinds
+        .iter()
+        .filter(|(kind, _)| allowed(kind))
+        .map(|(_, k)| k.count)
+        .sum();
     println!(
-        "fuzz {}: {execs} execs in {secs:.0} s ({:.1}/s), {crashes} crashes, {hangs} hangs, {} distinct crash kinds",
+        "fuzz {}: {execs} execs in {secs:.0} s ({:.1}/s), {crashes} crashes ({known} of allowed kinds), {hangs} hangs, {} distinct crash kinds",
         target.name(),
         execs as f64 / secs,
         kinds.len()
     );
     for (kind, k) in &kinds {
-        println!("  {} x{}: {kind}", k.dir.display(), k.count);
+        let tag = if allowed(kind) { " (allowed)" } else { "" };
+        println!("  {} x{}{tag}: {kind}", k.dir.display(), k.count);
     }
-    if crashes > 0 || hangs > 0 {
+    if crashes > known || hangs > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -960,6 +972,7 @@ fn main() -> ExitCode {
             timeout_ms,
             minimize_secs,
             memory_mb,
+            allow,
         } => run(
             target,
             seconds,
@@ -969,6 +982,16 @@ fn main() -> ExitCode {
             timeout_ms.map_or(target.default_timeout(), Duration::from_millis),
             minimize_secs,
             memory_mb,
+            allow.map(|f| {
+                std::fs::read_to_string(&f)
+                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
         ),
         Cmd::Exec { target, file } => exec(target, &file),
         Cmd::Minimize {
