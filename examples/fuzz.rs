@@ -136,20 +136,88 @@ impl Target {
     fn dictionary(self) -> &'static [&'static [u8]] {
         match self {
             Target::ChatTemplate => &[
-                b"{{", b"}}", b"{%", b"%}", b"{#", b"#}", b"{%-", b"-%}", b" for m in messages ",
-                b" endfor ", b" if ", b" endif ", b" else ", b"loop.index0", b"loop.last",
-                b"messages[0]", b"['content']", b".role", b"raise_exception('x')", b"range(",
-                b"|length", b"|tojson", b"|trim", b"namespace(", b" set ", b" macro ",
-                b" endmacro ", b"recursive", b"loop(", b"\"", b"'", b"\\", b"[", b"]", b"{",
-                b"}", b"(", b")", b"|", b"~", b"\\u0000", b"\"chat_template\"", b"\"name\"",
-                b"\"default\"", b"\"template\"", b"null", b"[]", b"{}", b"bos_token",
+                b"{{",
+                b"}}",
+                b"{%",
+                b"%}",
+                b"{#",
+                b"#}",
+                b"{%-",
+                b"-%}",
+                b" for m in messages ",
+                b" endfor ",
+                b" if ",
+                b" endif ",
+                b" else ",
+                b"loop.index0",
+                b"loop.last",
+                b"messages[0]",
+                b"['content']",
+                b".role",
+                b"raise_exception('x')",
+                b"range(",
+                b"|length",
+                b"|tojson",
+                b"|trim",
+                b"namespace(",
+                b" set ",
+                b" macro ",
+                b" endmacro ",
+                b"recursive",
+                b"loop(",
+                b"\"",
+                b"'",
+                b"\\",
+                b"[",
+                b"]",
+                b"{",
+                b"}",
+                b"(",
+                b")",
+                b"|",
+                b"~",
+                b"\\u0000",
+                b"\"chat_template\"",
+                b"\"name\"",
+                b"\"default\"",
+                b"\"template\"",
+                b"null",
+                b"[]",
+                b"{}",
+                b"bos_token",
             ],
             Target::TokenizerHf => &[
-                b"\"", b"{", b"}", b"[", b"]", b",", b":", b"null", b"true", b"-1",
-                b"4294967295", b"1e309", b"\\u0000", b"\\ud800", b"\"type\"", b"\"BPE\"",
-                b"\"WordPiece\"", b"\"Unigram\"", b"\"ByteLevel\"", b"\"Split\"",
-                b"\"Sequence\"", b"\"Metaspace\"", b"\"pattern\"", b"\"Regex\"", b"(?=",
-                b"\\p{L}", b"*", b"+", b"{99999}", b"\"special\"", b"\"id\"",
+                b"\"",
+                b"{",
+                b"}",
+                b"[",
+                b"]",
+                b",",
+                b":",
+                b"null",
+                b"true",
+                b"-1",
+                b"4294967295",
+                b"1e309",
+                b"\\u0000",
+                b"\\ud800",
+                b"\"type\"",
+                b"\"BPE\"",
+                b"\"WordPiece\"",
+                b"\"Unigram\"",
+                b"\"ByteLevel\"",
+                b"\"Split\"",
+                b"\"Sequence\"",
+                b"\"Metaspace\"",
+                b"\"pattern\"",
+                b"\"Regex\"",
+                b"(?=",
+                b"\\p{L}",
+                b"*",
+                b"+",
+                b"{99999}",
+                b"\"special\"",
+                b"\"id\"",
             ],
             Target::TokenizerTiktoken => &[b"\n", b" ", b"=", b"==", b"0", b"-1", b"4294967295"],
             _ => &[],
@@ -207,13 +275,25 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|f| {
             let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            (f.strip_prefix(manifest()).unwrap_or(f).display().to_string(), bytes)
+            (
+                f.strip_prefix(manifest())
+                    .unwrap_or(f)
+                    .display()
+                    .to_string(),
+                bytes,
+            )
         })
         .collect();
     match target {
         Target::ChatTemplate => {
-            seeds.push(("llama3".into(), etllm::ChatTemplate::llama3().source().into()));
-            seeds.push(("llama2".into(), etllm::ChatTemplate::llama2().source().into()));
+            seeds.push((
+                "llama3".into(),
+                etllm::ChatTemplate::llama3().source().into(),
+            ));
+            seeds.push((
+                "llama2".into(),
+                etllm::ChatTemplate::llama2().source().into(),
+            ));
         }
         Target::CAbi => {
             // Random programs: the interpreter gives every byte string a meaning.
@@ -446,13 +526,23 @@ fn signal_name(sig: i32) -> String {
 /// exception, ExecuTorch's fatal or last error log line, a broken C ABI promise), with
 /// numbers replaced by N so that one bug is one kind.
 fn first_line(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let find = |pat: &str| lines.iter().find(|l| l.contains(pat)).copied();
     let line = find("panicked at")
         .or_else(|| find("terminate called"))
         .or_else(|| find("C ABI contract broken"))
         .or_else(|| find("[executorch F"))
-        .or_else(|| lines.iter().rev().find(|l| l.starts_with("[executorch E")).copied())
+        .or_else(|| {
+            lines
+                .iter()
+                .rev()
+                .find(|l| l.starts_with("[executorch E"))
+                .copied()
+        })
         .or_else(|| {
             lines
                 .iter()
@@ -542,7 +632,11 @@ impl Runner {
         };
         use std::os::unix::process::ExitStatusExt;
         let outcome = if let Some(sig) = status.signal() {
-            Outcome::Crash(format!("{} {}", signal_name(sig), first_line(&stderr)).trim().into())
+            Outcome::Crash(
+                format!("{} {}", signal_name(sig), first_line(&stderr))
+                    .trim()
+                    .into(),
+            )
         } else {
             match status.code() {
                 Some(0) => Outcome::Ok,
@@ -675,10 +769,14 @@ fn slug(kind: &str) -> String {
         s = s.replace("--", "-");
     }
     let s = s.trim_matches('-').to_string();
-    let h = kind
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    format!("{}-{:08x}", s.chars().take(60).collect::<String>(), h as u32)
+    let h = kind.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!(
+        "{}-{:08x}",
+        s.chars().take(60).collect::<String>(),
+        h as u32
+    )
 }
 
 struct Kind {
@@ -788,7 +886,9 @@ fn run(
                     execs += n;
                     std::fs::write(entry.dir.join("min.bin"), &min).unwrap();
                     let ndiff = if min.len() == seeds[from].1.len() {
-                        (0..min.len()).filter(|&i| min[i] != seeds[from].1[i]).count()
+                        (0..min.len())
+                            .filter(|&i| min[i] != seeds[from].1[i])
+                            .count()
                     } else {
                         usize::MAX
                     };
@@ -982,16 +1082,17 @@ fn main() -> ExitCode {
             timeout_ms.map_or(target.default_timeout(), Duration::from_millis),
             minimize_secs,
             memory_mb,
-            allow.map(|f| {
-                std::fs::read_to_string(&f)
-                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default(),
+            allow
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
         ),
         Cmd::Exec { target, file } => exec(target, &file),
         Cmd::Minimize {
@@ -1022,13 +1123,22 @@ fn main() -> ExitCode {
             let (min, n) = minimize(&r, &scratch, &input, base.as_deref(), &want, budget);
             let _ = std::fs::remove_file(&scratch);
             std::fs::write(&output, &min).unwrap();
-            println!("{} -> {} bytes in {n} execs: {}", input.len(), min.len(), output.display());
+            println!(
+                "{} -> {} bytes in {n} execs: {}",
+                input.len(),
+                min.len(),
+                output.display()
+            );
             ExitCode::SUCCESS
         }
         Cmd::Seeds { target, out } => {
             std::fs::create_dir_all(&out).unwrap();
             for (i, (name, bytes)) in builtin_seeds(target).iter().enumerate() {
-                let file = Path::new(name).file_name().unwrap().to_string_lossy().into_owned();
+                let file = Path::new(name)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 std::fs::write(out.join(format!("{i:02}-{file}")), bytes).unwrap();
             }
             ExitCode::SUCCESS
@@ -1226,7 +1336,11 @@ mod cabi {
             _ => {
                 let n = small() * 2;
                 let v: Vec<u32> = (0..n).map(|_| int_u32()).collect();
-                let len = if n > 0 && bool_() { u8_() as usize % (n + 1) } else { n };
+                let len = if n > 0 && bool_() {
+                    u8_() as usize % (n + 1)
+                } else {
+                    n
+                };
                 (keep(&v) as *const u32, len)
             }
         }
@@ -1336,7 +1450,12 @@ mod cabi {
         stop_after: u32,
     }
 
-    unsafe extern "C" fn on_token(ud: *mut c_void, piece: *const c_char, len: usize, id: i64) -> i32 {
+    unsafe extern "C" fn on_token(
+        ud: *mut c_void,
+        piece: *const c_char,
+        len: usize,
+        id: i64,
+    ) -> i32 {
         if piece.is_null() {
             broken("token piece is NULL");
         }
@@ -1464,10 +1583,16 @@ mod cabi {
             etllm_dtype::ETLLM_DTYPE_I32,
             etllm_dtype::ETLLM_DTYPE_OTHER,
         ]);
-        let elem = if dtype == etllm_dtype::ETLLM_DTYPE_I64 { 8 } else { 4 };
+        let elem = if dtype == etllm_dtype::ETLLM_DTYPE_I64 {
+            8
+        } else {
+            4
+        };
         let numel = sizes[..(ndim as usize).min(ETLLM_MAX_DIMS)]
             .iter()
-            .try_fold(1usize, |a, &s| usize::try_from(s).ok().and_then(|s| a.checked_mul(s)));
+            .try_fold(1usize, |a, &s| {
+                usize::try_from(s).ok().and_then(|s| a.checked_mul(s))
+            });
         let nbytes = match numel.and_then(|n| n.checked_mul(elem)) {
             Some(n) if u8_() % 8 != 0 => n,
             _ => pick(&[0, 8, 16, 64]),
@@ -1487,7 +1612,13 @@ mod cabi {
         } else {
             data
         };
-        etllm_tensor_view { dtype, ndim, sizes, data, nbytes: if data.is_null() { 0 } else { nbytes } }
+        etllm_tensor_view {
+            dtype,
+            ndim,
+            sizes,
+            data,
+            nbytes: if data.is_null() { 0 } else { nbytes },
+        }
     }
     unsafe extern "C" fn m_prepare_prefill(
         _ud: *mut c_void,
@@ -1646,7 +1777,11 @@ mod cabi {
             }
             5 | 6 => {
                 let cap = small();
-                let buf = if cap == 0 && bool_() { std::ptr::null_mut() } else { alloc(cap * 8) };
+                let buf = if cap == 0 && bool_() {
+                    std::ptr::null_mut()
+                } else {
+                    alloc(cap * 8)
+                };
                 if u8_() % 2 == 0 {
                     etllm_model_info_constant_ints(m, cstr(), buf as *mut i64, cap, out());
                 } else {
@@ -1682,7 +1817,10 @@ mod cabi {
                     // Safety: our buffer; bools must have been written as 0 or 1.
                     let size = unsafe { (*p).struct_size } as usize;
                     let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, size) };
-                    for off in [offset_of!(D, use_kv_cache), offset_of!(D, enable_dynamic_shape)] {
+                    for off in [
+                        offset_of!(D, use_kv_cache),
+                        offset_of!(D, enable_dynamic_shape),
+                    ] {
                         if off < size && bytes[off] > 1 {
                             broken("metadata bool is not 0 or 1");
                         }
@@ -1763,7 +1901,11 @@ mod cabi {
         let op = u8_() % 32;
         let s = match op {
             0 | 1 => {
-                let path = if u8_() % 4 == 0 { cstr() } else { keep_str(paths()[u8_() as usize % 6].as_bytes()) };
+                let path = if u8_() % 4 == 0 {
+                    cstr()
+                } else {
+                    keep_str(paths()[u8_() as usize % 6].as_bytes())
+                };
                 let o = out::<*mut etllm_tokenizer>();
                 let s = etllm_tokenizer_load(path, pick(&[0, 0, 1, 2, -1]), o);
                 take(&mut h.tokenizers, o, s);
@@ -1878,7 +2020,10 @@ mod cabi {
             13 | 14 => {
                 let n = small();
                 let msgs: Vec<etllm_chat_message> = (0..n)
-                    .map(|_| etllm_chat_message { role: cstr(), content: cstr() })
+                    .map(|_| etllm_chat_message {
+                        role: cstr(),
+                        content: cstr(),
+                    })
                     .collect();
                 let (ptr, num) = match u8_() % 6 {
                     0 => (std::ptr::null(), n + 1),
@@ -1901,8 +2046,16 @@ mod cabi {
                 s
             }
             15 | 16 => {
-                let model = if u8_() % 4 == 0 { cstr() } else { keep_str(paths()[7 + u8_() as usize % 5].as_bytes()) };
-                let tok = if u8_() % 4 == 0 { cstr() } else { keep_str(paths()[u8_() as usize % 5].as_bytes()) };
+                let model = if u8_() % 4 == 0 {
+                    cstr()
+                } else {
+                    keep_str(paths()[7 + u8_() as usize % 5].as_bytes())
+                };
+                let tok = if u8_() % 4 == 0 {
+                    cstr()
+                } else {
+                    keep_str(paths()[u8_() as usize % 5].as_bytes())
+                };
                 let opts = options();
                 let o = out::<*mut etllm_runner>();
                 let s = if op == 15 {
@@ -1924,14 +2077,18 @@ mod cabi {
                     5 => etllm_runner_bos_id(r, out()),
                     6 => {
                         let cap = small();
-                        let ids = if cap == 0 && bool_() { std::ptr::null_mut() } else { alloc(cap * 4) as *mut u32 };
+                        let ids = if cap == 0 && bool_() {
+                            std::ptr::null_mut()
+                        } else {
+                            alloc(cap * 4) as *mut u32
+                        };
                         etllm_runner_eos_ids(r, ids, cap, out())
                     }
                     7 => etllm_runner_position(r, out()),
                     _ => etllm_runner_stop(r),
                 }
             }
-            18 | 19 | 20 => {
+            18..=20 => {
                 let r = handle(&h.runners);
                 let (t, st, ud) = callbacks();
                 let cfg = config();
@@ -1955,7 +2112,10 @@ mod cabi {
             21 => {
                 let r = handle(&h.runners);
                 match u8_() % 4 {
-                    0 => etllm_runner_rewind(r, pick(&[0, 1, 2, 3, -1, i64::MAX, i64::MIN, 127, 128])),
+                    0 => etllm_runner_rewind(
+                        r,
+                        pick(&[0, 1, 2, 3, -1, i64::MAX, i64::MIN, 127, 128]),
+                    ),
                     1 => etllm_runner_warmup(r),
                     2 => etllm_runner_reset(r),
                     _ => etllm_runner_set_chat_template(r, handle(&h.templates)),
@@ -2044,7 +2204,8 @@ mod cabi {
             _ => {
                 // A tokenizer then a stream over it, freed in either order.
                 let o = out::<*mut etllm_tokenizer>();
-                let s = etllm_tokenizer_load(keep_str(paths()[u8_() as usize % 4].as_bytes()), 0, o);
+                let s =
+                    etllm_tokenizer_load(keep_str(paths()[u8_() as usize % 4].as_bytes()), 0, o);
                 take(&mut h.tokenizers, o, s);
                 s
             }

@@ -20,8 +20,14 @@ fn hf_tokenizer_with_a_truncated_decoder_is_an_invalid_tokenizer() {
         "hf_decoder_cut_short_fuzzer.json",
     ] {
         let err = Tokenizer::from_file(corrupt(name)).expect_err(name);
-        assert!(matches!(err, Error::InvalidTokenizer { .. }), "{name}: {err}");
-        assert!(err.to_string().contains("not a valid HF tokenizer.json"), "{name}: {err}");
+        assert!(
+            matches!(err, Error::InvalidTokenizer { .. }),
+            "{name}: {err}"
+        );
+        assert!(
+            err.to_string().contains("not a valid HF tokenizer.json"),
+            "{name}: {err}"
+        );
     }
 }
 

@@ -37,7 +37,9 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Err(Error::Tokenizer(format!("{what} failed in the tokenizers crate: {why}")))
+        Err(Error::Tokenizer(format!(
+            "{what} failed in the tokenizers crate: {why}"
+        )))
     })
 }
 
