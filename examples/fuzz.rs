@@ -1275,6 +1275,24 @@ mod cabi {
         ]
     }
 
+    /// A method name: mostly one the fixture models have, else any string argument.
+    fn method_name() -> *const c_char {
+        if u8_() % 4 == 0 {
+            return cstr();
+        }
+        keep_str(pick(&[
+            &b"forward"[..],
+            b"forward",
+            b"get_max_seq_len",
+            b"get_max_context_len",
+            b"get_vocab_size",
+            b"get_eos_ids",
+            b"get_bos_id",
+            b"use_kv_cache",
+            b"enable_dynamic_shape",
+        ]))
+    }
+
     /// A NUL-terminated string argument: NULL, text, a path, non-UTF-8 or a long string.
     fn cstr() -> *const c_char {
         match u8_() % 10 {
@@ -1555,13 +1573,13 @@ mod cabi {
         // NULL inputs (with a count of 0 or 1), or views with a count no larger.
         let s = if n == 0 && bool_() {
             etllm_step {
-                method: cstr(),
+                method: method_name(),
                 inputs: std::ptr::null(),
                 num_inputs: small() % 2,
             }
         } else {
             etllm_step {
-                method: cstr(),
+                method: method_name(),
                 inputs: keep(&views),
                 num_inputs: if u8_() % 8 == 0 { n / 2 } else { n },
             }
@@ -1767,13 +1785,13 @@ mod cabi {
                 }
             }
             2 => {
-                etllm_model_info_method(m, cstr(), out(), out());
+                etllm_model_info_method(m, method_name(), out(), out());
             }
             3 => {
-                etllm_model_info_input(m, cstr(), small(), out());
+                etllm_model_info_input(m, method_name(), small(), out());
             }
             4 => {
-                etllm_model_info_output(m, cstr(), small(), out());
+                etllm_model_info_output(m, method_name(), small(), out());
             }
             5 | 6 => {
                 let cap = small();
@@ -1783,9 +1801,9 @@ mod cabi {
                     alloc(cap * 8)
                 };
                 if u8_() % 2 == 0 {
-                    etllm_model_info_constant_ints(m, cstr(), buf as *mut i64, cap, out());
+                    etllm_model_info_constant_ints(m, method_name(), buf as *mut i64, cap, out());
                 } else {
-                    etllm_model_info_constant_floats(m, cstr(), buf as *mut f32, cap, out());
+                    etllm_model_info_constant_floats(m, method_name(), buf as *mut f32, cap, out());
                 }
             }
             7 => {
@@ -1794,7 +1812,7 @@ mod cabi {
                 } else {
                     alloc(8 * ETLLM_MAX_DIMS) as *mut i64
                 };
-                etllm_model_info_constant_shape(m, cstr(), sizes, out());
+                etllm_model_info_constant_shape(m, method_name(), sizes, out());
             }
             _ => {
                 type D = etllm_model_metadata;
@@ -1916,7 +1934,7 @@ mod cabi {
                 let s = etllm_tokenizer_encode(
                     handle(&h.tokenizers),
                     cstr(),
-                    pick(&[0, 1, 2, 100, 1 << 20]),
+                    pick(&[0, 1, 2, 100, 1 << 20, u32::MAX]),
                     pick(&[0, 1, 3]),
                     ids,
                     len,
@@ -2049,12 +2067,12 @@ mod cabi {
                 let model = if u8_() % 4 == 0 {
                     cstr()
                 } else {
-                    keep_str(paths()[7 + u8_() as usize % 5].as_bytes())
+                    keep_str(paths()[pick(&[7, 7, 7, 8, 9, 10, 11])].as_bytes())
                 };
-                let tok = if u8_() % 4 == 0 {
-                    cstr()
-                } else {
-                    keep_str(paths()[u8_() as usize % 5].as_bytes())
+                let tok = match u8_() % 8 {
+                    0 => cstr(),
+                    1 | 2 => keep_str(paths()[u8_() as usize % 5].as_bytes()),
+                    _ => keep_str(paths()[0].as_bytes()),
                 };
                 let opts = options();
                 let o = out::<*mut etllm_runner>();
@@ -2213,6 +2231,53 @@ mod cabi {
         check_status(s);
     }
 
+    /// Live handles every program starts with, so that its calls reach past the argument
+    /// checks: a tokenizer, the Llama 3 template, a loaded runner (dyn_portable) and a
+    /// runner over the same model driven by the fuzzed KV-cache manager (loaded by its first
+    /// call; its callbacks read the program's bytes).
+    fn start_handles(h: &mut Handles) {
+        let tok = keep_str(paths()[0].as_bytes());
+        let model = keep_str(paths()[7].as_bytes());
+        let mut t = std::ptr::null_mut();
+        if etllm_tokenizer_load(tok, 0, &mut t) == etllm_status::ETLLM_OK {
+            h.tokenizers.push(t);
+        }
+        let mut c = std::ptr::null_mut();
+        if etllm_chat_template_llama3(&mut c) == etllm_status::ETLLM_OK {
+            h.templates.push(c);
+        }
+        let mut r = std::ptr::null_mut();
+        if etllm_runner_open(model, tok, std::ptr::null(), &mut r) == etllm_status::ETLLM_OK {
+            h.runners.push(r);
+        }
+        let m = Box::into_raw(Box::new(Manager {
+            destroyed: 0,
+            expect_destroy: true,
+            logits: vec![0.0; 600],
+        }));
+        MANAGERS.with(|v| v.borrow_mut().push(m));
+        let vt = etllm_io_manager {
+            struct_size: size_of::<etllm_io_manager>() as u32,
+            user_data: m as *mut c_void,
+            load: Some(m_load),
+            reset: Some(m_reset),
+            rewind: Some(m_rewind),
+            prepare_prefill: Some(m_prepare_prefill),
+            update_prefill: Some(m_update),
+            prepare_decode: Some(m_prepare_decode),
+            update_decode: Some(m_update),
+            destroy: Some(m_destroy),
+        };
+        let o = etllm_runner_options {
+            io_manager: &vt,
+            ..etllm_runner_options_default()
+        };
+        let mut r = std::ptr::null_mut();
+        if etllm_runner_new(model, tok, &o, &mut r) == etllm_status::ETLLM_OK {
+            h.runners.push(r);
+        }
+    }
+
     pub fn run(bytes: &[u8]) {
         INPUT.with(|i| {
             *i.borrow_mut() = Input {
@@ -2221,6 +2286,7 @@ mod cabi {
             }
         });
         let mut h = Handles::default();
+        start_handles(&mut h);
         let mut steps = 0;
         while !done() && steps < 64 {
             step_once(&mut h);

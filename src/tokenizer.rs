@@ -84,7 +84,19 @@ trait Backend: Send + Sync {
     /// Encodes with `bos` copies of `bos_id` before and `eos` copies of `eos_id` after.
     fn encode_with(&self, text: &str, bos: (u32, usize), eos: (u32, usize)) -> Result<Vec<u32>> {
         let body = self.encode(text)?;
-        let mut ids = Vec::with_capacity(body.len() + bos.1 + eos.1);
+        // The counts come from callers (up to u32::MAX through the C ABI): an impossible
+        // allocation is an error, not an abort.
+        let mut ids = Vec::new();
+        body.len()
+            .checked_add(bos.1)
+            .and_then(|n| n.checked_add(eos.1))
+            .and_then(|n| ids.try_reserve_exact(n).ok())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{} BOS and {} EOS tokens do not fit in memory",
+                    bos.1, eos.1
+                ))
+            })?;
         ids.extend(std::iter::repeat_n(bos.0, bos.1));
         ids.extend(body);
         ids.extend(std::iter::repeat_n(eos.0, eos.1));
@@ -287,7 +299,8 @@ impl Tokenizer {
     }
 
     /// Encodes `text` with `num_bos` BOS tokens before it and `num_eos` EOS tokens (the
-    /// first EOS id) after it. A count above 0 needs the tokenizer to define that token.
+    /// first EOS id) after it. A count above 0 needs the tokenizer to define that token;
+    /// counts whose ids cannot be allocated are an [`Error::InvalidArgument`].
     pub fn encode_with(&self, text: &str, num_bos: usize, num_eos: usize) -> Result<Vec<u32>> {
         let bos = match (num_bos, self.bos_id) {
             (0, id) => id.unwrap_or(0),

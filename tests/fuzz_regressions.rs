@@ -57,3 +57,74 @@ fn c_abi_reports_them_as_invalid_tokenizers() {
         assert!(out.is_null());
     }
 }
+
+/// `num_bos = i32::MAX` (the c-abi target's find: "memory allocation of 8589934588 bytes
+/// failed", an abort) is a context-full error before any prompt is built, and the runner
+/// stays usable.
+#[test]
+fn huge_num_bos_or_num_eos_is_context_full_not_an_allocation() {
+    use etllm::{GenerationConfig, Runner, RunnerOptions};
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut runner = Runner::open(
+        fixtures.join("dyn_portable/model.pte"),
+        fixtures.join("tokenizer.json"),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    for (num_bos, num_eos) in [(i32::MAX, 0), (0, i32::MAX), (i32::MAX, i32::MAX)] {
+        let config = GenerationConfig {
+            num_bos,
+            num_eos,
+            max_new_tokens: 1,
+            echo: false,
+            ..Default::default()
+        };
+        let err = runner
+            .generate(
+                "Hi",
+                &config,
+                |_| std::ops::ControlFlow::Continue(()),
+                |_| {},
+            )
+            .expect_err("cannot fit");
+        assert!(matches!(err, Error::ContextFull { .. }), "{err}");
+        assert_eq!(runner.position(), 0);
+    }
+    let config = GenerationConfig {
+        num_bos: 1,
+        max_new_tokens: 2,
+        echo: false,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let stats = runner
+        .generate(
+            "Hi",
+            &config,
+            |_| std::ops::ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(stats.num_generated_tokens, 2);
+}
+
+/// The tokenizer's own BOS/EOS counts: an impossible count is an error, not an abort.
+#[test]
+fn tokenizer_encode_with_impossible_counts_is_an_error() {
+    let t = Tokenizer::from_file(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json"),
+    )
+    .unwrap();
+    for (bos, eos) in [
+        (usize::MAX, 0),
+        (0, usize::MAX),
+        (usize::MAX / 2, usize::MAX / 2),
+    ] {
+        let err = t.encode_with("Hi", bos, eos).expect_err("cannot fit");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+    assert_eq!(
+        t.encode_with("Hi", 2, 1).unwrap().len(),
+        t.encode("Hi").unwrap().len() + 3
+    );
+}
