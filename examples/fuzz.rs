@@ -525,11 +525,14 @@ fn signal_name(sig: i32) -> String {
 /// The stderr line that best names the failure (a panic's location, an uncaught C++
 /// exception, ExecuTorch's fatal or last error log line, a broken C ABI promise), with
 /// numbers replaced by N so that one bug is one kind.
-fn first_line(stderr: &str) -> String {
+///
+/// Lines in `noise` (what the clean runs of the seeds printed, such as ExecuTorch's
+/// messages while EtLlm probes for kernels) are not chosen.
+fn first_line(stderr: &str, noise: &std::collections::HashSet<String>) -> String {
     let lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !noise.contains(*l))
         .collect();
     let find = |pat: &str| lines.iter().find(|l| l.contains(pat)).copied();
     let line = find("panicked at")
@@ -571,6 +574,8 @@ struct Runner {
     exe: PathBuf,
     timeout: Duration,
     memory_mb: u64,
+    /// stderr lines of a clean run (see `first_line`).
+    noise: std::collections::HashSet<String>,
 }
 
 impl Runner {
@@ -633,19 +638,21 @@ impl Runner {
         use std::os::unix::process::ExitStatusExt;
         let outcome = if let Some(sig) = status.signal() {
             Outcome::Crash(
-                format!("{} {}", signal_name(sig), first_line(&stderr))
+                format!("{} {}", signal_name(sig), first_line(&stderr, &self.noise))
                     .trim()
                     .into(),
             )
         } else {
             match status.code() {
                 Some(0) => Outcome::Ok,
-                Some(101) => Outcome::Crash(format!("panic {}", first_line(&stderr))),
-                Some(EXIT_BUG) => Outcome::Crash(format!("bug {}", first_line(&stderr))),
+                Some(101) => Outcome::Crash(format!("panic {}", first_line(&stderr, &self.noise))),
+                Some(EXIT_BUG) => {
+                    Outcome::Crash(format!("bug {}", first_line(&stderr, &self.noise)))
+                }
                 Some(EXIT_HARNESS) => {
                     panic!("the fuzz child could not run the case: {stderr}")
                 }
-                Some(c) => Outcome::Crash(format!("exit {c} {}", first_line(&stderr))),
+                Some(c) => Outcome::Crash(format!("exit {c} {}", first_line(&stderr, &self.noise))),
                 None => Outcome::Crash("unknown".into()),
             }
         };
@@ -810,7 +817,9 @@ fn run(
         exe: std::env::current_exe().unwrap(),
         timeout,
         memory_mb,
+        noise: Default::default(),
     };
+    let mut r = r;
     let mut m = Mutator {
         rng: ChaCha8Rng::seed_from_u64(seed),
         seeds: &seeds,
@@ -828,6 +837,7 @@ fn run(
         .collect();
     queue.reverse();
     while start.elapsed() < deadline {
+        let is_seed = !queue.is_empty();
         let (from, case) = match queue.pop() {
             Some(c) => c,
             None => {
@@ -840,6 +850,7 @@ fn run(
         let (outcome, stderr) = r.run_bytes(&scratch, &case);
         execs += 1;
         match outcome {
+            Outcome::Ok if is_seed => r.noise.extend(stderr.lines().map(|l| l.trim().to_string())),
             Outcome::Ok => {}
             Outcome::Hang => {
                 hangs += 1;
@@ -1109,6 +1120,7 @@ fn main() -> ExitCode {
                 exe: std::env::current_exe().unwrap(),
                 timeout: timeout_ms.map_or(target.default_timeout(), Duration::from_millis),
                 memory_mb,
+                noise: Default::default(),
             };
             let input = std::fs::read(&file).unwrap();
             let base = base.map(|b| std::fs::read(b).unwrap());

@@ -115,16 +115,44 @@ fn tokenizer_encode_with_impossible_counts_is_an_error() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json"),
     )
     .unwrap();
+    let max = etllm::tokenizer::MAX_ADDED_TOKENS;
     for (bos, eos) in [
         (usize::MAX, 0),
         (0, usize::MAX),
         (usize::MAX / 2, usize::MAX / 2),
+        (u32::MAX as usize, 0),
+        (max, 1),
     ] {
         let err = t.encode_with("Hi", bos, eos).expect_err("cannot fit");
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     }
     assert_eq!(
+        t.encode_with("Hi", max, 0).unwrap().len(),
+        max + t.encode("Hi").unwrap().len()
+    );
+    // Every format with the C ABI's largest count (the c-abi target's find: llama2.c's own
+    // encode_with aborted with "memory allocation of 17179869180 bytes failed").
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers");
+    for file in ["llama2c.bin", "sp_bpe.model", "tiktoken.model", "hf"] {
+        let t = Tokenizer::from_file(dir.join(file)).unwrap();
+        let err = t.encode_with("Hi", u32::MAX as usize, 0).expect_err(file);
+        assert!(matches!(err, Error::InvalidArgument(_)), "{file}: {err}");
+    }
+    assert_eq!(
         t.encode_with("Hi", 2, 1).unwrap().len(),
         t.encode("Hi").unwrap().len() + 3
     );
+}
+
+/// A SentencePiece model whose normalizer (precompiled charsmap) was corrupted: the
+/// `sentencepiece` crate panicked decoding the library's reply ("Received invalid protobuf
+/// from sentencepiece: DecodeError { description: InvalidString, ... }"). Encoding is now
+/// an error.
+#[test]
+fn sentencepiece_reply_that_is_not_utf8_is_an_encoding_error() {
+    let t = Tokenizer::from_file(corrupt("sp_piece_not_utf8.model")).expect("it loads");
+    let text = "Hello, world! Once upon a time 123 4567 <s></s> <|begin_of_text|> \
+                ünïcödé 日本語 🦀\t\n  end";
+    let err = t.encode(text).expect_err("the reply is not UTF-8");
+    assert!(matches!(err, Error::Tokenizer(_)), "{err}");
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{read_file, Backend, Tokenizer, TokenizerFormat};
+use super::{no_panic, read_file, Backend, Tokenizer, TokenizerFormat};
 use crate::error::{Error, Result};
 
 /// Names that tokenizers commonly give their beginning-of-sequence token.
@@ -26,22 +26,6 @@ const EOS_NAMES: &[&str] = &[
     "<|endoftext|>",
     "<|im_end|>",
 ];
-
-/// Runs a call into the `tokenizers` crate, turning a panic into an error: some of its
-/// deserializers `expect` instead of returning an error (a `decoder` value cut short, a
-/// `Precompiled` normalizer whose `precompiled_charsmap` does not parse).
-fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(Error::Tokenizer(format!(
-            "{what} failed in the tokenizers crate: {why}"
-        )))
-    })
-}
 
 pub(super) struct Hf {
     inner: tokenizers::Tokenizer,
