@@ -190,6 +190,19 @@ static void model_with_out_of_range_operator_index(const char *arg) {
             "message: %s", etllm_last_error_message());
 }
 
+/* Memory-planned buffers larger than the machine are refused before ExecuTorch allocates them
+ * (its std::bad_alloc used to terminate the process). */
+static void model_with_impossible_planned_memory(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = NULL;
+  CHECK_ERR(etllm_runner_open(fixture("corrupt/planned_buffer_too_large.pte"), TOKENIZER(), NULL,
+                              &runner),
+            ETLLM_ERR_INVALID_MODEL);
+  CHECK_MSG(runner == NULL, "no runner on failure");
+  CHECK_MSG(strstr(etllm_last_error_message(), "memory-planned buffers") != NULL, "message: %s",
+            etllm_last_error_message());
+}
+
 static void missing_tokenizer_file(const char *arg) {
   (void)arg;
   check_load_fails(fixture_model(DEFAULT_MODEL), fixture("does-not-exist.json"),
@@ -572,6 +585,7 @@ int main(int argc, char **argv) {
       {"model_with_unsupported_operator", model_with_unsupported_operator},
       {"model_with_non_utf8_method_name", model_with_non_utf8_method_name},
       {"model_with_out_of_range_operator_index", model_with_out_of_range_operator_index},
+      {"model_with_impossible_planned_memory", model_with_impossible_planned_memory},
       {"missing_tokenizer_file", missing_tokenizer_file},
       {"corrupt_tokenizer", corrupt_tokenizer},
       {"tokenizer_bigger_than_vocab", tokenizer_bigger_than_vocab},

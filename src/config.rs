@@ -137,6 +137,21 @@ impl GenerationConfig {
             self.num_eos >= 0,
             format!("num_eos is {}; it must be >= 0", self.num_eos),
         )?;
+        check(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            format!("top_p is {}; it must be in (0, 1]", self.top_p),
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.min_p),
+            format!("min_p is {}; it must be in [0, 1]", self.min_p),
+        )?;
+        check(
+            self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0,
+            format!(
+                "repetition_penalty is {}; it must be a finite number > 0",
+                self.repetition_penalty
+            ),
+        )?;
         Ok(())
     }
 
@@ -223,6 +238,44 @@ mod tests {
             },
             GenerationConfig {
                 num_eos: -1,
+                ..Default::default()
+            },
+            // The sampling filters' ranges (the c-abi fuzzer's find: min_p above 1 or a
+            // NaN filter left no candidate and the sampler panicked).
+            GenerationConfig {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                top_p: 1.5,
+                ..Default::default()
+            },
+            GenerationConfig {
+                top_p: f32::NAN,
+                ..Default::default()
+            },
+            GenerationConfig {
+                min_p: -0.5,
+                ..Default::default()
+            },
+            GenerationConfig {
+                min_p: 2.0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                min_p: f32::NAN,
+                ..Default::default()
+            },
+            GenerationConfig {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            GenerationConfig {
+                repetition_penalty: f32::INFINITY,
+                ..Default::default()
+            },
+            GenerationConfig {
+                repetition_penalty: f32::NAN,
                 ..Default::default()
             },
         ] {

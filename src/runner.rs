@@ -547,7 +547,21 @@ impl Runner {
     ) -> Result<Stats> {
         self.stop.store(false, Ordering::Release);
         let loaded = self.loaded.as_mut().expect("loaded");
-        let mut prompt: Vec<u32> = Vec::with_capacity(ids.len() + 2);
+        // A prompt that cannot fit is refused before it is built: `num_bos` and `num_eos`
+        // go up to i32::MAX, and building such a prompt first would take gigabytes.
+        let prompt_len =
+            config.num_bos.max(0) as usize + ids.len() + config.num_eos.max(0) as usize;
+        let available = loaded.max_context.saturating_sub(self.pos);
+        let pending = usize::from(self.pending.is_some());
+        if prompt_len + pending > available {
+            return Err(Error::ContextFull {
+                prompt_tokens: prompt_len,
+                available: available.saturating_sub(pending),
+                max_context: loaded.max_context,
+                position: self.position(),
+            });
+        }
+        let mut prompt: Vec<u32> = Vec::with_capacity(prompt_len);
         if config.num_bos > 0 {
             let bos = loaded.bos_id.ok_or_else(|| {
                 Error::InvalidArgument(

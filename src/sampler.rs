@@ -135,7 +135,8 @@ impl Sampler {
                     .iter()
                     .rev()
                     .find(|&&(_, w)| w > 0.0)
-                    .map_or(self.candidates[0].0, |&(id, _)| id)
+                    .or(self.candidates.first())
+                    .map_or_else(|| argmax(logits), |&(id, _)| id)
             }
             Pool::All => {
                 self.block_sums.clear();

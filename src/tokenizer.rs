@@ -77,6 +77,43 @@ pub enum LlamaVersion {
     Llama3,
 }
 
+/// Runs a call into a tokenizer library, turning a panic into an error. Some of their code
+/// `expect`s on input from the file: the `tokenizers` crate's deserializers (a `decoder`
+/// value cut short, a `Precompiled` normalizer whose `precompiled_charsmap` does not parse),
+/// the `sentencepiece` crate's decoding of the library's reply (a piece that is not UTF-8
+/// after a corrupt normalizer).
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::Tokenizer(format!(
+            "{what} failed in the tokenizer library: {why}"
+        )))
+    })
+}
+
+/// The most BOS and EOS tokens together that [`Tokenizer::encode_with`] adds (2^20).
+pub const MAX_ADDED_TOKENS: usize = 1 << 20;
+
+/// An empty id vector with room for `body` ids and `bos` + `eos` BOS/EOS ids. The counts
+/// come from callers (up to u32::MAX through the C ABI): an allocation that fails is an
+/// error, not an abort.
+fn reserve_ids(body: usize, bos: usize, eos: usize) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    body.checked_add(bos)
+        .and_then(|n| n.checked_add(eos))
+        .and_then(|n| ids.try_reserve_exact(n).ok())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{bos} BOS and {eos} EOS tokens do not fit in memory"
+            ))
+        })?;
+    Ok(ids)
+}
+
 /// What each format implements.
 trait Backend: Send + Sync {
     fn format(&self) -> TokenizerFormat;
@@ -85,7 +122,7 @@ trait Backend: Send + Sync {
     /// Encodes with `bos` copies of `bos_id` before and `eos` copies of `eos_id` after.
     fn encode_with(&self, text: &str, bos: (u32, usize), eos: (u32, usize)) -> Result<Vec<u32>> {
         let body = self.encode(text)?;
-        let mut ids = Vec::with_capacity(body.len() + bos.1 + eos.1);
+        let mut ids = reserve_ids(body.len(), bos.1, eos.1)?;
         ids.extend(std::iter::repeat_n(bos.0, bos.1));
         ids.extend(body);
         ids.extend(std::iter::repeat_n(eos.0, eos.1));
@@ -288,8 +325,15 @@ impl Tokenizer {
     }
 
     /// Encodes `text` with `num_bos` BOS tokens before it and `num_eos` EOS tokens (the
-    /// first EOS id) after it. A count above 0 needs the tokenizer to define that token.
+    /// first EOS id) after it. A count above 0 needs the tokenizer to define that token;
+    /// more than [`MAX_ADDED_TOKENS`] of them together, or counts whose ids cannot be
+    /// allocated, are an [`Error::InvalidArgument`].
     pub fn encode_with(&self, text: &str, num_bos: usize, num_eos: usize) -> Result<Vec<u32>> {
+        if num_bos.saturating_add(num_eos) > MAX_ADDED_TOKENS {
+            return Err(Error::InvalidArgument(format!(
+                "{num_bos} BOS and {num_eos} EOS tokens are more than {MAX_ADDED_TOKENS}"
+            )));
+        }
         let bos = match (num_bos, self.bos_id) {
             (0, id) => id.unwrap_or(0),
             (_, Some(id)) => id,

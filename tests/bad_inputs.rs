@@ -73,11 +73,42 @@ fn out_of_range_operator_index_is_refused_at_load_not_a_crash_at_execution() {
 }
 
 #[test]
+fn missing_operator_name_is_refused_at_load_not_a_crash_at_execution() {
+    // The fuzzer's find (tests/fixtures/corrupt/README.md): two bytes of an operator-name
+    // offset in dyn_xnnpack zeroed; ExecuTorch logs "Missing operator name" and loads the
+    // method with a null kernel.
+    let mut bytes = std::fs::read(model_path("dyn_xnnpack")).unwrap();
+    assert_eq!(&bytes[7460..7462], &[0x94, 0x02], "the fixture changed");
+    bytes[7460] = 0;
+    bytes[7461] = 0;
+    let err = load_error(&scratch("missing_op_name.pte", &bytes), &tokenizer_path());
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains("Missing operator name"), "{err}");
+    assert_good_runner_still_works();
+}
+
+#[test]
+fn planned_memory_larger_than_the_machine_is_refused_before_allocation() {
+    let err = load_error(
+        &fixtures_dir().join("corrupt/planned_buffer_too_large.pte"),
+        &tokenizer_path(),
+    );
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains("memory-planned buffers"), "{err}");
+    assert_good_runner_still_works();
+}
+
+#[test]
 fn the_corrupt_fixtures_differ_from_a_loadable_model_only_in_their_defect() {
-    // The two files above are multi_eos/model.pte with a few bytes patched
-    // (tools/fixtures/make_corrupt.py); the original loads, so the error is the defect's.
+    // The files above are multi_eos/model.pte with a few bytes patched (by
+    // tools/fixtures/make_corrupt.py, or by the fuzzer); the original loads, so the error
+    // is the defect's.
     let good = std::fs::read(fixtures_dir().join("multi_eos/model.pte")).unwrap();
-    for (name, max_changed) in [("bad_method_name", 1), ("op_index_out_of_range", 4)] {
+    for (name, max_changed) in [
+        ("bad_method_name", 1),
+        ("op_index_out_of_range", 4),
+        ("planned_buffer_too_large", 1),
+    ] {
         let bad = std::fs::read(fixtures_dir().join(format!("corrupt/{name}.pte"))).unwrap();
         assert_eq!(bad.len(), good.len(), "{name}");
         let changed = bad.iter().zip(&good).filter(|(a, b)| a != b).count();

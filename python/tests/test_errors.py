@@ -71,6 +71,12 @@ def test_model_with_an_out_of_range_operator_index_raises_invalid_model_error():
     assert "Op index 1000000 out of range" in err.message
 
 
+def test_model_with_impossible_planned_memory_raises_invalid_model_error():
+    err = raises(etllm.InvalidModelError, etllm.Runner,
+                 FIXTURES / "corrupt" / "planned_buffer_too_large.pte", TOKENIZER)
+    assert "memory-planned buffers" in err.message
+
+
 def test_tokenizer_bigger_than_the_vocab_raises_invalid_tokenizer_error():
     raises(etllm.InvalidTokenizerError, etllm.Runner, model("dyn_xnnpack"), FIXTURES / "tokenizer_big.json")
 

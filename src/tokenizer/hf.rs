@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::tokenizer_config::token_text;
-use super::{read_file, Backend, Tokenizer, TokenizerFormat};
+use super::{no_panic, read_file, Backend, Tokenizer, TokenizerFormat};
 use crate::error::{Error, Result};
 
 /// Names that tokenizers commonly give their beginning-of-sequence token.
@@ -61,11 +61,13 @@ impl Backend for Hf {
 
     /// The tokenizer file's own post-processor is not applied (the caller adds BOS/EOS).
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        no_panic("encoding", || {
+            let enc = self
+                .inner
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+            Ok(enc.get_ids().to_vec())
+        })
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -75,9 +77,11 @@ impl Backend for Hf {
                 "token id {bad} is outside the vocabulary ({size} tokens)"
             )));
         }
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        no_panic("decoding", || {
+            self.inner
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        })
     }
 
     fn piece(&self, id: u32) -> Option<Vec<u8>> {
@@ -103,11 +107,22 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
         path: path.to_path_buf(),
         message,
     };
-    let inner = tokenizers::Tokenizer::from_bytes(bytes)
+    // JSON syntax first: a file cut short is then a clean error (the tokenizers crate
+    // panics on some of those, see `no_panic`).
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map_err(|e| invalid(format!("not a valid HF tokenizer.json: {e}")))?;
-    // The first encode compiles the pre-tokenizer's regexes (milliseconds); pay for it
-    // here, at load time, rather than in the first generation's latency.
-    let _ = inner.encode("warm up", false);
+    let inner = no_panic("loading", || {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| invalid(format!("not a valid HF tokenizer.json: {e}")))?;
+        // The first encode compiles the pre-tokenizer's regexes (milliseconds); pay for it
+        // here, at load time, rather than in the first generation's latency.
+        let _ = inner.encode("warm up", false);
+        Ok(inner)
+    })
+    .map_err(|e| match e {
+        Error::Tokenizer(m) => invalid(format!("not a valid HF tokenizer.json: {m}")),
+        e => e,
+    })?;
     let mut hf = Hf { inner };
     let Some(config) = config else {
         return Ok(Tokenizer::new(Box::new(hf)));

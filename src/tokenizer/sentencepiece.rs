@@ -136,18 +136,22 @@ impl Backend for Sp {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let pieces = self
-            .processor
-            .encode(text)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(pieces.into_iter().map(|p| p.id).collect())
+        super::no_panic("encoding", || {
+            let pieces = self
+                .processor
+                .encode(text)
+                .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+            Ok(pieces.into_iter().map(|p| p.id).collect())
+        })
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.check(ids)?;
-        self.processor
-            .decode_piece_ids(ids)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        super::no_panic("decoding", || {
+            self.processor
+                .decode_piece_ids(ids)
+                .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+        })
     }
 
     fn piece(&self, id: u32) -> Option<Vec<u8>> {
