@@ -3,7 +3,7 @@
 # the header check, then the C and C++ tests through CTest against an installed prefix
 # (and once more under AddressSanitizer), then the Python package's pytest suite
 # (tools/test-python.sh), then builds the C, Rust and Python API references with warnings as
-# errors (tools/build-docs.sh), then fuzzes every target for FUZZ_SECONDS (default 20) each
+# errors (tools/build-docs.sh), then fuzzes every target's debug build for FUZZ_SECONDS (default 25) each
 # (tools/fuzz.sh; a crash fails the run). Run tools/install-deps.sh first on a fresh
 # machine. Ends with one summary line: "N passed, M failed".
 set -euo pipefail
@@ -25,8 +25,8 @@ echo "== Python package (fresh venv, pip install ./python, pytest)" >&2
 bash tools/test-python.sh 2>&1 | tee -a "$LOG"
 echo "== API references (Doxygen, cargo doc, pdoc; any warning fails)" >&2
 bash tools/build-docs.sh
-echo "== fuzz (tools/fuzz.sh: every target for ${FUZZ_SECONDS:-20} s, fixed seed; a crash fails)" >&2
-bash tools/fuzz.sh "${FUZZ_SECONDS:-20}"
+echo "== fuzz (tools/fuzz.sh: every target for ${FUZZ_SECONDS:-25} s, fixed seed; a crash fails)" >&2
+FUZZ_PROFILE=dev bash tools/fuzz.sh "${FUZZ_SECONDS:-25}"
 
 rust=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s += $4} END {print s + 0}')
 c=$(grep -Eo 'tests passed out of [0-9]+' "$LOG" | awk '{s += $5} END {print s + 0}')
