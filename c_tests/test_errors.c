@@ -165,42 +165,34 @@ static void model_with_unsupported_operator(const char *arg) {
             "message: %s", etllm_last_error_message());
 }
 
+/* Opening, loading and generating on `path` each fail with ETLLM_ERR_INVALID_MODEL, and the
+ * message names `needle`. */
+static void check_invalid_model(const char *path, const char *needle) {
+  check_load_fails(path, TOKENIZER(), ETLLM_ERR_INVALID_MODEL);
+  CHECK_MSG(strstr(etllm_last_error_message(), needle) != NULL, "message: %s",
+            etllm_last_error_message());
+}
+
 /* A method name that is not UTF-8 is an invalid model, not an abort (the executorch crate's
  * method listing used to throw a C++ exception through the bridge). */
 static void model_with_non_utf8_method_name(const char *arg) {
   (void)arg;
-  etllm_runner *runner = NULL;
-  CHECK_ERR(etllm_runner_open(fixture("corrupt/bad_method_name.pte"), TOKENIZER(), NULL, &runner),
-            ETLLM_ERR_INVALID_MODEL);
-  CHECK_MSG(runner == NULL, "no runner on failure");
-  CHECK_MSG(strstr(etllm_last_error_message(), "not valid UTF-8") != NULL, "message: %s",
-            etllm_last_error_message());
+  check_invalid_model(fixture("corrupt/bad_method_name.pte"), "not valid UTF-8");
 }
 
 /* A KernelCall naming an operator past the operator table is refused at load time (ExecuTorch
  * only logs it, and executing it would call a null kernel). */
 static void model_with_out_of_range_operator_index(const char *arg) {
   (void)arg;
-  etllm_runner *runner = NULL;
-  CHECK_ERR(etllm_runner_open(fixture("corrupt/op_index_out_of_range.pte"), TOKENIZER(), NULL,
-                              &runner),
-            ETLLM_ERR_INVALID_MODEL);
-  CHECK_MSG(runner == NULL, "no runner on failure");
-  CHECK_MSG(strstr(etllm_last_error_message(), "Op index 1000000 out of range") != NULL,
-            "message: %s", etllm_last_error_message());
+  check_invalid_model(fixture("corrupt/op_index_out_of_range.pte"),
+                      "Op index 1000000 out of range");
 }
 
 /* Memory-planned buffers larger than the machine are refused before ExecuTorch allocates them
  * (its std::bad_alloc used to terminate the process). */
 static void model_with_impossible_planned_memory(const char *arg) {
   (void)arg;
-  etllm_runner *runner = NULL;
-  CHECK_ERR(etllm_runner_open(fixture("corrupt/planned_buffer_too_large.pte"), TOKENIZER(), NULL,
-                              &runner),
-            ETLLM_ERR_INVALID_MODEL);
-  CHECK_MSG(runner == NULL, "no runner on failure");
-  CHECK_MSG(strstr(etllm_last_error_message(), "memory-planned buffers") != NULL, "message: %s",
-            etllm_last_error_message());
+  check_invalid_model(fixture("corrupt/planned_buffer_too_large.pte"), "memory-planned buffers");
 }
 
 static void missing_tokenizer_file(const char *arg) {

@@ -23,6 +23,15 @@ fn load_error(model: &Path, tokenizer: &Path) -> Error {
     err
 }
 
+/// Loading `model` fails with an invalid-model error whose message contains `needle`, and
+/// the process goes on: a good model still runs.
+fn assert_invalid_model(model: &Path, needle: &str) {
+    let err = load_error(model, &tokenizer_path());
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains(needle), "{err}");
+    assert_good_runner_still_works();
+}
+
 /// A runner on a good model still works in this process after the failure.
 fn assert_good_runner_still_works() {
     let case = &reference("dyn_xnnpack").cases[0];
@@ -49,27 +58,18 @@ fn random_bytes_are_an_invalid_model() {
 
 #[test]
 fn non_utf8_method_name_is_an_invalid_model_not_an_abort() {
-    let err = load_error(
+    assert_invalid_model(
         &fixtures_dir().join("corrupt/bad_method_name.pte"),
-        &tokenizer_path(),
+        "not valid UTF-8",
     );
-    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
-    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
-    assert_good_runner_still_works();
 }
 
 #[test]
 fn out_of_range_operator_index_is_refused_at_load_not_a_crash_at_execution() {
-    let err = load_error(
+    assert_invalid_model(
         &fixtures_dir().join("corrupt/op_index_out_of_range.pte"),
-        &tokenizer_path(),
+        "Op index 1000000 out of range",
     );
-    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
-    assert!(
-        err.to_string().contains("Op index 1000000 out of range"),
-        "{err}"
-    );
-    assert_good_runner_still_works();
 }
 
 #[test]
@@ -81,21 +81,18 @@ fn missing_operator_name_is_refused_at_load_not_a_crash_at_execution() {
     assert_eq!(&bytes[7460..7462], &[0x94, 0x02], "the fixture changed");
     bytes[7460] = 0;
     bytes[7461] = 0;
-    let err = load_error(&scratch("missing_op_name.pte", &bytes), &tokenizer_path());
-    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
-    assert!(err.to_string().contains("Missing operator name"), "{err}");
-    assert_good_runner_still_works();
+    assert_invalid_model(
+        &scratch("missing_op_name.pte", &bytes),
+        "Missing operator name",
+    );
 }
 
 #[test]
 fn planned_memory_larger_than_the_machine_is_refused_before_allocation() {
-    let err = load_error(
+    assert_invalid_model(
         &fixtures_dir().join("corrupt/planned_buffer_too_large.pte"),
-        &tokenizer_path(),
+        "memory-planned buffers",
     );
-    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
-    assert!(err.to_string().contains("memory-planned buffers"), "{err}");
-    assert_good_runner_still_works();
 }
 
 #[test]
