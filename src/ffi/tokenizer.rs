@@ -127,7 +127,7 @@ pub extern "C" fn etllm_buffer_free(buffer: *mut c_void) {
 
 /// Encodes the NUL-terminated UTF-8 `text` with `num_bos` BOS tokens before it and
 /// `num_eos` EOS tokens after it (a count above 0 needs the tokenizer to define the token:
-/// `ETLLM_ERR_INVALID_ARGUMENT` otherwise). On success `*out_ids` holds `*out_len` ids in a
+/// `ETLLM_ERR_INVALID_ARGUMENT` otherwise, as is a `num_bos + num_eos` above 2^20). On success `*out_ids` holds `*out_len` ids in a
 /// buffer the caller frees with `etllm_buffer_free` (NULL-safe even when `*out_len` is 0);
 /// on failure it is NULL.
 #[no_mangle]
