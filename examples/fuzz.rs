@@ -1706,14 +1706,15 @@ mod cabi {
         }
     }
 
-    fn io_manager() -> (*const etllm_io_manager, *mut Manager) {
+    /// A new manager (kept in MANAGERS until the case ends) and its complete vtable.
+    fn manager_vtable(expect_destroy: bool) -> (etllm_io_manager, *mut Manager) {
         let m = Box::into_raw(Box::new(Manager {
             destroyed: 0,
-            expect_destroy: false,
+            expect_destroy,
             logits: vec![0.0; 600],
         }));
         MANAGERS.with(|v| v.borrow_mut().push(m));
-        let mut vt = etllm_io_manager {
+        let vt = etllm_io_manager {
             struct_size: size_of::<etllm_io_manager>() as u32,
             user_data: m as *mut c_void,
             load: Some(m_load),
@@ -1725,6 +1726,11 @@ mod cabi {
             update_decode: Some(m_update),
             destroy: Some(m_destroy),
         };
+        (vt, m)
+    }
+
+    fn io_manager() -> (*const etllm_io_manager, *mut Manager) {
+        let (mut vt, m) = manager_vtable(false);
         match u8_() % 8 {
             0 => vt.load = None,
             1 => vt.update_decode = None,
@@ -2262,24 +2268,7 @@ mod cabi {
         if etllm_runner_open(model, tok, std::ptr::null(), &mut r) == etllm_status::ETLLM_OK {
             h.runners.push(r);
         }
-        let m = Box::into_raw(Box::new(Manager {
-            destroyed: 0,
-            expect_destroy: true,
-            logits: vec![0.0; 600],
-        }));
-        MANAGERS.with(|v| v.borrow_mut().push(m));
-        let vt = etllm_io_manager {
-            struct_size: size_of::<etllm_io_manager>() as u32,
-            user_data: m as *mut c_void,
-            load: Some(m_load),
-            reset: Some(m_reset),
-            rewind: Some(m_rewind),
-            prepare_prefill: Some(m_prepare_prefill),
-            update_prefill: Some(m_update),
-            prepare_decode: Some(m_prepare_decode),
-            update_decode: Some(m_update),
-            destroy: Some(m_destroy),
-        };
+        let (vt, _) = manager_vtable(true);
         let o = etllm_runner_options {
             io_manager: &vt,
             ..etllm_runner_options_default()
