@@ -166,9 +166,12 @@ static void model_with_unsupported_operator(const char *arg) {
 }
 
 /* Opening, loading and generating on `path` each fail with ETLLM_ERR_INVALID_MODEL, and the
- * message names `needle`. */
+ * message of a failed open names `needle`. */
 static void check_invalid_model(const char *path, const char *needle) {
   check_load_fails(path, TOKENIZER(), ETLLM_ERR_INVALID_MODEL);
+  etllm_runner *runner = NULL;
+  CHECK_ERR(etllm_runner_open(path, TOKENIZER(), NULL, &runner), ETLLM_ERR_INVALID_MODEL);
+  CHECK_MSG(runner == NULL, "no runner on failure");
   CHECK_MSG(strstr(etllm_last_error_message(), needle) != NULL, "message: %s",
             etllm_last_error_message());
 }
