@@ -597,15 +597,7 @@ impl Runner {
             .chain(prompt.iter())
             .map(|&t| t as u64)
             .collect();
-        let available = loaded.max_context.saturating_sub(orig_pos);
-        if feed.len() > available {
-            return Err(Error::ContextFull {
-                prompt_tokens: prompt.len(),
-                available: available.saturating_sub(orig_pending.is_some() as usize),
-                max_context: loaded.max_context,
-                position: self.position(),
-            });
-        }
+        // `feed` fits: checked above, before the prompt was built.
         let context_left = (available - orig_pending.is_some() as usize) as i64;
         let (n_new, prompt_text) = match mode {
             Mode::Generate(text) => (
