@@ -321,7 +321,7 @@ impl Program {
     }
 
     /// Refuses a method whose memory-planned buffers add up to more than this machine's
-    /// physical memory. ExecuTorch's `Module` allocates them with `new` when it loads the
+    /// physical memory, or than the process's address-space or data limit. ExecuTorch's `Module` allocates them with `new` when it loads the
     /// method, and the `std::bad_alloc` of an impossible size (a corrupt buffer size in the
     /// program) would cross the cxx bridge and terminate the process.
     fn check_planned_memory(&mut self, method: &str) -> Result<()> {
@@ -341,7 +341,8 @@ impl Program {
         if total > limit {
             return Err(self.invalid(format!(
                 "method `{method}` asks for {total} bytes of memory-planned buffers, more than \
-                 this machine's {limit} bytes of physical memory"
+                 the {limit} bytes this process can allocate (physical memory, or its \
+                 RLIMIT_AS / RLIMIT_DATA limit)"
             )));
         }
         Ok(())
@@ -552,20 +553,34 @@ impl Program {
     }
 }
 
-/// This machine's physical memory in bytes (unbounded when the system does not say).
+/// The most memory this process can allocate, in bytes: the machine's physical memory, or
+/// the process's address-space or data limit (`RLIMIT_AS`, `RLIMIT_DATA`) when lower
+/// (unbounded when the system says none of these).
 fn physical_memory() -> u128 {
-    // Safety: sysconf only reads system configuration.
+    // Safety: sysconf and getrlimit only read system configuration into a local struct.
     let (pages, page_size) = unsafe {
         (
             libc::sysconf(libc::_SC_PHYS_PAGES),
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    if pages > 0 && page_size > 0 {
+    let mut limit = if pages > 0 && page_size > 0 {
         pages as u128 * page_size as u128
     } else {
         u128::MAX
+    };
+    for resource in [libc::RLIMIT_AS, libc::RLIMIT_DATA] {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // Safety: `rl` is a valid rlimit for getrlimit to fill.
+        if unsafe { libc::getrlimit(resource, &mut rl) } == 0 && rl.rlim_cur != libc::RLIM_INFINITY
+        {
+            limit = limit.min(rl.rlim_cur as u128);
+        }
     }
+    limit
 }
 
 /// Reads the method names of the program at `path` through ExecuTorch's `Program`, whose
