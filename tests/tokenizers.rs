@@ -361,3 +361,32 @@ fn stream_yields_nothing_for_ids_outside_the_vocabulary_and_goes_on() {
     text += &stream.flush().unwrap();
     assert_eq!(text, t.decode(&ids).unwrap());
 }
+
+/// A token that only `tokenizer_config.json` adds (the next free id) counts in the
+/// vocabulary size, which the HF backend counts once at load: decoding, streaming and
+/// encoding all see it.
+#[test]
+fn hf_token_added_by_the_config_is_in_the_vocabulary() {
+    let (r, base) = load("hf");
+    let src = dir().join(&r.file).parent().unwrap().to_path_buf();
+    let tmp = std::env::temp_dir().join(format!("etllm-added-token-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    let new_id = base.vocab_size();
+    config["added_tokens_decoder"][new_id.to_string()] =
+        serde_json::json!({"content": "<|extra|>", "special": false});
+    std::fs::write(tmp.join("tokenizer_config.json"), config.to_string()).unwrap();
+
+    let t = Tokenizer::from_file(&tmp).unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert_eq!(t.vocab_size(), new_id + 1);
+    assert_eq!(t.token_id("<|extra|>"), Some(new_id as u32));
+    assert_eq!(t.encode("<|extra|>").unwrap(), vec![new_id as u32]);
+    assert_eq!(t.decode(&[new_id as u32]).unwrap(), "<|extra|>");
+    let mut stream = t.stream();
+    let text = stream.push(new_id as u32).unwrap() + &stream.flush().unwrap();
+    assert_eq!(text, "<|extra|>");
+    assert!(t.decode(&[new_id as u32 + 1]).is_err());
+}

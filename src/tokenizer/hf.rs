@@ -30,9 +30,27 @@ const EOS_NAMES: &[&str] = &[
 
 pub(super) struct Hf {
     inner: tokenizers::Tokenizer,
+    /// `inner.get_vocab_size(true)`, which builds the whole vocabulary map on every call:
+    /// asked for every streamed token, so counted once here (and again after tokens are
+    /// added).
+    vocab_size: usize,
 }
 
 impl Hf {
+    fn new(inner: tokenizers::Tokenizer) -> Self {
+        let vocab_size = inner.get_vocab_size(true);
+        Self { inner, vocab_size }
+    }
+
+    fn add_token(&mut self, token: tokenizers::AddedToken, special: bool) {
+        if special {
+            self.inner.add_special_tokens(&[token]);
+        } else {
+            self.inner.add_tokens(&[token]);
+        }
+        self.vocab_size = self.inner.get_vocab_size(true);
+    }
+
     /// The ids of the special tokens named in `names`, in that order.
     fn special(&self, names: &[&str]) -> Vec<u32> {
         let added = self.inner.get_added_tokens_decoder();
@@ -56,7 +74,7 @@ impl Backend for Hf {
     }
 
     fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The tokenizer file's own post-processor is not applied (the caller adds BOS/EOS).
@@ -123,7 +141,7 @@ pub(super) fn load_json(path: &Path, bytes: &[u8], config: Option<&Value>) -> Re
         Error::Tokenizer(m) => invalid(format!("not a valid HF tokenizer.json: {m}")),
         e => e,
     })?;
-    let mut hf = Hf { inner };
+    let mut hf = Hf::new(inner);
     let Some(config) = config else {
         return Ok(Tokenizer::new(Box::new(hf)));
     };
@@ -194,12 +212,7 @@ fn add_config_tokens(hf: &mut Hf, config: &Value) -> std::result::Result<(), Str
                 hf.vocab_size()
             ));
         }
-        let token = tokenizers::AddedToken::from(content, special);
-        if special {
-            hf.inner.add_special_tokens(&[token]);
-        } else {
-            hf.inner.add_tokens(&[token]);
-        }
+        hf.add_token(tokenizers::AddedToken::from(content, special), special);
     }
     Ok(())
 }
