@@ -19,6 +19,12 @@ static void check_stats_consistent(const etllm_stats *s) {
   CHECK(s->prompt_eval_end_us <= s->first_token_us);
   CHECK(s->first_token_us <= s->inference_end_us);
   CHECK(s->aggregate_model_execution_time_us <= s->inference_end_us - s->inference_start_us);
+  /* Decode steps are part of the model time, and happen after prefill. */
+  CHECK(s->decode_model_execution_time_us <= s->aggregate_model_execution_time_us);
+  /* (+1: both sides are rounded down to microseconds separately.) */
+  CHECK(s->decode_model_execution_time_us <= s->inference_end_us - s->prompt_eval_end_us + 1);
+  /* 12 tokens means 11 decode steps, each of which takes some time. */
+  CHECK(s->num_generated_tokens < 2 || s->decode_model_execution_time_us > 0);
 }
 
 /* out_stats and the stats callback get the same, consistent numbers. */

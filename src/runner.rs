@@ -19,8 +19,10 @@ use crate::tokenizer::{Preset, Tokenizer};
 /// Options fixed when the runner is created.
 #[derive(Default)]
 pub struct RunnerOptions {
-    /// Threads of ExecuTorch's CPU thread pool. The pool is shared by the whole process, so
-    /// this changes it for every runner. `None` keeps the current size.
+    /// Threads of ExecuTorch's CPU thread pool, set when the runner loads. The pool is
+    /// shared by the whole process and cannot be resized while any model is loaded (see
+    /// [`set_num_threads`](crate::set_num_threads)): a count other than the current one is
+    /// then a load error. `None` keeps the current size.
     pub num_threads: Option<usize>,
     /// A KV-cache manager to use instead of the built-in one chosen from the model's
     /// signature.
@@ -732,6 +734,8 @@ fn generate_loop(
     }
     // Summed in nanoseconds: a single step can take less than a microsecond.
     let mut model_ns = 0u128;
+    // The part of `model_ns` spent in decode steps (after prefill).
+    let mut decode_model_ns = 0u128;
     let chunk = io.max_prefill_chunk().max(1);
     let mut token = None;
     for (i, part) in feed.chunks(chunk).enumerate() {
@@ -800,7 +804,9 @@ fn generate_loop(
         let step = io.prepare_decode(token as u64, pos)?;
         let outputs = model.execute(step.method, &step.inputs)?;
         let logits = io.update_decode(&outputs)?;
-        model_ns += t0.elapsed().as_nanos();
+        let step_ns = t0.elapsed().as_nanos();
+        model_ns += step_ns;
+        decode_model_ns += step_ns;
         pos += 1;
         if keep_history {
             history.push(token);
@@ -808,6 +814,7 @@ fn generate_loop(
         token = picker.pick(logits, &history)?;
     };
     stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
+    stats.decode_model_execution_time_us = (decode_model_ns / 1000) as u64;
     stats.aggregate_sampling_time_us = (picker.elapsed_ns / 1000) as u64;
     stats.stop_reason = reason;
     let rest = match reason {

@@ -66,6 +66,10 @@ pub struct Stats {
     pub aggregate_sampling_time_us: u64,
     /// Time spent inside the model's method calls (prefill and decode), summed.
     pub aggregate_model_execution_time_us: u64,
+    /// The part of `aggregate_model_execution_time_us` spent in decode steps (after
+    /// prefill), summed. `inference_end_us - prompt_eval_end_us` minus this is the decode
+    /// time spent outside the model: sampling, detokenizing, stop checks, callbacks.
+    pub decode_model_execution_time_us: u64,
     /// Tokens in the encoded prompt, BOS/EOS included.
     pub num_prompt_tokens: u64,
     /// Tokens generated (an EOS that ended generation included).
@@ -113,6 +117,19 @@ impl Stats {
         )
     }
 
+    /// The share (0 to 1) of decode wall time (`prompt_eval_end_us` to
+    /// `inference_end_us`) spent outside the model's decode steps; 0 when nothing was
+    /// decoded.
+    pub fn decode_outside_model_share(&self) -> f64 {
+        let wall = self
+            .inference_end_us
+            .saturating_sub(self.prompt_eval_end_us);
+        if wall == 0 {
+            return 0.0;
+        }
+        wall.saturating_sub(self.decode_model_execution_time_us) as f64 / wall as f64
+    }
+
     /// Microseconds from the start of `generate` to the first new token.
     pub fn time_to_first_token_us(&self) -> u64 {
         self.first_token_us.saturating_sub(self.inference_start_us)
@@ -121,7 +138,8 @@ impl Stats {
     /// The stats as a JSON object. Fields shared with upstream's `stats_to_json_string`
     /// keep its names and its unit (milliseconds, `SCALING_FACTOR_UNITS_PER_SECOND` 1000),
     /// given as fractional numbers with microsecond resolution. EtLlm adds
-    /// `aggregate_model_execution_time_ms`, `stop_reason` and the derived rates.
+    /// `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`, `stop_reason`
+    /// and the derived rates.
     pub fn to_json(&self) -> serde_json::Value {
         let ms = |us: u64| us as f64 / 1000.0;
         json!({
@@ -136,6 +154,7 @@ impl Stats {
             "first_token_ms": ms(self.first_token_us),
             "aggregate_sampling_time_ms": ms(self.aggregate_sampling_time_us),
             "aggregate_model_execution_time_ms": ms(self.aggregate_model_execution_time_us),
+            "decode_model_execution_time_ms": ms(self.decode_model_execution_time_us),
             "SCALING_FACTOR_UNITS_PER_SECOND": 1000,
             "stop_reason": self.stop_reason.as_str(),
             "prefill_tokens_per_second": self.prefill_tokens_per_second(),

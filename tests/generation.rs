@@ -279,7 +279,48 @@ fn stats_count_tokens_and_order_timestamps() {
     assert!(stats.aggregate_sampling_time_us <= total);
     let json = stats.to_json();
     assert_eq!(json["generated_tokens"], 10);
+    assert_eq!(
+        json["decode_model_execution_time_ms"],
+        stats.decode_model_execution_time_us as f64 / 1000.0
+    );
     assert_eq!(json["prompt_tokens"], case.prompt_ids.len());
+}
+
+/// 10 generated tokens take 9 decode steps after prefill: their model time is part of the
+/// total model time and of the decode wall time, and the rest of that wall time is the
+/// share outside the model.
+#[test]
+fn stats_split_decode_model_time_from_prefill() {
+    let case = &reference("dyn_xnnpack").cases[1];
+    let mut runner = open("dyn_xnnpack");
+    let stats = runner
+        .generate_from_ids(
+            &case.prompt_ids,
+            &greedy(10),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap();
+    let decode_wall = stats.inference_end_us - stats.prompt_eval_end_us;
+    assert!(stats.decode_model_execution_time_us > 0);
+    assert!(stats.decode_model_execution_time_us < stats.aggregate_model_execution_time_us);
+    assert!(stats.decode_model_execution_time_us <= decode_wall + 1);
+    let share = stats.decode_outside_model_share();
+    assert!((0.0..1.0).contains(&share), "{share}");
+
+    // A single generated token has no decode step.
+    runner.reset().unwrap();
+    let one = runner
+        .generate_from_ids(
+            &case.prompt_ids,
+            &greedy(1),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(one.num_generated_tokens, 1);
+    assert_eq!(one.decode_model_execution_time_us, 0);
+    assert!(one.aggregate_model_execution_time_us > 0);
 }
 
 #[test]

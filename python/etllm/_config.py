@@ -117,6 +117,7 @@ class Stats:
     aggregate_model_execution_time_us: int
     num_prompt_tokens: int
     num_generated_tokens: int
+    decode_model_execution_time_us: int
     stop_reason: str
 
     def __init__(self, c: Optional[_ffi.StatsC] = None) -> None:

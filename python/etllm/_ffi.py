@@ -81,6 +81,7 @@ class StatsC(Structure):
         ("aggregate_model_execution_time_us", c_uint64),
         ("num_prompt_tokens", c_uint64),
         ("num_generated_tokens", c_uint64),
+        ("decode_model_execution_time_us", c_uint64),
     ]
 
 

@@ -60,6 +60,10 @@ pub struct etllm_stats {
     pub num_prompt_tokens: u64,
     /// Tokens generated, an EOS that ended generation included.
     pub num_generated_tokens: u64,
+    /// The part of `aggregate_model_execution_time_us` spent in decode steps (after
+    /// prefill). The last field: a caller compiled against a header without it has a
+    /// smaller `struct_size` and does not get it.
+    pub decode_model_execution_time_us: u64,
 }
 
 impl Default for etllm_stats {
@@ -92,6 +96,7 @@ impl From<&Stats> for etllm_stats {
             aggregate_model_execution_time_us: s.aggregate_model_execution_time_us,
             num_prompt_tokens: s.num_prompt_tokens,
             num_generated_tokens: s.num_generated_tokens,
+            decode_model_execution_time_us: s.decode_model_execution_time_us,
         }
     }
 }
@@ -110,6 +115,7 @@ impl From<&etllm_stats> for Stats {
             aggregate_model_execution_time_us: s.aggregate_model_execution_time_us,
             num_prompt_tokens: s.num_prompt_tokens,
             num_generated_tokens: s.num_generated_tokens,
+            decode_model_execution_time_us: s.decode_model_execution_time_us,
             stop_reason: match s.stop_reason {
                 etllm_stop_reason::ETLLM_STOP_NONE => StopReason::None,
                 etllm_stop_reason::ETLLM_STOP_EOS => StopReason::Eos,
@@ -148,7 +154,8 @@ pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), Ff
 }
 
 /// The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
-/// EtLlm's `aggregate_model_execution_time_ms`, `stop_reason` and derived rates. On
+/// EtLlm's `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`,
+/// `stop_reason` and derived rates. On
 /// success `*out_json` is a NUL-terminated string the caller frees with
 /// `etllm_string_free`.
 #[no_mangle]
@@ -181,4 +188,4 @@ pub extern "C" fn etllm_stats_to_json(
 super::versioned!(etllm_stats, "stats"; model_load_start_us, model_load_end_us,
     inference_start_us, token_encode_end_us, prompt_eval_end_us, first_token_us,
     inference_end_us, aggregate_sampling_time_us, aggregate_model_execution_time_us,
-    num_prompt_tokens, num_generated_tokens);
+    num_prompt_tokens, num_generated_tokens, decode_model_execution_time_us);
