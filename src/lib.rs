@@ -69,7 +69,10 @@ pub fn num_threads() -> usize {
     et::num_threads()
 }
 
-/// Sets the threads of ExecuTorch's process-wide CPU thread pool.
+/// Sets the threads of ExecuTorch's process-wide CPU thread pool. Asking for its current
+/// size always succeeds; another size is an [`Error::InvalidArgument`] while any model is
+/// loaded, because ExecuTorch's XNNPACK delegate keeps the pool it was loaded with (a
+/// resize under it would leave it waiting on a freed pool).
 pub fn set_num_threads(threads: usize) -> Result<()> {
     et::set_num_threads(threads)
 }

@@ -154,16 +154,60 @@ fn runtime_error(operation: impl Into<String>, err: executorch::Error) -> Error 
     }
 }
 
+/// Programs alive in this process. ExecuTorch's XNNPACK delegate keeps a pointer to the
+/// thread pool's `pthreadpool` from the moment a method is loaded, and resizing the pool
+/// frees that `pthreadpool`: a program loaded before a resize then waits forever on a
+/// freed mutex (or worse) at its next call. So the pool is only resized while no program
+/// is alive; the lock is held across the check and the resize, and across the count's
+/// change when a program is opened.
+static LIVE_PROGRAMS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+fn live_programs() -> std::sync::MutexGuard<'static, usize> {
+    LIVE_PROGRAMS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One live program's share of [`LIVE_PROGRAMS`]; dropping it releases the share.
+struct LiveProgram;
+
+impl LiveProgram {
+    fn new() -> Self {
+        *live_programs() += 1;
+        LiveProgram
+    }
+}
+
+impl Drop for LiveProgram {
+    fn drop(&mut self) {
+        *live_programs() -= 1;
+    }
+}
+
 /// Sets the size of ExecuTorch's shared CPU thread pool (used by XNNPACK and the optimized
-/// kernels). It is process-wide.
+/// kernels). It is process-wide. Asking for the current size always succeeds; another size
+/// is refused while any model is loaded (see [`LIVE_PROGRAMS`]).
 pub(crate) fn set_num_threads(threads: usize) -> Result<()> {
     init_runtime();
     let n = u32::try_from(threads)
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| Error::InvalidArgument(format!("thread count {threads} is out of range")))?;
-    // Safety: plain C calls into the shim; it checks for a missing pool itself.
+    let live = live_programs();
+    if num_threads() == threads {
+        return Ok(());
+    }
+    if *live > 0 {
+        return Err(Error::InvalidArgument(format!(
+            "cannot resize ExecuTorch's thread pool from {} to {threads} threads while {} \
+             model(s) are loaded (their XNNPACK delegates keep the pool); set the thread count \
+             before loading the first model, or free every runner first",
+            num_threads(),
+            *live
+        )));
+    }
+    // Safety: plain C calls into the shim; it checks for a missing pool itself. No program
+    // is alive, and none can be opened while `live` is held.
     let ok = unsafe { etllm_threadpool_set_threads(n) };
+    drop(live);
     if ok {
         Ok(())
     } else {
@@ -183,6 +227,8 @@ pub(crate) fn num_threads() -> usize {
 /// A loaded ExecuTorch program (memory-mapped `.pte`).
 pub(crate) struct Program {
     module: Module<'static>,
+    /// Keeps the thread pool from being resized under this program's delegates.
+    _live: LiveProgram,
     path: PathBuf,
     /// The program's method names, sorted; read once at load time (see [`read_method_names`]).
     method_names: Vec<String>,
@@ -236,6 +282,7 @@ impl Program {
                 path.display()
             )));
         }
+        let live = LiveProgram::new();
         clear_log();
         let mut module = ModuleBuilder::new(path).load_mode(LoadMode::Mmap).build();
         module
@@ -250,6 +297,7 @@ impl Program {
         })?;
         Ok(Self {
             module,
+            _live: live,
             path: path.to_path_buf(),
             method_names,
         })

@@ -136,7 +136,10 @@ pub struct etllm_runner_options {
     /// `sizeof(etllm_runner_options)` as the caller compiled it.
     pub struct_size: u32,
     /// Threads of ExecuTorch's CPU thread pool, which the whole process shares; 0 keeps
-    /// its current size. Default 0.
+    /// its current size. Default 0. Applied when the runner loads; the pool cannot be
+    /// resized while any model is loaded in the process (ExecuTorch's XNNPACK delegate
+    /// keeps the pool it was loaded with), so a count other than the current one then
+    /// fails the load with `ETLLM_ERR_INVALID_ARGUMENT`.
     pub num_threads: u32,
     /// A KV-cache manager to use instead of the built-in one chosen from the model's
     /// signature, or NULL. The runner copies the struct and takes ownership of its
