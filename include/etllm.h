@@ -444,6 +444,12 @@ typedef struct etllm_stats {
    * Tokens generated, an EOS that ended generation included.
    */
   uint64_t num_generated_tokens;
+  /**
+   * The part of `aggregate_model_execution_time_us` spent in decode steps (after
+   * prefill). The last field: a caller compiled against a header without it has a
+   * smaller `struct_size` and does not get it.
+   */
+  uint64_t decode_model_execution_time_us;
 } etllm_stats;
 
 /**
@@ -598,7 +604,10 @@ typedef struct etllm_runner_options {
   uint32_t struct_size;
   /**
    * Threads of ExecuTorch's CPU thread pool, which the whole process shares; 0 keeps
-   * its current size. Default 0.
+   * its current size. Default 0. Applied when the runner loads; the pool cannot be
+   * resized while any model is loaded in the process (ExecuTorch's XNNPACK delegate
+   * keeps the pool it was loaded with), so a count other than the current one then
+   * fails the load with `ETLLM_ERR_INVALID_ARGUMENT`.
    */
   uint32_t num_threads;
   /**
@@ -1146,7 +1155,8 @@ struct etllm_stats etllm_stats_default(void);
 
 /**
  * The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
- * EtLlm's `aggregate_model_execution_time_ms`, `stop_reason` and derived rates. On
+ * EtLlm's `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`,
+ * `stop_reason` and derived rates. On
  * success `*out_json` is a NUL-terminated string the caller frees with
  * `etllm_string_free`.
  */

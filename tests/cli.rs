@@ -404,3 +404,80 @@ fn warmup_leaves_the_output_unchanged() {
     assert_eq!(run(true), run(false));
     assert_eq!(run(true), case.greedy_ids[..8]);
 }
+
+/// `etllm bench` measures each requested test at each thread count, with every sample in
+/// its JSON, and the table has one row per (threads, test).
+#[test]
+fn bench_reports_each_test_at_each_thread_count() {
+    let out = etllm()
+        .args([
+            "bench", "-p", "16,32", "-n", "8", "-t", "1,2", "-r", "2", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["model"], "built-in demo");
+    assert_eq!(report["vocab_size"], 2048);
+    let results = report["results"].as_array().unwrap();
+    let cells: Vec<(String, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["test"].as_str().unwrap().to_string(),
+                r["threads"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = [1, 2]
+        .iter()
+        .flat_map(|&t| ["pp16", "pp32", "tg8"].map(|name| (name.to_string(), t)))
+        .collect();
+    assert_eq!(cells, expected);
+    for r in results {
+        let samples = r["tokens_per_second_samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 2);
+        assert!(samples.iter().all(|s| s.as_f64().unwrap() > 0.0), "{r}");
+        let share = r["outside_model_share_mean"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&share), "{r}");
+    }
+
+    let table = etllm()
+        .args(["bench", "-p", "16", "-n", "4", "-t", "1", "-r", "1"])
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("| model | size | vocab | threads | test | t/s |"));
+    assert!(
+        lines[2].contains("| pp16 |") && lines[3].contains("| tg4 |"),
+        "{table}"
+    );
+}
+
+/// Sizes that do not fit the model's context are refused before anything runs.
+#[test]
+fn bench_refuses_tests_longer_than_the_context() {
+    let out = etllm()
+        .args(["bench", "-p", "256", "-n", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("pp256") && stderr.contains("context is 256"),
+        "{stderr}"
+    );
+    let out = etllm()
+        .args(["bench", "-p", "0", "-n", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

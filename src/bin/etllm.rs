@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+#[path = "etllm/bench.rs"]
+mod bench;
 use etllm::{
     ChatMessage, ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions, Stats,
 };
@@ -43,6 +46,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Print the text of a JSON array of token ids (exactly the text, no newline added).
     Detokenize(DetokenizeArgs),
+    /// Measure prompt-processing (ppN) and generation (tgN) rates, like llama-bench: a
+    /// markdown table of mean ± standard deviation tokens/s, or --json.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -238,6 +244,7 @@ fn main() -> ExitCode {
         Command::ApplyChatTemplate(args) => apply_chat_template(args),
         Command::Tokenize(args) => tokenize(args),
         Command::Detokenize(args) => detokenize(args),
+        Command::Bench(args) => run_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -325,6 +332,23 @@ fn read_template(path: &Path) -> Result<ChatTemplate, String> {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         ChatTemplate::new(source).map_err(|e| e.to_string())
     }
+}
+
+fn run_bench(args: bench::BenchArgs) -> Result<(), String> {
+    let model_args = ModelArgs {
+        model: args.model.clone(),
+        tokenizer: args.tokenizer.clone(),
+        threads: None,
+        preset: None,
+    };
+    let (label, bytes) = match &args.model {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        ),
+        None => ("built-in demo".to_string(), DEFAULT_MODEL.len() as u64),
+    };
+    bench::bench(&args, || open_runner(&model_args), &label, bytes)
 }
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
@@ -555,10 +579,12 @@ fn report(s: &Stats) {
         ms(generation_us)
     );
     eprintln!(
-        "prefill: {:.1} tokens/s  decode: {:.1} tokens/s  in model: {:.1}%  sampling: {:.2} ms",
+        "prefill: {:.1} tokens/s  decode: {:.1} tokens/s  in model: {:.1}% (decode: {:.1}%)  \
+         sampling: {:.2} ms",
         s.prefill_tokens_per_second(),
         s.decode_tokens_per_second(),
         model_share,
+        100.0 * (1.0 - s.decode_outside_model_share()),
         ms(s.aggregate_sampling_time_us)
     );
 }
