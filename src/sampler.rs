@@ -242,8 +242,6 @@ fn filter(
         if p.top_p < 1.0 {
             // A token below (1 - top_p) / (n - 1) of the total is never in the nucleus:
             // all the others together would already exceed top_p.
-            // A token below (1 - top_p) / (n - 1) of the total is never in the nucleus:
-            // all the others together would already exceed top_p.
             let total: f64 = weights.chunks(BLOCK).map(|b| sum_of(b) as f64).sum();
             let cutoff = ((1.0 - p.top_p as f64) / (n.max(2) - 1) as f64 * total) as f32;
             cands.extend(
@@ -505,11 +503,30 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
+/// Values per block in [`argmax`]'s first pass.
+const ARGMAX_BLOCK: usize = 512;
+
 /// Index of the largest value; the first one among ties; NaN never wins.
 pub fn argmax(values: &[f32]) -> u32 {
-    // Two passes that vectorize: the maximum, then its first position.
-    let max = max_of(values);
-    values.iter().position(|&v| v == max).unwrap_or(0) as u32
+    // One vectorized pass keeps each block's maximum and the first block that holds the
+    // largest; only that block is searched for the position (a full-length search for the
+    // position does not vectorize: it stops at the first match).
+    let mut best = f32::NEG_INFINITY;
+    let mut best_block = 0;
+    for (b, block) in values.chunks(ARGMAX_BLOCK).enumerate() {
+        let m = max_of(block);
+        if m > best {
+            best = m;
+            best_block = b;
+        }
+    }
+    if best == f32::NEG_INFINITY {
+        // Only -inf and NaN: the first -inf, wherever it is (0 when there is none).
+        return values.iter().position(|&v| v == best).unwrap_or(0) as u32;
+    }
+    let start = best_block * ARGMAX_BLOCK;
+    let block = &values[start..values.len().min(start + ARGMAX_BLOCK)];
+    (start + block.iter().position(|&v| v == best).unwrap_or(0)) as u32
 }
 
 #[cfg(test)]
@@ -535,6 +552,59 @@ mod tests {
     fn argmax_takes_first_of_ties_and_skips_nan() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5, 0.2]), 1);
+    }
+
+    /// The blocked argmax gives what a plain first-maximum scan gives: ties across and
+    /// within blocks, NaN and infinities anywhere, lengths around the block size.
+    #[test]
+    fn argmax_matches_a_plain_scan() {
+        fn plain(v: &[f32]) -> u32 {
+            let mut best: Option<(usize, f32)> = None;
+            for (i, &x) in v.iter().enumerate() {
+                if x.is_nan() {
+                    continue;
+                }
+                if best.is_none_or(|(_, b)| x > b) {
+                    best = Some((i, x));
+                }
+            }
+            best.map_or(0, |(i, _)| i as u32)
+        }
+        let mut state = 12345u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in [1, 7, 511, 512, 513, 1024, 1500, 4099] {
+            for case in 0..40 {
+                let mut v: Vec<f32> = (0..len).map(|_| (next() % 64) as f32 - 32.0).collect();
+                match case % 5 {
+                    1 => v.iter_mut().for_each(|x| *x = x.round().min(3.0)), // many ties
+                    2 => {
+                        let i = next() as usize % len;
+                        v[i] = f32::NAN;
+                    }
+                    3 => v.iter_mut().for_each(|x| {
+                        if *x < 0.0 {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }),
+                    4 => {
+                        let i = next() as usize % len;
+                        v[i] = f32::INFINITY;
+                    }
+                    _ => {}
+                }
+                assert_eq!(argmax(&v), plain(&v), "len {len} case {case}");
+            }
+        }
+        let mut all_low = vec![f32::NAN; 1030];
+        all_low[700] = f32::NEG_INFINITY;
+        all_low[900] = f32::NEG_INFINITY;
+        assert_eq!(argmax(&all_low), 700);
+        assert_eq!(argmax(&[f32::NAN; 600]), 0);
     }
 
     #[test]
