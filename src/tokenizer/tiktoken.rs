@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine;
+use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
 use super::{Backend, TokenizerFormat};
@@ -81,8 +82,14 @@ impl Tiktoken {
     ) -> std::result::Result<Self, String> {
         let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        let mut ranks: HashMap<Vec<u8>, u32> = HashMap::new();
-        let mut seen_ranks = HashSet::new();
+        // The map CoreBPE keeps (its own hasher), built once; a 128k-entry file is read in a
+        // few tens of milliseconds.
+        let mut ranks: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        ranks.reserve(text.len() / 16);
+        // (rank, line) of every entry, to check that no rank is given twice: sorted already
+        // when the ranks ascend, as in every published file.
+        let mut by_rank: Vec<(u32, usize)> = Vec::with_capacity(text.len() / 16);
+        let mut ascending = true;
         for (n, line) in text.lines().enumerate() {
             if line.is_empty() {
                 continue;
@@ -94,16 +101,22 @@ impl Tiktoken {
             };
             let token = b64.decode(token).map_err(|_| bad())?;
             let rank: u32 = rank.parse().map_err(|_| bad())?;
-            if !seen_ranks.insert(rank) {
-                return Err(format!("line {}: rank {rank} appears twice", n + 1));
-            }
             if ranks.insert(token, rank).is_some() {
                 return Err(format!("line {}: its token appears twice", n + 1));
             }
+            ascending &= by_rank.last().is_none_or(|&(last, _)| rank > last);
+            by_rank.push((rank, n + 1));
         }
         if ranks.is_empty() {
             return Err("no ranks".into());
         }
+        if !ascending {
+            by_rank.sort_unstable();
+            if let Some(w) = by_rank.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(format!("line {}: rank {} appears twice", w[1].1, w[1].0));
+            }
+        }
+        let has_rank = |id: u32| by_rank.binary_search_by_key(&id, |&(r, _)| r).is_ok();
         if let Some(b) = (0..=255u8).find(|b| !ranks.contains_key(&vec![*b])) {
             return Err(format!(
                 "no rank for the single byte 0x{b:02x} (every byte needs one)"
@@ -113,7 +126,7 @@ impl Tiktoken {
         let mut special = HashMap::new();
         for (i, token) in options.special_tokens.iter().enumerate() {
             let id = (n_base + i) as u32;
-            if seen_ranks.contains(&id) {
+            if has_rank(id) {
                 return Err(format!(
                     "special token {token:?} would get id {id}, which a rank already has"
                 ));
@@ -134,11 +147,11 @@ impl Tiktoken {
             .iter()
             .map(find)
             .collect::<std::result::Result<_, _>>()?;
-        let max_rank = seen_ranks.iter().max().copied().unwrap_or(0) as usize;
+        let max_rank = by_rank.last().map_or(0, |&(r, _)| r) as usize;
         let vocab_size = (n_base + options.special_tokens.len()).max(max_rank + 1);
         let bpe = CoreBPE::new(
-            ranks.into_iter().collect(),
-            special.clone().into_iter().collect(),
+            ranks,
+            special.iter().map(|(k, &v)| (k.clone(), v)).collect(),
             &options.pattern,
         )
         .map_err(|e| format!("invalid split pattern: {e}"))?;
