@@ -51,11 +51,14 @@ fn time(f: impl FnOnce()) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+type EncodeFn<'a> = Box<dyn Fn(&str) -> Vec<u32> + 'a>;
+type DecodeFn<'a> = Box<dyn Fn(&[u32]) -> String + 'a>;
+
 /// One implementation's encode and decode.
 struct Imp<'a> {
     name: &'static str,
-    encode: Box<dyn Fn(&str) -> Vec<u32> + 'a>,
-    decode: Box<dyn Fn(&[u32]) -> String + 'a>,
+    encode: EncodeFn<'a>,
+    decode: DecodeFn<'a>,
 }
 
 #[derive(Default)]
