@@ -5,7 +5,9 @@
 //!     --text bench.txt [--prompts prompts.json] [--rounds 7] [--json]
 //! ```
 //!
-//! Measures, each as the median over `--rounds` (after one untimed warm-up):
+//! Times are the thread's CPU time (`/proc/thread-self/schedstat`, so that other work on a
+//! shared machine does not count; `--wall` for wall-clock time). Measures, each as the
+//! median over `--rounds` (after one untimed warm-up):
 //! - `text`: one `encode` of the whole `--text` file (MB/s);
 //! - `prompts`: one `encode` per prompt of `--prompts` (a JSON list of strings), as the
 //!   mean microseconds per prompt and MB/s;
@@ -38,6 +40,9 @@ struct Args {
     /// Print one JSON object (the medians) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Wall-clock time instead of the thread's CPU time.
+    #[arg(long)]
+    wall: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,10 +50,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time(f: impl FnOnce()) -> f64 {
-    let t0 = Instant::now();
+/// Seconds this thread has run on a CPU (the scheduler's count, in nanoseconds).
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
+    ns as f64 / 1e9
+}
+
+/// How long `f` takes: CPU time of this thread, or wall-clock time with `wall`.
+fn time(wall: bool, f: impl FnOnce()) -> f64 {
+    if wall {
+        let t0 = Instant::now();
+        f();
+        return t0.elapsed().as_secs_f64();
+    }
+    let t0 = thread_cpu_seconds();
     f();
-    t0.elapsed().as_secs_f64()
+    thread_cpu_seconds() - t0
 }
 
 type EncodeFn<'a> = Box<dyn Fn(&str) -> Vec<u32> + 'a>;
@@ -130,21 +148,21 @@ fn main() {
         };
         for &i in &order {
             let imp = &imps[i];
-            let t_text = time(|| {
+            let t_text = time(args.wall, || {
                 std::hint::black_box((imp.encode)(&text));
             });
-            let t_prompts = time(|| {
+            let t_prompts = time(args.wall, || {
                 for p in &prompts {
                     std::hint::black_box((imp.encode)(p));
                 }
             });
-            let t_decode2 = time(|| {
+            let t_decode2 = time(args.wall, || {
                 for w in window.windows(2) {
                     std::hint::black_box((imp.decode)(w));
                 }
             });
             let t_stream = if i == 0 {
-                time(|| {
+                time(args.wall, || {
                     let mut stream = tok.stream();
                     for &id in &window {
                         std::hint::black_box(stream.push(id).expect("push"));

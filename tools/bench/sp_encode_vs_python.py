@@ -7,7 +7,10 @@ model and texts, in interleaved rounds; prints medians and ratios. Never run in 
     /root/sp-venv/bin/python tools/bench/sp_encode_vs_python.py /work/bench-models/sp32k \
         [--rounds 9] [--taskset 0]
 
-Each round times Python first or EtLlm first (alternately); within a round each side
+Times are each side's thread CPU time (`time.thread_time()`, the example's
+`/proc/thread-self/schedstat`), so that other work on a shared machine does not count;
+`--wall` times wall-clock instead. Each round times Python first or EtLlm first
+(alternately); within a round each side
 encodes `bench.txt` once, each prompt of `prompts.json` once, and decodes every 2-token
 window of the text's first 20,000 ids (what a text stream does per generated token), after
 one untimed warm-up. Python's side is `SentencePieceProcessor.encode(text)` (ids) and
@@ -28,20 +31,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "target", "release", "examples", "bench_tokenizer")
 
 
-def python_round(sp, text, prompts, window):
+def python_round(sp, text, prompts, window, clock):
     out = {}
     for warm in (True, False):
-        t0 = time.perf_counter()
+        t0 = clock()
         ids = sp.encode(text)
-        t_text = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_text = clock() - t0
+        t0 = clock()
         for p in prompts:
             sp.encode(p)
-        t_prompts = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_prompts = clock() - t0
+        t0 = clock()
         for i in range(len(window) - 1):
             sp.decode(window[i : i + 2])
-        t_decode2 = time.perf_counter() - t0
+        t_decode2 = clock() - t0
         if not warm:
             mb = len(text.encode()) / 1e6
             pb = sum(len(p.encode()) for p in prompts) / 1e6
@@ -59,6 +62,7 @@ def main():
     ap.add_argument("dir", help="folder with sp32k.model, bench.txt, prompts.json")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--taskset", help="CPU list for both sides (taskset -c)")
+    ap.add_argument("--wall", action="store_true", help="wall-clock time, not CPU time")
     args = ap.parse_args()
     model = os.path.join(args.dir, "sp32k.model")
     text_path = os.path.join(args.dir, "bench.txt")
@@ -73,13 +77,14 @@ def main():
     window = sp.encode(text)[:20000]
 
     cmd = [EXAMPLE, "--tokenizer", model, "--text", text_path, "--prompts", prompts_path]
-    cmd += ["--rounds", "1", "--json"]
+    cmd += ["--rounds", "1", "--json"] + (["--wall"] if args.wall else [])
+    clock = time.perf_counter if args.wall else time.thread_time
     rows = {"python": [], "etllm": [], "crate": []}
     for r in range(args.rounds):
         sides = ["python", "rust"] if r % 2 == 0 else ["rust", "python"]
         for side in sides:
             if side == "python":
-                res, _ = python_round(sp, text, prompts, window)
+                res, _ = python_round(sp, text, prompts, window, clock)
                 rows["python"].append(res)
             else:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -93,7 +98,8 @@ def main():
 
     print(
         f"sentencepiece {spm.__version__}; text {len(text.encode()) / 1e6:.2f} MB; "
-        f"{len(prompts)} prompts; {args.rounds} rounds, medians"
+        f"{len(prompts)} prompts; {args.rounds} rounds, medians of "
+        f"{'wall-clock' if args.wall else 'CPU'} time"
     )
     keys = [
         ("text_mbs", "text MB/s", True),
