@@ -5,7 +5,7 @@
 //!     --text bench.txt [--prompts prompts.json] [--rounds 7] [--json]
 //! ```
 //!
-//! Times are the thread's CPU time (`/proc/thread-self/schedstat`, so that other work on a
+//! Times are the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, so that other work on a
 //! shared machine does not count; `--wall` for wall-clock time). Measures, each as the
 //! median over `--rounds` (after one untimed warm-up):
 //! - `text`: one `encode` of the whole `--text` file (MB/s);
@@ -50,11 +50,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Seconds this thread has run on a CPU (the scheduler's count, in nanoseconds).
+/// Seconds this thread has run on a CPU (`CLOCK_THREAD_CPUTIME_ID`; the schedstat file
+/// would count in whole scheduler ticks).
 fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
-    let ns: u64 = stat.split_whitespace().next().unwrap().parse().unwrap();
-    ns as f64 / 1e9
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// How long `f` takes: CPU time of this thread, or wall-clock time with `wall`.

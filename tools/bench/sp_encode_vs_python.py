@@ -7,8 +7,8 @@ model and texts, in interleaved rounds; prints medians and ratios. Never run in 
     /root/sp-venv/bin/python tools/bench/sp_encode_vs_python.py /work/bench-models/sp32k \
         [--rounds 9] [--taskset 0]
 
-Times are each side's thread CPU time (`time.thread_time()`, the example's
-`/proc/thread-self/schedstat`), so that other work on a shared machine does not count;
+Times are each side's thread CPU time (`CLOCK_THREAD_CPUTIME_ID`: `time.thread_time()`
+and the example's clock), so that other work on a shared machine does not count;
 `--wall` times wall-clock instead. Each round times Python first or EtLlm first
 (alternately); within a round each side
 encodes `bench.txt` once, each prompt of `prompts.json` once, and decodes every 2-token
