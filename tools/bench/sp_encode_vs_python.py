@@ -60,11 +60,12 @@ def python_round(sp, text, prompts, window, clock):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", help="folder with sp32k.model, bench.txt, prompts.json")
+    ap.add_argument("--model", help="another .model file, on the same texts")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--taskset", help="CPU list for both sides (taskset -c)")
     ap.add_argument("--wall", action="store_true", help="wall-clock time, not CPU time")
     args = ap.parse_args()
-    model = os.path.join(args.dir, "sp32k.model")
+    model = args.model or os.path.join(args.dir, "sp32k.model")
     text_path = os.path.join(args.dir, "bench.txt")
     prompts_path = os.path.join(args.dir, "prompts.json")
     if args.taskset:
@@ -97,7 +98,7 @@ def main():
         return statistics.median(r[key] for r in rows[name]) if rows[name] else float("nan")
 
     print(
-        f"sentencepiece {spm.__version__}; text {len(text.encode()) / 1e6:.2f} MB; "
+        f"{os.path.basename(model)}; sentencepiece {spm.__version__}; text {len(text.encode()) / 1e6:.2f} MB; "
         f"{len(prompts)} prompts; {args.rounds} rounds, medians of "
         f"{'wall-clock' if args.wall else 'CPU'} time"
     )
