@@ -34,7 +34,8 @@ decode rate is measured over the tokens generated at positions P..P+N only (pref
 is not in the decode rate; upstream is given the prompt in pieces of at most 120 tokens,
 see `long_prompt`). Each runner's prompt-token count is reported. `--greedy-only` runs just
 the two greedy configurations. The report also gives, per round, EtLlm greedy / upstream
-greedy (runs of the same round were interleaved), with its median, min and max.
+greedy (runs of the same round were interleaved), with its median, min and max;
+`--etllm-before` adds a second etllm binary to the same rounds (before and after a change).
 """
 import argparse
 import json
@@ -165,6 +166,9 @@ def main():
                          "instead of \"Once upon a time\"")
     ap.add_argument("--greedy-only", action="store_true",
                     help="run only the greedy configurations")
+    ap.add_argument("--etllm-before", default=None,
+                    help="another etllm binary (say, before a change) to run greedy in the same "
+                         "rounds; its ratios to upstream are reported too")
     args = ap.parse_args()
     globals()["TOKENS"] = args.tokens
     if args.prompt_tokens:
@@ -185,6 +189,9 @@ def main():
         "etllm T=0.8 top-p 0.9": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.8, 0.9, r, args.threads),
         "etllm T=0": lambda r: run_etllm(args.etllm, args.model, args.tokenizer, 0.0, 1.0, r, args.threads),
     }
+    if args.etllm_before:
+        configs["etllm-before T=0"] = lambda r: run_etllm(
+            args.etllm_before, args.model, args.tokenizer, 0.0, 1.0, r, args.threads)
     if args.greedy_only:
         configs = {k: v for k, v in configs.items() if k.endswith("T=0")}
     names = list(configs)
@@ -204,7 +211,11 @@ def main():
             f"{name} {rates[name][-1]:.1f}" for name in names), file=sys.stderr)
 
     med = {name: statistics.median(v) for name, v in rates.items()}
-    per_round = [e / u for e, u in zip(rates["etllm T=0"], rates["upstream T=0"])]
+    def per_round_ratio(name):
+        ratios = [e / u for e, u in zip(rates[name], rates["upstream T=0"])]
+        return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+                "max": round(max(ratios), 3)}
+
     report = {
         "rounds": args.rounds,
         "threads": args.threads or "default",
@@ -214,13 +225,13 @@ def main():
         "decode_tok_s_median": {k: round(v, 1) for k, v in med.items()},
         "decode_tok_s_min_max": {k: [round(min(v), 1), round(max(v), 1)] for k, v in rates.items()},
         "etllm_greedy_over_upstream_greedy": round(med["etllm T=0"] / med["upstream T=0"], 3),
-        "etllm_greedy_over_upstream_greedy_per_round": {
-            "median": round(statistics.median(per_round), 3),
-            "min": round(min(per_round), 3),
-            "max": round(max(per_round), 3),
-        },
+        "etllm_greedy_over_upstream_greedy_per_round": per_round_ratio("etllm T=0"),
         "runs_that_stopped_early": short,
     }
+    if args.etllm_before:
+        report["etllm_before_greedy_over_upstream_greedy"] = round(
+            med["etllm-before T=0"] / med["upstream T=0"], 3)
+        report["etllm_before_greedy_over_upstream_greedy_per_round"] = per_round_ratio("etllm-before T=0")
     if not args.greedy_only:
         report["etllm_sampled_over_upstream_sampled"] = round(
             med["etllm T=0.8 top-p 0.9"] / med["upstream T=0.8 (top-p 0.9)"], 3)
