@@ -305,9 +305,10 @@ inline float to_float(BFloat16 x) { return static_cast<float>(x); }
 
 // The hot loops, for float data: compiled twice on x86-64 (AVX2+FMA and the baseline),
 // the best one picked at load time, so a prebuilt library is fast on new CPUs and still
-// runs on old ones. When the head dimension is a multiple of 8, the two inner loops of
-// float attention (scores and the weighted sum of values) also have hand-written AVX2+FMA
-// versions, picked at run time when the CPU has them.
+// runs on old ones. Float attention also has hand-written AVX2+FMA versions of its loops,
+// picked at run time when the CPU has them (see f32_loops): GCC 12 leaves the exp-sum and
+// max loops below scalar even in their AVX2 clone, and the score and weighted-sum loops
+// gain from working eight keys (or 64 floats of the output) at a time.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #define ETLLM_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
 #define ETLLM_AVX2 1
