@@ -58,7 +58,7 @@ PIECE_TOKENS = 0
 PROMPT_TOKENS = {}
 
 
-def upstream_runner(model, tokenizer, threads):
+def upstream_runner(model, tokenizer, threads, torch_threads=0):
     # Upstream's kernels for the llama:: custom ops (libcustom_ops_aot_lib), so that models
     # exported with use_sdpa_with_kv_cache run on upstream's side too.
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
@@ -74,10 +74,11 @@ def upstream_runner(model, tokenizer, threads):
         # is the BLAS that torch bundles (MKL's sgemm_), threaded by OpenMP with torch's
         # thread count, not the pool above. Left at its default (one thread per core), its
         # OpenMP threads spin next to the runner's and, on a busy 2-core machine, made
-        # upstream's decode at depth several times slower; so it gets the same count.
+        # upstream's decode at depth several times slower; so it gets the same count (or
+        # --upstream-torch-threads).
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads or threads)
     return TextLLMRunner(model, tokenizer)
 
 
@@ -166,6 +167,9 @@ def main():
                          "instead of \"Once upon a time\"")
     ap.add_argument("--greedy-only", action="store_true",
                     help="run only the greedy configurations")
+    ap.add_argument("--upstream-torch-threads", type=int, default=0,
+                    help="torch's (OpenMP) thread count on upstream's side, which its custom_sdpa "
+                         "uses through MKL (default: --threads)")
     ap.add_argument("--etllm-before", default=None,
                     help="another etllm binary (say, before a change) to run greedy in the same "
                          "rounds; its ratios to upstream are reported too")
@@ -182,7 +186,7 @@ def main():
         globals()["PROMPT"] = " ".join(pieces)
         print(f"prompt: {len(pieces)} pieces, {total} tokens with BOS", file=sys.stderr)
 
-    upstream = upstream_runner(args.model, args.tokenizer, args.threads)
+    upstream = upstream_runner(args.model, args.tokenizer, args.threads, args.upstream_torch_threads)
     configs = {
         "upstream T=0.8 (top-p 0.9)": lambda r: run_upstream(upstream, 0.8),
         "upstream T=0": lambda r: run_upstream(upstream, 0.0),
