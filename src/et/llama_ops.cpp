@@ -44,6 +44,10 @@
 #include <optional>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using executorch::aten::BFloat16;
@@ -301,11 +305,17 @@ inline float to_float(BFloat16 x) { return static_cast<float>(x); }
 
 // The hot loops, for float data: compiled twice on x86-64 (AVX2+FMA and the baseline),
 // the best one picked at load time, so a prebuilt library is fast on new CPUs and still
-// runs on old ones.
+// runs on old ones. Float attention also has hand-written AVX2+FMA versions of its loops,
+// picked at run time when the CPU has them (see f32_loops): GCC 12 leaves the exp-sum and
+// max loops below scalar even in their AVX2 clone, and the score and weighted-sum loops
+// gain from working eight keys (or 64 floats of the output) at a time.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #define ETLLM_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#define ETLLM_AVX2 1
+#define ETLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define ETLLM_MULTIVERSION
+#define ETLLM_AVX2 0
 #endif
 
 // exp(x) for x <= 0 (Cephes' expf polynomial, about 1 ulp), written so that loops over it
@@ -372,11 +382,24 @@ ETLLM_MULTIVERSION float exp_and_sum(float* s, int64_t n, float max) {
   return sum;
 }
 
-// acc = sum over j of p[j] * (v row j). Four rows at a time: acc is loaded and stored
+// The largest of s[0..n) (-inf when n is 0).
+ETLLM_MULTIVERSION float max_of(const float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// x[0..n) *= c.
+ETLLM_MULTIVERSION void scale_in_place(float* x, int64_t n, float c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= c;
+}
+
+// acc += sum over j of p[j] * (v row j). Four rows at a time: acc is loaded and stored
 // once for four rows.
-ETLLM_MULTIVERSION void weighted_sum(const float* p, const float* v, int64_t v_stride,
-                                     int64_t keys, int64_t dim, float* acc) {
-  for (int64_t d = 0; d < dim; ++d) acc[d] = 0.f;
+ETLLM_MULTIVERSION void weighted_sum_acc(const float* p, const float* v, int64_t v_stride,
+                                         int64_t keys, int64_t dim, float* acc) {
   int64_t j = 0;
   for (; j + 4 <= keys; j += 4) {
     const float* v0 = v + j * v_stride;
@@ -397,7 +420,443 @@ ETLLM_MULTIVERSION void weighted_sum(const float* p, const float* v, int64_t v_s
   }
 }
 
-// The same for Half and BFloat16 data (accumulation in float).
+#if ETLLM_AVX2
+// The sums of the lanes of a0..a7, as one vector (lane j: the sum of aj).
+ETLLM_TARGET_AVX2 inline __m256 lane_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
+                                            __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 s01 = _mm256_hadd_ps(a0, a1);
+  const __m256 s23 = _mm256_hadd_ps(a2, a3);
+  const __m256 s45 = _mm256_hadd_ps(a4, a5);
+  const __m256 s67 = _mm256_hadd_ps(a6, a7);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23);  // low half: 0 1 2 3, high half: 0 1 2 3
+  const __m256 s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+ETLLM_TARGET_AVX2 inline float lane_sum(__m256 a) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+// qk_scores for dim a multiple of 8: eight keys at a time, eight dot products reduced
+// together (no per-key horizontal sum).
+ETLLM_TARGET_AVX2 void qk_scores_avx2(const float* q, const float* k, int64_t k_stride,
+                                      int64_t keys, int64_t dim, float scale, float* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= keys; j += 8) {
+    const float* k0 = k + j * k_stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    for (int64_t d = 0; d < dim; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      const float* kd = k0 + d;
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kd), qd, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + k_stride), qd, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 2 * k_stride), qd, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 3 * k_stride), qd, a3);
+      a4 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 4 * k_stride), qd, a4);
+      a5 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 5 * k_stride), qd, a5);
+      a6 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 6 * k_stride), qd, a6);
+      a7 = _mm256_fmadd_ps(_mm256_loadu_ps(kd + 7 * k_stride), qd, a7);
+    }
+    _mm256_storeu_ps(out + j,
+                     _mm256_mul_ps(lane_sums8(a0, a1, a2, a3, a4, a5, a6, a7), vscale));
+  }
+  for (; j < keys; ++j) {
+    const float* kj = k + j * k_stride;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(kj + d), _mm256_loadu_ps(q + d), a);
+    }
+    out[j] = lane_sum(a) * scale;
+  }
+}
+
+// acc[0..8W) += sum over j of p[j] * v row j [0..8W), acc held in W registers.
+template <int W>
+ETLLM_TARGET_AVX2 void weighted_sum_acc_avx2_w(const float* p, const float* v,
+                                               int64_t v_stride, int64_t keys, float* acc) {
+  __m256 a[W];
+#pragma GCC unroll 8
+  for (int w = 0; w < W; ++w) a[w] = _mm256_loadu_ps(acc + 8 * w);
+  int64_t j = 0;
+  for (; j + 2 <= keys; j += 2) {
+    const __m256 p0 = _mm256_broadcast_ss(p + j);
+    const __m256 p1 = _mm256_broadcast_ss(p + j + 1);
+    const float* v0 = v + j * v_stride;
+    const float* v1 = v0 + v_stride;
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) {
+      a[w] = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + 8 * w), p0, a[w]);
+      a[w] = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + 8 * w), p1, a[w]);
+    }
+  }
+  for (; j < keys; ++j) {
+    const __m256 pj = _mm256_broadcast_ss(p + j);
+    const float* vj = v + j * v_stride;
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) a[w] = _mm256_fmadd_ps(_mm256_loadu_ps(vj + 8 * w), pj, a[w]);
+  }
+#pragma GCC unroll 8
+  for (int w = 0; w < W; ++w) _mm256_storeu_ps(acc + 8 * w, a[w]);
+}
+
+// weighted_sum_acc for dim a multiple of 8, in slices of at most 64 floats.
+ETLLM_TARGET_AVX2 void weighted_sum_acc_avx2(const float* p, const float* v, int64_t v_stride,
+                                             int64_t keys, int64_t dim, float* acc) {
+  for (int64_t d = 0; d < dim; d += 64) {
+    const float* vd = v + d;
+    float* ad = acc + d;
+    switch (std::min<int64_t>(dim - d, 64) / 8) {
+      case 1: weighted_sum_acc_avx2_w<1>(p, vd, v_stride, keys, ad); break;
+      case 2: weighted_sum_acc_avx2_w<2>(p, vd, v_stride, keys, ad); break;
+      case 3: weighted_sum_acc_avx2_w<3>(p, vd, v_stride, keys, ad); break;
+      case 4: weighted_sum_acc_avx2_w<4>(p, vd, v_stride, keys, ad); break;
+      case 5: weighted_sum_acc_avx2_w<5>(p, vd, v_stride, keys, ad); break;
+      case 6: weighted_sum_acc_avx2_w<6>(p, vd, v_stride, keys, ad); break;
+      case 7: weighted_sum_acc_avx2_w<7>(p, vd, v_stride, keys, ad); break;
+      default: weighted_sum_acc_avx2_w<8>(p, vd, v_stride, keys, ad); break;
+    }
+  }
+}
+
+// exp_nonpositive on eight lanes (the same polynomial; NaN stays NaN).
+ETLLM_TARGET_AVX2 inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.f);
+  const __m256 clamped = _mm256_max_ps(low, x);  // NaN in x: NaN
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(clamped, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_LT_OQ), e);  // 0 below -87
+}
+
+// exp_and_sum, eight lanes at a time.
+ETLLM_TARGET_AVX2 float exp_and_sum_avx2(float* s, int64_t n, float max) {
+  const __m256 vmax = _mm256_set1_ps(max);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmax));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = lane_sum(sum);
+  for (; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - max);
+    total += s[j];
+  }
+  return total;
+}
+
+// max_of, eight lanes at a time.
+ETLLM_TARGET_AVX2 float max_of_avx2(const float* s, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float result = _mm_cvtss_f32(_mm_max_ss(q, _mm_shuffle_ps(q, q, 1)));
+  for (; j < n; ++j) result = std::max(result, s[j]);
+  return result;
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
+// The inner loops of float attention, for one head dimension.
+struct F32Loops {
+  void (*qk)(const float*, const float*, int64_t, int64_t, int64_t, float, float*);
+  void (*pv)(const float*, const float*, int64_t, int64_t, int64_t, float*);
+  float (*exp_sum)(float*, int64_t, float);
+  float (*max)(const float*, int64_t);
+};
+
+// The AVX2+FMA loops when the CPU has them and `portable` is false (the two over the head
+// dimension only when it is a multiple of 8); else the portable ones.
+F32Loops f32_loops(int64_t dim, bool portable) {
+#if ETLLM_AVX2
+  if (!portable && cpu_has_avx2_fma()) {
+    if (dim % 8 == 0) {
+      return {qk_scores_avx2, weighted_sum_acc_avx2, exp_and_sum_avx2, max_of_avx2};
+    }
+    return {qk_scores, weighted_sum_acc, exp_and_sum_avx2, max_of_avx2};
+  }
+#endif
+  (void)dim;
+  (void)portable;
+  return {qk_scores, weighted_sum_acc, exp_and_sum, max_of};
+}
+
+// Float attention, laid out for the kernel: pointers and element strides
+// (s[0] batch, s[1] sequence or cache row, s[2] head; the last dimension is dense).
+struct F32Attention {
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* mask;  // [seq, cache_rows] float, added to the scores; nullptr when absent
+  float* out;
+  int64_t mask_stride[2];
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3];
+  int64_t batch, seq, heads, kv_heads, dim, cache_rows, start_pos;
+  bool is_causal;
+  float scale;
+
+  int64_t group() const { return heads / kv_heads; }
+  // Keys query row i sees: rows 0..keys_for(i)-1 of the cache.
+  int64_t keys_for(int64_t i) const {
+    if (mask != nullptr) return cache_rows;
+    return is_causal ? start_pos + i + 1 : start_pos + seq;
+  }
+};
+
+// Keys per block of the online softmax: a block's key and value rows of one head stay in
+// L1 while every query head that reads them goes over them.
+constexpr int64_t kKeyBlock = 64;
+
+// A share of the work: batch entry b, kv heads [kh0, kh1) with all the query heads that
+// read them, query rows [i0, i1), keys [n0, n1).
+struct Tile {
+  int64_t b, kh0, kh1, i0, i1, n0, n1;
+};
+
+// Attention for one tile, flash-attention style: key blocks in order, each query vector
+// keeping a running max m, sum l and unnormalized output acc (rescaled when m grows).
+// With `partial` null it writes the tile's outputs; else, for each query vector (b, i, h),
+// its (m, l, acc[dim]) at partial + ((b * seq + i) * heads + h) * (dim + 2), for the caller
+// to merge with the other key ranges.
+void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, float* partial) {
+  const int64_t dim = a.dim, group = a.group();
+  const int64_t nkh = t.kh1 - t.kh0, vectors = (t.i1 - t.i0) * nkh * group;
+  thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>(vectors * (dim + 2) + kKeyBlock);
+  if (scratch.size() < need) scratch.resize(need);
+  float* m = scratch.data();
+  float* l = m + vectors;
+  float* acc = l + vectors;
+  float* s = acc + vectors * dim;
+  std::fill(m, m + vectors, -std::numeric_limits<float>::infinity());
+  std::fill(l, acc + vectors * dim, 0.f);
+  // Query vector r of the tile: row i, kv head kh, query head kh * group + g.
+  auto index = [&](int64_t i, int64_t kh, int64_t g) {
+    return ((i - t.i0) * nkh + (kh - t.kh0)) * group + g;
+  };
+
+  const int64_t keys_end = std::min(t.n1, a.keys_for(t.i1 - 1));
+  for (int64_t j0 = t.n0; j0 < keys_end; j0 += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, keys_end - j0);
+    for (int64_t kh = t.kh0; kh < t.kh1; ++kh) {
+      const float* kb =
+          a.k + t.b * a.k_stride[0] + j0 * a.k_stride[1] + kh * a.k_stride[2];
+      const float* vb =
+          a.v + t.b * a.v_stride[0] + j0 * a.v_stride[1] + kh * a.v_stride[2];
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const int64_t visible = std::min(n, a.keys_for(i) - j0);
+        if (visible <= 0) continue;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kh * group + g, r = index(i, kh, g);
+          const float* q = a.q + t.b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
+          loops.qk(q, kb, a.k_stride[1], visible, dim, a.scale, s);
+          if (a.mask != nullptr) {
+            const float* mask_row = a.mask + i * a.mask_stride[0] + j0 * a.mask_stride[1];
+            for (int64_t j = 0; j < visible; ++j) s[j] += mask_row[j * a.mask_stride[1]];
+          }
+          const float block_max = loops.max(s, visible);
+          // Every key of the block masked out: nothing to add.
+          if (!(block_max > -std::numeric_limits<float>::infinity())) continue;
+          float* acc_r = acc + r * dim;
+          if (block_max > m[r]) {
+            if (l[r] != 0.f) {
+              const float c = std::exp(m[r] - block_max);
+              l[r] *= c;
+              scale_in_place(acc_r, dim, c);
+            }
+            m[r] = block_max;
+          }
+          l[r] += loops.exp_sum(s, visible, m[r]);
+          loops.pv(s, vb, a.v_stride[1], visible, dim, acc_r);
+        }
+      }
+    }
+  }
+
+  for (int64_t kh = t.kh0; kh < t.kh1; ++kh) {
+    for (int64_t i = t.i0; i < t.i1; ++i) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kh * group + g, r = index(i, kh, g);
+        const float* acc_r = acc + r * dim;
+        if (partial != nullptr) {
+          float* p = partial + ((t.b * a.seq + i) * a.heads + h) * (dim + 2);
+          p[0] = m[r];
+          p[1] = l[r];
+          std::memcpy(p + 2, acc_r, dim * sizeof(float));
+          continue;
+        }
+        float* o = a.out + t.b * a.o_stride[0] + i * a.o_stride[1] + h * a.o_stride[2];
+        // A row whose every score is -inf (or NaN) has no defined softmax; like torch, NaN.
+        if (!(m[r] > -std::numeric_limits<float>::infinity())) {
+          std::fill(o, o + dim, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < dim; ++d) o[d] = acc_r[d] * inv;
+      }
+    }
+  }
+}
+
+// How a call is cut into tiles.
+struct F32Plan {
+  // true: one tile per (batch entry, key range) over every head and query row (decode);
+  // false: one tile per (batch entry, kv head, block of query rows) over every key.
+  bool all_heads;
+  int64_t key_splits;  // all_heads: key ranges per batch entry, merged afterwards
+  int64_t row_block;   // !all_heads: query rows per tile
+  bool threaded;       // hand tiles to the thread pool
+  bool portable;       // no hand-written AVX2 loops
+};
+
+// Query vectors (rows x heads) up to which a call is treated as decode: every head in
+// one pass over the cache rows.
+constexpr int64_t kDecodeVectors = 64;
+
+F32Plan plan_f32(const F32Attention& a) {
+  F32Plan p{};
+  const int64_t threads = std::max<int64_t>(1, executorch::extension::get_thread_count());
+  const int64_t max_keys = a.keys_for(a.seq - 1);
+  const int64_t work = a.batch * a.seq * a.heads * max_keys * a.dim * 2;
+  p.threaded = threads > 1 && work >= kMinParallelWork;
+  p.all_heads = a.seq * a.heads <= kDecodeVectors;
+  p.key_splits = 1;
+  if (p.all_heads && p.threaded && a.batch < threads) {
+    // Few tiles for the pool: cut the keys too, each share at least kMinParallelWork.
+    const int64_t per_batch = (threads + a.batch - 1) / a.batch;
+    const int64_t by_work = std::max<int64_t>(1, work / a.batch / kMinParallelWork);
+    const int64_t by_keys = std::max<int64_t>(1, max_keys / kKeyBlock);
+    p.key_splits = std::min({per_batch, by_work, by_keys});
+  }
+  // Rows per tile: about eight query vectors share each pass over a block of keys.
+  p.row_block = std::max<int64_t>(1, 8 / a.group());
+  return p;
+}
+
+// Runs float attention with plan `p`.
+void run_f32(const F32Attention& a, const F32Plan& p) {
+  if (a.batch == 0 || a.seq == 0 || a.heads == 0) return;
+  const F32Loops loops = f32_loops(a.dim, p.portable);
+  if (p.all_heads && p.key_splits > 1) {
+    const int64_t splits = p.key_splits, vectors = a.batch * a.seq * a.heads;
+    const int64_t max_keys = a.keys_for(a.seq - 1);
+    // Key ranges of whole blocks, as even as blocks allow.
+    const int64_t blocks = (max_keys + kKeyBlock - 1) / kKeyBlock;
+    thread_local std::vector<float> partials;
+    const size_t need = static_cast<size_t>(splits * vectors * (a.dim + 2));
+    if (partials.size() < need) partials.resize(need);
+    float* base = partials.data();
+    auto body = [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / splits, sp = task % splits;
+        const int64_t n0 = std::min(max_keys, blocks * sp / splits * kKeyBlock);
+        const int64_t n1 = std::min(max_keys, blocks * (sp + 1) / splits * kKeyBlock);
+        // Key ranges past some rows' last key leave those rows at m = -inf, l = 0.
+        attend_tile(a, loops, {b, 0, a.kv_heads, 0, a.seq, n0, n1},
+                    base + sp * vectors * (a.dim + 2));
+      }
+    };
+    const int64_t tasks = a.batch * splits;
+    if (p.threaded) {
+      executorch::extension::parallel_for(0, tasks, 1, body);
+    } else {
+      body(0, tasks);
+    }
+    // Merge: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M the largest m_s.
+    const int64_t stride = vectors * (a.dim + 2);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (int64_t i = 0; i < a.seq; ++i) {
+        for (int64_t h = 0; h < a.heads; ++h) {
+          const int64_t r = (b * a.seq + i) * a.heads + h;
+          float* o = a.out + b * a.o_stride[0] + i * a.o_stride[1] + h * a.o_stride[2];
+          float top = -std::numeric_limits<float>::infinity();
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            top = std::max(top, base[sp * stride + r * (a.dim + 2)]);
+          }
+          if (!(top > -std::numeric_limits<float>::infinity())) {
+            std::fill(o, o + a.dim, std::numeric_limits<float>::quiet_NaN());
+            continue;
+          }
+          float sum = 0.f;
+          std::fill(o, o + a.dim, 0.f);
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            const float* part = base + sp * stride + r * (a.dim + 2);
+            if (!(part[0] > -std::numeric_limits<float>::infinity())) continue;
+            const float c = std::exp(part[0] - top);
+            sum += c * part[1];
+            for (int64_t d = 0; d < a.dim; ++d) o[d] += c * part[2 + d];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t d = 0; d < a.dim; ++d) o[d] *= inv;
+        }
+      }
+    }
+    return;
+  }
+  if (p.all_heads) {
+    auto body = [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        attend_tile(a, loops, {b, 0, a.kv_heads, 0, a.seq, 0, a.keys_for(a.seq - 1)}, nullptr);
+      }
+    };
+    if (p.threaded && a.batch > 1) {
+      executorch::extension::parallel_for(0, a.batch, 1, body);
+    } else {
+      body(0, a.batch);
+    }
+    return;
+  }
+  // Tiles of (batch entry, kv head, row block). Row blocks go in the order first, last,
+  // second, second to last, ..., so that with causal attention (later rows see more
+  // keys) each thread's contiguous share of tiles mixes short and long ones.
+  const int64_t rb = p.row_block, row_blocks = (a.seq + rb - 1) / rb;
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t z = task % row_blocks, kh = (task / row_blocks) % a.kv_heads;
+      const int64_t b = task / (row_blocks * a.kv_heads);
+      const int64_t block = z % 2 == 0 ? z / 2 : row_blocks - 1 - z / 2;
+      const int64_t i0 = block * rb, i1 = std::min(a.seq, i0 + rb);
+      attend_tile(a, loops, {b, kh, kh + 1, i0, i1, 0, a.keys_for(i1 - 1)}, nullptr);
+    }
+  };
+  const int64_t tasks = a.batch * a.kv_heads * row_blocks;
+  if (p.threaded && tasks > 1) {
+    executorch::extension::parallel_for(0, tasks, 1, body);
+  } else {
+    body(0, tasks);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Half and BFloat16 attention (accumulation in float): one task per (batch, head, query
+// row), scores for the visible rows, a max-subtracted exp with its sum, the weighted sum.
+
 template <typename T>
 void qk_scores(const T* q, const T* k, int64_t k_stride, int64_t keys, int64_t dim,
                float scale, float* out) {
@@ -482,6 +941,36 @@ void run_sdpa(const SdpaArgs& a) {
   }
 }
 
+// The float kernel's view of validated arguments.
+F32Attention f32_attention(const SdpaArgs& a) {
+  F32Attention f{};
+  f.q = a.q->const_data_ptr<float>();
+  f.k = a.k->const_data_ptr<float>();
+  f.v = a.v->const_data_ptr<float>();
+  f.out = a.out->mutable_data_ptr<float>();
+  if (a.mask != nullptr) {
+    f.mask = a.mask->const_data_ptr<float>();
+    f.mask_stride[0] = a.mask->strides()[0];
+    f.mask_stride[1] = a.mask->strides()[1];
+  }
+  for (int d = 0; d < 3; ++d) {
+    f.q_stride[d] = a.qv.stride[d];
+    f.k_stride[d] = a.kv.stride[d];
+    f.v_stride[d] = a.vv.stride[d];
+    f.o_stride[d] = a.ov.stride[d];
+  }
+  f.batch = a.qv.size[0];
+  f.seq = a.qv.size[1];
+  f.heads = a.qv.size[2];
+  f.kv_heads = a.kv.size[2];
+  f.dim = a.qv.size[3];
+  f.cache_rows = a.kv.size[1];
+  f.start_pos = a.start_pos;
+  f.is_causal = a.is_causal;
+  f.scale = a.scale;
+  return f;
+}
+
 // Validates shapes and runs attention; logs and returns false on bad arguments.
 bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> scale) {
   if (!view4(*a.q, a.qv) || !view4(*a.k, a.kv) || !view4(*a.v, a.vv)) {
@@ -546,9 +1035,11 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
                                                  : 1.0 / std::sqrt(double(a.qv.size[3])));
   const bool float_mask = a.mask != nullptr && a.mask->scalar_type() == ScalarType::Float;
   switch (dt) {
-    case ScalarType::Float:
-      run_sdpa<float, float>(a);
+    case ScalarType::Float: {
+      const F32Attention f = f32_attention(a);
+      run_f32(f, plan_f32(f));
       break;
+    }
     case ScalarType::Half:
       float_mask ? run_sdpa<Half, float>(a) : run_sdpa<Half, Half>(a);
       break;
@@ -657,5 +1148,60 @@ void etllm_llama_ops_register(uint8_t* status, uint32_t count) noexcept {
     }
     if (i < count) status[i] = result;
   }
+}
+
+// For tests: float attention on dense arrays (q and out [batch, seq, heads, dim], k and v
+// [batch, cache_rows, kv_heads, dim], mask [seq, cache_rows] or NULL), with the kernel's
+// plan forced. `layout` 0: the plan a call would get (the other plan arguments are then
+// ignored); 1: one tile per batch entry and key range over every head, `key_splits` key
+// ranges merged afterwards; 2: one tile per kv head and `row_block` query rows. `portable`
+// skips the hand-written AVX2 loops; `threaded` hands the tiles to ExecuTorch's thread
+// pool. Returns false when the shapes do not fit together.
+bool etllm_llama_ops_test_f32_attention(const float* q, const float* k, const float* v,
+                                        const float* mask, float* out, int64_t batch,
+                                        int64_t seq, int64_t heads, int64_t kv_heads,
+                                        int64_t dim, int64_t cache_rows, int64_t start_pos,
+                                        bool is_causal, float scale, int32_t layout,
+                                        int64_t key_splits, int64_t row_block, bool portable,
+                                        bool threaded) noexcept {
+  if (batch < 0 || seq < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 ||
+      dim < 0 || cache_rows < 0 ||
+      (mask == nullptr && (start_pos < 0 || start_pos + seq > cache_rows)) ||
+      (mask != nullptr && is_causal) || key_splits < 1 || row_block < 1) {
+    return false;
+  }
+  F32Attention a{};
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.mask = mask;
+  a.out = out;
+  a.mask_stride[0] = cache_rows;
+  a.mask_stride[1] = 1;
+  const int64_t q_stride[3] = {seq * heads * dim, heads * dim, dim};
+  const int64_t kv_stride[3] = {cache_rows * kv_heads * dim, kv_heads * dim, dim};
+  for (int d = 0; d < 3; ++d) {
+    a.q_stride[d] = a.o_stride[d] = q_stride[d];
+    a.k_stride[d] = a.v_stride[d] = kv_stride[d];
+  }
+  a.batch = batch;
+  a.seq = seq;
+  a.heads = heads;
+  a.kv_heads = kv_heads;
+  a.dim = dim;
+  a.cache_rows = cache_rows;
+  a.start_pos = start_pos;
+  a.is_causal = is_causal;
+  a.scale = scale;
+  F32Plan p = plan_f32(a);
+  if (layout != 0) {
+    p.all_heads = layout == 1;
+    p.key_splits = key_splits;
+    p.row_block = row_block;
+    p.threaded = threaded;
+  }
+  p.portable = portable;
+  run_f32(a, p);
+  return true;
 }
 }

@@ -677,4 +677,6 @@ fn dtype_of(s: ScalarType) -> DType {
 }
 
 #[cfg(test)]
+mod llama_ops_kernel_tests;
+#[cfg(test)]
 mod llama_ops_tests;
