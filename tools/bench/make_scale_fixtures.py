@@ -655,31 +655,10 @@ def prompt_ids(out: Path, tok_name: str, bos: int) -> list[int]:
 
 
 def random_weights(params: dict, seed: int, out_gain: float) -> dict:
-    """make_fixtures.random_state_dict, plus biases (N(0, 0.02^2); Qwen has q/k/v biases).
-    Without biases the draws, and so the weights, are exactly random_state_dict's."""
-    import torch
-
+    """make_fixtures.random_state_dict (biases, which Qwen's q/k/v have, ~N(0, 0.02^2))."""
     import make_fixtures as mf
 
-    torch.manual_seed(seed)
-    m = mf.build_transformer(params, use_kv_cache=False, dynamic=False)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in m.named_parameters():
-        if name.endswith("norm.weight"):
-            v = 1.0 + 0.05 * torch.randn(p.shape, generator=g)
-        elif name.startswith("tok_embeddings"):
-            v = torch.randn(p.shape, generator=g)
-        elif name == "output.weight":
-            v = out_gain / math.sqrt(p.shape[1]) * torch.randn(p.shape, generator=g)
-        elif name.endswith(".bias"):
-            v = 0.02 * torch.randn(p.shape, generator=g)
-        else:
-            assert p.dim() == 2, name
-            v = 1.0 / math.sqrt(p.shape[1]) * torch.randn(p.shape, generator=g)
-        sd[name] = v.to(torch.float32).contiguous()
-    del m
-    return sd
+    return mf.random_state_dict(params, seed, out_gain, bias_std=0.02)
 
 
 def make_model(out: Path, name: str, verify: bool) -> None:
