@@ -30,7 +30,10 @@ pub struct TiktokenOptions {
 impl TiktokenOptions {
     /// Llama 3's: its split pattern and 256 special tokens (`<|begin_of_text|>`,
     /// `<|end_of_text|>`, ..., `<|eot_id|>`, ..., then reserved ones), BOS
-    /// `<|begin_of_text|>`, EOS `<|end_of_text|>`. Upstream uses the same by default.
+    /// `<|begin_of_text|>`, EOS `<|end_of_text|>`. The list is `pytorch_tokenizers`'
+    /// Python `LLAMA_SPECIAL_TOKENS` (with `<|image|>` at 128011); the C++ `Tiktoken`
+    /// default that upstream's runner uses leaves `<|image|>` out, so from 128011 on its
+    /// reserved tokens are numbered one lower. Ids, vocabulary size, BOS and EOS agree.
     pub fn llama3() -> Self {
         let mut special: Vec<String> = [
             "<|begin_of_text|>",
