@@ -55,7 +55,8 @@ class Runner:
     ``Runner(model_path, tokenizer_path)`` opens both (``load=False`` defers that to
     :meth:`load` or the first generate). ``io_manager`` replaces the built-in KV-cache
     manager with an :class:`IoManager` written in Python; ``num_threads`` sizes
-    ExecuTorch's (process-wide) thread pool; ``preset="llama"`` applies Llama's tokenizer
+    ExecuTorch's (process-wide) thread pool, which cannot be resized while any model is
+    loaded (another size then fails the load with :class:`InvalidArgumentError`); ``preset="llama"`` applies Llama's tokenizer
     conventions. A runner runs one call at a time (another call meanwhile raises
     :class:`BusyError`), except :meth:`stop`, which works from any thread. The model runs
     with the GIL released, so other Python threads keep going.

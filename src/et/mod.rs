@@ -192,15 +192,15 @@ pub(crate) fn set_num_threads(threads: usize) -> Result<()> {
         .filter(|&n| n > 0)
         .ok_or_else(|| Error::InvalidArgument(format!("thread count {threads} is out of range")))?;
     let live = live_programs();
-    if num_threads() == threads {
+    let current = num_threads();
+    if current == threads {
         return Ok(());
     }
     if *live > 0 {
         return Err(Error::InvalidArgument(format!(
-            "cannot resize ExecuTorch's thread pool from {} to {threads} threads while {} \
-             model(s) are loaded (their XNNPACK delegates keep the pool); set the thread count \
-             before loading the first model, or free every runner first",
-            num_threads(),
+            "cannot resize ExecuTorch's thread pool from {current} to {threads} threads while \
+             {} model(s) are loaded (their XNNPACK delegates keep the pool); set the thread \
+             count before loading the first model, or free every runner first",
             *live
         )));
     }
