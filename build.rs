@@ -80,6 +80,9 @@ fn main() {
     // int8 KV caches and 8da4w activations).
     println!("cargo:rustc-link-arg=-lexecutorch_kernels_quantized");
     println!("cargo:rustc-link-arg=-lexecutorch_backend_xnnpack");
+    // The OpenVINO delegate registers itself and opens OpenVINO (libopenvino_c.so, or
+    // $OPENVINO_LIB_PATH) only when a program with an OpenVINO delegate is loaded.
+    println!("cargo:rustc-link-arg=-lexecutorch_backend_openvino");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-link-lib=dylib=stdc++");
     // Built binaries find the runtime without LD_LIBRARY_PATH: first next to themselves
@@ -151,6 +154,7 @@ fn check_root(root: &Path) -> Result<(), String> {
         "libexecutorch_kernels_optimized.so",
         "libexecutorch_kernels_quantized.so",
         "libexecutorch_backend_xnnpack.so",
+        "libexecutorch_backend_openvino.so",
     ] {
         if !root.join("lib").join(lib).exists() {
             return Err(format!("lib/{lib} is missing"));

@@ -126,7 +126,7 @@ strip --strip-debug "$PREFIX/lib/libetllm.a"
 # other through their own $ORIGIN RUNPATH).
 runtime_libs=(libexecutorch.so libexecutorch_threadpool.so
   libexecutorch_kernels_optimized.so libexecutorch_kernels_quantized.so
-  libexecutorch_backend_xnnpack.so)
+  libexecutorch_backend_xnnpack.so libexecutorch_backend_openvino.so)
 for lib in "${runtime_libs[@]}"; do
   install -m 0755 "$ET_LIB_DIR/$lib" "$PREFIX/lib/$lib"
 done
