@@ -107,6 +107,8 @@ enum Cmd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
     Model,
+    /// An external data file (`.ptd`) of `shipped/fp32_ptd/model.pte`.
+    DataFile,
     TokenizerHf,
     TokenizerSentencepiece,
     TokenizerTiktoken,
@@ -119,6 +121,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Model => "model",
+            Target::DataFile => "data-file",
             Target::TokenizerHf => "tokenizer-hf",
             Target::TokenizerSentencepiece => "tokenizer-sentencepiece",
             Target::TokenizerTiktoken => "tokenizer-tiktoken",
@@ -129,7 +132,11 @@ impl Target {
     }
 
     fn default_timeout(self) -> Duration {
-        Duration::from_millis(if self == Target::Model { 10_000 } else { 5_000 })
+        Duration::from_millis(if matches!(self, Target::Model | Target::DataFile) {
+            10_000
+        } else {
+            5_000
+        })
     }
 
     /// Words the mutator inserts into text-like inputs.
@@ -250,11 +257,14 @@ const MODEL_SEEDS: &[&str] = &[
     "multi_eos/model.pte",
     "llama_ops/model.pte",
     "no_forward.pte",
+    "shipped/q8da4w/model.pte",
+    "shipped/bf16/model.pte",
 ];
 
 fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
     let files: Vec<PathBuf> = match target {
         Target::Model => MODEL_SEEDS.iter().map(|p| fixture(p)).collect(),
+        Target::DataFile => vec![fixture("shipped/fp32_ptd/model.ptd")],
         Target::TokenizerHf => vec![fixture("tokenizers/hf/tokenizer.json")],
         Target::TokenizerSentencepiece => vec![
             fixture("tokenizers/sp_bpe.model"),
@@ -975,6 +985,29 @@ fn exec_model(path: &Path) -> etllm::Result<()> {
     Ok(())
 }
 
+/// Opens the program of `shipped/fp32_ptd` with `path` as its data file, then runs a step.
+fn exec_data_file(path: &Path) -> etllm::Result<()> {
+    let mut runner = etllm::Runner::open(
+        fixture("shipped/fp32_ptd/model.pte"),
+        fixture("tokenizer.json"),
+        etllm::RunnerOptions {
+            num_threads: Some(1),
+            data_paths: vec![path.to_path_buf()],
+            ..Default::default()
+        },
+    )?;
+    let config = etllm::GenerationConfig {
+        echo: false,
+        temperature: 0.0,
+        max_new_tokens: 1,
+        ignore_eos: true,
+        num_bos: 0,
+        ..Default::default()
+    };
+    runner.generate_from_ids(&[1, 5, 9], &config, |_| ControlFlow::Continue(()), |_| {})?;
+    Ok(())
+}
+
 const TEXT: &str = "Hello, world! Once upon a time 123 4567 <s></s> <|begin_of_text|> \
                     ünïcödé 日本語 🦀\t\n  end";
 
@@ -1054,6 +1087,7 @@ fn exec(target: Target, file: &Path) -> ExitCode {
     }
     let result = match target {
         Target::Model => exec_model(file),
+        Target::DataFile => exec_data_file(file),
         Target::TokenizerHf
         | Target::TokenizerSentencepiece
         | Target::TokenizerTiktoken

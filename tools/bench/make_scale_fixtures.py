@@ -16,7 +16,8 @@ Options: --out DIR (default /work/bench-models), --only NAME[,NAME...] where NAM
 model to the default set), --etllm BIN (default target/release/etllm; the EtLlm load
 checks are skipped with a warning if it is missing), --no-verify (skip the checks),
 --force (rebuild tokenizer files that exist; by default they are kept and re-checked;
-models are always rebuilt).
+models are always rebuilt). The quantized benchmark exports (QUANTIZED below:
+s15m_v32k_8da4w, s15m_v32k_8da4w_kv8) are built only when named in --only.
 
 Everything is deterministic (fixed seeds, sorted inputs), except build_log.json (timings).
 The models need their tokenizers; `--only MODEL` builds the paired tokenizer first if it is
@@ -191,6 +192,17 @@ MODELS = {
     "s15m_v128k": (S15M, 128_256, ["tiktoken_128k", "hf_128k"], 128_000, [128_001, 128_009]),
     "s15m_v152k": (S15M, 151_936, ["hf_152k"], 151_643, [151_643, 151_645]),
     "qwen05b_v152k": (QWEN05B, 151_936, ["hf_152k"], 151_643, [151_643, 151_645]),
+}
+# Quantized exports of a model above, with upstream's published recipes (issue 16): name ->
+# (base model, export_llm quantization keys). The base model's weights and checks are reused;
+# the check against eager is skipped (quantization changes the logits by design; the tests'
+# small fixtures check quantized exports against upstream's runtime instead).
+QUANTIZED = {
+    # Llama 3.2's recipe: 8-bit dynamic activations, 4-bit grouped weights, 4-bit embeddings.
+    "s15m_v32k_8da4w": ("s15m_v32k", dict(qmode="8da4w", group_size=32, embedding_quantize="4,32")),
+    # The same with the int8 KV cache (and 8-bit embeddings, as upstream's docs pair them).
+    "s15m_v32k_8da4w_kv8": ("s15m_v32k", dict(qmode="8da4w", group_size=32, embedding_quantize="8,0",
+                                              quantize_kv_cache=True)),
 }
 BIG = {"qwen05b_v152k"}
 MAX_SEQ_LEN = 256
@@ -666,13 +678,21 @@ def make_model(out: Path, name: str, verify: bool) -> None:
 
     import make_fixtures as mf
 
-    base, vocab, toks, bos, eos = MODELS[name]
+    quant = {}
+    if name in QUANTIZED:
+        base_name, quant = QUANTIZED[name]
+        verify = False  # see QUANTIZED
+    else:
+        base_name = name
+    base, vocab, toks, bos, eos = MODELS[base_name]
     params = dict(base, vocab_size=vocab)
     tok_vocab = TOKENIZERS[toks[0]][1]
     assert all(TOKENIZERS[t][1] <= vocab for t in toks)
     mdir = out / name
     mdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"etllm-scale-{name}-"))
+    # Named after the base model: upstream's model.py loads a checkpoint whose path contains
+    # "8da4w" or "int8" as pre-quantized.
+    work = Path(tempfile.mkdtemp(prefix=f"etllm-scale-{base_name}-"))
     ids = prompt_ids(out, toks[0], bos)
     big = name in BIG
     n_check = 8 if big else 24
@@ -711,7 +731,8 @@ def make_model(out: Path, name: str, verify: bool) -> None:
     with step(f"{name}: export"):
         mf.METADATA_JSON = json.dumps({"get_bos_id": bos, "get_eos_ids": eos})
         mf.export_llm(work, name, params_path, ckpt, pte, kv=True, dynamic=True, xnnpack=True, extended=True,
-                      max_seq_len=MAX_SEQ_LEN, max_context_len=MAX_CONTEXT_LEN, sdpa_with_kv_cache=True)
+                      max_seq_len=MAX_SEQ_LEN, max_context_len=MAX_CONTEXT_LEN, sdpa_with_kv_cache=True,
+                      **quant)
     ckpt.unlink()
 
     check = {}
@@ -731,7 +752,8 @@ def make_model(out: Path, name: str, verify: bool) -> None:
         "export": {"tool": "executorch.extension.llm.export.export_llm (executorch 1.5.1)",
                    "model_class": "llama3", "dtype": "fp32", "xnnpack": True, "extended_ops": True,
                    "use_kv_cache": True, "enable_dynamic_shape": True, "use_sdpa_with_kv_cache": True,
-                   "max_seq_length": MAX_SEQ_LEN, "max_context_length": MAX_CONTEXT_LEN},
+                   "max_seq_length": MAX_SEQ_LEN, "max_context_length": MAX_CONTEXT_LEN,
+                   "quantization": quant},
         "init": {"seed": 7, "out_gain": out_gain,
                  "zeroed_output_rows": f"eos ids {eos} and ids {tok_vocab}..{vocab - 1}" if tok_vocab < vocab
                  else f"eos ids {eos}",
@@ -815,12 +837,12 @@ def main() -> int:
                 models += [m for m in MODELS if m not in BIG or args.big]
             elif w in TOKENIZERS:
                 toks.append(w)
-            elif w in MODELS:
+            elif w in MODELS or w in QUANTIZED:
                 models.append(w)
             else:
                 raise SystemExit(f"--only: unknown name {w!r}; known: {list(TOKENIZERS) + list(MODELS)}")
     for m in models:  # a model's tokenizers must exist
-        for t in MODELS[m][2]:
+        for t in MODELS[QUANTIZED[m][0] if m in QUANTIZED else m][2]:
             if t not in toks and not tokenizer_path(args.out, t).exists():
                 toks.append(t)
     toks = [t for t in TOKENIZERS if t in toks]

@@ -133,6 +133,7 @@ def _status_kb(field: str) -> int:
 def upstream_child(spec: dict) -> None:
     t_start = time.time()
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: kernels)
+    from executorch.kernels import quantized  # noqa: F401  (quantized_decomposed:: kernels)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     from executorch.extension.pybindings import portable_lib
 
