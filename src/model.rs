@@ -52,8 +52,9 @@ pub struct ModelInfo {
 /// A loaded model.
 pub(crate) struct Model {
     program: Program,
-    /// The program's method that managers know as `forward`.
+    /// The program's method that managers know as `forward`, when the caller named one.
     step_method: String,
+    renamed: bool,
     info: ModelInfo,
 }
 
@@ -87,12 +88,38 @@ impl ModelFiles {
     }
 }
 
+/// The methods that run a program's steps, chosen as upstream's `create_text_llm_runner`
+/// chooses them (`extension/llm/runner/constants.h`): prefill runs `forward` if the
+/// program has it, else `prefill`; decode runs `decode` if the program has it (and it is not
+/// the prefill method), else the prefill method. `None` when the program has neither
+/// `forward` nor `prefill`.
+pub fn step_methods(names: &[String]) -> Option<(&'static str, &'static str)> {
+    let has = |n: &str| names.iter().any(|m| m == n);
+    let prefill = if has("forward") {
+        "forward"
+    } else if has("prefill") {
+        "prefill"
+    } else {
+        return None;
+    };
+    let decode = if has("decode") { "decode" } else { prefill };
+    Some((prefill, decode))
+}
+
 impl Model {
     pub(crate) fn load(files: &ModelFiles) -> Result<Self> {
         let path = files.program.as_path();
-        let mut program = Program::load(path, &files.data_paths())?;
+        let renamed = files.method.is_some();
+        // Two methods that share the KV cache (upstream's prefill/decode programs, exported
+        // with `share_mutable_buffers`) need one set of memory arenas.
+        let mut program = Program::load(path, &files.data_paths(), |names| {
+            !renamed && step_methods(names).is_some_and(|(p, d)| p != d)
+        })?;
         let names = program.method_names();
-        let step_method = files.method.as_deref().unwrap_or("forward");
+        let step_method = match files.method.as_deref() {
+            Some(m) => m,
+            None => step_methods(&names).map_or("forward", |(p, _)| p),
+        };
         if !names.iter().any(|n| n == step_method) {
             let methods = if names.is_empty() {
                 "none".to_string()
@@ -106,10 +133,24 @@ impl Model {
                 ))
             } else {
                 Error::UnsupportedModel(format!(
-                    "{} has no `forward` method (its methods: {methods})",
+                    "{} has no `forward` method, nor a `prefill` method (its methods: {methods})",
                     path.display()
                 ))
             });
+        }
+        if let Some((prefill, decode)) = step_methods(&names).filter(|(p, d)| !renamed && p != d) {
+            for method in [prefill, decode] {
+                if program.planned_buffer_count(method)? < 2 {
+                    return Err(Error::UnsupportedModel(format!(
+                        "{}: `{prefill}` and `{decode}` run the prompt and the generated \
+                         tokens, but `{method}` keeps its own KV cache (the export did not \
+                         share mutable buffers between methods: export_llm's \
+                         `multimethod.share_mutable_buffers: true`), so decode would run on \
+                         an empty cache",
+                        path.display()
+                    )));
+                }
+            }
         }
         let mut consts: BTreeMap<String, ConstValue> = BTreeMap::new();
         let mut methods = BTreeMap::new();
@@ -117,14 +158,14 @@ impl Model {
             let info = program.method_info(name)?;
             if info.inputs.is_empty() {
                 consts.insert(name.clone(), program.call_constant(name)?);
-            } else if name == "forward" && step_method != "forward" {
+            } else if renamed && name == "forward" && step_method != "forward" {
                 // Replaced by `step_method`; not loaded, so its memory is not planned.
             } else {
                 program.load_method(name)?;
                 methods.insert(name.clone(), info);
             }
         }
-        if step_method != "forward" {
+        if renamed && step_method != "forward" {
             let info = methods.remove(step_method).expect("checked above");
             methods.insert("forward".to_string(), info);
         }
@@ -132,6 +173,7 @@ impl Model {
         Ok(Self {
             program,
             step_method: step_method.to_string(),
+            renamed: renamed && step_method != "forward",
             info: ModelInfo {
                 metadata,
                 methods,
@@ -149,7 +191,7 @@ impl Model {
         method: &str,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
-        let method = if method == "forward" {
+        let method = if method == "forward" && self.renamed {
             self.step_method.as_str()
         } else {
             method

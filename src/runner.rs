@@ -114,6 +114,8 @@ struct Loaded {
     eos_ids: Vec<u32>,
     vocab_size: usize,
     max_context: usize,
+    /// The manager's [`IoManager::ring_buffer`], until a step past `max_context` fails.
+    ring: bool,
     /// The chat template the tokenizer comes with.
     tokenizer_template: TokenizerTemplate,
 }
@@ -284,6 +286,7 @@ impl Runner {
             return Err(e);
         }
         let max_context = io.max_context().min(meta.max_context_len);
+        let ring = io.ring_buffer();
         self.loaded = Some(Loaded {
             model,
             tokenizer,
@@ -292,6 +295,7 @@ impl Runner {
             eos_ids,
             vocab_size,
             max_context,
+            ring,
             tokenizer_template,
         });
         self.pos = 0;
@@ -410,6 +414,13 @@ impl Runner {
             .loaded
             .as_mut()
             .ok_or_else(|| Error::NotLoaded("nothing to rewind".into()))?;
+        if loaded.ring && pos != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot rewind to {pos}: the model keeps a ring-buffer KV cache (attention \
+                 sink or sliding window), whose older positions may be overwritten; rewind \
+                 to 0 (reset) instead"
+            )));
+        }
         // Positions past `pos` stay in the cache but are overwritten before they are read.
         loaded.io.rewind(pos)?;
         self.pos = pos;
@@ -605,7 +616,12 @@ impl Runner {
         // go up to i32::MAX, and building such a prompt first would take gigabytes.
         let prompt_len =
             config.num_bos.max(0) as usize + ids.len() + config.num_eos.max(0) as usize;
-        let available = loaded.max_context.saturating_sub(self.pos);
+        // A ring-buffer model bounds each call, not the conversation.
+        let available = if loaded.ring {
+            loaded.max_context
+        } else {
+            loaded.max_context.saturating_sub(self.pos)
+        };
         let pending = usize::from(self.pending.is_some());
         if prompt_len + pending > available {
             return Err(Error::ContextFull {
@@ -654,6 +670,11 @@ impl Runner {
         // `feed` fits: checked above, before the prompt was built.
         let context_left = (available - orig_pending.is_some() as usize) as i64;
         let (n_new, prompt_text) = match mode {
+            // A ring-buffer model: at most max_context new tokens a call (upstream's rule).
+            Mode::Generate(text) if loaded.ring => (
+                config.resolve_max_new_tokens(loaded.max_context as i64, 0) as usize,
+                text,
+            ),
             Mode::Generate(text) => (
                 config.resolve_max_new_tokens(context_left, prompt.len() as i64) as usize,
                 text,
@@ -717,8 +738,9 @@ impl Runner {
             }
             Err(e) => {
                 // Roll the conversation back to where it was before this call; a manager
-                // that cannot (a sliding window past its cache) starts over instead.
-                if loaded.io.rewind(orig_pos).is_ok() {
+                // that cannot (a sliding window past its cache) starts over instead, and
+                // so does a ring-buffer model, whose older positions may be overwritten.
+                if !loaded.ring && loaded.io.rewind(orig_pos).is_ok() {
                     self.pos = orig_pos;
                     self.pending = orig_pending;
                 } else {
@@ -775,6 +797,7 @@ fn generate_loop(
         io,
         eos_ids,
         max_context,
+        ring,
         ..
     } = loaded;
     let stopped = || stop.load(Ordering::Acquire);
@@ -794,7 +817,20 @@ fn generate_loop(
         let last = (i + 1) * chunk >= feed.len();
         let t0 = Instant::now();
         let step = io.prepare_prefill(part, pos)?;
-        let outputs = model.execute(step.method, &step.inputs)?;
+        let outputs = match model.execute(step.method, &step.inputs) {
+            Ok(outputs) => outputs,
+            Err(_) if *ring && pos + part.len() > *max_context => {
+                // Past the context, a model that fails is not a ring buffer after all.
+                *ring = false;
+                return Err(Error::ContextFull {
+                    prompt_tokens: feed.len(),
+                    available: max_context.saturating_sub(pos),
+                    max_context: *max_context,
+                    position: pos,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let logits = io.update_prefill(&outputs)?;
         model_ns += t0.elapsed().as_nanos();
         pos += part.len();
@@ -843,7 +879,12 @@ fn generate_loop(
             break StopReason::StopString;
         }
         if generated == n_new {
-            break if pos + 1 >= *max_context {
+            let full = if *ring {
+                n_new >= *max_context
+            } else {
+                pos + 1 >= *max_context
+            };
+            break if full {
                 StopReason::ContextFull
             } else {
                 StopReason::Length
@@ -854,7 +895,16 @@ fn generate_loop(
         }
         let t0 = Instant::now();
         let step = io.prepare_decode(token as u64, pos)?;
-        let outputs = model.execute(step.method, &step.inputs)?;
+        let outputs = match model.execute(step.method, &step.inputs) {
+            Ok(outputs) => outputs,
+            Err(_) if *ring && pos >= *max_context => {
+                // Past the context, a model that fails is not a ring buffer after all: the
+                // conversation is full, as for any bounded model.
+                *ring = false;
+                break StopReason::ContextFull;
+            }
+            Err(e) => return Err(e),
+        };
         let logits = io.update_decode(&outputs)?;
         let step_ns = t0.elapsed().as_nanos();
         model_ns += step_ns;

@@ -316,8 +316,14 @@ fn check_data_file(path: &Path) -> Result<()> {
 impl Program {
     /// Opens and verifies the program at `path`, with the external data files (`.ptd`,
     /// ExecuTorch's named data maps) that hold its weights when the export put them
-    /// outside the `.pte`. Nothing is executed yet.
-    pub(crate) fn load(path: &Path, data_paths: &[PathBuf]) -> Result<Self> {
+    /// outside the `.pte`. `share_arenas` sees the method names and says whether the
+    /// methods must share their memory arenas (a program exported with
+    /// `share_mutable_buffers`, whose methods share the KV cache). Nothing is executed yet.
+    pub(crate) fn load(
+        path: &Path,
+        data_paths: &[PathBuf],
+        share_arenas: impl FnOnce(&[String]) -> bool,
+    ) -> Result<Self> {
         init_runtime();
         check_file(path)?;
         for data in data_paths {
@@ -350,12 +356,17 @@ impl Program {
                 path.display()
             )));
         }
+        let method_names = read_method_names(path).map_err(|message| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message,
+        })?;
         let live = LiveProgram::new();
         clear_log();
         let data_refs: Vec<&Path> = data_paths.iter().map(PathBuf::as_path).collect();
         let mut module = ModuleBuilder::new(path)
             .data_files(&data_refs)
             .load_mode(LoadMode::Mmap)
+            .share_memory_arenas(share_arenas(&method_names))
             .build();
         module
             .load(Some(ProgramVerification::InternalConsistency), None)
@@ -367,10 +378,6 @@ impl Program {
                     take_log()
                 ),
             })?;
-        let method_names = read_method_names(path).map_err(|message| Error::InvalidModel {
-            path: path.to_path_buf(),
-            message,
-        })?;
         Ok(Self {
             module,
             _live: live,
@@ -505,6 +512,17 @@ impl Program {
             )));
         }
         Ok(())
+    }
+
+    /// How many memory-planned buffers (arenas) `method` has: 2 or more when the export
+    /// planned its mutable buffers (the KV cache) separately, to share them between methods.
+    pub(crate) fn planned_buffer_count(&mut self, method: &str) -> Result<usize> {
+        clear_log();
+        let meta = self
+            .module
+            .method_meta(method)
+            .map_err(|e| runtime_error(format!("reading metadata of method `{method}`"), e))?;
+        Ok(meta.num_memory_planned_buffers())
     }
 
     /// Input and output metadata of `method`.

@@ -110,6 +110,16 @@ pub trait IoManager: Send {
     /// The most positions this manager can hold (normally the model's max context).
     fn max_context(&self) -> usize;
 
+    /// True when the model keeps its KV cache as a ring buffer (attention-sink or
+    /// sliding-window exports): positions then grow past [`max_context`](Self::max_context),
+    /// which bounds one call's prompt and new tokens only, as in upstream's runner. When a
+    /// step at a position past `max_context` fails, the runner takes the model for a
+    /// bounded one after all and ends the generation with `ContextFull`. A conversation
+    /// can then only be rewound to its start or kept where it is. Default: false.
+    fn ring_buffer(&self) -> bool {
+        false
+    }
+
     /// Forgets everything: the next step starts at position 0.
     fn reset(&mut self) -> Result<()>;
 
@@ -133,10 +143,11 @@ pub trait IoManager: Send {
 
 /// Chooses the built-in manager that fits the model's `forward` signature.
 pub fn default_manager_for(model: &ModelInfo) -> Result<Box<dyn IoManager>> {
-    let forward = model
-        .methods
-        .get("forward")
-        .ok_or_else(|| Error::UnsupportedModel("the model has no `forward` method".to_string()))?;
+    let names: Vec<String> = model.methods.keys().cloned().collect();
+    let (prefill, _) = crate::model::step_methods(&names).ok_or_else(|| {
+        Error::UnsupportedModel("the model has no `forward` (or `prefill`) method".to_string())
+    })?;
+    let forward = &model.methods[prefill];
     if static_attention::is_static_attention(model) {
         return Ok(Box::new(StaticAttention::new()));
     }
@@ -144,45 +155,46 @@ pub fn default_manager_for(model: &ModelInfo) -> Result<Box<dyn IoManager>> {
         1 => Ok(Box::new(NoKvCache::new())),
         2 => Ok(Box::new(KvCacheInModel::new())),
         n => Err(Error::UnsupportedModel(format!(
-            "`forward` takes {n} inputs; the built-in managers handle (tokens) and \
+            "`{prefill}` takes {n} inputs; the built-in managers handle (tokens) and \
              (tokens, input_pos) signatures. Supply your own IoManager for other layouts"
         ))),
     }
 }
 
-/// Checks that `forward` takes `n_inputs` inputs, the first a `[1, seq]` integer token
-/// tensor (one token per call unless the model has dynamic shape). Returns `forward`, the
+/// Checks that `method` takes `n_inputs` inputs, the first a `[1, seq]` integer token
+/// tensor (one token per call unless the model has dynamic shape). Returns the method, the
 /// tokens' element type and `seq`, the most tokens per call. `drives` names the signature
 /// the calling manager handles, for the error message.
-pub(crate) fn forward_tokens<'m>(
+pub(crate) fn method_tokens<'m>(
     model: &'m ModelInfo,
+    method: &str,
     n_inputs: usize,
     drives: &str,
 ) -> Result<(&'m crate::tensor::MethodInfo, DType, usize)> {
-    let forward = model
+    let info = model
         .methods
-        .get("forward")
-        .ok_or_else(|| Error::UnsupportedModel("no `forward` method".into()))?;
-    if forward.inputs.len() != n_inputs {
+        .get(method)
+        .ok_or_else(|| Error::UnsupportedModel(format!("no `{method}` method")))?;
+    if info.inputs.len() != n_inputs {
         return Err(Error::UnsupportedModel(format!(
-            "`forward` takes {} inputs; this manager drives {drives}",
-            forward.inputs.len()
+            "`{method}` takes {} inputs; this manager drives {drives}",
+            info.inputs.len()
         )));
     }
-    let (dtype, sizes) = integer_input(&forward.inputs[0], "the tokens", "forward")?;
+    let (dtype, sizes) = integer_input(&info.inputs[0], "the tokens", method)?;
     if sizes.len() != 2 || sizes[0] != 1 || sizes[1] == 0 {
         return Err(Error::UnsupportedModel(format!(
-            "the tokens input of `forward` has shape {sizes:?}; expected [1, seq]"
+            "the tokens input of `{method}` has shape {sizes:?}; expected [1, seq]"
         )));
     }
     if sizes[1] > 1 && !model.metadata.enable_dynamic_shape {
         return Err(Error::UnsupportedModel(format!(
-            "`forward` takes exactly {} tokens per call (static shape); EtLlm needs \
+            "`{method}` takes exactly {} tokens per call (static shape); EtLlm needs \
              dynamic shape or one token per call",
             sizes[1]
         )));
     }
-    Ok((forward, dtype, sizes[1]))
+    Ok((info, dtype, sizes[1]))
 }
 
 /// Element type of a token or position input: i64 or i32.

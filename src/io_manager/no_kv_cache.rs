@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::io_manager::{
-    fill_integers, forward_tokens, integer_tensor, last_logits, IoManager, StepInputs,
+    fill_integers, integer_tensor, last_logits, method_tokens, IoManager, StepInputs,
 };
 use crate::model::ModelInfo;
 use crate::tensor::{HostTensor, TensorView};
@@ -45,7 +45,7 @@ impl NoKvCache {
 
 impl IoManager for NoKvCache {
     fn load(&mut self, model: &ModelInfo) -> Result<()> {
-        let (_, dtype, seq) = forward_tokens(model, 1, "(tokens)")?;
+        let (_, dtype, seq) = method_tokens(model, "forward", 1, "(tokens)")?;
         self.max_seq = seq.min(model.metadata.max_context_len);
         self.inputs = vec![integer_tensor(dtype, vec![1, 1], seq)];
         self.history.clear();
