@@ -198,6 +198,40 @@ fn f32_sizes(spec: Option<&ValueSpec>, what: &str, method: &str) -> Result<Vec<u
     }
 }
 
+/// Undoes a slip in upstream's `_get_metadata` (`export_static_llm_coreml.py`, executorch
+/// 1.5.1) that `kv_cache_specs` of models with 11 or more layers carry: it lists the layers
+/// in the string order of their cache names (`l0,h0`, `l1,h0`, `l10,h0`, `l2,h0`, ...),
+/// with each row's correct input indices, but numbers the outputs `1 + row` (k) and
+/// `1 + n + row` (v) as if the rows were in layer order, while the method returns them
+/// in layer order. Upstream's own runners (`run_static_llm*.py`) never read these
+/// columns: they pair outputs with caches in layer order. When the rows have exactly that
+/// fingerprint (inputs of layer `order[r]` in row `r`, outputs `1 + r` / `1 + n + r`),
+/// the outputs are re-paired by layer as upstream's runners do; any other table is kept.
+/// Returns whether it changed anything.
+fn repair_sorted_layer_names(rows: &mut [[i64; 5]]) -> bool {
+    let n = rows.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|i| format!("l{i},h0"));
+    if order.iter().enumerate().all(|(r, &l)| r == l) {
+        return false;
+    }
+    let first = |col: usize| rows.iter().map(|r| r[col]).min().unwrap_or(0);
+    let (k0, v0) = (first(0), first(2));
+    let n64 = n as i64;
+    let fingerprint = rows.iter().zip(&order).enumerate().all(|(r, (row, &l))| {
+        let (r, l) = (r as i64, l as i64);
+        row[0] == k0 + l && row[2] == v0 + l && row[1] == 1 + r && row[3] == 1 + n64 + r
+    });
+    if !fingerprint {
+        return false;
+    }
+    for (row, &l) in rows.iter_mut().zip(&order) {
+        row[1] = 1 + l as i64;
+        row[3] = 1 + n64 + l as i64;
+    }
+    true
+}
+
 /// Which input of a method plays which role; each input exactly one.
 struct Claims<'a> {
     method: &'a str,
@@ -271,9 +305,16 @@ impl StaticAttention {
                 "`{kv_name}` must hold rows of [k_in, k_out, v_in, v_out, cache_len]"
             )));
         }
+        let mut rows: Vec<[i64; 5]> = kv
+            .chunks(5)
+            .map(|r| [r[0], r[1], r[2], r[3], r[4]])
+            .collect();
+        if method_ints(model, name, "input_specs")?.is_none() {
+            repair_sorted_layer_names(&mut rows);
+        }
         let mut kv_index = Vec::new();
         let mut outs_seen = vec![false; n_outputs];
-        for row in kv.chunks(5) {
+        for row in &rows {
             if row[4] != self.cache_len as i64 {
                 return Err(Error::UnsupportedModel(format!(
                     "`{kv_name}` gives a cache of length {}, the model {}; EtLlm needs one cache \
@@ -832,28 +873,31 @@ mod tests {
 
     /// Inputs: tokens, mask, cos, sin, k0, k1, v0, v1; outputs: logits, k0, k1, v0, v1.
     fn upstream_single(tokens: DType) -> ModelInfo {
+        upstream_layers(tokens, 2)
+    }
+
+    /// Inputs: tokens, mask, cos, sin, the k caches, the v caches (layer order); outputs:
+    /// logits, the k rows, the v rows.
+    fn upstream_layers(tokens: DType, n: usize) -> ModelInfo {
         let cache = t(DType::F32, &[1, H, C, D]);
         let rows = t(DType::F32, &[1, H, L, D]);
+        let mut inputs = vec![
+            t(tokens, &[1, L]),
+            t(DType::F32, &[1, L, C + L]),
+            t(DType::F32, &[L, D / 2]),
+            t(DType::F32, &[L, D / 2]),
+        ];
+        inputs.extend(vec![cache; 2 * n]);
+        let mut outputs = vec![t(DType::F32, &[1, L, V])];
+        outputs.extend(vec![rows; 2 * n]);
         let forward = MethodInfo {
             name: "forward".into(),
-            inputs: vec![
-                t(tokens, &[1, L]),
-                t(DType::F32, &[1, L, C + L]),
-                t(DType::F32, &[L, D / 2]),
-                t(DType::F32, &[L, D / 2]),
-                cache.clone(),
-                cache.clone(),
-                cache.clone(),
-                cache,
-            ],
-            outputs: vec![
-                t(DType::F32, &[1, L, V]),
-                rows.clone(),
-                rows.clone(),
-                rows.clone(),
-                rows,
-            ],
+            inputs,
+            outputs,
         };
+        let specs: Vec<i64> = (0..n as i64)
+            .flat_map(|l| [4 + l, 1 + l, 4 + n as i64 + l, 1 + n as i64 + l, C as i64])
+            .collect();
         let table = |offset: f32| ConstValue::FloatTensor {
             sizes: vec![ROPE, D / 2],
             data: (0..ROPE * D / 2).map(|i| offset + i as f32).collect(),
@@ -870,10 +914,7 @@ mod tests {
                 "mask_specs".to_string(),
                 ints(vec![1, 2], vec![1, C as i64]),
             ),
-            (
-                "kv_cache_specs".to_string(),
-                ints(vec![2, 5], vec![4, 1, 6, 3, C as i64, 5, 2, 7, 4, C as i64]),
-            ),
+            ("kv_cache_specs".to_string(), ints(vec![n, 5], specs)),
             ("forward_input_len".to_string(), ConstValue::Int(L as i64)),
         ]);
         ModelInfo {
@@ -1015,5 +1056,75 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `kv_cache_specs` as upstream's `_get_metadata` writes it for a 12-layer model (printed
+    /// by executorch 1.5.1 for `_create_example_inputs(n_layers=12)`), cache length column
+    /// dropped: rows in the string order l0, l1, l10, l11, l2, ..., outputs numbered by row.
+    const UPSTREAM_12_LAYERS: [[i64; 4]; 12] = [
+        [4, 1, 16, 13],
+        [5, 2, 17, 14],
+        [14, 3, 26, 15],
+        [15, 4, 27, 16],
+        [6, 5, 18, 17],
+        [7, 6, 19, 18],
+        [8, 7, 20, 19],
+        [9, 8, 21, 20],
+        [10, 9, 22, 21],
+        [11, 10, 23, 22],
+        [12, 11, 24, 23],
+        [13, 12, 25, 24],
+    ];
+
+    #[test]
+    fn upstream_specs_of_a_12_layer_model_are_paired_by_layer() {
+        let mut info = upstream_layers(DType::I32, 12);
+        let specs = UPSTREAM_12_LAYERS
+            .iter()
+            .flat_map(|r| [r[0], r[1], r[2], r[3], C as i64])
+            .collect();
+        info.constants
+            .insert("kv_cache_specs".into(), ints(vec![12, 5], specs));
+        let mut m = StaticAttention::new();
+        m.load(&info).unwrap();
+        m.prepare_prefill(&[1], 0).unwrap();
+        // Output j holds the value j everywhere.
+        let data: Vec<Vec<f32>> = (0..25)
+            .map(|j| vec![j as f32; if j == 0 { L * V } else { H * L * D }])
+            .collect();
+        let outputs: Vec<TensorView<'_>> = data
+            .iter()
+            .map(|d| TensorView {
+                sizes: vec![d.len()],
+                data: TensorData::F32(d),
+            })
+            .collect();
+        m.update_prefill(&outputs).unwrap();
+        let step = m.prepare_decode(2, 1).unwrap();
+        for layer in 0..12 {
+            // Layer l's caches (inputs 4 + l and 16 + l) hold its own rows (outputs 1 + l
+            // and 13 + l), not those of the layer whose name sorts at its place.
+            assert_eq!(f32s(&step.inputs[4 + layer])[0], (1 + layer) as f32);
+            assert_eq!(f32s(&step.inputs[16 + layer])[0], (13 + layer) as f32);
+        }
+    }
+
+    #[test]
+    fn specs_without_upstreams_string_order_are_kept() {
+        // Layer order (what the fixtures and the 2-layer exports have): unchanged.
+        let mut rows: Vec<[i64; 5]> = (0..12)
+            .map(|l| [4 + l, 1 + l, 16 + l, 13 + l, C as i64])
+            .collect();
+        let before = rows.clone();
+        assert!(!repair_sorted_layer_names(&mut rows));
+        assert_eq!(rows, before);
+        // Upstream's string order, but with outputs that are not numbered by row: kept.
+        let mut rows: Vec<[i64; 5]> = UPSTREAM_12_LAYERS
+            .iter()
+            .map(|r| [r[0], r[1] + 100, r[2], r[3], C as i64])
+            .collect();
+        let before = rows.clone();
+        assert!(!repair_sorted_layer_names(&mut rows));
+        assert_eq!(rows, before);
     }
 }
