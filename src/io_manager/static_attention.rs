@@ -741,6 +741,12 @@ impl IoManager for StaticAttention {
                 }
             },
         };
+        let decode = self.method_io(model, "forward")?;
+        let prefill = match model.methods.contains_key("prefill") {
+            true => Some(self.method_io(model, "prefill")?),
+            false => None,
+        };
+        // The tables after the signatures: an f16 export is refused for its inputs' type.
         let table = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             match constant(model, &[name])? {
                 ConstValue::FloatTensor { sizes, data } => Ok((sizes.clone(), data.clone())),
@@ -761,11 +767,6 @@ impl IoManager for StaticAttention {
         self.freqs_cos = cos;
         self.freqs_sin = sin;
 
-        let decode = self.method_io(model, "forward")?;
-        let prefill = match model.methods.contains_key("prefill") {
-            true => Some(self.method_io(model, "prefill")?),
-            false => None,
-        };
         if let Some(p) = &prefill {
             if p.kv_index.len() != decode.kv_index.len() {
                 return Err(Error::UnsupportedModel(format!(
@@ -1126,5 +1127,32 @@ mod tests {
         let before = rows.clone();
         assert!(!repair_sorted_layer_names(&mut rows));
         assert_eq!(rows, before);
+    }
+
+    #[test]
+    fn an_f16_export_is_refused_for_its_input_type() {
+        let mut info = upstream_single(DType::I32);
+        for spec in info
+            .methods
+            .get_mut("forward")
+            .unwrap()
+            .inputs
+            .iter_mut()
+            .skip(1)
+        {
+            if let ValueSpec::Tensor(t) = spec {
+                t.dtype = DType::F16;
+            }
+        }
+        for name in ["freqs_cos", "freqs_sin"] {
+            info.constants
+                .insert(name.into(), ConstValue::Other("F16 tensor".into()));
+        }
+        match StaticAttention::new().load(&info) {
+            Err(Error::UnsupportedModel(msg)) => {
+                assert!(msg.contains("mask input of `forward` is F16"), "{msg}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
