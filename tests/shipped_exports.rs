@@ -26,7 +26,11 @@ fn shipped_reference(name: &str) -> Reference {
 
 fn options_for(name: &str, case: &Case) -> RunnerOptions {
     RunnerOptions {
-        data_paths: case.data_files.iter().map(|f| shipped(name).join(f)).collect(),
+        data_paths: case
+            .data_files
+            .iter()
+            .map(|f| shipped(name).join(f))
+            .collect(),
         method_name: case.method.clone().filter(|m| m != "forward"),
         ..Default::default()
     }
