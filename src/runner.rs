@@ -285,7 +285,10 @@ impl Runner {
             }
             return Err(e);
         }
-        let max_context = io.max_context().min(meta.max_context_len);
+        // The manager knows its layout: the built-in ones take the model's
+        // get_max_context_len, a static-attention export's rope tables may say more when
+        // the export records no context (upstream's static exports do not).
+        let max_context = io.max_context();
         let ring = io.ring_buffer();
         self.loaded = Some(Loaded {
             model,

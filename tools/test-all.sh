@@ -16,6 +16,10 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --all-targets --locked -- -D warnings
+echo "== OpenVINO runtime for tests/openvino.rs (tools/setup-openvino.sh build/openvino)" >&2
+# Two lines: `export X=$(...)` would hide a failed setup from `set -e`.
+OPENVINO_LIB_PATH=$(bash tools/setup-openvino.sh build/openvino)
+export OPENVINO_LIB_PATH
 echo "== cargo test" >&2
 cargo test --all-targets --locked 2>&1 | tee -a "$LOG"
 cargo test --doc --locked 2>&1 | tee -a "$LOG"

@@ -503,6 +503,24 @@ impl Program {
             })?;
             total += size as u128;
         }
+        // An output without a memory-planned buffer (an export made with
+        // `MemoryPlanningPass(alloc_graph_output=False)`, as upstream's static-attention
+        // script does) needs a buffer bound with `Method::set_output_data_ptr`, which the
+        // Rust bindings do not expose; run as is, the delegate writes through a null pointer.
+        for i in 0..meta.num_outputs() {
+            if meta.output_tag(i).is_ok_and(|t| t == Tag::Tensor)
+                && meta
+                    .output_tensor_meta(i)
+                    .is_ok_and(|info| !info.is_memory_planned())
+            {
+                return Err(Error::UnsupportedModel(format!(
+                    "{}: output {i} of method `{method}` has no memory-planned buffer (the \
+                     export used MemoryPlanningPass(alloc_graph_output=False)); EtLlm needs \
+                     planned outputs: export with alloc_graph_output=True",
+                    self.path.display()
+                )));
+            }
+        }
         let limit = physical_memory();
         if total > limit {
             return Err(self.invalid(format!(
