@@ -146,7 +146,8 @@ fn registering_again_keeps_the_registered_kernels_and_still_runs() {
             "llama::custom_sdpa.out",
             "llama::update_cache.out",
             "llama::sdpa_with_kv_cache.out",
-            "llama::update_cache_with_indices.out"
+            "llama::update_cache_with_indices.out",
+            "llama::custom_quantized_sdpa.out"
         ]
     );
     for (name, provider) in &again {
