@@ -76,6 +76,9 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
     println!("cargo:rustc-link-arg=-lexecutorch_kernels_optimized");
+    // quantized_decomposed::* (4-bit and 8-bit embeddings, per-token quantization of
+    // int8 KV caches and 8da4w activations).
+    println!("cargo:rustc-link-arg=-lexecutorch_kernels_quantized");
     println!("cargo:rustc-link-arg=-lexecutorch_backend_xnnpack");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-link-lib=dylib=stdc++");
@@ -146,6 +149,7 @@ fn check_root(root: &Path) -> Result<(), String> {
         "libexecutorch.so",
         "libexecutorch_threadpool.so",
         "libexecutorch_kernels_optimized.so",
+        "libexecutorch_kernels_quantized.so",
         "libexecutorch_backend_xnnpack.so",
     ] {
         if !root.join("lib").join(lib).exists() {

@@ -1,5 +1,7 @@
-/* Generation reproduces the eager-PyTorch reference (tests/fixtures/<model>/reference.json)
- * token for token, for every fixture model and every prompt. */
+/* Generation reproduces the reference (tests/fixtures/<model>/reference.json: eager PyTorch,
+ * or upstream's runtime for the quantized and bf16 exports in shipped/) token for token, for
+ * every fixture model and every prompt (each prompt on a fresh runner, with the case's
+ * method). */
 #include <stdio.h>
 #include <string.h>
 
@@ -20,9 +22,9 @@ static void check_same_ids(const char *model, size_t case_index, const collector
 /* From the reference's prompt ids (BOS included, so num_bos 0), greedy, EOS ignored. */
 static void reference_tokens(const char *model) {
   const etllm_ref_model *m = ref_model(model);
-  etllm_runner *runner = open_runner(model);
   for (size_t k = 0; k < m->num_cases; k++) {
     const etllm_ref_case *ref = &m->cases[k];
+    etllm_runner *runner = open_runner_method(model, ref->method);
     static collector c;
     memset(&c, 0, sizeof c);
     etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
@@ -35,16 +37,16 @@ static void reference_tokens(const char *model) {
     CHECK(stats.num_prompt_tokens == ref->num_prompt_ids);
     CHECK(stats.num_generated_tokens == ref->num_greedy_ids);
     CHECK(stats.stop_reason == ETLLM_STOP_LENGTH);
+    etllm_runner_free(runner);
   }
-  etllm_runner_free(runner);
 }
 
 /* From the prompt text with num_bos 1: the tokenizer and the BOS give the same ids. */
 static void reference_text(const char *model) {
   const etllm_ref_model *m = ref_model(model);
-  etllm_runner *runner = open_runner(model);
   for (size_t k = 0; k < m->num_cases; k++) {
     const etllm_ref_case *ref = &m->cases[k];
+    etllm_runner *runner = open_runner_method(model, ref->method);
     static collector c;
     memset(&c, 0, sizeof c);
     etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
@@ -58,8 +60,8 @@ static void reference_text(const char *model) {
               "%s, case %zu: %llu prompt tokens, the reference has %zu", model, k,
               (unsigned long long)stats.num_prompt_tokens, ref->num_prompt_ids);
     CHECK(stats.num_generated_tokens == ref->num_greedy_ids);
+    etllm_runner_free(runner);
   }
-  etllm_runner_free(runner);
 }
 
 /* A second turn continues the conversation (the position grows by its prompt and tokens),

@@ -29,6 +29,7 @@ foreach(_etllm_file
     "${_etllm_libdir}/libexecutorch.so"
     "${_etllm_libdir}/libexecutorch_threadpool.so"
     "${_etllm_libdir}/libexecutorch_kernels_optimized.so"
+    "${_etllm_libdir}/libexecutorch_kernels_quantized.so"
     "${_etllm_libdir}/libexecutorch_backend_xnnpack.so")
   if(NOT EXISTS "${_etllm_file}")
     list(APPEND _etllm_missing "${_etllm_file}")
@@ -61,7 +62,7 @@ if(NOT TARGET EtLlm::etllm_static)
     IMPORTED_LINK_INTERFACE_LANGUAGES "C"
     INTERFACE_INCLUDE_DIRECTORIES "${_etllm_includedir}"
     INTERFACE_LINK_LIBRARIES
-      "${_etllm_libdir}/libexecutorch.so;${_etllm_libdir}/libexecutorch_threadpool.so;-Wl,--no-as-needed;${_etllm_libdir}/libexecutorch_kernels_optimized.so;${_etllm_libdir}/libexecutorch_backend_xnnpack.so;-Wl,--as-needed;stdc++;pthread;dl;m")
+      "${_etllm_libdir}/libexecutorch.so;${_etllm_libdir}/libexecutorch_threadpool.so;-Wl,--no-as-needed;${_etllm_libdir}/libexecutorch_kernels_optimized.so;${_etllm_libdir}/libexecutorch_kernels_quantized.so;${_etllm_libdir}/libexecutorch_backend_xnnpack.so;-Wl,--as-needed;stdc++;pthread;dl;m")
 endif()
 
 set(EtLlm_INCLUDE_DIR "${_etllm_includedir}")

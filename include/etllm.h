@@ -190,6 +190,16 @@ typedef enum etllm_dtype {
    * Any other type (not accepted as a method input).
    */
   ETLLM_DTYPE_OTHER = 3,
+  /**
+   * IEEE 754 half-precision float (2 bytes). Method outputs of this type reach managers
+   * widened to `ETLLM_DTYPE_F32`; inputs may have it.
+   */
+  ETLLM_DTYPE_F16 = 4,
+  /**
+   * bfloat16 (2 bytes: the top half of an f32). Method outputs of this type reach
+   * managers widened to `ETLLM_DTYPE_F32`; inputs may have it.
+   */
+  ETLLM_DTYPE_BF16 = 5,
 } etllm_dtype;
 
 /**
@@ -622,6 +632,26 @@ typedef struct etllm_runner_options {
    * `ETLLM_PRESET_NONE`.
    */
   int32_t preset;
+  /**
+   * External data files (`.ptd`) holding weights the export kept out of the `.pte`:
+   * `num_data_paths` NUL-terminated UTF-8 paths, read during the call that takes these
+   * options (the runner copies them). Default none: then a file with the model's stem
+   * and the `.ptd` extension beside the model is used if it exists. A missing,
+   * unreadable or foreign data file fails the load with `ETLLM_ERR_FILE_ACCESS` or
+   * `ETLLM_ERR_INVALID_MODEL`, naming it.
+   */
+  const char *const *data_paths;
+  /**
+   * Number of entries in `data_paths`.
+   */
+  size_t num_data_paths;
+  /**
+   * The method that runs the model's steps when it is not "forward" (e.g.
+   * "lora_forward" in a multi-method LoRA export), or NULL for "forward". KV-cache
+   * managers see it under the name "forward". A name the program lacks fails the load
+   * with `ETLLM_ERR_INVALID_ARGUMENT`.
+   */
+  const char *method_name;
 } etllm_runner_options;
 
 /**

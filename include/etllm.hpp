@@ -623,6 +623,12 @@ class ChatTemplate;
 /// Options fixed when a runner is created.
 struct RunnerOptions {
   uint32_t num_threads = 0;  ///< ExecuTorch thread-pool size (process-wide); 0 keeps it
+  /// External data files (.ptd) with weights kept out of the .pte; empty: `<stem>.ptd`
+  /// beside the model if it exists (etllm_runner_options.data_paths).
+  std::vector<std::string> data_paths;
+  /// The method that runs model steps when not "forward" (e.g. "lora_forward"); empty
+  /// means "forward" (etllm_runner_options.method_name).
+  std::string method_name;
 };
 
 /// Runs one model with one tokenizer and one conversation. Move-only.
@@ -650,6 +656,11 @@ class Runner {
          std::unique_ptr<IoManager> io_manager) {
     etllm_runner_options o = etllm_runner_options_default();
     o.num_threads = options.num_threads;
+    std::vector<const char*> data_paths;
+    for (const std::string& path : options.data_paths) data_paths.push_back(path.c_str());
+    o.data_paths = data_paths.data();
+    o.num_data_paths = data_paths.size();
+    o.method_name = options.method_name.empty() ? nullptr : options.method_name.c_str();
     etllm_io_manager vt{};
     if (io_manager) {
       vt = IoManager::to_c(std::move(io_manager));

@@ -2,7 +2,7 @@
 //! export recorded as constant methods.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::et::Program;
@@ -52,23 +52,64 @@ pub struct ModelInfo {
 /// A loaded model.
 pub(crate) struct Model {
     program: Program,
+    /// The program's method that managers know as `forward`.
+    step_method: String,
     info: ModelInfo,
 }
 
+/// What to open: the program, its external data files and the method that plays
+/// `forward`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ModelFiles {
+    /// The `.pte`.
+    pub(crate) program: PathBuf,
+    /// External data files (`.ptd`) given by the caller. When empty, a `.ptd` beside the
+    /// program with the same stem is used if there is one (see [`ModelFiles::data_paths`]).
+    pub(crate) data: Vec<PathBuf>,
+    /// The method that runs model steps, when not `forward` (e.g. `lora_forward` in a
+    /// multi-method LoRA export).
+    pub(crate) method: Option<String>,
+}
+
+impl ModelFiles {
+    /// The data files to open: the caller's, or else `<stem>.ptd` beside the program
+    /// when that file exists.
+    pub(crate) fn data_paths(&self) -> Vec<PathBuf> {
+        if !self.data.is_empty() {
+            return self.data.clone();
+        }
+        let sibling = self.program.with_extension("ptd");
+        if sibling != self.program && sibling.is_file() {
+            vec![sibling]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 impl Model {
-    pub(crate) fn load(path: &Path) -> Result<Self> {
-        let mut program = Program::load(path)?;
+    pub(crate) fn load(files: &ModelFiles) -> Result<Self> {
+        let path = files.program.as_path();
+        let mut program = Program::load(path, &files.data_paths())?;
         let names = program.method_names();
-        if !names.iter().any(|n| n == "forward") {
-            return Err(Error::UnsupportedModel(format!(
-                "{} has no `forward` method (its methods: {})",
-                path.display(),
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            )));
+        let step_method = files.method.as_deref().unwrap_or("forward");
+        if !names.iter().any(|n| n == step_method) {
+            let methods = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            };
+            return Err(if files.method.is_some() {
+                Error::InvalidArgument(format!(
+                    "{} has no method `{step_method}` (its methods: {methods})",
+                    path.display()
+                ))
+            } else {
+                Error::UnsupportedModel(format!(
+                    "{} has no `forward` method (its methods: {methods})",
+                    path.display()
+                ))
+            });
         }
         let mut consts: BTreeMap<String, ConstValue> = BTreeMap::new();
         let mut methods = BTreeMap::new();
@@ -76,14 +117,21 @@ impl Model {
             let info = program.method_info(name)?;
             if info.inputs.is_empty() {
                 consts.insert(name.clone(), program.call_constant(name)?);
+            } else if name == "forward" && step_method != "forward" {
+                // Replaced by `step_method`; not loaded, so its memory is not planned.
             } else {
                 program.load_method(name)?;
                 methods.insert(name.clone(), info);
             }
         }
+        if step_method != "forward" {
+            let info = methods.remove(step_method).expect("checked above");
+            methods.insert("forward".to_string(), info);
+        }
         let metadata = metadata_from(&consts)?;
         Ok(Self {
             program,
+            step_method: step_method.to_string(),
             info: ModelInfo {
                 metadata,
                 methods,
@@ -101,6 +149,11 @@ impl Model {
         method: &str,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
+        let method = if method == "forward" {
+            self.step_method.as_str()
+        } else {
+            method
+        };
         self.program.execute(method, inputs)
     }
 }
@@ -168,4 +221,48 @@ fn metadata_from(consts: &BTreeMap<String, ConstValue>) -> Result<ModelMetadata>
         enable_dynamic_shape,
         raw,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("etllm-model-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_ptd_with_the_models_stem_is_found_beside_it() {
+        let dir = scratch("sibling");
+        std::fs::write(dir.join("model.ptd"), b"x").unwrap();
+        let files = ModelFiles {
+            program: dir.join("model.pte"),
+            ..Default::default()
+        };
+        assert_eq!(files.data_paths(), vec![dir.join("model.ptd")]);
+        let other = ModelFiles {
+            program: dir.join("other.pte"),
+            ..Default::default()
+        };
+        assert!(other.data_paths().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn data_paths_given_by_the_caller_replace_the_search() {
+        let dir = scratch("given");
+        std::fs::write(dir.join("model.ptd"), b"x").unwrap();
+        let files = ModelFiles {
+            program: dir.join("model.pte"),
+            data: vec![dir.join("a.ptd"), dir.join("b.ptd")],
+            method: None,
+        };
+        assert_eq!(
+            files.data_paths(),
+            vec![dir.join("a.ptd"), dir.join("b.ptd")]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

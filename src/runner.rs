@@ -10,7 +10,7 @@ use crate::chat::{ChatMessage, ChatTemplate, TokenizerTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::io_manager::{default_manager_for, IoManager};
-use crate::model::{Model, ModelMetadata};
+use crate::model::{Model, ModelFiles, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::stop::{StopScan, StopStrings};
@@ -30,6 +30,20 @@ pub struct RunnerOptions {
     /// Model-family conventions for the tokenizer (BOS/EOS, special tokens), e.g.
     /// [`Preset::Llama`]. With a preset, the EOS ids are the model's and the preset's.
     pub preset: Option<Preset>,
+    /// External data files (`.ptd`, ExecuTorch's named data maps) that hold weights the
+    /// export kept out of the `.pte` (`export.foundation_weights_file`,
+    /// `export.lora_weights_file`). When empty, a file with the model's stem and the
+    /// `.ptd` extension beside the model (`model.ptd` for `model.pte`) is used if it
+    /// exists. A missing, unreadable or foreign data file is a load error naming it.
+    pub data_paths: Vec<PathBuf>,
+    /// The method that runs the model's steps, when it is not `forward`: e.g.
+    /// `lora_forward` in a multi-method LoRA export (upstream's `method_name`). KV-cache
+    /// managers see it under the name `forward` (its [`MethodInfo::name`] keeps the real
+    /// name), and the program's own `forward` is then not loaded. A name the program
+    /// does not have is an `InvalidArgument` load error.
+    ///
+    /// [`MethodInfo::name`]: crate::tensor::MethodInfo::name
+    pub method_name: Option<String>,
 }
 
 impl std::fmt::Debug for RunnerOptions {
@@ -38,6 +52,8 @@ impl std::fmt::Debug for RunnerOptions {
             .field("num_threads", &self.num_threads)
             .field("io_manager", &self.io_manager.as_ref().map(|_| "custom"))
             .field("preset", &self.preset)
+            .field("data_paths", &self.data_paths)
+            .field("method_name", &self.method_name)
             .finish()
     }
 }
@@ -142,7 +158,7 @@ struct Loaded {
 /// # Ok::<(), etllm::Error>(())
 /// ```
 pub struct Runner {
-    model_path: PathBuf,
+    model: ModelFiles,
     tokenizer_path: PathBuf,
     num_threads: Option<usize>,
     custom_io: Option<Box<dyn IoManager>>,
@@ -163,7 +179,7 @@ pub struct Runner {
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")
-            .field("model_path", &self.model_path)
+            .field("model_path", &self.model.program)
             .field("tokenizer_path", &self.tokenizer_path)
             .field("loaded", &self.is_loaded())
             .field("position", &self.position())
@@ -180,7 +196,11 @@ impl Runner {
         options: RunnerOptions,
     ) -> Self {
         Self {
-            model_path: model_path.as_ref().to_path_buf(),
+            model: ModelFiles {
+                program: model_path.as_ref().to_path_buf(),
+                data: options.data_paths,
+                method: options.method_name,
+            },
             tokenizer_path: tokenizer_path.as_ref().to_path_buf(),
             num_threads: options.num_threads,
             custom_io: options.io_manager,
@@ -299,7 +319,7 @@ impl Runner {
                 .spawn_scoped(scope, load_tokenizer);
             match thread {
                 Ok(handle) => {
-                    let model = Model::load(&self.model_path);
+                    let model = Model::load(&self.model);
                     let tokenizer = handle.join().unwrap_or_else(|_| {
                         Err(Error::Tokenizer("loading the tokenizer panicked".into()))
                     });
@@ -307,7 +327,7 @@ impl Runner {
                 }
                 Err(_) => {
                     let tokenizer = load_tokenizer();
-                    (tokenizer, Model::load(&self.model_path))
+                    (tokenizer, Model::load(&self.model))
                 }
             }
         });

@@ -4,6 +4,10 @@
 
 use crate::error::{Error, Result};
 
+/// The half-precision element types of [`HostData`] and [`TensorData`] (from the `half`
+/// crate).
+pub use half::{bf16, f16};
+
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -101,6 +105,10 @@ pub enum HostData {
     I64(Vec<i64>),
     /// i32 elements.
     I32(Vec<i32>),
+    /// f16 elements.
+    F16(Vec<f16>),
+    /// bfloat16 elements.
+    BF16(Vec<bf16>),
 }
 
 impl HostData {
@@ -109,6 +117,19 @@ impl HostData {
             HostData::F32(v) => v.len(),
             HostData::I64(v) => v.len(),
             HostData::I32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+        }
+    }
+
+    /// `len` zeros of a floating-point type (f32, f16 or bf16), for a manager that builds
+    /// a float input in the dtype the method declares. `None` for other types.
+    pub fn float_zeros(dtype: DType, len: usize) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(HostData::F32(vec![0.0; len])),
+            DType::F16 => Some(HostData::F16(vec![f16::ZERO; len])),
+            DType::BF16 => Some(HostData::BF16(vec![bf16::ZERO; len])),
+            _ => None,
         }
     }
 }
@@ -145,6 +166,8 @@ impl HostTensor {
             HostData::F32(_) => DType::F32,
             HostData::I64(_) => DType::I64,
             HostData::I32(_) => DType::I32,
+            HostData::F16(_) => DType::F16,
+            HostData::BF16(_) => DType::BF16,
         }
     }
 
@@ -160,6 +183,8 @@ impl HostTensor {
             HostData::F32(v) => HostDataMut::F32(v),
             HostData::I64(v) => HostDataMut::I64(v),
             HostData::I32(v) => HostDataMut::I32(v),
+            HostData::F16(v) => HostDataMut::F16(v),
+            HostData::BF16(v) => HostDataMut::BF16(v),
         }
     }
 
@@ -192,6 +217,8 @@ impl HostTensor {
                 HostData::F32(v) => TensorData::F32(&v[..n]),
                 HostData::I64(v) => TensorData::I64(&v[..n]),
                 HostData::I32(v) => TensorData::I32(&v[..n]),
+                HostData::F16(v) => TensorData::F16(&v[..n]),
+                HostData::BF16(v) => TensorData::BF16(&v[..n]),
             },
         }
     }
@@ -206,9 +233,54 @@ pub enum HostDataMut<'a> {
     I64(&'a mut [i64]),
     /// i32 elements.
     I32(&'a mut [i32]),
+    /// f16 elements.
+    F16(&'a mut [f16]),
+    /// bfloat16 elements.
+    BF16(&'a mut [bf16]),
 }
 
-/// Elements of an output tensor, borrowed from the runtime.
+impl HostDataMut<'_> {
+    /// Writes `values` (converted, with rounding to nearest) into the first elements of a
+    /// floating-point buffer; fails for an integer buffer or when `values` is longer.
+    pub fn write_floats(&mut self, offset: usize, values: &[f32]) -> Result<()> {
+        let len = match self {
+            HostDataMut::F32(b) => b.len(),
+            HostDataMut::F16(b) => b.len(),
+            HostDataMut::BF16(b) => b.len(),
+            _ => {
+                return Err(Error::IoManager(
+                    "a float was written to an integer input".into(),
+                ))
+            }
+        };
+        if offset.checked_add(values.len()).is_none_or(|end| end > len) {
+            return Err(Error::IoManager(format!(
+                "{} floats at {offset} do not fit an input of {len}",
+                values.len()
+            )));
+        }
+        match self {
+            HostDataMut::F32(b) => b[offset..offset + values.len()].copy_from_slice(values),
+            HostDataMut::F16(b) => {
+                for (o, &v) in b[offset..].iter_mut().zip(values) {
+                    *o = f16::from_f32(v);
+                }
+            }
+            HostDataMut::BF16(b) => {
+                for (o, &v) in b[offset..].iter_mut().zip(values) {
+                    *o = bf16::from_f32(v);
+                }
+            }
+            _ => unreachable!("checked above"),
+        }
+        Ok(())
+    }
+}
+
+/// Elements of a tensor view. Method outputs in f16 or bf16 reach managers widened to
+/// [`TensorData::F32`] (the conversion is exact, and done once per step into buffers the
+/// runner reuses), so that logits and cache rows are read one way whatever the export's
+/// float type; inputs may be any of these types.
 #[derive(Debug, Clone, Copy)]
 pub enum TensorData<'a> {
     /// f32 elements.
@@ -217,6 +289,10 @@ pub enum TensorData<'a> {
     I64(&'a [i64]),
     /// i32 elements.
     I32(&'a [i32]),
+    /// f16 elements (inputs only; see above).
+    F16(&'a [f16]),
+    /// bfloat16 elements (inputs only; see above).
+    BF16(&'a [bf16]),
     /// Elements of another type, as raw bytes.
     Bytes(DType, &'a [u8]),
 }
@@ -239,6 +315,8 @@ impl<'a> TensorView<'a> {
             TensorData::F32(_) => DType::F32,
             TensorData::I64(_) => DType::I64,
             TensorData::I32(_) => DType::I32,
+            TensorData::F16(_) => DType::F16,
+            TensorData::BF16(_) => DType::BF16,
             TensorData::Bytes(d, _) => d,
         }
     }
@@ -250,6 +328,30 @@ impl<'a> TensorView<'a> {
             _ => None,
         }
     }
+}
+
+/// Widens f16 elements to f32 into `buf` (grown when too short, never shrunk, so a
+/// buffer reused from step to step is allocated once) and returns the widened elements.
+pub(crate) fn widen_f16<'b>(src: &[f16], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    if buf.len() < src.len() {
+        buf.resize(src.len(), 0.0);
+    }
+    let out = &mut buf[..src.len()];
+    half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out);
+    out
+}
+
+/// Widens bf16 elements to f32 into `buf`, as [`widen_f16`] does.
+pub(crate) fn widen_bf16<'b>(src: &[bf16], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    if buf.len() < src.len() {
+        buf.resize(src.len(), 0.0);
+    }
+    let out = &mut buf[..src.len()];
+    // A bf16 is the top half of an f32: the shift is exact and vectorizes.
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o = f32::from_bits((v.to_bits() as u32) << 16);
+    }
+    out
 }
 
 /// The value a constant method (one without inputs, such as `get_max_seq_len`) returned.
@@ -299,5 +401,67 @@ impl ConstValue {
             [v] => Some(*v),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widening_bf16_is_exact_for_every_finite_bit_pattern_class() {
+        let values = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            3.0e38,
+            -1.0e-38,
+            f32::INFINITY,
+            0.1,
+        ];
+        let src: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut buf = Vec::new();
+        let out = widen_bf16(&src, &mut buf);
+        for (o, s) in out.iter().zip(&src) {
+            assert_eq!(o.to_bits(), s.to_f32().to_bits());
+        }
+        assert!(widen_bf16(&[bf16::NAN], &mut buf)[0].is_nan());
+    }
+
+    #[test]
+    fn widening_f16_matches_the_half_crate_conversion() {
+        let src: Vec<f16> = (0..=u16::MAX).step_by(7).map(f16::from_bits).collect();
+        let mut buf = Vec::new();
+        let out = widen_f16(&src, &mut buf);
+        for (o, s) in out.iter().zip(&src) {
+            let expected = s.to_f32();
+            assert!(o.to_bits() == expected.to_bits() || (o.is_nan() && expected.is_nan()));
+        }
+    }
+
+    #[test]
+    fn widening_reuses_the_buffer_once_it_is_large_enough() {
+        let mut buf = Vec::new();
+        widen_bf16(&vec![bf16::ONE; 1000], &mut buf);
+        let ptr = buf.as_ptr();
+        let out = widen_bf16(&[bf16::from_f32(2.0); 10], &mut buf);
+        assert_eq!(out, &[2.0; 10]);
+        widen_bf16(&vec![bf16::ONE; 1000], &mut buf);
+        assert_eq!(buf.as_ptr(), ptr, "the buffer was reallocated");
+    }
+
+    #[test]
+    fn writing_floats_rounds_into_half_precision_inputs() {
+        let mut t =
+            HostTensor::new(vec![3], HostData::float_zeros(DType::BF16, 3).unwrap()).unwrap();
+        t.data_mut().write_floats(1, &[1.0, 0.3]).unwrap();
+        let HostData::BF16(v) = t.data() else {
+            panic!("not bf16")
+        };
+        assert_eq!(v, &[bf16::ZERO, bf16::ONE, bf16::from_f32(0.3)]);
+        assert!(t.data_mut().write_floats(2, &[1.0, 2.0]).is_err());
+        let mut ints = HostTensor::new(vec![1], HostData::I64(vec![0])).unwrap();
+        assert!(ints.data_mut().write_floats(0, &[1.0]).is_err());
     }
 }

@@ -125,7 +125,8 @@ strip --strip-debug "$PREFIX/lib/libetllm.a"
 # The ExecuTorch libraries libetllm.so needs, and what they need in turn (they find each
 # other through their own $ORIGIN RUNPATH).
 runtime_libs=(libexecutorch.so libexecutorch_threadpool.so
-  libexecutorch_kernels_optimized.so libexecutorch_backend_xnnpack.so)
+  libexecutorch_kernels_optimized.so libexecutorch_kernels_quantized.so
+  libexecutorch_backend_xnnpack.so)
 for lib in "${runtime_libs[@]}"; do
   install -m 0755 "$ET_LIB_DIR/$lib" "$PREFIX/lib/$lib"
 done

@@ -44,7 +44,10 @@ function(etllm_generate_reference fixtures_dir out_dir)
   cmake_parse_arguments(ARG "" "" "SKIP" ${ARGN})
   # Model fixtures: folders with a model.pte and its reference.json (other folders, such as
   # tokenizers/ with a reference.json of its own, are not models).
-  file(GLOB model_files LIST_DIRECTORIES false "${fixtures_dir}/*/model.pte")
+  # The exports made with upstream's recipes live one level down, in shipped/<name>/; their
+  # model names are "shipped/<name>" (C identifiers replace the slash).
+  file(GLOB model_files LIST_DIRECTORIES false "${fixtures_dir}/*/model.pte"
+    "${fixtures_dir}/shipped/*/model.pte")
   set(ref_files "")
   foreach(pte IN LISTS model_files)
     get_filename_component(dir "${pte}" DIRECTORY)
@@ -64,10 +67,11 @@ function(etllm_generate_reference fixtures_dir out_dir)
   set(model_rows "")
   foreach(ref IN LISTS ref_files)
     get_filename_component(dir "${ref}" DIRECTORY)
-    get_filename_component(model "${dir}" NAME)
-    if(NOT model MATCHES "^[A-Za-z0-9_]+$")
+    file(RELATIVE_PATH model "${fixtures_dir}" "${dir}")
+    if(NOT model MATCHES "^(shipped/)?[A-Za-z0-9_]+$")
       message(FATAL_ERROR "fixture folder name `${model}` is not a C identifier")
     endif()
+    string(REPLACE "/" "_" cname "${model}")
     if(NOT model IN_LIST ARG_SKIP)
       list(APPEND models "${model}")
     endif()
@@ -87,8 +91,8 @@ function(etllm_generate_reference fixtures_dir out_dir)
       _etllm_c_ids("${prompt_ids}" prompt_list prompt_len)
       _etllm_c_ids("${greedy_ids}" greedy_list greedy_len)
       string(APPEND data
-        "static const uint32_t ${model}_prompt_ids_${c}[] = {${prompt_list}};\n"
-        "static const uint32_t ${model}_greedy_ids_${c}[] = {${greedy_list}};\n")
+        "static const uint32_t ${cname}_prompt_ids_${c}[] = {${prompt_list}};\n"
+        "static const uint32_t ${cname}_greedy_ids_${c}[] = {${greedy_list}};\n")
       # Optional fields.
       string(JSON name ERROR_VARIABLE err GET "${cases}" ${c} name)
       if(err)
@@ -110,17 +114,23 @@ function(etllm_generate_reference fixtures_dir out_dir)
       else()
         _etllm_c_ids("${driver_ids}" driver_list driver_len)
         string(APPEND data
-          "static const uint32_t ${model}_static_driver_greedy_ids_${c}[] = {${driver_list}};\n")
-        set(driver_c "${model}_static_driver_greedy_ids_${c}, ${driver_len}")
+          "static const uint32_t ${cname}_static_driver_greedy_ids_${c}[] = {${driver_list}};\n")
+        set(driver_c "${cname}_static_driver_greedy_ids_${c}, ${driver_len}")
+      endif()
+      string(JSON method ERROR_VARIABLE err GET "${cases}" ${c} method)
+      if(err OR method STREQUAL "forward")
+        set(method_c "NULL")
+      else()
+        _etllm_c_string("${method}" method_c)
       endif()
       string(APPEND case_rows
         "  {${prompt_c},\n"
-        "   ${model}_prompt_ids_${c}, ${prompt_len}, ${model}_greedy_ids_${c}, ${greedy_len},\n"
-        "   ${name_c}, ${beyond_c}, ${driver_c}},\n")
+        "   ${cname}_prompt_ids_${c}, ${prompt_len}, ${cname}_greedy_ids_${c}, ${greedy_len},\n"
+        "   ${name_c}, ${beyond_c}, ${driver_c}, ${method_c}},\n")
     endforeach()
     string(APPEND data
-      "static const etllm_ref_case ${model}_cases[] = {\n${case_rows}};\n\n")
-    string(APPEND model_rows "  {\"${model}\", ${model}_cases, ${n_cases}},\n")
+      "static const etllm_ref_case ${cname}_cases[] = {\n${case_rows}};\n\n")
+    string(APPEND model_rows "  {\"${model}\", ${cname}_cases, ${n_cases}},\n")
     set(ETLLM_REFERENCE_CASE_NAMES_${model} "${case_names}" PARENT_SCOPE)
     set(ETLLM_REFERENCE_BEYOND_CACHE_CASES_${model} "${beyond_names}" PARENT_SCOPE)
   endforeach()
@@ -154,9 +164,12 @@ typedef struct etllm_ref_case {
    * the reference has no such field). */
   const uint32_t *static_driver_greedy_ids;
   size_t num_static_driver_greedy_ids;
+  /* The method that runs the model's steps (etllm_runner_options.method_name), or NULL for
+   * "forward". */
+  const char *method;
 } etllm_ref_case;
 
-/* A fixture model: tests/fixtures/<name>/model.pte. Every fixture with a reference.json is
+/* A fixture model: tests/fixtures/<name>/model.pte (<name> may be "shipped/<export>"). Every fixture with a reference.json is
  * here, those CMake's SKIP list leaves out of the generic tests included. */
 typedef struct etllm_ref_model {
   const char *name;

@@ -66,10 +66,13 @@ const char *fixture_model(const char *model) {
   return fixture(rel);
 }
 
-etllm_runner *open_runner(const char *model) {
+etllm_runner *open_runner(const char *model) { return open_runner_method(model, NULL); }
+
+etllm_runner *open_runner_method(const char *model, const char *method) {
   etllm_runner *runner = NULL;
   etllm_runner_options options = etllm_runner_options_default();
   options.num_threads = 1;
+  options.method_name = method;
   CHECK_OK(etllm_runner_open(fixture_model(model), TOKENIZER(), &options, &runner));
   CHECK(runner != NULL);
   return runner;

@@ -33,6 +33,8 @@ DTYPE_F32 = 0
 DTYPE_I64 = 1
 DTYPE_I32 = 2
 DTYPE_OTHER = 3
+DTYPE_F16 = 4
+DTYPE_BF16 = 5
 
 
 def _library_path() -> str:
@@ -157,6 +159,9 @@ class RunnerOptionsC(Structure):
         ("num_threads", c_uint32),
         ("io_manager", POINTER(IoManagerC)),
         ("preset", c_int32),
+        ("data_paths", POINTER(c_char_p)),
+        ("num_data_paths", c_size_t),
+        ("method_name", c_char_p),
     ]
 
 

@@ -19,6 +19,7 @@ _DTYPES = {
     _ffi.DTYPE_F32: np.dtype(np.float32),
     _ffi.DTYPE_I64: np.dtype(np.int64),
     _ffi.DTYPE_I32: np.dtype(np.int32),
+    _ffi.DTYPE_F16: np.dtype(np.float16),
 }
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _IO_MANAGER_ERROR = 12
@@ -268,7 +269,7 @@ class _Bridge:
                 raise TypeError(f"step input {i} is {type(a).__name__}, not a numpy array")
             code = _CODES.get(a.dtype)
             if code is None:
-                raise TypeError(f"step input {i} is {a.dtype}; EtLlm takes float32, int64, int32")
+                raise TypeError(f"step input {i} is {a.dtype}; EtLlm takes float32, float16, int64, int32")
             if not a.flags.c_contiguous:
                 raise ValueError(f"step input {i} is not C-contiguous (it is passed without a copy)")
             if a.ndim > _ffi.MAX_DIMS:

@@ -57,7 +57,11 @@ class Runner:
     manager with an :class:`IoManager` written in Python; ``num_threads`` sizes
     ExecuTorch's (process-wide) thread pool, which cannot be resized while any model is
     loaded (another size then fails the load with :class:`InvalidArgumentError`); ``preset="llama"`` applies Llama's tokenizer
-    conventions. A runner runs one call at a time (another call meanwhile raises
+    conventions. ``data_path`` (one path, as upstream's Python runner) or ``data_paths`` (a
+    list) name the external data files (``.ptd``) that hold weights the export kept out of the
+    ``.pte``; with neither, ``<stem>.ptd`` beside the model is used if it exists.
+    ``method_name`` picks the method that runs the model's steps when it is not ``forward``
+    (e.g. ``"lora_forward"`` in a multi-method LoRA export). A runner runs one call at a time (another call meanwhile raises
     :class:`BusyError`), except :meth:`stop`, which works from any thread. The model runs
     with the GIL released, so other Python threads keep going.
     """
@@ -70,6 +74,9 @@ class Runner:
         io_manager: Optional[IoManager] = None,
         num_threads: int = 0,
         preset: Optional[str] = None,
+        data_path: Optional[PathLike] = None,
+        data_paths: Optional[Sequence[PathLike]] = None,
+        method_name: Optional[str] = None,
         load: bool = True,
     ) -> None:
         self._ptr: Optional[int] = None
@@ -80,6 +87,20 @@ class Runner:
             raise ValueError("num_threads must be an int >= 0")
         options.num_threads = num_threads
         options.preset = preset_value(preset)
+        if data_path is not None and data_paths is not None:
+            raise ValueError("give data_path or data_paths, not both")
+        if isinstance(data_paths, (str, bytes, os.PathLike)):
+            raise ValueError("data_paths must be a list of paths (use data_path for one)")
+        paths = [data_path] if data_path is not None else list(data_paths or [])
+        # Kept alive until the runner has copied them (during the create call below).
+        encoded = [os.fsencode(p) for p in paths]
+        path_array = (ctypes.c_char_p * max(1, len(encoded)))(*encoded)
+        options.data_paths = ctypes.cast(path_array, ctypes.POINTER(ctypes.c_char_p))
+        options.num_data_paths = len(encoded)
+        if method_name is not None:
+            if not isinstance(method_name, str) or not method_name:
+                raise ValueError("method_name must be a non-empty str or None")
+            options.method_name = method_name.encode()
         vtable = None
         if io_manager is not None:
             vtable, self._bridge = make_vtable(io_manager)

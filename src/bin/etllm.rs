@@ -105,6 +105,13 @@ struct ModelArgs {
     /// also stops on <|eot_id|>).
     #[arg(long, value_name = "P")]
     preset: Option<String>,
+    /// An external data file (.ptd) with weights the export kept out of the .pte; repeat
+    /// for several. Default: <stem>.ptd next to --model if it exists.
+    #[arg(long = "data", value_name = "FILE")]
+    data: Vec<PathBuf>,
+    /// The method that runs the model's steps, when not `forward` (e.g. lora_forward).
+    #[arg(long, value_name = "NAME")]
+    method: Option<String>,
 }
 
 /// How to pick tokens and when to stop.
@@ -315,8 +322,13 @@ fn open_runner(args: &ModelArgs) -> Result<Runner, String> {
     let options = RunnerOptions {
         num_threads: args.threads,
         preset: parse_preset(args.preset.as_deref())?,
+        data_paths: args.data.clone(),
+        method_name: args.method.clone(),
         ..Default::default()
     };
+    if args.model.is_none() && (!args.data.is_empty() || args.method.is_some()) {
+        return Err("--data and --method need --model".into());
+    }
     Runner::open(&model, &tokenizer, options).map_err(|e| e.to_string())
 }
 
@@ -340,6 +352,8 @@ fn run_bench(args: bench::BenchArgs) -> Result<(), String> {
         tokenizer: args.tokenizer.clone(),
         threads: None,
         preset: None,
+        data: args.data.clone(),
+        method: args.method.clone(),
     };
     let (label, bytes) = match &args.model {
         Some(path) => (

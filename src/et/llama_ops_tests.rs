@@ -66,7 +66,7 @@ fn compared(case: &Case, sizes: &[usize]) -> Vec<usize> {
 /// Runs every case in order (calls of one method share its caches, as in a model) and
 /// checks each output against the eager reference.
 fn run_all_cases() -> HashSet<String> {
-    let mut program = Program::load(&fixture("model.pte")).unwrap();
+    let mut program = Program::load(&fixture("model.pte"), &[]).unwrap();
     let mut covered = HashSet::new();
     for case in cases() {
         let f32s: Vec<Vec<f32>> = case
@@ -137,7 +137,7 @@ fn every_kernel_matches_eager_pytorch_on_every_op_variant() {
 #[test]
 fn registering_again_keeps_the_registered_kernels_and_still_runs() {
     // Loading a program initialises the runtime, which registers EtLlm's kernels.
-    Program::load(&fixture("model.pte")).unwrap();
+    Program::load(&fixture("model.pte"), &[]).unwrap();
     let again = register_llama_ops();
     let names: Vec<&str> = again.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(

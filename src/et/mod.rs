@@ -11,6 +11,7 @@ use executorch::module::{LoadMode, Module, ModuleBuilder};
 use executorch::platform::{LogEntry, LogLevel, PlatformImpl};
 use executorch::program::{HeaderStatus, ProgramVerification};
 use executorch::tensor::{ScalarType, TensorPtr, TensorPtrBuilder, View};
+use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::tensor::{ConstValue, DType, MethodInfo, TensorData, TensorSpec, TensorView, ValueSpec};
@@ -146,6 +147,22 @@ fn take_log() -> String {
     }
 }
 
+/// " with the data files a, b" when there are any.
+fn data_note(data_paths: &[PathBuf]) -> String {
+    if data_paths.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " with the data files {}",
+            data_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
 fn runtime_error(operation: impl Into<String>, err: executorch::Error) -> Error {
     Error::Runtime {
         operation: operation.into(),
@@ -230,8 +247,13 @@ pub(crate) struct Program {
     /// Keeps the thread pool from being resized under this program's delegates.
     _live: LiveProgram,
     path: PathBuf,
+    /// The external data files (`.ptd`) the program was opened with.
+    data_paths: Vec<PathBuf>,
     /// The program's method names, sorted; read once at load time (see [`read_method_names`]).
     method_names: Vec<String>,
+    /// One buffer per output index, reused from step to step: f16 and bf16 outputs are
+    /// widened into them (see [`TensorData`]).
+    widened: Vec<Vec<f32>>,
 }
 
 /// An input tensor handed to the runtime, viewing a host buffer.
@@ -239,21 +261,67 @@ enum InputPtr<'a> {
     F32(TensorPtr<'a, View<f32>>),
     I64(TensorPtr<'a, View<i64>>),
     I32(TensorPtr<'a, View<i32>>),
+    F16(TensorPtr<'a, View<f16>>),
+    BF16(TensorPtr<'a, View<bf16>>),
 }
 
-impl Program {
-    /// Opens and verifies the program at `path`. Nothing is executed yet.
-    pub(crate) fn load(path: &Path) -> Result<Self> {
-        init_runtime();
-        let meta = std::fs::metadata(path).map_err(|e| Error::FileAccess {
+/// Checks that `path` names a readable regular file.
+fn check_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::FileAccess {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if !meta.is_file() {
+        return Err(Error::FileAccess {
+            path: path.to_path_buf(),
+            message: "not a regular file".into(),
+        });
+    }
+    std::fs::File::open(path).map_err(|e| Error::FileAccess {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// Magic of ExecuTorch's flat-tensor data files (`.ptd`): bytes 4..8 of the file.
+const PTD_MAGIC: &[u8; 4] = b"FT01";
+
+/// Checks that `path` looks like an ExecuTorch data file, so that a wrong file is named
+/// in the error rather than reported as an unloadable program.
+fn check_data_file(path: &Path) -> Result<()> {
+    check_file(path)?;
+    let mut head = Vec::with_capacity(8);
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 8), &mut head))
+        .map_err(|e| Error::FileAccess {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        if !meta.is_file() {
-            return Err(Error::FileAccess {
-                path: path.to_path_buf(),
-                message: "not a regular file".into(),
-            });
+    if head.len() < 8 || &head[4..8] != PTD_MAGIC {
+        return Err(Error::InvalidModel {
+            path: path.to_path_buf(),
+            message: "it is not an ExecuTorch data file (.ptd: no FT01 header)".into(),
+        });
+    }
+    if path.to_str().is_none_or(|s| s.contains('\0')) {
+        return Err(Error::InvalidArgument(format!(
+            "data path {} is not valid UTF-8",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Program {
+    /// Opens and verifies the program at `path`, with the external data files (`.ptd`,
+    /// ExecuTorch's named data maps) that hold its weights when the export put them
+    /// outside the `.pte`. Nothing is executed yet.
+    pub(crate) fn load(path: &Path, data_paths: &[PathBuf]) -> Result<Self> {
+        init_runtime();
+        check_file(path)?;
+        for data in data_paths {
+            check_data_file(data)?;
         }
         let mut head = Vec::with_capacity(64);
         std::fs::File::open(path)
@@ -284,12 +352,20 @@ impl Program {
         }
         let live = LiveProgram::new();
         clear_log();
-        let mut module = ModuleBuilder::new(path).load_mode(LoadMode::Mmap).build();
+        let data_refs: Vec<&Path> = data_paths.iter().map(PathBuf::as_path).collect();
+        let mut module = ModuleBuilder::new(path)
+            .data_files(&data_refs)
+            .load_mode(LoadMode::Mmap)
+            .build();
         module
             .load(Some(ProgramVerification::InternalConsistency), None)
             .map_err(|e| Error::InvalidModel {
                 path: path.to_path_buf(),
-                message: format!("ExecuTorch cannot load it ({e:?}){}", take_log()),
+                message: format!(
+                    "ExecuTorch cannot load it{} ({e:?}){}",
+                    data_note(data_paths),
+                    take_log()
+                ),
             })?;
         let method_names = read_method_names(path).map_err(|message| Error::InvalidModel {
             path: path.to_path_buf(),
@@ -299,13 +375,23 @@ impl Program {
             module,
             _live: live,
             path: path.to_path_buf(),
+            data_paths: data_paths.to_vec(),
             method_names,
+            widened: Vec::new(),
         })
     }
 
     /// Names of all methods, sorted.
     pub(crate) fn method_names(&self) -> Vec<String> {
         self.method_names.clone()
+    }
+
+    fn data_list(&self) -> String {
+        self.data_paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn invalid(&self, message: String) -> Error {
@@ -345,7 +431,8 @@ impl Program {
                     Error::UnsupportedModel(format!(
                         "{}: method `{method}` uses operators that no kernel library in this \
                          process provides: {} (EtLlm provides the ExecuTorch runtime's \
-                         optimized and portable kernels, XNNPACK, and upstream's \
+                         optimized, portable and quantized (quantized_decomposed::) \
+                         kernels, XNNPACK, and upstream's \
                          llama::custom_sdpa, update_cache, sdpa_with_kv_cache and \
                          update_cache_with_indices)",
                         self.path.display(),
@@ -355,6 +442,30 @@ impl Program {
                             missing.join(", ")
                         }
                     ))
+                }
+                e @ (executorch::Error::InvalidExternalData
+                | executorch::Error::NotFound
+                | executorch::Error::InvalidState) => {
+                    let log = take_log();
+                    if self.data_paths.is_empty() && log.contains("external_data_map is null") {
+                        self.invalid(format!(
+                            "method `{method}` keeps its weights in an external data file \
+                             (.ptd) and none was given: pass it as a data path (`--data` in \
+                             the CLI), or put it beside the .pte with the same stem{log}"
+                        ))
+                    } else if !self.data_paths.is_empty() {
+                        self.invalid(format!(
+                            "method `{method}` cannot be loaded with the data files {} \
+                             ({e:?}); do they belong to this program?{log}",
+                            self.data_list()
+                        ))
+                    } else {
+                        Error::Runtime {
+                            operation: format!("loading method `{method}`"),
+                            code: format!("{e:?}"),
+                            details: log,
+                        }
+                    }
                 }
                 e => runtime_error(format!("loading method `{method}`"), e),
             })?;
@@ -496,6 +607,20 @@ impl Program {
                             sizes,
                             data: std::slice::from_raw_parts(ptr as *const f32, n).to_vec(),
                         },
+                        DType::F16 => ConstValue::FloatTensor {
+                            sizes,
+                            data: std::slice::from_raw_parts(ptr as *const f16, n)
+                                .iter()
+                                .map(|v| v.to_f32())
+                                .collect(),
+                        },
+                        DType::BF16 => ConstValue::FloatTensor {
+                            sizes,
+                            data: std::slice::from_raw_parts(ptr as *const bf16, n)
+                                .iter()
+                                .map(|v| v.to_f32())
+                                .collect(),
+                        },
                         other => ConstValue::Other(format!("{other:?} tensor")),
                     }
                 }
@@ -505,7 +630,8 @@ impl Program {
     }
 
     /// Runs `method` on `inputs` and returns views of its outputs, valid until the next
-    /// call on this program. The input buffers are read in place.
+    /// call on this program. The input buffers are read in place. Outputs in f16 or bf16
+    /// are widened to f32 into buffers kept from step to step (see [`TensorData`]).
     pub(crate) fn execute(
         &mut self,
         method: &str,
@@ -518,9 +644,12 @@ impl Program {
                 TensorData::F32(v) => v.len(),
                 TensorData::I64(v) => v.len(),
                 TensorData::I32(v) => v.len(),
+                TensorData::F16(v) => v.len(),
+                TensorData::BF16(v) => v.len(),
                 TensorData::Bytes(dtype, _) => {
                     return Err(Error::IoManager(format!(
-                        "input {i} of `{method}` is {dtype:?}; inputs must be f32, i64 or i32"
+                        "input {i} of `{method}` is {dtype:?}; inputs must be f32, f16, bf16, \
+                         i64 or i32"
                     )))
                 }
             };
@@ -547,6 +676,14 @@ impl Program {
                         .sizes(sizes)
                         .build()
                         .map(InputPtr::I32),
+                    TensorData::F16(v) => TensorPtrBuilder::<View<f16>>::from_slice(v)
+                        .sizes(sizes)
+                        .build()
+                        .map(InputPtr::F16),
+                    TensorData::BF16(v) => TensorPtrBuilder::<View<bf16>>::from_slice(v)
+                        .sizes(sizes)
+                        .build()
+                        .map(InputPtr::BF16),
                     TensorData::Bytes(..) => unreachable!("rejected above"),
                 }
             }
@@ -559,6 +696,8 @@ impl Program {
                 InputPtr::F32(p) => EValue::new(p),
                 InputPtr::I64(p) => EValue::new(p),
                 InputPtr::I32(p) => EValue::new(p),
+                InputPtr::F16(p) => EValue::new(p),
+                InputPtr::BF16(p) => EValue::new(p),
             })
             .collect();
         clear_log();
@@ -568,8 +707,11 @@ impl Program {
             .map_err(|e| runtime_error(format!("executing `{method}`"), e))?;
         drop(evalues);
         drop(ptrs);
+        if self.widened.len() < outputs.len() {
+            self.widened.resize_with(outputs.len(), Vec::new);
+        }
         let mut views = Vec::with_capacity(outputs.len());
-        for (i, value) in outputs.iter().enumerate() {
+        for ((i, value), widened) in outputs.iter().enumerate().zip(self.widened.iter_mut()) {
             if value.tag() != Tag::Tensor {
                 return Err(Error::UnsupportedModel(format!(
                     "output {i} of `{method}` is a {:?}, not a tensor",
@@ -583,12 +725,21 @@ impl Program {
             let dtype = dtype_of(t.scalar_type());
             // Safety: the output tensors' buffers belong to the method's memory plan, which
             // lives as long as `self.module` and is only rewritten by the next `execute`,
-            // which needs `&mut self` and so ends these borrows first.
+            // which needs `&mut self` and so ends these borrows first. The widened buffers
+            // are only written here, under the same `&mut self`.
             let data = unsafe {
                 match dtype {
                     DType::F32 => TensorData::F32(std::slice::from_raw_parts(ptr as *const f32, n)),
                     DType::I64 => TensorData::I64(std::slice::from_raw_parts(ptr as *const i64, n)),
                     DType::I32 => TensorData::I32(std::slice::from_raw_parts(ptr as *const i32, n)),
+                    DType::F16 => TensorData::F32(crate::tensor::widen_f16(
+                        std::slice::from_raw_parts(ptr as *const f16, n),
+                        widened,
+                    )),
+                    DType::BF16 => TensorData::F32(crate::tensor::widen_bf16(
+                        std::slice::from_raw_parts(ptr as *const bf16, n),
+                        widened,
+                    )),
                     other => TensorData::Bytes(
                         other,
                         std::slice::from_raw_parts(ptr as *const u8, n * other.size()),

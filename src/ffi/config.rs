@@ -149,6 +149,20 @@ pub struct etllm_runner_options {
     /// Model-family conventions for the tokenizer: an `etllm_preset` value. Default
     /// `ETLLM_PRESET_NONE`.
     pub preset: i32,
+    /// External data files (`.ptd`) holding weights the export kept out of the `.pte`:
+    /// `num_data_paths` NUL-terminated UTF-8 paths, read during the call that takes these
+    /// options (the runner copies them). Default none: then a file with the model's stem
+    /// and the `.ptd` extension beside the model is used if it exists. A missing,
+    /// unreadable or foreign data file fails the load with `ETLLM_ERR_FILE_ACCESS` or
+    /// `ETLLM_ERR_INVALID_MODEL`, naming it.
+    pub data_paths: *const *const c_char,
+    /// Number of entries in `data_paths`.
+    pub num_data_paths: usize,
+    /// The method that runs the model's steps when it is not "forward" (e.g.
+    /// "lora_forward" in a multi-method LoRA export), or NULL for "forward". KV-cache
+    /// managers see it under the name "forward". A name the program lacks fails the load
+    /// with `ETLLM_ERR_INVALID_ARGUMENT`.
+    pub method_name: *const c_char,
 }
 
 impl Default for etllm_runner_options {
@@ -158,6 +172,9 @@ impl Default for etllm_runner_options {
             num_threads: 0,
             io_manager: std::ptr::null(),
             preset: 0,
+            data_paths: std::ptr::null(),
+            num_data_paths: 0,
+            method_name: std::ptr::null(),
         }
     }
 }
@@ -171,4 +188,5 @@ pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
 super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_seed,
     max_new_tokens, seq_len, temperature, num_bos, num_eos, seed, stop_token_ids,
     num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings);
-super::versioned!(etllm_runner_options, "options"; io_manager, preset);
+super::versioned!(etllm_runner_options, "options"; io_manager, preset, data_paths,
+    num_data_paths, method_name);

@@ -28,6 +28,12 @@ pub enum etllm_dtype {
     ETLLM_DTYPE_I32 = 2,
     /// Any other type (not accepted as a method input).
     ETLLM_DTYPE_OTHER = 3,
+    /// IEEE 754 half-precision float (2 bytes). Method outputs of this type reach managers
+    /// widened to `ETLLM_DTYPE_F32`; inputs may have it.
+    ETLLM_DTYPE_F16 = 4,
+    /// bfloat16 (2 bytes: the top half of an f32). Method outputs of this type reach
+    /// managers widened to `ETLLM_DTYPE_F32`; inputs may have it.
+    ETLLM_DTYPE_BF16 = 5,
 }
 
 /// A tensor passed across the boundary without a copy: element type, sizes, and a pointer
@@ -380,6 +386,8 @@ fn dtype_to_c(d: DType) -> etllm_dtype {
         DType::F32 => etllm_dtype::ETLLM_DTYPE_F32,
         DType::I64 => etllm_dtype::ETLLM_DTYPE_I64,
         DType::I32 => etllm_dtype::ETLLM_DTYPE_I32,
+        DType::F16 => etllm_dtype::ETLLM_DTYPE_F16,
+        DType::BF16 => etllm_dtype::ETLLM_DTYPE_BF16,
         _ => etllm_dtype::ETLLM_DTYPE_OTHER,
     }
 }
@@ -398,6 +406,8 @@ fn view_to_c(t: &TensorView<'_>) -> etllm_tensor_view {
         TensorData::F32(v) => (v.as_ptr() as *mut c_void, std::mem::size_of_val(v)),
         TensorData::I64(v) => (v.as_ptr() as *mut c_void, std::mem::size_of_val(v)),
         TensorData::I32(v) => (v.as_ptr() as *mut c_void, std::mem::size_of_val(v)),
+        TensorData::F16(v) => (v.as_ptr() as *mut c_void, std::mem::size_of_val(v)),
+        TensorData::BF16(v) => (v.as_ptr() as *mut c_void, std::mem::size_of_val(v)),
         TensorData::Bytes(_, b) => (b.as_ptr() as *mut c_void, b.len()),
     };
     etllm_tensor_view {
@@ -427,6 +437,7 @@ fn view_from_c<'a>(v: &etllm_tensor_view) -> std::result::Result<TensorView<'a>,
         0 => 4,
         1 => 8,
         2 => 4,
+        4 | 5 => 2,
         _ => return Err(format!("dtype {raw} cannot be a method input")),
     };
     if v.nbytes != numel * elem {
@@ -444,7 +455,15 @@ fn view_from_c<'a>(v: &etllm_tensor_view) -> std::result::Result<TensorView<'a>,
         match raw {
             0 => TensorData::F32(std::slice::from_raw_parts(v.data as *const f32, numel)),
             1 => TensorData::I64(std::slice::from_raw_parts(v.data as *const i64, numel)),
-            _ => TensorData::I32(std::slice::from_raw_parts(v.data as *const i32, numel)),
+            2 => TensorData::I32(std::slice::from_raw_parts(v.data as *const i32, numel)),
+            4 => TensorData::F16(std::slice::from_raw_parts(
+                v.data as *const crate::tensor::f16,
+                numel,
+            )),
+            _ => TensorData::BF16(std::slice::from_raw_parts(
+                v.data as *const crate::tensor::bf16,
+                numel,
+            )),
         }
     };
     Ok(TensorView { sizes, data })

@@ -83,6 +83,15 @@ fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiEr
         num_threads: (o.num_threads > 0).then_some(o.num_threads as usize),
         io_manager,
         preset: super::tokenizer::preset_from(o.preset)?,
+        data_paths: c_slice(o.data_paths, o.num_data_paths, "options.data_paths")?
+            .iter()
+            .map(|&p| c_str(p, "options.data_paths[i]").map(std::path::PathBuf::from))
+            .collect::<Result<_, _>>()?,
+        method_name: if o.method_name.is_null() {
+            None
+        } else {
+            Some(c_str(o.method_name, "options.method_name")?.to_string())
+        },
     })
 }
 

@@ -234,9 +234,7 @@ pub(crate) fn fill_integers(
                 })?;
             }
         }
-        crate::tensor::HostDataMut::F32(_) => {
-            return Err(Error::IoManager("integer input holds floats".into()))
-        }
+        _ => return Err(Error::IoManager("integer input holds floats".into())),
     }
     Ok(())
 }

@@ -58,6 +58,12 @@ pub struct Case {
     /// Index in `greedy_ids` of the first EOS, when there is one.
     #[serde(default)]
     pub greedy_first_eos_index: Option<usize>,
+    /// The method that runs the steps, when the reference names one (`forward` otherwise).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Data files (`.ptd`) the case needs, relative to the fixture folder.
+    #[serde(default)]
+    pub data_files: Vec<String>,
 }
 
 pub fn reference(fixture: &str) -> Reference {

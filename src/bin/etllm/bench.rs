@@ -22,6 +22,13 @@ pub struct BenchArgs {
     /// to tokenizer.json next to --model.
     #[arg(long, value_name = "T")]
     pub tokenizer: Option<PathBuf>,
+    /// An external data file (.ptd) of the model; repeat for several. Default:
+    /// <stem>.ptd next to --model if it exists.
+    #[arg(long = "data", value_name = "FILE")]
+    pub data: Vec<PathBuf>,
+    /// The method that runs the model's steps, when not `forward`.
+    #[arg(long, value_name = "NAME")]
+    pub method: Option<String>,
     /// Prompt lengths to prefill, comma-separated (test `ppN`); 0 skips prefill tests.
     /// Default 512, halved until it fits the model's context.
     #[arg(
