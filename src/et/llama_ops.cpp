@@ -830,8 +830,10 @@ F32Plan plan_f32(const F32Attention& a) {
     const int64_t by_keys = std::max<int64_t>(1, max_keys / kKeyBlock);
     p.key_splits = std::min({per_batch, by_work, by_keys});
   }
-  // Rows per tile: about eight query vectors share each pass over a block of keys.
-  p.row_block = std::max<int64_t>(1, 8 / a.group());
+  // Rows per tile: about eight query vectors share each pass over a block of keys; with
+  // int8 keys and values about 32, as each tile dequantizes every block it reads (at 8,
+  // dequantizing took about as long as attending in multi-head prefill).
+  p.row_block = std::max<int64_t>(1, (a.k8 != nullptr ? 32 : 8) / a.group());
   return p;
 }
 
