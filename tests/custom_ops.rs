@@ -113,3 +113,91 @@ fn a_model_with_an_unsupported_op_fails_to_load_naming_the_operator() {
         "{message}"
     );
 }
+
+/// An `export_llm` model with `quantize_kv_cache: true`: int8 KV caches with f32 scales
+/// and int8 zero points written by `llama::update_cache`, read by
+/// `llama::custom_quantized_sdpa` (tests/fixtures/sdpa_kv8, from
+/// tools/fixtures/make_quantized_sdpa.py). Its reference is upstream's runtime (the
+/// pybindings with upstream's kernels), not eager PyTorch: the int8 cache changes the logits.
+const KV8_FIXTURE: &str = "sdpa_kv8";
+
+/// The reference's cases, after checking that each greedy step had a top-1/top-2 margin of
+/// at least 1e-3 in upstream's runtime (so that equal tokens are a meaningful check).
+fn kv8_cases() -> Vec<Case> {
+    let text =
+        std::fs::read_to_string(fixtures_dir().join(KV8_FIXTURE).join("reference.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["config"]["quantize_kv_cache"], true);
+    let margins: Vec<f64> = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["greedy_min_top2_margin"].as_f64().unwrap())
+        .collect();
+    assert!(margins.len() >= 2, "{} cases", margins.len());
+    for m in &margins {
+        assert!(*m >= 1e-3, "a reference step has a top-2 margin of {m}");
+    }
+    reference(KV8_FIXTURE).cases
+}
+
+#[test]
+fn int8_kv_cache_export_gives_upstreams_greedy_tokens() {
+    let mut runner = open(KV8_FIXTURE);
+    for case in kv8_cases() {
+        runner.reset().unwrap();
+        let (t, _) = generate_ids(
+            &mut runner,
+            &case.prompt_ids,
+            &greedy(case.greedy_ids.len() as i32),
+        );
+        assert_eq!(t.tokens, case.greedy_ids, "{:?}", case.prompt);
+    }
+}
+
+#[test]
+fn a_conversation_continues_in_the_int8_kv_cache() {
+    // The second part of the prompt attends to int8 rows, scales and zero points that the
+    // first call wrote.
+    for case in kv8_cases().iter().filter(|c| c.prompt_ids.len() >= 6) {
+        let mut runner = open(KV8_FIXTURE);
+        let split = case.prompt_ids.len() / 2;
+        runner
+            .prefill_ids(&case.prompt_ids[..split], &greedy(1))
+            .unwrap();
+        let (t, _) = generate_ids(
+            &mut runner,
+            &case.prompt_ids[split..],
+            &greedy(case.greedy_ids.len() as i32),
+        );
+        assert_eq!(t.tokens, case.greedy_ids, "{:?}", case.prompt);
+    }
+}
+
+#[test]
+fn int8_kv_cache_export_first_logits_match_upstreams_runtime_within_1e_4() {
+    // The reference logits are rounded to 7 significant digits (about 1e-6 at |logit| ~ 10)
+    // and EtLlm's attention differs from upstream's by float rounding (it dequantizes
+    // first; upstream multiplies int32 dot products by the scales): 1e-5 at most was seen.
+    // A kernel error (a wrong zero point, scale or key range) moves logits by 1e-2 or more.
+    let mut runner = open(KV8_FIXTURE);
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    runner.set_sampler_plugin(Some(Box::new(Record(steps.clone()))));
+    for case in kv8_cases() {
+        runner.reset().unwrap();
+        steps.lock().unwrap().clear();
+        generate_ids(&mut runner, &case.prompt_ids, &greedy(1));
+        let got = steps.lock().unwrap()[0].clone();
+        assert_eq!(got.len(), case.first_logits.len());
+        let worst = got
+            .iter()
+            .zip(&case.first_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-4,
+            "{:?}: first logits differ from upstream's runtime by {worst}",
+            case.prompt
+        );
+    }
+}

@@ -26,8 +26,24 @@
 //                           SymInt seq_len, Tensor? attn_mask=None, float drpout_p=0.,
 //                           bool is_causal=False, float? scale=None, *, Tensor(c!) out)
 //     update_cache for key and value, then custom_sdpa over the caches.
+//   llama::custom_quantized_sdpa.out(Tensor query, Tensor key, Tensor value, SymInt start_pos,
+//                           Tensor? attn_mask=None, float drpout_p=0., bool is_causal=False,
+//                           float? scale=None, Tensor? q_zero_points=None,
+//                           Tensor? q_scales=None, Tensor? k_zero_points=None,
+//                           Tensor? k_scales=None, Tensor? v_zero_points=None,
+//                           Tensor? v_scales=None, bool is_seq_at_dim_2=False, *,
+//                           Tensor(a!) out) -> Tensor(a!)
+//     custom_sdpa on int8 (Char) query, key and value, each row of each head quantized on
+//     its own: x = (x_q - zero_point) * scale, with Float scales and Char zero points of the
+//     tensor's shape but a last dimension of 1 ([B,S,H,1] for the query, [B,C,Hkv,1] for
+//     the caches). out is Float. With is_seq_at_dim_2 every tensor (and its scales and zero
+//     points) is [B,H,S,D] instead. A Float, Half or BFloat16 query makes it custom_sdpa
+//     (the quantization parameters are then ignored), as upstream.
+//     update_cache copies rows of any dtype, so it also writes the int8 caches and their
+//     scale and zero-point buffers.
 //
-// Dtypes: Float, Half and BFloat16 (accumulation in float). Bad arguments are reported
+// Dtypes: Float, Half and BFloat16 (accumulation in float), and the int8 query, key and
+// value above (dequantized to float, then float attention). Bad arguments are reported
 // through ctx.fail() with an Error-level log line, never by aborting.
 #include <executorch/runtime/core/evalue.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
@@ -80,13 +96,16 @@ struct View4 {
   int64_t stride[4];
 };
 
-bool view4(const Tensor& t, View4& v) {
+// With `seq_at_dim_2` the tensor is [B, H, S, D] and the view swaps dimensions 1 and 2,
+// so that the view is always [B, S, H, D].
+bool view4(const Tensor& t, View4& v, bool seq_at_dim_2 = false) {
   if (t.dim() != 4 || t.strides()[3] != 1) {
     return false;
   }
   for (int i = 0; i < 4; ++i) {
-    v.size[i] = t.size(i);
-    v.stride[i] = t.strides()[i];
+    const int from = seq_at_dim_2 && (i == 1 || i == 2) ? 3 - i : i;
+    v.size[i] = t.size(from);
+    v.stride[i] = t.strides()[from];
   }
   return true;
 }
@@ -107,6 +126,10 @@ const char* dtype_name(ScalarType t) {
       return "Long";
     case ScalarType::Int:
       return "Int";
+    case ScalarType::Char:
+      return "Char";
+    case ScalarType::Byte:
+      return "Byte";
     default:
       return "an unsupported dtype";
   }
@@ -607,12 +630,48 @@ F32Loops f32_loops(int64_t dim, bool portable) {
   return {qk_scores, weighted_sum_acc, exp_and_sum, max_of};
 }
 
+// Int8 rows quantized one (batch, row, head) at a time: x = (data - zero_point) * scale.
+// Element strides s[0] batch, s[1] sequence or cache row, s[2] head (the last dimension of
+// data is dense); scales and zero points hold one value per row.
+struct Q8Rows {
+  const int8_t* data;
+  const float* scales;
+  const int8_t* zero_points;
+  int64_t stride[3], scale_stride[3], zero_point_stride[3];
+};
+
+// out[r * dim + d] = (x row r [d] - zero point r) * scale r, for `rows` rows of one head
+// from `first` (the rows `x.stride[1]` apart), into a dense [rows, dim] block.
+ETLLM_MULTIVERSION void dequantize_rows(const Q8Rows& x, int64_t b, int64_t first, int64_t h,
+                                        int64_t rows, int64_t dim, float* out) {
+  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
+  const float* scales =
+      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
+  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
+                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = data + r * x.stride[1];
+    const float scale = scales[r * x.scale_stride[1]];
+    const int32_t zero_point = zero_points[r * x.zero_point_stride[1]];
+    float* o = out + r * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) {
+      o[d] = static_cast<float>(static_cast<int32_t>(row[d]) - zero_point) * scale;
+    }
+  }
+}
+
 // Float attention, laid out for the kernel: pointers and element strides
 // (s[0] batch, s[1] sequence or cache row, s[2] head; the last dimension is dense).
+// With k8 and v8 set, keys and values are int8 rows instead of k and v: each block of
+// keys and values is dequantized into scratch once per tile, then the float loops run on
+// it.
 struct F32Attention {
   const float* q;
   const float* k;
   const float* v;
+  const Q8Rows* k8;  // nullptr: float keys in k
+  const Q8Rows* v8;  // nullptr: float values in v
   const float* mask;  // [seq, cache_rows] float, added to the scores; nullptr when absent
   float* out;
   int64_t mask_stride[2];
@@ -648,12 +707,16 @@ void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, fl
   const int64_t dim = a.dim, group = a.group();
   const int64_t nkh = t.kh1 - t.kh0, vectors = (t.i1 - t.i0) * nkh * group;
   thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(vectors * (dim + 2) + kKeyBlock);
+  const int64_t kv_block = kKeyBlock * dim;  // one dequantized block of keys or values
+  const int64_t blocks = (a.k8 != nullptr) + (a.v8 != nullptr);
+  const size_t need = static_cast<size_t>(vectors * (dim + 2) + kKeyBlock + blocks * kv_block);
   if (scratch.size() < need) scratch.resize(need);
   float* m = scratch.data();
   float* l = m + vectors;
   float* acc = l + vectors;
   float* s = acc + vectors * dim;
+  float* k_block = s + kKeyBlock;
+  float* v_block = k_block + (a.k8 != nullptr ? kv_block : 0);
   std::fill(m, m + vectors, -std::numeric_limits<float>::infinity());
   std::fill(l, acc + vectors * dim, 0.f);
   // Query vector r of the tile: row i, kv head kh, query head kh * group + g.
@@ -665,17 +728,30 @@ void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, fl
   for (int64_t j0 = t.n0; j0 < keys_end; j0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, keys_end - j0);
     for (int64_t kh = t.kh0; kh < t.kh1; ++kh) {
-      const float* kb =
-          a.k + t.b * a.k_stride[0] + j0 * a.k_stride[1] + kh * a.k_stride[2];
-      const float* vb =
-          a.v + t.b * a.v_stride[0] + j0 * a.v_stride[1] + kh * a.v_stride[2];
+      const float* kb;
+      const float* vb;
+      int64_t k_row = a.k_stride[1], v_row = a.v_stride[1];
+      if (a.k8 != nullptr) {
+        dequantize_rows(*a.k8, t.b, j0, kh, n, dim, k_block);
+        kb = k_block;
+        k_row = dim;
+      } else {
+        kb = a.k + t.b * a.k_stride[0] + j0 * a.k_stride[1] + kh * a.k_stride[2];
+      }
+      if (a.v8 != nullptr) {
+        dequantize_rows(*a.v8, t.b, j0, kh, n, dim, v_block);
+        vb = v_block;
+        v_row = dim;
+      } else {
+        vb = a.v + t.b * a.v_stride[0] + j0 * a.v_stride[1] + kh * a.v_stride[2];
+      }
       for (int64_t i = t.i0; i < t.i1; ++i) {
         const int64_t visible = std::min(n, a.keys_for(i) - j0);
         if (visible <= 0) continue;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kh * group + g, r = index(i, kh, g);
           const float* q = a.q + t.b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
-          loops.qk(q, kb, a.k_stride[1], visible, dim, a.scale, s);
+          loops.qk(q, kb, k_row, visible, dim, a.scale, s);
           if (a.mask != nullptr) {
             const float* mask_row = a.mask + i * a.mask_stride[0] + j0 * a.mask_stride[1];
             for (int64_t j = 0; j < visible; ++j) s[j] += mask_row[j * a.mask_stride[1]];
@@ -693,7 +769,7 @@ void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, fl
             m[r] = block_max;
           }
           l[r] += loops.exp_sum(s, visible, m[r]);
-          loops.pv(s, vb, a.v_stride[1], visible, dim, acc_r);
+          loops.pv(s, vb, v_row, visible, dim, acc_r);
         }
       }
     }
@@ -754,8 +830,10 @@ F32Plan plan_f32(const F32Attention& a) {
     const int64_t by_keys = std::max<int64_t>(1, max_keys / kKeyBlock);
     p.key_splits = std::min({per_batch, by_work, by_keys});
   }
-  // Rows per tile: about eight query vectors share each pass over a block of keys.
-  p.row_block = std::max<int64_t>(1, 8 / a.group());
+  // Rows per tile: about eight query vectors share each pass over a block of keys; with
+  // int8 keys and values about 32, as each tile dequantizes every block it reads (at 8,
+  // dequantizing took about as long as attending in multi-head prefill).
+  p.row_block = std::max<int64_t>(1, (a.k8 != nullptr ? 32 : 8) / a.group());
   return p;
 }
 
@@ -971,9 +1049,121 @@ F32Attention f32_attention(const SdpaArgs& a) {
   return f;
 }
 
-// Validates shapes and runs attention; logs and returns false on bad arguments.
-bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> scale) {
-  if (!view4(*a.q, a.qv) || !view4(*a.k, a.kv) || !view4(*a.v, a.vv)) {
+// The quantization parameters of custom_quantized_sdpa's int8 query, key and value.
+struct Q8Params {
+  const Tensor* q_zero_points;
+  const Tensor* q_scales;
+  const Tensor* k_zero_points;
+  const Tensor* k_scales;
+  const Tensor* v_zero_points;
+  const Tensor* v_scales;
+};
+
+// Checks `zero_points` and `scales` against the int8 tensor `t` (viewed as `tv`) and fills
+// `rows`; logs and returns false if they do not fit.
+bool q8_rows(const char* op, const char* what, const Tensor& t, const View4& tv,
+             const Tensor* zero_points, const Tensor* scales, bool seq_at_dim_2,
+             Q8Rows& rows) {
+  if (zero_points == nullptr || scales == nullptr) {
+    ET_LOG(Error, "%s: an int8 %s needs its zero points and scales", op, what);
+    return false;
+  }
+  View4 zv, sv;
+  if (zero_points->dim() != 4 || scales->dim() != 4 ||
+      zero_points->scalar_type() != ScalarType::Char ||
+      scales->scalar_type() != ScalarType::Float) {
+    ET_LOG(Error, "%s: %s zero points must be 4-D Char and scales 4-D Float (got %s, %s)", op,
+           what, dtype_name(zero_points->scalar_type()), dtype_name(scales->scalar_type()));
+    return false;
+  }
+  // The last dimension holds one value per row; only its first element is read, so its
+  // stride does not matter.
+  for (int i = 0; i < 4; ++i) {
+    const int from = seq_at_dim_2 && (i == 1 || i == 2) ? 3 - i : i;
+    zv.size[i] = zero_points->size(from);
+    zv.stride[i] = zero_points->strides()[from];
+    sv.size[i] = scales->size(from);
+    sv.stride[i] = scales->strides()[from];
+  }
+  for (int d = 0; d < 3; ++d) {
+    if (zv.size[d] != tv.size[d] || sv.size[d] != tv.size[d]) {
+      ET_LOG(Error, "%s: %s zero points or scales differ from the %s in dimension %d", op,
+             what, what, d);
+      return false;
+    }
+  }
+  if (zv.size[3] < 1 || sv.size[3] < 1) {
+    ET_LOG(Error, "%s: %s zero points and scales must have a last dimension of 1", op, what);
+    return false;
+  }
+  rows.data = t.const_data_ptr<int8_t>();
+  rows.scales = scales->const_data_ptr<float>();
+  rows.zero_points = zero_points->const_data_ptr<int8_t>();
+  for (int d = 0; d < 3; ++d) {
+    rows.stride[d] = tv.stride[d];
+    rows.scale_stride[d] = sv.stride[d];
+    rows.zero_point_stride[d] = zv.stride[d];
+  }
+  return true;
+}
+
+// custom_quantized_sdpa on int8 query, key and value: the query is dequantized into a
+// dense [B, S, H, D] float array, and float attention reads the int8 keys and values
+// block by block (see attend_tile).
+bool run_q8(const char* op, const SdpaArgs& a, const Q8Params& qp, bool seq_at_dim_2) {
+  Q8Rows q8, k8, v8;
+  if (!q8_rows(op, "query", *a.q, a.qv, qp.q_zero_points, qp.q_scales, seq_at_dim_2, q8) ||
+      !q8_rows(op, "key", *a.k, a.kv, qp.k_zero_points, qp.k_scales, seq_at_dim_2, k8) ||
+      !q8_rows(op, "value", *a.v, a.vv, qp.v_zero_points, qp.v_scales, seq_at_dim_2, v8)) {
+    return false;
+  }
+  const int64_t batch = a.qv.size[0], seq = a.qv.size[1], heads = a.qv.size[2];
+  const int64_t dim = a.qv.size[3];
+  thread_local std::vector<float> q_float;
+  q_float.resize(static_cast<size_t>(batch * seq * heads * dim));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      // Rows of one head are S apart in the dense array: dequantize each on its own.
+      for (int64_t i = 0; i < seq; ++i) {
+        dequantize_rows(q8, b, i, h, 1, dim, q_float.data() + ((b * seq + i) * heads + h) * dim);
+      }
+    }
+  }
+  F32Attention f{};
+  f.q = q_float.data();
+  f.k8 = &k8;
+  f.v8 = &v8;
+  f.out = a.out->mutable_data_ptr<float>();
+  if (a.mask != nullptr) {
+    f.mask = a.mask->const_data_ptr<float>();
+    f.mask_stride[0] = a.mask->strides()[0];
+    f.mask_stride[1] = a.mask->strides()[1];
+  }
+  const int64_t q_stride[3] = {seq * heads * dim, heads * dim, dim};
+  for (int d = 0; d < 3; ++d) {
+    f.q_stride[d] = q_stride[d];
+    f.o_stride[d] = a.ov.stride[d];
+  }
+  f.batch = batch;
+  f.seq = seq;
+  f.heads = heads;
+  f.kv_heads = a.kv.size[2];
+  f.dim = dim;
+  f.cache_rows = a.kv.size[1];
+  f.start_pos = a.start_pos;
+  f.is_causal = a.is_causal;
+  f.scale = a.scale;
+  run_f32(f, plan_f32(f));
+  return true;
+}
+
+// Validates shapes and runs attention; logs and returns false on bad arguments. With
+// `q8` (custom_quantized_sdpa) an int8 query selects the int8 path; with `seq_at_dim_2`
+// query, key, value and out are [B, H, S, D].
+bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> scale,
+          const Q8Params* q8 = nullptr, bool seq_at_dim_2 = false) {
+  if (!view4(*a.q, a.qv, seq_at_dim_2) || !view4(*a.k, a.kv, seq_at_dim_2) ||
+      !view4(*a.v, a.vv, seq_at_dim_2)) {
     ET_LOG(Error,
            "%s: query, key and value must be 4-D [batch, seq, heads, head_dim] with a dense "
            "last dimension",
@@ -981,11 +1171,22 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
     return false;
   }
   const ScalarType dt = a.q->scalar_type();
-  if (!is_float_type(dt) || a.k->scalar_type() != dt || a.v->scalar_type() != dt ||
-      a.out->scalar_type() != dt) {
-    ET_LOG(Error, "%s: query, key, value and out must share one of Float, Half, BFloat16 "
+  const bool int8 = q8 != nullptr && dt == ScalarType::Char;
+  if (int8) {
+    if (a.k->scalar_type() != dt || a.v->scalar_type() != dt ||
+        a.out->scalar_type() != ScalarType::Float) {
+      ET_LOG(Error, "%s: with an int8 (Char) query, key and value must be Char and out Float "
+                    "(got %s, %s, %s)",
+             op, dtype_name(a.k->scalar_type()), dtype_name(a.v->scalar_type()),
+             dtype_name(a.out->scalar_type()));
+      return false;
+    }
+  } else if (!is_float_type(dt) || a.k->scalar_type() != dt || a.v->scalar_type() != dt ||
+             a.out->scalar_type() != dt) {
+    ET_LOG(Error, "%s: query, key, value and out must share one of Float, Half, BFloat16%s "
                   "(query is %s)",
-           op, dtype_name(dt));
+           op, q8 != nullptr ? ", or query, key and value be Char with a Float out" : "",
+           dtype_name(dt));
     return false;
   }
   for (int d : {0, 1, 2, 3}) {
@@ -1014,7 +1215,8 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
     }
     const ScalarType mt = a.mask->scalar_type();
     if (a.mask->dim() != 2 || a.mask->size(0) != a.qv.size[1] ||
-        a.mask->size(1) != a.kv.size[1] || (mt != ScalarType::Float && mt != dt)) {
+        a.mask->size(1) != a.kv.size[1] ||
+        (mt != ScalarType::Float && (int8 || mt != dt))) {
       ET_LOG(Error,
              "%s: attn_mask must be Float (or the query's dtype) [seq, cache rows] = "
              "[%lld, %lld]",
@@ -1027,12 +1229,13 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
     return false;
   }
   const Error resized = executorch::runtime::resize_tensor(*a.out, a.q->sizes());
-  if (resized != Error::Ok || !view4(*a.out, a.ov)) {
+  if (resized != Error::Ok || !view4(*a.out, a.ov, seq_at_dim_2)) {
     ET_LOG(Error, "%s: cannot resize out to the query's shape", op);
     return false;
   }
   a.scale = static_cast<float>(scale.has_value() ? *scale
                                                  : 1.0 / std::sqrt(double(a.qv.size[3])));
+  if (int8) return run_q8(op, a, *q8, seq_at_dim_2);
   const bool float_mask = a.mask != nullptr && a.mask->scalar_type() == ScalarType::Float;
   switch (dt) {
     case ScalarType::Float: {
@@ -1055,8 +1258,9 @@ bool sdpa(const char* op, SdpaArgs& a, double dropout_p, std::optional<double> s
 // Runs attention for an op with `n` schema arguments whose tensors are in `a`: fails the
 // kernel on bad arguments, else returns `out`.
 void sdpa_op(KernelRuntimeContext& ctx, Span<EValue*> stack, size_t n, const char* op,
-             SdpaArgs& a, double dropout_p, std::optional<double> scale) {
-  if (!sdpa(op, a, dropout_p, scale)) {
+             SdpaArgs& a, double dropout_p, std::optional<double> scale,
+             const Q8Params* q8 = nullptr, bool seq_at_dim_2 = false) {
+  if (!sdpa(op, a, dropout_p, scale, q8, seq_at_dim_2)) {
     ctx.fail(Error::InvalidArgument);
     return;
   }
@@ -1083,6 +1287,35 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   a.mask = mask;
   a.out = out;
   sdpa_op(ctx, stack, 9, op, a, dropout_p, scale);
+}
+
+void custom_quantized_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const char* op = "llama::custom_quantized_sdpa.out";
+  ETLLM_OP_CHECK(ctx, op, has_arity(stack, 16), "expected 16 arguments, got %zu",
+                 stack.size());
+  Tensor *q, *k, *v, *mask, *out;
+  Tensor *q_zp, *q_s, *k_zp, *k_s, *v_zp, *v_s;
+  SdpaArgs a{};
+  double dropout_p;
+  std::optional<double> scale;
+  bool seq_at_dim_2;
+  ETLLM_OP_CHECK(ctx, op,
+                 arg_tensor(stack, 0, q) && arg_tensor(stack, 1, k) &&
+                     arg_tensor(stack, 2, v) && arg_int(stack, 3, a.start_pos) &&
+                     arg_opt_tensor(stack, 4, mask) && arg_double(stack, 5, dropout_p) &&
+                     arg_bool(stack, 6, a.is_causal) && arg_opt_double(stack, 7, scale) &&
+                     arg_opt_tensor(stack, 8, q_zp) && arg_opt_tensor(stack, 9, q_s) &&
+                     arg_opt_tensor(stack, 10, k_zp) && arg_opt_tensor(stack, 11, k_s) &&
+                     arg_opt_tensor(stack, 12, v_zp) && arg_opt_tensor(stack, 13, v_s) &&
+                     arg_bool(stack, 14, seq_at_dim_2) && arg_tensor(stack, 15, out),
+                 "arguments do not match the schema");
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.mask = mask;
+  a.out = out;
+  const Q8Params q8{q_zp, q_s, k_zp, k_s, v_zp, v_s};
+  sdpa_op(ctx, stack, 16, op, a, dropout_p, scale, &q8, seq_at_dim_2);
 }
 
 void sdpa_with_kv_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -1122,6 +1355,7 @@ const Kernel kKernels[] = {
     Kernel("llama::update_cache.out", update_cache_out),
     Kernel("llama::sdpa_with_kv_cache.out", sdpa_with_kv_cache_out),
     Kernel("llama::update_cache_with_indices.out", update_cache_with_indices_out),
+    Kernel("llama::custom_quantized_sdpa.out", custom_quantized_sdpa_out),
 };
 constexpr uint32_t kNumKernels = sizeof(kKernels) / sizeof(kKernels[0]);
 
@@ -1150,32 +1384,25 @@ void etllm_llama_ops_register(uint8_t* status, uint32_t count) noexcept {
   }
 }
 
-// For tests: float attention on dense arrays (q and out [batch, seq, heads, dim], k and v
-// [batch, cache_rows, kv_heads, dim], mask [seq, cache_rows] or NULL), with the kernel's
-// plan forced. `layout` 0: the plan a call would get (the other plan arguments are then
-// ignored); 1: one tile per batch entry and key range over every head, `key_splits` key
-// ranges merged afterwards; 2: one tile per kv head and `row_block` query rows. `portable`
-// skips the hand-written AVX2 loops; `threaded` hands the tiles to ExecuTorch's thread
-// pool. Returns false when the shapes do not fit together.
-bool etllm_llama_ops_test_f32_attention(const float* q, const float* k, const float* v,
-                                        const float* mask, float* out, int64_t batch,
-                                        int64_t seq, int64_t heads, int64_t kv_heads,
-                                        int64_t dim, int64_t cache_rows, int64_t start_pos,
-                                        bool is_causal, float scale, int32_t layout,
-                                        int64_t key_splits, int64_t row_block, bool portable,
-                                        bool threaded) noexcept {
+}  // extern "C"
+
+namespace {
+
+// For the test entry points: dense arrays (q and out [batch, seq, heads, dim], k and v
+// [batch, cache_rows, kv_heads, dim], mask [seq, cache_rows] or NULL) as an F32Attention
+// with the plan of `layout` (see etllm_llama_ops_test_f32_attention) run on it. Returns
+// false when the shapes do not fit together.
+bool run_dense_for_test(F32Attention& a, const float* mask, int64_t batch, int64_t seq,
+                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t cache_rows,
+                        int64_t start_pos, bool is_causal, float scale, int32_t layout,
+                        int64_t key_splits, int64_t row_block, bool portable, bool threaded) {
   if (batch < 0 || seq < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 ||
       dim < 0 || cache_rows < 0 ||
       (mask == nullptr && (start_pos < 0 || start_pos + seq > cache_rows)) ||
       (mask != nullptr && is_causal) || key_splits < 1 || row_block < 1) {
     return false;
   }
-  F32Attention a{};
-  a.q = q;
-  a.k = k;
-  a.v = v;
   a.mask = mask;
-  a.out = out;
   a.mask_stride[0] = cache_rows;
   a.mask_stride[1] = 1;
   const int64_t q_stride[3] = {seq * heads * dim, heads * dim, dim};
@@ -1203,5 +1430,75 @@ bool etllm_llama_ops_test_f32_attention(const float* q, const float* k, const fl
   p.portable = portable;
   run_f32(a, p);
   return true;
+}
+
+// Dense int8 rows [batch, rows, heads, dim] with one scale and zero point per
+// (batch, row, head).
+Q8Rows dense_q8(const int8_t* data, const float* scales, const int8_t* zero_points,
+                int64_t rows, int64_t heads, int64_t dim) {
+  Q8Rows r{};
+  r.data = data;
+  r.scales = scales;
+  r.zero_points = zero_points;
+  const int64_t stride[3] = {rows * heads * dim, heads * dim, dim};
+  const int64_t param_stride[3] = {rows * heads, heads, 1};
+  for (int d = 0; d < 3; ++d) {
+    r.stride[d] = stride[d];
+    r.scale_stride[d] = r.zero_point_stride[d] = param_stride[d];
+  }
+  return r;
+}
+
+}  // namespace
+
+extern "C" {
+
+// For tests: float attention on dense arrays (q and out [batch, seq, heads, dim], k and v
+// [batch, cache_rows, kv_heads, dim], mask [seq, cache_rows] or NULL), with the kernel's
+// plan forced. `layout` 0: the plan a call would get (the other plan arguments are then
+// ignored); 1: one tile per batch entry and key range over every head, `key_splits` key
+// ranges merged afterwards; 2: one tile per kv head and `row_block` query rows. `portable`
+// skips the hand-written AVX2 loops; `threaded` hands the tiles to ExecuTorch's thread
+// pool. Returns false when the shapes do not fit together.
+bool etllm_llama_ops_test_f32_attention(const float* q, const float* k, const float* v,
+                                        const float* mask, float* out, int64_t batch,
+                                        int64_t seq, int64_t heads, int64_t kv_heads,
+                                        int64_t dim, int64_t cache_rows, int64_t start_pos,
+                                        bool is_causal, float scale, int32_t layout,
+                                        int64_t key_splits, int64_t row_block, bool portable,
+                                        bool threaded) noexcept {
+  F32Attention a{};
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.out = out;
+  return run_dense_for_test(a, mask, batch, seq, heads, kv_heads, dim, cache_rows, start_pos,
+                            is_causal, scale, layout, key_splits, row_block, portable,
+                            threaded);
+}
+
+// For tests: the int8 path of custom_quantized_sdpa with the plan forced (as
+// etllm_llama_ops_test_f32_attention): the query is given already dequantized (float
+// [batch, seq, heads, dim]); keys and values are int8 [batch, cache_rows, kv_heads, dim]
+// with scales (float) and zero points (int8) [batch, cache_rows, kv_heads].
+bool etllm_llama_ops_test_q8_attention(const float* q, const int8_t* k, const float* k_scales,
+                                       const int8_t* k_zero_points, const int8_t* v,
+                                       const float* v_scales, const int8_t* v_zero_points,
+                                       const float* mask, float* out, int64_t batch,
+                                       int64_t seq, int64_t heads, int64_t kv_heads,
+                                       int64_t dim, int64_t cache_rows, int64_t start_pos,
+                                       bool is_causal, float scale, int32_t layout,
+                                       int64_t key_splits, int64_t row_block, bool portable,
+                                       bool threaded) noexcept {
+  const Q8Rows k8 = dense_q8(k, k_scales, k_zero_points, cache_rows, kv_heads, dim);
+  const Q8Rows v8 = dense_q8(v, v_scales, v_zero_points, cache_rows, kv_heads, dim);
+  F32Attention a{};
+  a.q = q;
+  a.k8 = &k8;
+  a.v8 = &v8;
+  a.out = out;
+  return run_dense_for_test(a, mask, batch, seq, heads, kv_heads, dim, cache_rows, start_pos,
+                            is_causal, scale, layout, key_splits, row_block, portable,
+                            threaded);
 }
 }

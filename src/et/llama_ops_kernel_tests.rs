@@ -14,6 +14,12 @@
 //! and CPUs (the portable loops without FMA) and stays far below what a real error gives:
 //! one key too many or too few moves an output by about (1/keys) x |v - mean| ~ 2e-4 at
 //! 2,000 keys, a wrong head or block by 1e-2 or more.
+//!
+//! The int8 path of `llama::custom_quantized_sdpa` (keys and values dequantized block by
+//! block, then the same float loops) is checked the same way, on every plan, against
+//! float64 attention over the dequantized values: each dequantized value is one float
+//! rounding of an exact product, the same in the kernel and in the test, so the same
+//! tolerance applies (values stay within about [-1.2, 1.2]).
 
 use std::f64;
 
@@ -43,6 +49,35 @@ extern "C" {
 }
 
 const TOL: f32 = 1e-6;
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn etllm_llama_ops_test_q8_attention(
+        q: *const f32,
+        k: *const i8,
+        k_scales: *const f32,
+        k_zero_points: *const i8,
+        v: *const i8,
+        v_scales: *const f32,
+        v_zero_points: *const i8,
+        mask: *const f32,
+        out: *mut f32,
+        batch: i64,
+        seq: i64,
+        heads: i64,
+        kv_heads: i64,
+        dim: i64,
+        cache_rows: i64,
+        start_pos: i64,
+        is_causal: bool,
+        scale: f32,
+        layout: i32,
+        key_splits: i64,
+        row_block: i64,
+        portable: bool,
+        threaded: bool,
+    ) -> bool;
+}
 
 /// xorshift64*: uniform floats in [-1, 1).
 struct Rng(u64);
@@ -197,11 +232,23 @@ impl Case {
     /// Runs every plan in `plans` (layout, key splits, row block), with and without the
     /// AVX2 loops, inline and on the thread pool, and checks each against the reference.
     fn check(&self, plans: &[(i32, i64, i64)]) {
+        self.check_runs(plans, |layout, splits, rows, portable, threaded| {
+            self.run(layout, splits, rows, portable, threaded)
+        });
+    }
+
+    /// `check` for the kernel run by `run(layout, key splits, row block, portable,
+    /// threaded)`.
+    fn check_runs(
+        &self,
+        plans: &[(i32, i64, i64)],
+        run: impl Fn(i32, i64, i64, bool, bool) -> Vec<f32>,
+    ) {
         let want = self.reference();
         for &(layout, splits, rows) in plans {
             for portable in [false, true] {
                 for threaded in [false, true] {
-                    let got = self.run(layout, splits, rows, portable, threaded);
+                    let got = run(layout, splits, rows, portable, threaded);
                     let what = format!(
                         "{:?} layout {layout} splits {splits} rows {rows} portable {portable} \
                          threaded {threaded}",
@@ -388,4 +435,188 @@ fn more_key_ranges_than_blocks_and_batches() {
         causal: true,
     };
     Case::new(shape, 19).check(&[(0, 1, 1), (1, 1, 1), (1, 3, 1), (2, 1, 1), (2, 1, 2)]);
+}
+
+/// Int8 rows [batch, rows, heads, dim] with one scale and zero point per (batch, row, head),
+/// as `llama::custom_quantized_sdpa` reads its key and value caches.
+struct Q8 {
+    data: Vec<i8>,
+    scales: Vec<f32>,
+    zero_points: Vec<i8>,
+}
+
+impl Q8 {
+    /// Random int8 rows whose values (x - zero point) * scale lie within about [-1.2, 1.2],
+    /// as per-token quantization of activations of that size gives.
+    fn random(rng: &mut Rng, rows: usize, dim: usize) -> Q8 {
+        let byte = |rng: &mut Rng| (rng.next() * 128.0).floor().clamp(-128.0, 127.0) as i8;
+        let data = (0..rows * dim).map(|_| byte(rng)).collect();
+        let scales = (0..rows)
+            .map(|_| (0.75 + 0.25 * rng.next()) / 128.0)
+            .collect();
+        let zero_points = (0..rows)
+            .map(|_| (rng.next() * 20.0).round() as i8)
+            .collect();
+        Q8 {
+            data,
+            scales,
+            zero_points,
+        }
+    }
+
+    /// (x - zero point) * scale in float: one rounding of an exact product, so the same
+    /// values the kernel computes.
+    fn dequantize(&self, dim: usize) -> Vec<f32> {
+        self.data
+            .iter()
+            .enumerate()
+            .map(|(n, &x)| {
+                let r = n / dim;
+                (x as i32 - self.zero_points[r] as i32) as f32 * self.scales[r]
+            })
+            .collect()
+    }
+}
+
+/// A case for the int8 path: `case.k` and `case.v` hold the dequantized `k` and `v`, so
+/// `case.reference()` is float64 attention over exactly the values the kernel attends to.
+struct Q8Case {
+    case: Case,
+    k: Q8,
+    v: Q8,
+}
+
+impl Q8Case {
+    fn new(shape: Shape, seed: u64) -> Q8Case {
+        let mut case = Case::new(shape, seed);
+        let mut rng = Rng(seed.wrapping_mul(31) | 1);
+        let rows = shape.batch * shape.cache_rows * shape.kv_heads;
+        let k = Q8::random(&mut rng, rows, shape.dim);
+        let v = Q8::random(&mut rng, rows, shape.dim);
+        case.k = k.dequantize(shape.dim);
+        case.v = v.dequantize(shape.dim);
+        Q8Case { case, k, v }
+    }
+
+    fn run(&self, layout: i32, splits: i64, rows: i64, portable: bool, threaded: bool) -> Vec<f32> {
+        let c = &self.case;
+        let s = c.shape;
+        let mut out = vec![f32::from_bits(0x7fc0_dead); s.batch * s.seq * s.heads * s.dim];
+        // Safety: every pointer covers the dense array its dimensions describe (scales and
+        // zero points one per key or value row); the mask is [seq, cache_rows] or null.
+        let ok = unsafe {
+            etllm_llama_ops_test_q8_attention(
+                c.q.as_ptr(),
+                self.k.data.as_ptr(),
+                self.k.scales.as_ptr(),
+                self.k.zero_points.as_ptr(),
+                self.v.data.as_ptr(),
+                self.v.scales.as_ptr(),
+                self.v.zero_points.as_ptr(),
+                c.mask.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
+                out.as_mut_ptr(),
+                s.batch as i64,
+                s.seq as i64,
+                s.heads as i64,
+                s.kv_heads as i64,
+                s.dim as i64,
+                s.cache_rows as i64,
+                s.start_pos as i64,
+                s.causal,
+                c.scale,
+                layout,
+                splits,
+                rows,
+                portable,
+                threaded,
+            )
+        };
+        assert!(ok, "{s:?}: rejected");
+        out
+    }
+
+    fn check(&self, plans: &[(i32, i64, i64)]) {
+        self.case
+            .check_runs(plans, |layout, splits, rows, portable, threaded| {
+                self.run(layout, splits, rows, portable, threaded)
+            });
+    }
+}
+
+#[test]
+fn int8_decode_attends_to_the_dequantized_cache_with_every_key_split() {
+    // Grouped-query and multi-head, one to several blocks of 64 keys.
+    for (heads, kv_heads, dim, keys, seed) in [
+        (4, 2, 16, 100, 21),
+        (6, 6, 48, 480, 22),
+        (8, 1, 64, 333, 23),
+        (32, 8, 128, 130, 24),
+        (4, 2, 16, 1, 25),
+    ] {
+        Q8Case::new(decode(heads, kv_heads, dim, keys), seed).check(DECODE_PLANS);
+    }
+}
+
+#[test]
+fn int8_prefill_rows_see_their_causal_keys_from_position_0_and_later() {
+    let shape = Shape {
+        batch: 1,
+        seq: 37,
+        heads: 4,
+        kv_heads: 2,
+        dim: 16,
+        cache_rows: 128,
+        start_pos: 50,
+        causal: true,
+    };
+    let plans = [
+        (0, 1, 1),
+        (2, 1, 1),
+        (2, 1, 4),
+        (2, 1, 64),
+        (1, 1, 1),
+        (1, 3, 1),
+    ];
+    Q8Case::new(shape, 26).check(&plans);
+    Q8Case::new(
+        Shape {
+            start_pos: 0,
+            seq: 70,
+            ..shape
+        },
+        27,
+    )
+    .check(&plans);
+}
+
+#[test]
+fn int8_head_dims_that_are_not_a_multiple_of_eight() {
+    for (dim, seed) in [(20, 28), (1, 29), (13, 30)] {
+        Q8Case::new(decode(4, 2, dim, 150), seed).check(DECODE_PLANS);
+    }
+}
+
+#[test]
+fn int8_masked_keys_and_batches() {
+    let shape = Shape {
+        batch: 2,
+        seq: 3,
+        heads: 4,
+        kv_heads: 2,
+        dim: 16,
+        cache_rows: 150,
+        start_pos: 0,
+        causal: false,
+    };
+    let mut case = Q8Case::new(shape, 31);
+    let mut rng = Rng(32);
+    let mask = (0..shape.seq * shape.cache_rows)
+        .map(|n| match (n / shape.cache_rows, n % shape.cache_rows) {
+            (0, j) if j < 100 => f32::NEG_INFINITY,
+            (1, j) if j % 4 == 0 => f32::NEG_INFINITY,
+            _ => rng.next() * 4.0,
+        })
+        .collect();
+    case.case.mask = Some(mask);
+    case.check(&[(0, 1, 1), (1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 1, 3)]);
 }
