@@ -253,3 +253,32 @@ fn quantized_and_bf16_exports_give_the_same_tokens_when_prefilled_one_token_per_
         }
     }
 }
+
+#[test]
+fn a_multi_method_lora_export_runs_each_method_by_name_and_matches_eager() {
+    let reference = shipped_reference("lora_multimethod");
+    let methods: Vec<_> = reference.cases.iter().map(|c| c.method.clone()).collect();
+    assert!(
+        methods.contains(&Some("lora_forward".into())),
+        "{methods:?}"
+    );
+    assert!(methods.contains(&Some("forward".into())), "{methods:?}");
+    assert_every_case_matches("lora_multimethod");
+}
+
+#[test]
+fn the_adapter_method_and_forward_give_different_tokens() {
+    // Otherwise the test above could not tell whether the method name was honoured.
+    let reference = shipped_reference("lora_multimethod");
+    let by_method = |m: &str| -> Vec<&Case> {
+        reference
+            .cases
+            .iter()
+            .filter(|c| c.method.as_deref() == Some(m))
+            .collect()
+    };
+    for (base, lora) in by_method("forward").iter().zip(by_method("lora_forward")) {
+        assert_eq!(base.prompt_ids, lora.prompt_ids);
+        assert_ne!(base.greedy_ids, lora.greedy_ids, "{:?}", base.prompt);
+    }
+}
