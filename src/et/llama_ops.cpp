@@ -443,6 +443,37 @@ ETLLM_MULTIVERSION void weighted_sum_acc(const float* p, const float* v, int64_t
   }
 }
 
+// Int8 rows quantized one (batch, row, head) at a time: x = (data - zero_point) * scale.
+// Element strides s[0] batch, s[1] sequence or cache row, s[2] head (the last dimension of
+// data is dense); scales and zero points hold one value per row.
+struct Q8Rows {
+  const int8_t* data;
+  const float* scales;
+  const int8_t* zero_points;
+  int64_t stride[3], scale_stride[3], zero_point_stride[3];
+};
+
+// out[r * dim + d] = (x row r [d] - zero point r) * scale r, for `rows` rows of one head
+// from `first` (the rows `x.stride[1]` apart), into a dense [rows, dim] block.
+ETLLM_MULTIVERSION void dequantize_rows(const Q8Rows& x, int64_t b, int64_t first, int64_t h,
+                                        int64_t rows, int64_t dim, float* out) {
+  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
+  const float* scales =
+      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
+  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
+                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = data + r * x.stride[1];
+    const float scale = scales[r * x.scale_stride[1]];
+    const int32_t zero_point = zero_points[r * x.zero_point_stride[1]];
+    float* o = out + r * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) {
+      o[d] = static_cast<float>(static_cast<int32_t>(row[d]) - zero_point) * scale;
+    }
+  }
+}
+
 #if ETLLM_AVX2
 // The sums of the lanes of a0..a7, as one vector (lane j: the sum of aj).
 ETLLM_TARGET_AVX2 inline __m256 lane_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
@@ -597,6 +628,44 @@ ETLLM_TARGET_AVX2 float max_of_avx2(const float* s, int64_t n) {
   return result;
 }
 
+// to[0..8) = (the low eight bytes of `bytes` - zero) * scale.
+ETLLM_TARGET_AVX2 inline void dequantize8(__m128i bytes, __m256i zero, __m256 scale,
+                                          float* to) {
+  const __m256i ints = _mm256_sub_epi32(_mm256_cvtepi8_epi32(bytes), zero);
+  _mm256_storeu_ps(to, _mm256_mul_ps(_mm256_cvtepi32_ps(ints), scale));
+}
+
+// dequantize_rows, sixteen (then eight) elements at a time; the same values.
+ETLLM_TARGET_AVX2 void dequantize_rows_avx2(const Q8Rows& x, int64_t b, int64_t first,
+                                            int64_t h, int64_t rows, int64_t dim, float* out) {
+  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
+  const float* scales =
+      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
+  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
+                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* row = data + r * x.stride[1];
+    const float scale = scales[r * x.scale_stride[1]];
+    const int32_t zero_point = zero_points[r * x.zero_point_stride[1]];
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const __m256i vzero = _mm256_set1_epi32(zero_point);
+    float* o = out + r * dim;
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+      dequantize8(bytes, vzero, vscale, o + d);
+      dequantize8(_mm_srli_si128(bytes, 8), vzero, vscale, o + d + 8);
+    }
+    for (; d + 8 <= dim; d += 8) {
+      dequantize8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)), vzero, vscale,
+                  o + d);
+    }
+    for (; d < dim; ++d) {
+      o[d] = static_cast<float>(static_cast<int32_t>(row[d]) - zero_point) * scale;
+    }
+  }
+}
+
 bool cpu_has_avx2_fma() {
   static const bool has = [] {
     __builtin_cpu_init();
@@ -612,6 +681,7 @@ struct F32Loops {
   void (*pv)(const float*, const float*, int64_t, int64_t, int64_t, float*);
   float (*exp_sum)(float*, int64_t, float);
   float (*max)(const float*, int64_t);
+  void (*dequantize)(const Q8Rows&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 };
 
 // The AVX2+FMA loops when the CPU has them and `portable` is false (the two over the head
@@ -620,45 +690,15 @@ F32Loops f32_loops(int64_t dim, bool portable) {
 #if ETLLM_AVX2
   if (!portable && cpu_has_avx2_fma()) {
     if (dim % 8 == 0) {
-      return {qk_scores_avx2, weighted_sum_acc_avx2, exp_and_sum_avx2, max_of_avx2};
+      return {qk_scores_avx2, weighted_sum_acc_avx2, exp_and_sum_avx2, max_of_avx2,
+              dequantize_rows_avx2};
     }
-    return {qk_scores, weighted_sum_acc, exp_and_sum_avx2, max_of_avx2};
+    return {qk_scores, weighted_sum_acc, exp_and_sum_avx2, max_of_avx2, dequantize_rows_avx2};
   }
 #endif
   (void)dim;
   (void)portable;
-  return {qk_scores, weighted_sum_acc, exp_and_sum, max_of};
-}
-
-// Int8 rows quantized one (batch, row, head) at a time: x = (data - zero_point) * scale.
-// Element strides s[0] batch, s[1] sequence or cache row, s[2] head (the last dimension of
-// data is dense); scales and zero points hold one value per row.
-struct Q8Rows {
-  const int8_t* data;
-  const float* scales;
-  const int8_t* zero_points;
-  int64_t stride[3], scale_stride[3], zero_point_stride[3];
-};
-
-// out[r * dim + d] = (x row r [d] - zero point r) * scale r, for `rows` rows of one head
-// from `first` (the rows `x.stride[1]` apart), into a dense [rows, dim] block.
-ETLLM_MULTIVERSION void dequantize_rows(const Q8Rows& x, int64_t b, int64_t first, int64_t h,
-                                        int64_t rows, int64_t dim, float* out) {
-  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
-  const float* scales =
-      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
-  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
-                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* row = data + r * x.stride[1];
-    const float scale = scales[r * x.scale_stride[1]];
-    const int32_t zero_point = zero_points[r * x.zero_point_stride[1]];
-    float* o = out + r * dim;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) {
-      o[d] = static_cast<float>(static_cast<int32_t>(row[d]) - zero_point) * scale;
-    }
-  }
+  return {qk_scores, weighted_sum_acc, exp_and_sum, max_of, dequantize_rows};
 }
 
 // Float attention, laid out for the kernel: pointers and element strides
@@ -732,14 +772,14 @@ void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, fl
       const float* vb;
       int64_t k_row = a.k_stride[1], v_row = a.v_stride[1];
       if (a.k8 != nullptr) {
-        dequantize_rows(*a.k8, t.b, j0, kh, n, dim, k_block);
+        loops.dequantize(*a.k8, t.b, j0, kh, n, dim, k_block);
         kb = k_block;
         k_row = dim;
       } else {
         kb = a.k + t.b * a.k_stride[0] + j0 * a.k_stride[1] + kh * a.k_stride[2];
       }
       if (a.v8 != nullptr) {
-        dequantize_rows(*a.v8, t.b, j0, kh, n, dim, v_block);
+        loops.dequantize(*a.v8, t.b, j0, kh, n, dim, v_block);
         vb = v_block;
         v_row = dim;
       } else {
