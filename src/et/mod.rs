@@ -100,7 +100,7 @@ pub(crate) enum OpProvider {
 
 /// Registers EtLlm's kernels for upstream's `llama::` custom operators
 /// (`custom_sdpa.out`, `update_cache.out`, `sdpa_with_kv_cache.out`,
-/// `update_cache_with_indices.out`) with ExecuTorch's kernel registry. An operator the
+/// `update_cache_with_indices.out`, `custom_quantized_sdpa.out`) with ExecuTorch's kernel registry. An operator the
 /// registry already has is skipped, so a process where another library registered them
 /// keeps that library's kernels and does not abort. Called once by the runtime's
 /// initialisation; calling it again only skips.
@@ -440,8 +440,8 @@ impl Program {
                          process provides: {} (EtLlm provides the ExecuTorch runtime's \
                          optimized, portable and quantized (quantized_decomposed::) \
                          kernels, XNNPACK, and upstream's \
-                         llama::custom_sdpa, update_cache, sdpa_with_kv_cache and \
-                         update_cache_with_indices)",
+                         llama::custom_sdpa, update_cache, sdpa_with_kv_cache, \
+                         update_cache_with_indices and custom_quantized_sdpa)",
                         self.path.display(),
                         if missing.is_empty() {
                             format!("(unnamed; ExecuTorch said{log})")
