@@ -377,7 +377,8 @@ impl Runner {
         self.loaded.as_ref().map(|l| l.vocab_size)
     }
 
-    /// The most positions a conversation can hold.
+    /// The most positions a conversation can hold; for a ring-buffer model (see
+    /// [`IoManager::ring_buffer`]), the most prompt and new tokens one call takes.
     pub fn max_context(&self) -> Option<usize> {
         self.loaded.as_ref().map(|l| l.max_context)
     }

@@ -282,3 +282,103 @@ fn the_adapter_method_and_forward_give_different_tokens() {
         assert_ne!(base.greedy_ids, lora.greedy_ids, "{:?}", base.prompt);
     }
 }
+
+// ---- Upstream's layouts (tools/fixtures/make_layouts.py; rules in shipped/LAYOUTS.md) ----
+
+#[test]
+fn an_export_with_logits_for_every_position_matches_eager() {
+    assert_every_case_matches("full_logits");
+}
+
+#[test]
+fn a_prefill_and_decode_program_sharing_its_cache_matches_eager() {
+    let runner = Runner::open(
+        shipped("two_method_static").join("model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    let methods = &runner.model_info().unwrap().methods;
+    assert!(methods.contains_key("prefill") && methods.contains_key("decode"));
+    assert!(!methods.contains_key("forward"));
+    assert_every_case_matches("two_method_static");
+}
+
+#[test]
+fn an_attention_sink_export_generates_past_its_context_as_upstream() {
+    let reference = shipped_reference("attention_sink_sdpa");
+    let mut runner = Runner::open(
+        shipped("attention_sink_sdpa").join("model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    let context = runner.max_context().unwrap();
+    for case in &reference.cases {
+        runner.reset().unwrap();
+        assert_matches_reference(&mut runner, case);
+        // Every token of the conversation (the last one is not fed yet).
+        assert_eq!(
+            runner.position(),
+            case.prompt_ids.len() + case.greedy_ids.len()
+        );
+    }
+    assert!(
+        reference
+            .cases
+            .iter()
+            .any(|c| c.prompt_ids.len() + c.greedy_ids.len() > context + 1),
+        "no case goes past the context of {context}"
+    );
+}
+
+#[test]
+fn a_ring_buffer_conversation_rewinds_only_to_its_start() {
+    let case = &shipped_reference("attention_sink_sdpa").cases[0];
+    let mut runner = Runner::open(
+        shipped("attention_sink_sdpa").join("model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    generate_ids(&mut runner, &case.prompt_ids, &greedy(8));
+    let err = runner.rewind(2).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    runner.rewind(0).unwrap();
+    assert_matches_reference(&mut runner, case);
+}
+
+#[test]
+fn a_model_that_fails_past_its_context_ends_with_context_full_not_an_error() {
+    // local_global has get_max_seq_len < get_max_context_len (so it runs as a ring
+    // buffer, as upstream's runner would), but its global layer cannot go past the
+    // context: the step there fails, and the generation ends as for any full context.
+    let case = &shipped_reference("local_global_sdpa").cases[0];
+    let mut runner = Runner::open(
+        shipped("local_global_sdpa").join("model.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    let context = runner.max_context().unwrap();
+    let (t, stats) = generate_ids(&mut runner, &case.prompt_ids, &greedy(-1));
+    assert_eq!(stats.stop_reason, etllm::StopReason::ContextFull);
+    assert_eq!(&t.tokens[..case.greedy_ids.len()], &case.greedy_ids[..]);
+    // The cache holds `context` positions; the last token, sampled from the logits of
+    // the last position, could not be fed.
+    assert_eq!(runner.position(), context + 1);
+    let err = runner
+        .generate_from_ids(
+            &[5],
+            &greedy(4),
+            |_| std::ops::ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::ContextFull { .. }), "{err}");
+}
+
+#[test]
+fn local_global_attention_matches_eager_within_its_context() {
+    assert_every_case_matches("local_global_sdpa");
+}
