@@ -715,12 +715,15 @@ impl Runner {
             Mode::Prefill => (&feed[..feed.len() - 1], feed.last().map(|&t| t as u32)),
             Mode::Generate(_) => (&feed[..], None),
         };
+        // Whether the context, not the caller's limits, decides how many tokens this call
+        // makes: reaching `n_new` then ends with ContextFull.
+        let context_bound = n_new < config.resolve_max_new_tokens(i64::MAX / 4, 0) as usize;
         let outcome = generate_loop(
             loaded,
             &self.stop,
             feed,
             orig_pos,
-            n_new,
+            (n_new, context_bound),
             config,
             &mut picker,
             &mut stats,
@@ -789,7 +792,7 @@ fn generate_loop(
     stop: &AtomicBool,
     feed: &[u64],
     mut pos: usize,
-    n_new: usize,
+    (n_new, context_bound): (usize, bool),
     config: &GenerationConfig,
     picker: &mut Picker<'_>,
     stats: &mut Stats,
@@ -884,7 +887,7 @@ fn generate_loop(
         }
         if generated == n_new {
             let full = if *ring {
-                n_new >= *max_context
+                context_bound
             } else {
                 pos + 1 >= *max_context
             };

@@ -316,7 +316,14 @@ fn an_attention_sink_export_generates_past_its_context_as_upstream() {
     let context = runner.max_context().unwrap();
     for case in &reference.cases {
         runner.reset().unwrap();
-        assert_matches_reference(&mut runner, case);
+        let (t, stats) = generate_ids(
+            &mut runner,
+            &case.prompt_ids,
+            &greedy(case.greedy_ids.len() as i32),
+        );
+        assert_eq!(t.tokens, case.greedy_ids, "prompt {:?}", case.prompt);
+        // The caller's limit ended it (it equals the context here), not the context.
+        assert_eq!(stats.stop_reason, etllm::StopReason::Length);
         // Every token of the conversation (the last one is not fed yet).
         assert_eq!(
             runner.position(),

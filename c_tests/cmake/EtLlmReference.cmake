@@ -5,7 +5,8 @@
 #   etllm_generate_reference(<fixtures dir> <output dir> [SKIP <model>...])
 #
 # writes <output dir>/etllm_reference.h (declarations) and etllm_reference.c (the data) and
-# sets ETLLM_REFERENCE_MODELS to the model folder names, in a stable (sorted) order. Models
+# sets ETLLM_REFERENCE_MODELS to the model folder names, in a stable (sorted) order, and
+# ETLLM_REFERENCE_TEXT_MODELS to those whose prompt ids start with BOS (1). Models
 # named after SKIP are left out of ETLLM_REFERENCE_MODELS (so no generic test is made for
 # them) but their data is still written: tests of their own find it with
 # etllm_ref_find_model().
@@ -63,6 +64,7 @@ function(etllm_generate_reference fixtures_dir out_dir)
 
   set(data "")
   set(models "")
+  set(text_models "")
   set(all_models "")
   set(model_rows "")
   foreach(ref IN LISTS ref_files)
@@ -74,6 +76,12 @@ function(etllm_generate_reference fixtures_dir out_dir)
     string(REPLACE "/" "_" cname "${model}")
     if(NOT model IN_LIST ARG_SKIP)
       list(APPEND models "${model}")
+    endif()
+    # Prompts whose ids start with BOS (1) can also be checked from their text with one BOS
+    # added; some fixtures of upstream's layouts feed prompts without BOS.
+    string(JSON first_id ERROR_VARIABLE err GET "${json}" cases 0 prompt_ids 0)
+    if(NOT err AND first_id EQUAL 1 AND NOT model IN_LIST ARG_SKIP)
+      list(APPEND text_models "${model}")
     endif()
     list(APPEND all_models "${model}")
     file(READ "${ref}" json)
@@ -207,4 +215,5 @@ const etllm_ref_model *etllm_ref_find_model(const char *name) {
 }
 ]=])
   set(ETLLM_REFERENCE_MODELS "${models}" PARENT_SCOPE)
+  set(ETLLM_REFERENCE_TEXT_MODELS "${text_models}" PARENT_SCOPE)
 endfunction()
