@@ -24,7 +24,7 @@ static void reference_tokens(const char *model) {
   const etllm_ref_model *m = ref_model(model);
   for (size_t k = 0; k < m->num_cases; k++) {
     const etllm_ref_case *ref = &m->cases[k];
-    etllm_runner *runner = open_runner_method(model, ref->method);
+    etllm_runner *runner = open_runner_case(model, ref);
     static collector c;
     memset(&c, 0, sizeof c);
     etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);
@@ -46,7 +46,7 @@ static void reference_text(const char *model) {
   const etllm_ref_model *m = ref_model(model);
   for (size_t k = 0; k < m->num_cases; k++) {
     const etllm_ref_case *ref = &m->cases[k];
-    etllm_runner *runner = open_runner_method(model, ref->method);
+    etllm_runner *runner = open_runner_case(model, ref);
     static collector c;
     memset(&c, 0, sizeof c);
     etllm_generation_config config = greedy_config((int32_t)ref->num_greedy_ids);

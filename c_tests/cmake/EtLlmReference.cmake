@@ -125,6 +125,25 @@ function(etllm_generate_reference fixtures_dir out_dir)
           "static const uint32_t ${cname}_static_driver_greedy_ids_${c}[] = {${driver_list}};\n")
         set(driver_c "${cname}_static_driver_greedy_ids_${c}, ${driver_len}")
       endif()
+      # Data files (.ptd) the case needs, relative to the fixture folder.
+      string(JSON data_files ERROR_VARIABLE err GET "${cases}" ${c} data_files)
+      set(data_c "NULL, 0")
+      if(NOT err)
+        string(JSON n_data LENGTH "${data_files}")
+        if(n_data GREATER 0)
+          math(EXPR last_data "${n_data} - 1")
+          set(data_items "")
+          foreach(d RANGE ${last_data})
+            string(JSON data_file GET "${data_files}" ${d})
+            _etllm_c_string("${model}/${data_file}" data_file_c)
+            list(APPEND data_items "${data_file_c}")
+          endforeach()
+          list(JOIN data_items ", " data_joined)
+          string(APPEND data
+            "static const char *const ${cname}_data_files_${c}[] = {${data_joined}};\n")
+          set(data_c "${cname}_data_files_${c}, ${n_data}")
+        endif()
+      endif()
       string(JSON method ERROR_VARIABLE err GET "${cases}" ${c} method)
       if(err OR method STREQUAL "forward")
         set(method_c "NULL")
@@ -134,7 +153,7 @@ function(etllm_generate_reference fixtures_dir out_dir)
       string(APPEND case_rows
         "  {${prompt_c},\n"
         "   ${cname}_prompt_ids_${c}, ${prompt_len}, ${cname}_greedy_ids_${c}, ${greedy_len},\n"
-        "   ${name_c}, ${beyond_c}, ${driver_c}, ${method_c}},\n")
+        "   ${name_c}, ${beyond_c}, ${driver_c}, ${method_c}, ${data_c}},\n")
     endforeach()
     string(APPEND data
       "static const etllm_ref_case ${cname}_cases[] = {\n${case_rows}};\n\n")
@@ -175,6 +194,10 @@ typedef struct etllm_ref_case {
   /* The method that runs the model's steps (etllm_runner_options.method_name), or NULL for
    * "forward". */
   const char *method;
+  /* The data files (.ptd) the case needs, relative to the fixtures folder (NULL, 0: none
+   * given; the library then looks for <stem>.ptd beside the model). */
+  const char *const *data_files;
+  size_t num_data_files;
 } etllm_ref_case;
 
 /* A fixture model: tests/fixtures/<name>/model.pte (<name> may be "shipped/<export>"). Every fixture with a reference.json is

@@ -66,13 +66,20 @@ const char *fixture_model(const char *model) {
   return fixture(rel);
 }
 
-etllm_runner *open_runner(const char *model) { return open_runner_method(model, NULL); }
+etllm_runner *open_runner(const char *model) { return open_runner_case(model, NULL); }
 
-etllm_runner *open_runner_method(const char *model, const char *method) {
+etllm_runner *open_runner_case(const char *model, const etllm_ref_case *ref) {
   etllm_runner *runner = NULL;
   etllm_runner_options options = etllm_runner_options_default();
   options.num_threads = 1;
-  options.method_name = method;
+  const char *data[4]; /* fixture() keeps 8 paths alive at a time */
+  if (ref != NULL) {
+    CHECK(ref->num_data_files <= sizeof data / sizeof data[0]);
+    for (size_t i = 0; i < ref->num_data_files; i++) data[i] = fixture(ref->data_files[i]);
+    options.data_paths = data;
+    options.num_data_paths = ref->num_data_files;
+    options.method_name = ref->method;
+  }
   CHECK_OK(etllm_runner_open(fixture_model(model), TOKENIZER(), &options, &runner));
   CHECK(runner != NULL);
   return runner;

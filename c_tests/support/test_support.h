@@ -43,9 +43,9 @@ const char *fixture_model(const char *model);
 
 /* Opens `model` with the fixture tokenizer; fails the test on error. */
 etllm_runner *open_runner(const char *model);
-/* A runner of tests/fixtures/<model>/model.pte whose steps run `method` (NULL: "forward");
- * a model.ptd beside it is found by the library. */
-etllm_runner *open_runner_method(const char *model, const char *method);
+/* A runner of tests/fixtures/<model>/model.pte with the reference case's data files and
+ * method (`ref` NULL: none given, "forward"). */
+etllm_runner *open_runner_case(const char *model, const etllm_ref_case *ref);
 
 /* Greedy, no echo, EOS ignored, at most `max_new_tokens`. */
 etllm_generation_config greedy_config(int32_t max_new_tokens);
