@@ -625,12 +625,15 @@ impl StaticAttention {
             .into_iter()
             .flatten()
         {
-            let width = c + m.len;
-            for row in 0..m.len {
-                let start = row * width;
-                fill(&mut m.mask, start..start + visible, 0.0);
-                fill(&mut m.mask, start + visible..start + c, HIDDEN);
+            fn go<T: Float>(mask: &mut [T], rows: usize, c: usize, visible: usize) {
+                let (shown, hidden) = (T::from_f32(0.0), T::from_f32(HIDDEN));
+                for row in mask.chunks_exact_mut(mask.len() / rows) {
+                    row[..visible].fill(shown);
+                    row[visible..c].fill(hidden);
+                }
             }
+            let rows = m.len;
+            with_floats!(m.mask, v => go(v, rows, c, visible));
         }
     }
 
