@@ -96,6 +96,34 @@ fn planned_memory_larger_than_the_machine_is_refused_before_allocation() {
 }
 
 #[test]
+fn outputs_without_memory_planned_buffers_are_refused_when_the_model_is_opened() {
+    // forward(tokens, input_pos) -> logits, XNNPACK, exported with
+    // MemoryPlanningPass(alloc_graph_output=False) as upstream's static-attention script
+    // does (tools/fixtures/make_upstream_static.py --variants unplanned). Run as is, the
+    // delegate wrote the logits through a null pointer.
+    let model = fixtures_dir().join("corrupt/unplanned_outputs.pte");
+    let err = Runner::open(&model, tokenizer_path(), RunnerOptions::default())
+        .map(|_| ())
+        .expect_err("a program with unplanned outputs was opened");
+    assert!(matches!(err, Error::UnsupportedModel(_)), "{err:?}");
+    assert!(err.to_string().contains("alloc_graph_output"), "{err}");
+    assert_good_runner_still_works();
+    // The same program with planned outputs opens and generates: the refusal is the
+    // planning's.
+    let twin = fixtures_dir().join("corrupt/unplanned_outputs_twin.pte");
+    let mut runner = Runner::open(&twin, tokenizer_path(), RunnerOptions::default()).unwrap();
+    let config = GenerationConfig {
+        max_new_tokens: 3,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let stats = runner
+        .generate("Once", &config, |_| ControlFlow::Continue(()), |_| {})
+        .unwrap();
+    assert_eq!(stats.num_generated_tokens, 3);
+}
+
+#[test]
 fn the_corrupt_fixtures_differ_from_a_loadable_model_only_in_their_defect() {
     // The files above are multi_eos/model.pte with a few bytes patched (by
     // tools/fixtures/make_corrupt.py, or by the fuzzer); the original loads, so the error

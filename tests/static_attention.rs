@@ -194,7 +194,8 @@ fn upstream_two_method_export_greedy_equals_eager_pytorch() {
 
 #[test]
 fn upstream_exports_greedy_equals_eager_pytorch_with_one_prompt_token_per_call() {
-    for fixture in UPSTREAM {
+    // The f16 export too: its reference (chunked prompts) equals one token per call there.
+    for fixture in UPSTREAM.iter().chain(&["upstream_static_f16"]) {
         let (mut runner, methods) = open_recording(fixture, true);
         assert_all_cases_match(&mut runner, fixture);
         // The longest prompt (48 tokens) went in 48 calls, not in chunks.
@@ -237,7 +238,7 @@ fn single_method_export_prefills_in_chunks_of_its_input_length() {
 
 #[test]
 fn rewind_on_upstream_exports_hides_the_dropped_positions() {
-    for fixture in UPSTREAM {
+    for fixture in UPSTREAM.iter().chain(&["upstream_static_f16"]) {
         let reference = reference(fixture);
         let (short, long) = (&reference.cases[0], &reference.cases[2]);
         // "The" is a prefix of "The quick brown fox".
@@ -316,13 +317,48 @@ fn mask_spec_with_another_cache_length_is_a_clear_error() {
 }
 
 #[test]
-fn f16_cache_input_is_refused_by_name() {
+fn f64_cache_input_is_refused_by_name() {
     let mut info = model_info("upstream_static_2m");
     let forward = info.methods.get_mut("forward").unwrap();
     match &mut forward.inputs[4] {
-        ValueSpec::Tensor(t) => t.dtype = DType::F16,
+        ValueSpec::Tensor(t) => t.dtype = DType::F64,
         other => panic!("input 4 is {other:?}"),
     }
     let msg = load_error(&info);
-    assert!(msg.contains("F16") && msg.contains("f32"), "{msg}");
+    assert!(
+        msg.contains("k cache input 4") && msg.contains("F64") && msg.contains("f16"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream's default dtype: `upstream_static_f16` (make_upstream_static.py, `--dtype fp16`,
+// single method). Its reference is the .pte itself run by upstream's runtime (pybindings
+// driven by upstream's StaticAttentionIOManager in f16), every step with a top-1/top-2
+// margin >= 1e-3 in those f16 logits.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn upstream_f16_export_greedy_equals_upstreams_runtime() {
+    let mut runner = open("upstream_static_f16");
+    assert_all_cases_match(&mut runner, "upstream_static_f16");
+}
+
+#[test]
+fn upstream_f16_export_has_f16_masks_rope_rows_and_caches_and_the_manager_builds_them_so() {
+    let info = model_info("upstream_static_f16");
+    let forward = &info.methods["forward"];
+    let dtypes = |specs: &[ValueSpec]| -> Vec<DType> {
+        specs.iter().map(|s| s.tensor().unwrap().dtype).collect()
+    };
+    // Tokens, then the mask, the rope rows and the four caches.
+    let mut want = vec![DType::I32];
+    want.extend([DType::F16; 7]);
+    assert_eq!(dtypes(&forward.inputs), want);
+    assert_eq!(dtypes(&forward.outputs), vec![DType::F16; 5]);
+    let mut manager = StaticAttention::new();
+    manager.load(&info).unwrap();
+    let step = manager.prepare_prefill(&[1, 2, 3], 0).unwrap();
+    let built: Vec<DType> = step.inputs.iter().map(TensorView::dtype).collect();
+    assert_eq!(built, want);
 }

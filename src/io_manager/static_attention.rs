@@ -5,7 +5,10 @@
 use crate::error::{Error, Result};
 use crate::io_manager::{fill_integers, integer_input, logits_row, IoManager, StepInputs};
 use crate::model::ModelInfo;
-use crate::tensor::{ConstValue, DType, HostData, HostDataMut, HostTensor, TensorView, ValueSpec};
+use crate::tensor::{
+    bf16, f16, ConstValue, DType, HostData, HostDataMut, HostTensor, TensorView, ValueSpec,
+};
+use half::slice::HalfFloatSliceExt;
 
 /// Value of a hidden mask entry (added to attention scores).
 const HIDDEN: f32 = f32::NEG_INFINITY;
@@ -30,6 +33,8 @@ struct MethodIo {
     /// Per layer: input index of the k cache, output index of the new k rows, the same
     /// for v.
     kv_index: Vec<[usize; 4]>,
+    /// Per layer: the element types of its k and v cache inputs.
+    kv_dtypes: Vec<[DType; 2]>,
     n_inputs: usize,
 }
 
@@ -44,8 +49,12 @@ struct MethodIo {
 /// `kv_cache_specs`/`mask_specs`/`freqs_*_input_index` for a single method, the same with
 /// `decode_`/`prefill_` prefixes for `--multifunction`; `head_dim`, `n_heads_per_cache`,
 /// `freqs_cos`, `freqs_sin`, `vocab_size`). Every input is built in the dtype the method
-/// declares: i64 or i32 tokens and last_valid_token_pos, f32 masks, rope rows and caches
-/// (other float types are refused).
+/// declares: i64 or i32 tokens and last_valid_token_pos; f32, f16 or bf16 masks, rope rows
+/// and caches, each in its own input's type (upstream's script exports f16 by default;
+/// f64 and other types are refused). Values are computed in f32 and rounded to nearest
+/// into half-precision inputs; new cache rows, which reach the manager as f32 (see
+/// [`TensorData`](crate::tensor::TensorData)), are converted back to the cache's type,
+/// which for rows the model computed in that type is exact.
 ///
 /// The manager owns the caches, the attention masks and the rope rows, and drives them as
 /// upstream's `StaticAttentionIOManager` does in its "smart mask" style: masks hold 0 for
@@ -164,32 +173,88 @@ fn index(v: i64, limit: usize, what: &str) -> Result<usize> {
         })
 }
 
-fn f32_tensor(sizes: Vec<usize>, value: f32) -> HostTensor {
-    let n = sizes.iter().product();
-    HostTensor::new(sizes, HostData::F32(vec![value; n])).expect("sizes match")
+/// A float element type the manager builds inputs in (the one each input declares): f32,
+/// f16 or bf16. Values are computed in f32 and rounded to nearest on the way in; for f32
+/// every conversion is the identity and compiles to plain copies and fills.
+trait Float: Copy {
+    fn from_f32(v: f32) -> Self;
+    /// `dst[i] = from_f32(src[i])`; the lengths are equal.
+    fn convert(dst: &mut [Self], src: &[f32]);
 }
 
-fn f32_mut(t: &mut HostTensor) -> &mut [f32] {
-    match t.data_mut() {
-        HostDataMut::F32(v) => v,
-        _ => unreachable!("created as f32"),
+impl Float for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn convert(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
     }
 }
 
-/// Sizes of a float tensor input or output that must be f32 (the only float type the
-/// host tensors have); other float types are refused by name.
-fn f32_sizes(spec: Option<&ValueSpec>, what: &str, method: &str) -> Result<Vec<usize>> {
-    match spec.and_then(ValueSpec::tensor) {
-        Some(t) if t.dtype == DType::F32 => Ok(t.sizes.clone()),
-        Some(t) if matches!(t.dtype, DType::F16 | DType::BF16 | DType::F64) => {
-            Err(Error::UnsupportedModel(format!(
-                "{what} of `{method}` is {:?}; the built-in static-attention manager builds f32 \
-                 masks, rope rows and caches only",
-                t.dtype
-            )))
+impl Float for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn convert(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl Float for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn convert(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// Calls `$body` with `$v` bound to the elements of a float host tensor, whatever their
+/// type (the manager creates only f32, f16 and bf16 float tensors).
+macro_rules! with_floats {
+    ($tensor:expr, $v:ident => $body:expr) => {
+        match $tensor.data_mut() {
+            HostDataMut::F32($v) => $body,
+            HostDataMut::F16($v) => $body,
+            HostDataMut::BF16($v) => $body,
+            _ => unreachable!("created as a float tensor"),
         }
+    };
+}
+
+/// A `dtype` tensor (f32, f16 or bf16, checked by `float_spec`) filled with `value`.
+fn float_tensor(dtype: DType, sizes: Vec<usize>, value: f32) -> HostTensor {
+    let n = sizes.iter().product();
+    let data = HostData::float_zeros(dtype, n).expect("a float type");
+    let mut t = HostTensor::new(sizes, data).expect("sizes match");
+    if value != 0.0 {
+        fill(&mut t, 0..n, value);
+    }
+    t
+}
+
+fn fill(t: &mut HostTensor, range: std::ops::Range<usize>, value: f32) {
+    fn go<T: Float>(v: &mut [T], range: std::ops::Range<usize>, value: f32) {
+        v[range].fill(T::from_f32(value));
+    }
+    with_floats!(t, v => go(v, range, value))
+}
+
+/// Element type and sizes of a float tensor input or output: f32, f16 or bf16 (the float
+/// types the host tensors have); other float types are refused by name. Outputs of any of
+/// the three reach the manager as f32 (the runner widens them).
+fn float_spec(spec: Option<&ValueSpec>, what: &str, method: &str) -> Result<(DType, Vec<usize>)> {
+    match spec.and_then(ValueSpec::tensor) {
+        Some(t) if matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) => {
+            Ok((t.dtype, t.sizes.clone()))
+        }
+        Some(t) if t.dtype == DType::F64 => Err(Error::UnsupportedModel(format!(
+            "{what} of `{method}` is {:?}; the built-in static-attention manager builds f32, \
+             f16 and bf16 masks, rope rows and caches only",
+            t.dtype
+        ))),
         Some(t) => Err(Error::UnsupportedModel(format!(
-            "{what} of `{method}` is a {:?} tensor; expected f32",
+            "{what} of `{method}` is a {:?} tensor; expected f32, f16 or bf16",
             t.dtype
         ))),
         None => Err(Error::UnsupportedModel(format!(
@@ -450,7 +515,7 @@ impl StaticAttention {
             }
         }
         let width = self.cache_len + len;
-        let mask_sizes = f32_sizes(info.inputs.get(mask_i), "the mask input", name)?;
+        let (mask_dtype, mask_sizes) = float_spec(info.inputs.get(mask_i), "the mask input", name)?;
         if mask_sizes != [1, len, width] {
             return Err(Error::UnsupportedModel(format!(
                 "the mask input of `{name}` has shape {mask_sizes:?}; expected [1, {len}, {width}]"
@@ -459,13 +524,13 @@ impl StaticAttention {
         let half = self.head_dim / 2;
         let mut rope = Vec::new();
         for (i, what) in [(cos_i, "the rope cos input"), (sin_i, "the rope sin input")] {
-            let sizes = f32_sizes(info.inputs.get(i), what, name)?;
+            let (dtype, sizes) = float_spec(info.inputs.get(i), what, name)?;
             if sizes.iter().product::<usize>() != len * half || sizes.last() != Some(&half) {
                 return Err(Error::UnsupportedModel(format!(
                     "{what} of `{name}` has shape {sizes:?}; expected [{len}, {half}]"
                 )));
             }
-            rope.push(sizes);
+            rope.push((dtype, sizes));
         }
         let last_valid = match last_valid_index {
             Some(i) => {
@@ -480,7 +545,7 @@ impl StaticAttention {
             }
             None => None,
         };
-        let logits = f32_sizes(info.outputs.first(), "the logits output", name)?;
+        let (_, logits) = float_spec(info.outputs.first(), "the logits output", name)?;
         if let (Some(vocab), Some(last)) = (model.constants.get("vocab_size"), logits.last()) {
             if vocab.as_int() != Some(*last as i64) {
                 return Err(Error::UnsupportedModel(format!(
@@ -488,9 +553,14 @@ impl StaticAttention {
                 )));
             }
         }
+        let mut kv_dtypes = Vec::new();
         for [k_in, k_out, v_in, v_out] in &kv_index {
-            for (input, output, what) in [(k_in, k_out, "k"), (v_in, v_out, "v")] {
-                let cache = f32_sizes(
+            let mut dtypes = [DType::F32; 2];
+            for (j, (input, output, what)) in [(k_in, k_out, "k"), (v_in, v_out, "v")]
+                .into_iter()
+                .enumerate()
+            {
+                let (dtype, cache) = float_spec(
                     info.inputs.get(*input),
                     &format!("{what} cache input {input}"),
                     name,
@@ -506,7 +576,8 @@ impl StaticAttention {
                         )))
                     }
                 }
-                let rows = f32_sizes(
+                dtypes[j] = dtype;
+                let (_, rows) = float_spec(
                     info.outputs.get(*output),
                     &format!("{what} rows output {output}"),
                     name,
@@ -519,15 +590,14 @@ impl StaticAttention {
                     )));
                 }
             }
+            kv_dtypes.push(dtypes);
         }
 
-        let mut mask = f32_tensor(vec![1, len, width], HIDDEN);
+        let mut mask = float_tensor(mask_dtype, vec![1, len, width], HIDDEN);
         // The call's own tokens see themselves and the ones before them.
-        let m = f32_mut(&mut mask);
         for row in 0..len {
-            for col in 0..=row {
-                m[row * width + self.cache_len + col] = 0.0;
-            }
+            let start = row * width + self.cache_len;
+            fill(&mut mask, start..start + row + 1, 0.0);
         }
         let tokens = crate::io_manager::integer_tensor(tok_dtype, vec![1, len], len);
         Ok(MethodIo {
@@ -535,12 +605,13 @@ impl StaticAttention {
             len,
             tokens,
             mask,
-            cos: f32_tensor(rope[0].clone(), 1.0),
-            sin: f32_tensor(rope[1].clone(), 0.0),
+            cos: float_tensor(rope[0].0, rope[0].1.clone(), 1.0),
+            sin: float_tensor(rope[1].0, rope[1].1.clone(), 0.0),
             last_valid,
             io_index: [tokens_i, mask_i, cos_i, sin_i],
             last_valid_index,
             kv_index,
+            kv_dtypes,
             n_inputs,
         })
     }
@@ -554,13 +625,15 @@ impl StaticAttention {
             .into_iter()
             .flatten()
         {
-            let width = c + m.len;
-            let mask = f32_mut(&mut m.mask);
-            for row in 0..m.len {
-                let cols = &mut mask[row * width..row * width + c];
-                cols[..visible].fill(0.0);
-                cols[visible..].fill(HIDDEN);
+            fn go<T: Float>(mask: &mut [T], rows: usize, c: usize, visible: usize) {
+                let (shown, hidden) = (T::from_f32(0.0), T::from_f32(HIDDEN));
+                for row in mask.chunks_exact_mut(mask.len() / rows) {
+                    row[..visible].fill(shown);
+                    row[visible..c].fill(hidden);
+                }
             }
+            let rows = m.len;
+            with_floats!(m.mask, v => go(v, rows, c, visible));
         }
     }
 
@@ -607,11 +680,14 @@ impl StaticAttention {
             .chain(std::iter::repeat(0))
             .take(m.len);
         fill_integers(&mut m.tokens, &[1, m.len], padded)?;
-        let (cos, sin) = (f32_mut(&mut m.cos), f32_mut(&mut m.sin));
-        cos[..n * half].copy_from_slice(&cos_table[pos * half..(pos + n) * half]);
-        sin[..n * half].copy_from_slice(&sin_table[pos * half..(pos + n) * half]);
-        cos[n * half..].fill(1.0);
-        sin[n * half..].fill(0.0);
+        let rows = pos * half..(pos + n) * half;
+        for (t, table, pad) in [(&mut m.cos, cos_table, 1.0), (&mut m.sin, sin_table, 0.0)] {
+            fn go<T: Float>(v: &mut [T], rows: &[f32], pad: f32) {
+                T::convert(&mut v[..rows.len()], rows);
+                v[rows.len()..].fill(T::from_f32(pad));
+            }
+            with_floats!(t, v => go(v, &table[rows.clone()], pad));
+        }
         if let Some(last_valid) = m.last_valid.as_mut() {
             let sizes = last_valid.sizes().to_vec();
             fill_integers(last_valid, &sizes, std::iter::once(n as u64 - 1))?;
@@ -665,19 +741,30 @@ impl StaticAttention {
                     .filter(|r| r.len() == heads * len * hd)
                     .ok_or_else(|| {
                         Error::UnsupportedModel(format!(
-                            "output {out} of `{}` is not f32 rows [1, {heads}, {len}, {hd}]",
+                            "output {out} of `{}` is not float rows [1, {heads}, {len}, {hd}]",
                             m.name
                         ))
                     })?;
-                let cache = f32_mut(cache);
-                for h in 0..heads {
-                    for i in 0..n {
-                        let slot = (self.pos + i) % c;
-                        let src = (h * len + i) * hd;
-                        let dst = (h * c + slot) * hd;
-                        cache[dst..dst + hd].copy_from_slice(&rows[src..src + hd]);
+                // The rows arrive as f32 (half-precision outputs are widened by the
+                // runner); they go into the cache in its own type.
+                fn go<T: Float>(
+                    cache: &mut [T],
+                    rows: &[f32],
+                    pos: usize,
+                    n: usize,
+                    dims: [usize; 4],
+                ) {
+                    let [c, hd, heads, len] = dims;
+                    for h in 0..heads {
+                        for i in 0..n {
+                            let slot = (pos + i) % c;
+                            let src = (h * len + i) * hd;
+                            let dst = (h * c + slot) * hd;
+                            T::convert(&mut cache[dst..dst + hd], &rows[src..src + hd]);
+                        }
                     }
                 }
+                with_floats!(cache, v => go(v, rows, self.pos, n, [c, hd, heads, len]));
             }
         }
         let logits = outputs
@@ -746,12 +833,12 @@ impl IoManager for StaticAttention {
             true => Some(self.method_io(model, "prefill")?),
             false => None,
         };
-        // The tables after the signatures: an f16 export is refused for its inputs' type.
+        // The tables after the signatures (f16 and bf16 tables are read widened to f32).
         let table = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             match constant(model, &[name])? {
                 ConstValue::FloatTensor { sizes, data } => Ok((sizes.clone(), data.clone())),
                 other => Err(Error::UnsupportedModel(format!(
-                    "constant method `{name}` is {other:?}, expected an f32 tensor"
+                    "constant method `{name}` is {other:?}, expected a float tensor"
                 ))),
             }
         };
@@ -779,9 +866,22 @@ impl IoManager for StaticAttention {
         // Caches: one buffer per layer for k and v, shared by every method (method_io
         // checked that every cache input has this shape). Zero-filled: the model multiplies
         // hidden entries by 0, so they must be finite.
+        // Each layer's buffers are in the type `forward` declares; `prefill` must agree.
+        if let Some(p) = &prefill {
+            if let Some(layer) =
+                (0..p.kv_dtypes.len()).find(|&l| p.kv_dtypes[l] != decode.kv_dtypes[l])
+            {
+                return Err(Error::UnsupportedModel(format!(
+                    "the k/v caches of layer {layer} are {:?} in `prefill` but {:?} in `forward`; \
+                     the methods share them",
+                    p.kv_dtypes[layer], decode.kv_dtypes[layer]
+                )));
+            }
+        }
         let sizes = vec![1, self.heads, self.cache_len, self.head_dim];
-        self.k_caches = vec![f32_tensor(sizes.clone(), 0.0); decode.kv_index.len()];
-        self.v_caches = vec![f32_tensor(sizes, 0.0); decode.kv_index.len()];
+        let cache = |dtype| float_tensor(dtype, sizes.clone(), 0.0);
+        self.k_caches = decode.kv_dtypes.iter().map(|[k, _]| cache(*k)).collect();
+        self.v_caches = decode.kv_dtypes.iter().map(|[_, v]| cache(*v)).collect();
         self.prefill = prefill;
         self.decode = Some(decode);
         self.pos = 0;
@@ -880,16 +980,21 @@ mod tests {
     /// Inputs: tokens, mask, cos, sin, the k caches, the v caches (layer order); outputs:
     /// logits, the k rows, the v rows.
     fn upstream_layers(tokens: DType, n: usize) -> ModelInfo {
-        let cache = t(DType::F32, &[1, H, C, D]);
-        let rows = t(DType::F32, &[1, H, L, D]);
+        upstream_typed(tokens, n, DType::F32)
+    }
+
+    /// `upstream_layers` with every float input and output of type `float`.
+    fn upstream_typed(tokens: DType, n: usize, float: DType) -> ModelInfo {
+        let cache = t(float, &[1, H, C, D]);
+        let rows = t(float, &[1, H, L, D]);
         let mut inputs = vec![
             t(tokens, &[1, L]),
-            t(DType::F32, &[1, L, C + L]),
-            t(DType::F32, &[L, D / 2]),
-            t(DType::F32, &[L, D / 2]),
+            t(float, &[1, L, C + L]),
+            t(float, &[L, D / 2]),
+            t(float, &[L, D / 2]),
         ];
         inputs.extend(vec![cache; 2 * n]);
-        let mut outputs = vec![t(DType::F32, &[1, L, V])];
+        let mut outputs = vec![t(float, &[1, L, V])];
         outputs.extend(vec![rows; 2 * n]);
         let forward = MethodInfo {
             name: "forward".into(),
@@ -1129,28 +1234,96 @@ mod tests {
         assert_eq!(rows, before);
     }
 
+    /// The elements of a float input as f32 (exact for f16 and bf16).
+    fn widened(v: &TensorView<'_>) -> Vec<f32> {
+        match v.data {
+            TensorData::F32(x) => x.to_vec(),
+            TensorData::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            TensorData::BF16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            other => panic!("not a float input: {other:?}"),
+        }
+    }
+
     #[test]
-    fn an_f16_export_is_refused_for_its_input_type() {
-        let mut info = upstream_single(DType::I32);
-        for spec in info
-            .methods
-            .get_mut("forward")
-            .unwrap()
-            .inputs
-            .iter_mut()
-            .skip(1)
-        {
-            if let ValueSpec::Tensor(t) = spec {
-                t.dtype = DType::F16;
+    fn half_precision_exports_get_inputs_and_caches_of_their_own_type() {
+        for float in [DType::F16, DType::BF16] {
+            let round = |v: f32| match float {
+                DType::F16 => f16::from_f32(v).to_f32(),
+                _ => bf16::from_f32(v).to_f32(),
+            };
+            let mut m = StaticAttention::new();
+            m.load(&upstream_typed(DType::I32, 2, float)).unwrap();
+            let step = m.prepare_prefill(&[7, 8, 9], 0).unwrap();
+            for (i, input) in step.inputs.iter().enumerate().skip(1) {
+                assert_eq!(input.dtype(), float, "input {i}");
             }
+            // The rope rows of positions 0..3 (rounded), then the padding's cos 1 / sin 0.
+            let cos = widened(&step.inputs[2]);
+            let want: Vec<f32> = (0..6).map(|i| round(1000.0 + i as f32)).collect();
+            assert_eq!(cos[..6], want[..], "{float:?}");
+            assert_eq!(cos[6..], [1.0, 1.0]);
+            assert_eq!(widened(&step.inputs[3])[6..], [0.0, 0.0]);
+            let mask = widened(&step.inputs[1]);
+            assert!(mask[..C].iter().all(|&x| x == f32::NEG_INFINITY));
+            assert_eq!(
+                mask[C + L..2 * (C + L)][C..],
+                [0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
+            );
+
+            // New rows arrive as f32 (the runner widens half-precision outputs) and are
+            // stored rounded to the cache's type.
+            let logits = vec![0.0; L * V];
+            let rows: Vec<f32> = (0..H * L * D).map(|i| 0.1 + i as f32).collect();
+            let outputs: Vec<TensorView<'_>> = std::iter::once(&logits)
+                .chain(std::iter::repeat_n(&rows, 4))
+                .map(|d| TensorView {
+                    sizes: vec![d.len()],
+                    data: TensorData::F32(d),
+                })
+                .collect();
+            m.update_prefill(&outputs).unwrap();
+            let step = m.prepare_decode(1, 3).unwrap();
+            let cache = widened(&step.inputs[4]);
+            for h in 0..H {
+                for slot in 0..C {
+                    for d in 0..D {
+                        let want = match slot < 3 {
+                            true => round(rows[(h * L + slot) * D + d]),
+                            false => 0.0,
+                        };
+                        assert_eq!(cache[(h * C + slot) * D + d], want, "{float:?}");
+                    }
+                }
+            }
+            assert_eq!(
+                widened(&step.inputs[1])[..4],
+                [0.0, 0.0, 0.0, f32::NEG_INFINITY]
+            );
         }
-        for name in ["freqs_cos", "freqs_sin"] {
-            info.constants
-                .insert(name.into(), ConstValue::Other("F16 tensor".into()));
-        }
+    }
+
+    #[test]
+    fn an_f64_export_is_refused_for_its_input_type() {
+        let info = upstream_typed(DType::I32, 2, DType::F64);
         match StaticAttention::new().load(&info) {
             Err(Error::UnsupportedModel(msg)) => {
-                assert!(msg.contains("mask input of `forward` is F16"), "{msg}")
+                assert!(msg.contains("mask input of `forward` is F64"), "{msg}");
+                assert!(msg.contains("f32, f16 and bf16"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn caches_of_another_type_in_prefill_are_refused() {
+        // `forward` with f16 caches, `prefill` (the same signature) with f32 caches.
+        let mut info = upstream_typed(DType::I32, 2, DType::F16);
+        let mut prefill = upstream_single(DType::I32).methods["forward"].clone();
+        prefill.name = "prefill".into();
+        info.methods.insert("prefill".into(), prefill);
+        match StaticAttention::new().load(&info) {
+            Err(Error::UnsupportedModel(msg)) => {
+                assert!(msg.contains("layer 0") && msg.contains("share"), "{msg}")
             }
             other => panic!("{other:?}"),
         }
