@@ -965,34 +965,25 @@ fn run(
 // ---------------------------------------------------------------------------------------
 
 fn exec_model(path: &Path) -> etllm::Result<()> {
-    let mut runner = etllm::Runner::open(
-        path,
-        fixture("tokenizer.json"),
-        etllm::RunnerOptions {
-            num_threads: Some(1),
-            ..Default::default()
-        },
-    )?;
-    let config = etllm::GenerationConfig {
-        echo: false,
-        temperature: 0.0,
-        max_new_tokens: 1,
-        ignore_eos: true,
-        num_bos: 0,
-        ..Default::default()
-    };
-    runner.generate_from_ids(&[1, 5, 9], &config, |_| ControlFlow::Continue(()), |_| {})?;
-    Ok(())
+    one_step(path, Vec::new())
 }
 
 /// Opens the program of `shipped/fp32_ptd` with `path` as its data file, then runs a step.
 fn exec_data_file(path: &Path) -> etllm::Result<()> {
+    one_step(
+        &fixture("shipped/fp32_ptd/model.pte"),
+        vec![path.to_path_buf()],
+    )
+}
+
+/// Opens `model` (with `data_paths`) and generates one greedy token from a short prompt.
+fn one_step(model: &Path, data_paths: Vec<PathBuf>) -> etllm::Result<()> {
     let mut runner = etllm::Runner::open(
-        fixture("shipped/fp32_ptd/model.pte"),
+        model,
         fixture("tokenizer.json"),
         etllm::RunnerOptions {
             num_threads: Some(1),
-            data_paths: vec![path.to_path_buf()],
+            data_paths,
             ..Default::default()
         },
     )?;

@@ -5,21 +5,8 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use common::*;
-use etllm::sampler::SamplerPlugin;
 use etllm::{Runner, RunnerOptions};
-
-/// Records the logits of every sampling step.
-struct Record(Arc<Mutex<Vec<Vec<f32>>>>);
-
-impl SamplerPlugin for Record {
-    fn apply(&mut self, logits: &mut [f32], _: &[u32]) -> etllm::Result<Option<u32>> {
-        self.0.lock().unwrap().push(logits.to_vec());
-        Ok(None)
-    }
-}
 
 #[test]
 fn custom_op_fixtures_are_custom_op_exports_of_both_shapes_and_head_layouts() {
@@ -52,19 +39,9 @@ fn custom_op_fixtures_are_custom_op_exports_of_both_shapes_and_head_layouts() {
 fn first_logits_of_custom_op_exports_match_eager_pytorch_within_1e_4() {
     for fixture in CUSTOM_OP_FIXTURES {
         let mut runner = open(fixture);
-        let steps = Arc::new(Mutex::new(Vec::new()));
-        runner.set_sampler_plugin(Some(Box::new(Record(steps.clone()))));
         for case in reference(fixture).cases {
-            runner.reset().unwrap();
-            steps.lock().unwrap().clear();
-            generate_ids(&mut runner, &case.prompt_ids, &greedy(1));
-            let got = steps.lock().unwrap()[0].clone();
-            assert_eq!(got.len(), case.first_logits.len(), "{fixture}");
-            let worst = got
-                .iter()
-                .zip(&case.first_logits)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let got = first_step_logits(&mut runner, &case.prompt_ids);
+            let worst = max_abs_diff(&got, &case.first_logits);
             assert!(
                 worst <= 1e-4,
                 "{fixture}: {:?}: first logits differ from eager by {worst}",
@@ -74,23 +51,28 @@ fn first_logits_of_custom_op_exports_match_eager_pytorch_within_1e_4() {
     }
 }
 
+/// Prefills the first half of `case`'s prompt in one call and generates from the second half
+/// in the next: the second part attends to cache rows the first call wrote.
+fn assert_split_prompt_continues(fixture: &str, case: &Case) {
+    let mut runner = open(fixture);
+    let split = case.prompt_ids.len() / 2;
+    runner
+        .prefill_ids(&case.prompt_ids[..split], &greedy(1))
+        .unwrap();
+    let (t, _) = generate_ids(
+        &mut runner,
+        &case.prompt_ids[split..],
+        &greedy(case.greedy_ids.len() as i32),
+    );
+    assert_eq!(t.tokens, case.greedy_ids, "{fixture}: {:?}", case.prompt);
+}
+
 #[test]
 fn a_conversation_continues_in_the_custom_op_kv_cache() {
     // Prefill the prompt in two parts across two generate calls: the second part attends
     // to cache rows the first call's update_cache wrote.
     for fixture in CUSTOM_OP_FIXTURES {
-        let case = &reference(fixture).cases[1];
-        let mut runner = open(fixture);
-        let split = case.prompt_ids.len() / 2;
-        runner
-            .prefill_ids(&case.prompt_ids[..split], &greedy(1))
-            .unwrap();
-        let (t, _) = generate_ids(
-            &mut runner,
-            &case.prompt_ids[split..],
-            &greedy(case.greedy_ids.len() as i32),
-        );
-        assert_eq!(t.tokens, case.greedy_ids, "{fixture}");
+        assert_split_prompt_continues(fixture, &reference(fixture).cases[1]);
     }
 }
 
@@ -160,17 +142,7 @@ fn a_conversation_continues_in_the_int8_kv_cache() {
     // The second part of the prompt attends to int8 rows, scales and zero points that the
     // first call wrote.
     for case in kv8_cases().iter().filter(|c| c.prompt_ids.len() >= 6) {
-        let mut runner = open(KV8_FIXTURE);
-        let split = case.prompt_ids.len() / 2;
-        runner
-            .prefill_ids(&case.prompt_ids[..split], &greedy(1))
-            .unwrap();
-        let (t, _) = generate_ids(
-            &mut runner,
-            &case.prompt_ids[split..],
-            &greedy(case.greedy_ids.len() as i32),
-        );
-        assert_eq!(t.tokens, case.greedy_ids, "{:?}", case.prompt);
+        assert_split_prompt_continues(KV8_FIXTURE, case);
     }
 }
 
@@ -181,19 +153,9 @@ fn int8_kv_cache_export_first_logits_match_upstreams_runtime_within_1e_4() {
     // first; upstream multiplies int32 dot products by the scales): 1e-5 at most was seen.
     // A kernel error (a wrong zero point, scale or key range) moves logits by 1e-2 or more.
     let mut runner = open(KV8_FIXTURE);
-    let steps = Arc::new(Mutex::new(Vec::new()));
-    runner.set_sampler_plugin(Some(Box::new(Record(steps.clone()))));
     for case in kv8_cases() {
-        runner.reset().unwrap();
-        steps.lock().unwrap().clear();
-        generate_ids(&mut runner, &case.prompt_ids, &greedy(1));
-        let got = steps.lock().unwrap()[0].clone();
-        assert_eq!(got.len(), case.first_logits.len());
-        let worst = got
-            .iter()
-            .zip(&case.first_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let got = first_step_logits(&mut runner, &case.prompt_ids);
+        let worst = max_abs_diff(&got, &case.first_logits);
         assert!(
             worst <= 1e-4,
             "{:?}: first logits differ from upstream's runtime by {worst}",

@@ -12,10 +12,8 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
 
 use common::*;
-use etllm::sampler::SamplerPlugin;
 use etllm::{GenerationConfig, StopReason, Tokenizer};
 
 const FIXTURE: &str = "backends/openvino";
@@ -110,16 +108,6 @@ fn openvino_text_prompt_with_one_bos_matches_the_reference() {
     }
 }
 
-/// Records the logits of every sampling step.
-struct Record(Arc<Mutex<Vec<Vec<f32>>>>);
-
-impl SamplerPlugin for Record {
-    fn apply(&mut self, logits: &mut [f32], _: &[u32]) -> etllm::Result<Option<u32>> {
-        self.0.lock().unwrap().push(logits.to_vec());
-        Ok(None)
-    }
-}
-
 #[test]
 fn openvino_first_logits_match_eager_pytorch_within_1e_4() {
     // f32 at export and at run time gives about 7e-7; a runtime left at the CPU's bf16 default
@@ -127,20 +115,10 @@ fn openvino_first_logits_match_eager_pytorch_within_1e_4() {
     // may still agree.
     let Some(_) = openvino_lib() else { return };
     let mut runner = open(FIXTURE);
-    let steps = Arc::new(Mutex::new(Vec::new()));
-    runner.set_sampler_plugin(Some(Box::new(Record(steps.clone()))));
     for case in reference(FIXTURE).cases {
         assert_eq!(case.first_logits.len(), 512, "{:?}", case.prompt);
-        runner.reset().unwrap();
-        steps.lock().unwrap().clear();
-        generate_ids(&mut runner, &case.prompt_ids, &greedy(1));
-        let steps = steps.lock().unwrap();
-        assert_eq!(steps.len(), 1, "{:?}", case.prompt);
-        let worst = steps[0]
-            .iter()
-            .zip(&case.first_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let got = first_step_logits(&mut runner, &case.prompt_ids);
+        let worst = max_abs_diff(&got, &case.first_logits);
         assert!(
             worst < 1e-4,
             "{:?}: first-step logits differ from eager PyTorch by up to {worst} (is \

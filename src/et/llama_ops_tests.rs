@@ -200,7 +200,7 @@ type Output = (Vec<usize>, Vec<f32>);
 /// case with EtLlm's outputs.
 fn run_kv8_cases() -> Vec<(Kv8Case, Vec<Output>)> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_ops_kv8");
-    let mut program = Program::load(&path.join("model.pte"), &[]).unwrap();
+    let mut program = Program::load(&path.join("model.pte"), &[], |_| false).unwrap();
     let mut results = Vec::new();
     for case in kv8_cases() {
         let f32s: Vec<Vec<f32>> = case

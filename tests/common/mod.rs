@@ -183,3 +183,35 @@ pub fn output_ok(cmd: &mut std::process::Command) -> std::process::Output {
     );
     out
 }
+
+/// Records the logits of every sampling step.
+pub struct Record(pub std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>);
+
+impl etllm::sampler::SamplerPlugin for Record {
+    fn apply(&mut self, logits: &mut [f32], _: &[u32]) -> etllm::Result<Option<u32>> {
+        self.0.lock().unwrap().push(logits.to_vec());
+        Ok(None)
+    }
+}
+
+/// The logits the runner samples its first token from, after a reset and `prompt_ids`
+/// (the runner's sampler plugin is replaced, then removed).
+pub fn first_step_logits(runner: &mut Runner, prompt_ids: &[u32]) -> Vec<f32> {
+    let steps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    runner.set_sampler_plugin(Some(Box::new(Record(steps.clone()))));
+    runner.reset().unwrap();
+    generate_ids(runner, prompt_ids, &greedy(1));
+    runner.set_sampler_plugin(None);
+    let mut steps = steps.lock().unwrap();
+    assert_eq!(steps.len(), 1, "one sampling step");
+    steps.pop().unwrap()
+}
+
+/// The largest absolute difference between two equally long logit vectors.
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logit counts differ");
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
