@@ -203,6 +203,8 @@ QUANTIZED = {
     # The same with the int8 KV cache (and 8-bit embeddings, as upstream's docs pair them).
     "s15m_v32k_8da4w_kv8": ("s15m_v32k", dict(qmode="8da4w", group_size=32, embedding_quantize="8,0",
                                               quantize_kv_cache=True)),
+    # A real model's shape (Qwen2.5-0.5B) in Llama 3.2's recipe.
+    "qwen05b_v152k_8da4w": ("qwen05b_v152k", dict(qmode="8da4w", group_size=32, embedding_quantize="4,32")),
 }
 BIG = {"qwen05b_v152k"}
 MAX_SEQ_LEN = 256
