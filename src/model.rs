@@ -293,6 +293,28 @@ mod tests {
     }
 
     #[test]
+    fn optimum_executorchs_metadata_names_are_read() {
+        // HF optimum-executorch writes get_eos_id (singular), no get_max_context_len, and
+        // get_head_dim as a float.
+        let consts: BTreeMap<String, ConstValue> = [
+            ("get_eos_id", ConstValue::Int(151_645)),
+            ("get_max_seq_len", ConstValue::Int(64)),
+            ("get_vocab_size", ConstValue::Int(151_936)),
+            ("get_head_dim", ConstValue::Double(64.0)),
+            ("use_kv_cache", ConstValue::Bool(true)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let meta = metadata_from(&consts).unwrap();
+        assert_eq!(meta.eos_ids, vec![151_645]);
+        assert_eq!(meta.max_seq_len, 64);
+        assert_eq!(meta.max_context_len, 64);
+        assert_eq!(meta.vocab_size, Some(151_936));
+        assert!(!meta.raw.contains_key("get_head_dim"));
+    }
+
+    #[test]
     fn data_paths_given_by_the_caller_replace_the_search() {
         let dir = scratch("given");
         std::fs::write(dir.join("model.ptd"), b"x").unwrap();

@@ -827,8 +827,9 @@ fn read_method_names(path: &Path) -> std::result::Result<Vec<String>, String> {
     clear_log();
     let loader = MmapDataLoader::from_path(path, Some(MlockConfig::NoMlock))
         .map_err(|e| format!("cannot map it ({e:?}){}", take_log()))?;
-    let program = executorch::program::Program::load(&loader, None)
-        .map_err(|e| format!("ExecuTorch cannot load it ({e:?}){}", take_log()))?;
+    let program =
+        executorch::program::Program::load(&loader, Some(ProgramVerification::InternalConsistency))
+            .map_err(|e| format!("ExecuTorch cannot load it ({e:?}){}", take_log()))?;
     let mut names = Vec::with_capacity(program.num_methods());
     for i in 0..program.num_methods() {
         match program.get_method_name(i) {
