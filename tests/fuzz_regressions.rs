@@ -156,3 +156,59 @@ fn sentencepiece_reply_that_is_not_utf8_is_an_encoding_error() {
     let err = t.encode(text).expect_err("the reply is not UTF-8");
     assert!(matches!(err, Error::Tokenizer(_)), "{err}");
 }
+
+/// A data file (`.ptd`) whose flatbuffer has one byte changed (offset 2096 of
+/// `shipped/fp32_ptd/model.ptd`, 0x7c -> 0xeb, inside the `segments` vector): ExecuTorch's
+/// `FlatTensorDataMap::get_tensor_layout` read out of bounds (SIGSEGV, in upstream's
+/// pybindings too). Found by the `data-file` fuzz target; the file is rebuilt here from the
+/// fixture rather than committed (1.7 MB).
+#[test]
+fn a_data_file_with_a_corrupt_flatbuffer_is_an_invalid_model_naming_it() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut bytes = std::fs::read(fixtures.join("shipped/fp32_ptd/model.ptd")).unwrap();
+    assert_eq!(bytes[2096], 0x7c, "the fixture changed; rebuild this case");
+    bytes[2096] = 0xeb;
+    let dir = std::env::temp_dir().join(format!("etllm-ptd-regression-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("one_byte.ptd");
+    std::fs::write(&data, &bytes).unwrap();
+    let err = etllm::Runner::open(
+        fixtures.join("shipped/fp32_ptd/model.pte"),
+        fixtures.join("tokenizer.json"),
+        etllm::RunnerOptions {
+            data_paths: vec![data.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidModel { path, .. } if *path == data),
+        "{err}"
+    );
+    assert!(err.to_string().contains("flatbuffer is corrupt"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `llama_ops/model.pte` with byte 162 changed (0x00 -> 0x40): reading its method names
+/// before the program was verified crashed in `Program::get_method_name` (SIGSEGV). Found
+/// by the `model` fuzz target after the names were read first (for the shared-arena
+/// decision); they are now read from an internally verified program.
+#[test]
+fn a_program_with_a_corrupt_method_table_is_an_invalid_model() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut bytes = std::fs::read(fixtures.join("llama_ops/model.pte")).unwrap();
+    assert_eq!(bytes[162], 0x00, "the fixture changed; rebuild this case");
+    bytes[162] = 0x40;
+    let dir = std::env::temp_dir().join(format!("etllm-pte-regression-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.pte");
+    std::fs::write(&model, &bytes).unwrap();
+    let err = etllm::Runner::open(
+        &model,
+        fixtures.join("tokenizer.json"),
+        etllm::RunnerOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -310,7 +310,10 @@ fn check_data_file(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    Ok(())
+    ptd::check(path).map_err(|message| Error::InvalidModel {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 impl Program {
@@ -863,6 +866,8 @@ fn dtype_of(s: ScalarType) -> DType {
         _ => DType::Other,
     }
 }
+
+mod ptd;
 
 #[cfg(test)]
 mod llama_ops_kernel_tests;
