@@ -2,6 +2,8 @@
 // command-line tool (the Rust API), with every sampling filter on.
 #include <etllm.hpp>
 
+#include "cli_ids.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,17 +22,7 @@ std::vector<uint32_t> cli_ids(uint64_t seed) {
                           kTokenizer + "' --prompt '" + kPrompt + "' --seed " + std::to_string(seed) +
                           " --temperature 0.8 --top-k 40 --top-p 0.9 --min-p 0.02 --repetition-penalty 1.1"
                           " --max-new-tokens 24 --ignore-eos --bos 1 --json";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::vector<uint32_t> ids;
-  if (p == nullptr) return ids;
-  char line[8192];
-  while (std::fgets(line, sizeof line, p) != nullptr) {
-    const char* id = std::strstr(line, "\"id\":");
-    if (id == nullptr || std::strncmp(id + 5, "null", 4) == 0) continue;
-    ids.push_back(static_cast<uint32_t>(std::strtoul(id + 5, nullptr, 10)));
-  }
-  if (pclose(p) != 0) ids.clear();
-  return ids;
+  return cli_generated_ids(cmd);
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 // and `--method`; the adapter method gives other tokens than `forward`.
 #include <etllm.hpp>
 
+#include "cli_ids.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,17 +22,7 @@ const char* kPrompt = "Once upon a time";
 std::vector<uint32_t> cli_ids(const std::string& args) {
   const std::string cmd = std::string("'") + ETLLM_CLI + "' generate " + args + " --tokenizer '" + kTokenizer +
                           "' --prompt '" + kPrompt + "' --temperature 0 --max-new-tokens 16 --ignore-eos --bos 1 --json";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::vector<uint32_t> ids;
-  if (p == nullptr) return ids;
-  char line[8192];
-  while (std::fgets(line, sizeof line, p) != nullptr) {
-    const char* id = std::strstr(line, "\"id\":");
-    if (id == nullptr || std::strncmp(id + 5, "null", 4) == 0) continue;
-    ids.push_back(static_cast<uint32_t>(std::strtoul(id + 5, nullptr, 10)));
-  }
-  if (pclose(p) != 0) ids.clear();
-  return ids;
+  return cli_generated_ids(cmd);
 }
 
 std::vector<uint32_t> wrapper_ids(const std::string& model, const etllm::RunnerOptions& options) {

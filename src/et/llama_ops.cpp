@@ -453,15 +453,28 @@ struct Q8Rows {
   int64_t stride[3], scale_stride[3], zero_point_stride[3];
 };
 
+// The int8 values, scales and zero points of row `first` of head `h` in batch `b`.
+struct Q8Block {
+  const int8_t* data;
+  const float* scales;
+  const int8_t* zero_points;
+};
+
+inline Q8Block q8_block(const Q8Rows& x, int64_t b, int64_t first, int64_t h) {
+  return {x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2],
+          x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2],
+          x.zero_points + b * x.zero_point_stride[0] + first * x.zero_point_stride[1] +
+              h * x.zero_point_stride[2]};
+}
+
 // out[r * dim + d] = (x row r [d] - zero point r) * scale r, for `rows` rows of one head
 // from `first` (the rows `x.stride[1]` apart), into a dense [rows, dim] block.
 ETLLM_MULTIVERSION void dequantize_rows(const Q8Rows& x, int64_t b, int64_t first, int64_t h,
                                         int64_t rows, int64_t dim, float* out) {
-  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
-  const float* scales =
-      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
-  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
-                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
+  const Q8Block blk = q8_block(x, b, first, h);
+  const int8_t* data = blk.data;
+  const float* scales = blk.scales;
+  const int8_t* zero_points = blk.zero_points;
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = data + r * x.stride[1];
     const float scale = scales[r * x.scale_stride[1]];
@@ -638,11 +651,10 @@ ETLLM_TARGET_AVX2 inline void dequantize8(__m128i bytes, __m256i zero, __m256 sc
 // dequantize_rows, sixteen (then eight) elements at a time; the same values.
 ETLLM_TARGET_AVX2 void dequantize_rows_avx2(const Q8Rows& x, int64_t b, int64_t first,
                                             int64_t h, int64_t rows, int64_t dim, float* out) {
-  const int8_t* data = x.data + b * x.stride[0] + first * x.stride[1] + h * x.stride[2];
-  const float* scales =
-      x.scales + b * x.scale_stride[0] + first * x.scale_stride[1] + h * x.scale_stride[2];
-  const int8_t* zero_points = x.zero_points + b * x.zero_point_stride[0] +
-                              first * x.zero_point_stride[1] + h * x.zero_point_stride[2];
+  const Q8Block blk = q8_block(x, b, first, h);
+  const int8_t* data = blk.data;
+  const float* scales = blk.scales;
+  const int8_t* zero_points = blk.zero_points;
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = data + r * x.stride[1];
     const float scale = scales[r * x.scale_stride[1]];
