@@ -397,3 +397,17 @@ fn a_model_that_fails_past_its_context_ends_with_context_full_not_an_error() {
 fn local_global_attention_matches_eager_within_its_context() {
     assert_every_case_matches("local_global_sdpa");
 }
+
+#[test]
+fn a_prefill_and_decode_program_without_a_shared_cache_is_refused() {
+    // Exported without share_mutable_buffers: each method keeps its own KV cache, so decode
+    // would start from an empty one (upstream's runner then gives wrong tokens silently).
+    let err = Runner::open(
+        fixtures_dir().join("corrupt/two_method_unshared.pte"),
+        tokenizer_path(),
+        RunnerOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::UnsupportedModel(_)), "{err}");
+    assert!(err.to_string().contains("share mutable buffers"), "{err}");
+}
