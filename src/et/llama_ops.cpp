@@ -471,10 +471,7 @@ inline Q8Block q8_block(const Q8Rows& x, int64_t b, int64_t first, int64_t h) {
 // from `first` (the rows `x.stride[1]` apart), into a dense [rows, dim] block.
 ETLLM_MULTIVERSION void dequantize_rows(const Q8Rows& x, int64_t b, int64_t first, int64_t h,
                                         int64_t rows, int64_t dim, float* out) {
-  const Q8Block blk = q8_block(x, b, first, h);
-  const int8_t* data = blk.data;
-  const float* scales = blk.scales;
-  const int8_t* zero_points = blk.zero_points;
+  const auto [data, scales, zero_points] = q8_block(x, b, first, h);
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = data + r * x.stride[1];
     const float scale = scales[r * x.scale_stride[1]];
@@ -651,10 +648,7 @@ ETLLM_TARGET_AVX2 inline void dequantize8(__m128i bytes, __m256i zero, __m256 sc
 // dequantize_rows, sixteen (then eight) elements at a time; the same values.
 ETLLM_TARGET_AVX2 void dequantize_rows_avx2(const Q8Rows& x, int64_t b, int64_t first,
                                             int64_t h, int64_t rows, int64_t dim, float* out) {
-  const Q8Block blk = q8_block(x, b, first, h);
-  const int8_t* data = blk.data;
-  const float* scales = blk.scales;
-  const int8_t* zero_points = blk.zero_points;
+  const auto [data, scales, zero_points] = q8_block(x, b, first, h);
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* row = data + r * x.stride[1];
     const float scale = scales[r * x.scale_stride[1]];

@@ -63,35 +63,57 @@ fn compared(case: &Case, sizes: &[usize]) -> Vec<usize> {
     rows.iter().flat_map(|r| r * row..(r + 1) * row).collect()
 }
 
+/// A case's inputs converted once to each element type they may have, for views.
+struct InputBuffers {
+    f32s: Vec<Vec<f32>>,
+    i64s: Vec<Vec<i64>>,
+    i32s: Vec<Vec<i32>>,
+}
+
+impl InputBuffers {
+    fn new(inputs: &[Tensor]) -> Self {
+        Self {
+            f32s: inputs
+                .iter()
+                .map(|t| t.values().map(|x| x as f32).collect())
+                .collect(),
+            i64s: inputs
+                .iter()
+                .map(|t| t.values().map(|x| x as i64).collect())
+                .collect(),
+            i32s: inputs
+                .iter()
+                .map(|t| t.values().map(|x| x as i32).collect())
+                .collect(),
+        }
+    }
+
+    /// One view per input, in the element type it declares.
+    fn views(&self, inputs: &[Tensor]) -> Vec<TensorView<'_>> {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TensorView {
+                sizes: t.sizes.clone(),
+                data: match t.dtype.as_str() {
+                    "f32" => TensorData::F32(&self.f32s[i]),
+                    "i64" => TensorData::I64(&self.i64s[i]),
+                    "i32" => TensorData::I32(&self.i32s[i]),
+                    other => panic!("dtype {other}"),
+                },
+            })
+            .collect()
+    }
+}
+
 /// Runs every case in order (calls of one method share its caches, as in a model) and
 /// checks each output against the eager reference.
 fn run_all_cases() -> HashSet<String> {
     let mut program = Program::load(&fixture("model.pte"), &[], |_| false).unwrap();
     let mut covered = HashSet::new();
     for case in cases() {
-        let f32s: Vec<Vec<f32>> = case
-            .inputs
-            .iter()
-            .map(|t| t.values().map(|x| x as f32).collect())
-            .collect();
-        let i64s: Vec<Vec<i64>> = case
-            .inputs
-            .iter()
-            .map(|t| t.values().map(|x| x as i64).collect())
-            .collect();
-        let inputs: Vec<TensorView<'_>> = case
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(i, t)| TensorView {
-                sizes: t.sizes.clone(),
-                data: match t.dtype.as_str() {
-                    "f32" => TensorData::F32(&f32s[i]),
-                    "i64" => TensorData::I64(&i64s[i]),
-                    other => panic!("dtype {other}"),
-                },
-            })
-            .collect();
+        let buffers = InputBuffers::new(&case.inputs);
+        let inputs = buffers.views(&case.inputs);
         let outputs = program
             .execute(&case.method, &inputs)
             .unwrap_or_else(|e| panic!("{} ({}): {e}", case.method, case.note));
@@ -203,35 +225,8 @@ fn run_kv8_cases() -> Vec<(Kv8Case, Vec<Output>)> {
     let mut program = Program::load(&path.join("model.pte"), &[], |_| false).unwrap();
     let mut results = Vec::new();
     for case in kv8_cases() {
-        let f32s: Vec<Vec<f32>> = case
-            .inputs
-            .iter()
-            .map(|t| t.values().map(|x| x as f32).collect())
-            .collect();
-        let i64s: Vec<Vec<i64>> = case
-            .inputs
-            .iter()
-            .map(|t| t.values().map(|x| x as i64).collect())
-            .collect();
-        let i32s: Vec<Vec<i32>> = case
-            .inputs
-            .iter()
-            .map(|t| t.values().map(|x| x as i32).collect())
-            .collect();
-        let inputs: Vec<TensorView<'_>> = case
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(i, t)| TensorView {
-                sizes: t.sizes.clone(),
-                data: match t.dtype.as_str() {
-                    "f32" => TensorData::F32(&f32s[i]),
-                    "i64" => TensorData::I64(&i64s[i]),
-                    "i32" => TensorData::I32(&i32s[i]),
-                    other => panic!("dtype {other}"),
-                },
-            })
-            .collect();
+        let buffers = InputBuffers::new(&case.inputs);
+        let inputs = buffers.views(&case.inputs);
         let outputs: Vec<Output> = program
             .execute(&case.method, &inputs)
             .unwrap_or_else(|e| panic!("{} ({}): {e}", case.method, case.note))
