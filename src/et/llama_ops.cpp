@@ -774,23 +774,18 @@ void attend_tile(const F32Attention& a, const F32Loops& loops, const Tile& t, fl
   for (int64_t j0 = t.n0; j0 < keys_end; j0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, keys_end - j0);
     for (int64_t kh = t.kh0; kh < t.kh1; ++kh) {
-      const float* kb;
-      const float* vb;
+      // The n key (value) rows from j0 of head kh: in place for a float cache, or
+      // dequantized into the tile's scratch block (rows `dim` apart) for an int8 one.
       int64_t k_row = a.k_stride[1], v_row = a.v_stride[1];
-      if (a.k8 != nullptr) {
-        loops.dequantize(*a.k8, t.b, j0, kh, n, dim, k_block);
-        kb = k_block;
-        k_row = dim;
-      } else {
-        kb = a.k + t.b * a.k_stride[0] + j0 * a.k_stride[1] + kh * a.k_stride[2];
-      }
-      if (a.v8 != nullptr) {
-        loops.dequantize(*a.v8, t.b, j0, kh, n, dim, v_block);
-        vb = v_block;
-        v_row = dim;
-      } else {
-        vb = a.v + t.b * a.v_stride[0] + j0 * a.v_stride[1] + kh * a.v_stride[2];
-      }
+      auto rows_of = [&](const Q8Rows* q8, const float* f, const int64_t* stride,
+                         float* scratch, int64_t& row) -> const float* {
+        if (q8 == nullptr) return f + t.b * stride[0] + j0 * stride[1] + kh * stride[2];
+        loops.dequantize(*q8, t.b, j0, kh, n, dim, scratch);
+        row = dim;
+        return scratch;
+      };
+      const float* kb = rows_of(a.k8, a.k, a.k_stride, k_block, k_row);
+      const float* vb = rows_of(a.v8, a.v, a.v_stride, v_block, v_row);
       for (int64_t i = t.i0; i < t.i1; ++i) {
         const int64_t visible = std::min(n, a.keys_for(i) - j0);
         if (visible <= 0) continue;
