@@ -52,9 +52,8 @@ pub struct ModelInfo {
 /// A loaded model.
 pub(crate) struct Model {
     program: Program,
-    /// The program's method that managers know as `forward`, when the caller named one.
-    step_method: String,
-    renamed: bool,
+    /// The caller's method that replaces `forward` (managers know it by that name).
+    alias: Option<String>,
     info: ModelInfo,
 }
 
@@ -109,12 +108,12 @@ pub fn step_methods(names: &[String]) -> Option<(&'static str, &'static str)> {
 impl Model {
     pub(crate) fn load(files: &ModelFiles) -> Result<Self> {
         let path = files.program.as_path();
-        let renamed = files.method.is_some();
+        let alias = files.method.as_deref().filter(|m| *m != "forward");
         // Two methods that share the KV cache (upstream's prefill/decode programs, exported
         // with `share_mutable_buffers`) need one set of memory arenas.
-        let mut program = Program::load(path, &files.data_paths(), |names| {
-            !renamed && step_methods(names).is_some_and(|(p, d)| p != d)
-        })?;
+        let pair =
+            |names: &[String]| step_methods(names).filter(|(p, d)| alias.is_none() && p != d);
+        let mut program = Program::load(path, &files.data_paths(), |names| pair(names).is_some())?;
         let names = program.method_names();
         let step_method = match files.method.as_deref() {
             Some(m) => m,
@@ -138,7 +137,7 @@ impl Model {
                 ))
             });
         }
-        if let Some((prefill, decode)) = step_methods(&names).filter(|(p, d)| !renamed && p != d) {
+        if let Some((prefill, decode)) = pair(&names) {
             for method in [prefill, decode] {
                 if program.planned_buffer_count(method)? < 2 {
                     return Err(Error::UnsupportedModel(format!(
@@ -158,22 +157,21 @@ impl Model {
             let info = program.method_info(name)?;
             if info.inputs.is_empty() {
                 consts.insert(name.clone(), program.call_constant(name)?);
-            } else if renamed && name == "forward" && step_method != "forward" {
-                // Replaced by `step_method`; not loaded, so its memory is not planned.
+            } else if alias.is_some() && name == "forward" {
+                // Replaced by the alias; not loaded, so its memory is not planned.
             } else {
                 program.load_method(name)?;
                 methods.insert(name.clone(), info);
             }
         }
-        if renamed && step_method != "forward" {
-            let info = methods.remove(step_method).expect("checked above");
+        if let Some(alias) = alias {
+            let info = methods.remove(alias).expect("checked above");
             methods.insert("forward".to_string(), info);
         }
         let metadata = metadata_from(&consts)?;
         Ok(Self {
             program,
-            step_method: step_method.to_string(),
-            renamed: renamed && step_method != "forward",
+            alias: alias.map(str::to_string),
             info: ModelInfo {
                 metadata,
                 methods,
@@ -191,10 +189,9 @@ impl Model {
         method: &str,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
-        let method = if method == "forward" && self.renamed {
-            self.step_method.as_str()
-        } else {
-            method
+        let method = match &self.alias {
+            Some(alias) if method == "forward" => alias.as_str(),
+            _ => method,
         };
         self.program.execute(method, inputs)
     }
