@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 /// Field names and defaults follow upstream ExecuTorch's `GenerationConfig`, with one
 /// deliberate difference: `max_new_tokens = N` yields exactly N new tokens (upstream's
 /// runner yields N - 1). `top_k`, `top_p`, `min_p`, `repetition_penalty`, `ignore_eos`, `seed`,
-/// `stop_token_ids` and `stop_strings` are EtLlm additions.
+/// `stop_token_ids` and `stop_strings` are EtLlm additions. `grammar` and `grammar_type` are
+/// upstream's fields, which upstream's runners ignore and EtLlm applies (see
+/// [`crate::grammar`]).
 ///
 /// ```
 /// use etllm::GenerationConfig;
@@ -63,6 +65,15 @@ pub struct GenerationConfig {
     /// is not streamed, and text that could be its beginning is held back until it is
     /// known not to be. Default empty.
     pub stop_strings: Vec<String>,
+    /// Constrained decoding: a grammar the generated text must match, written in
+    /// `grammar_type`'s language. Empty (the default) means unconstrained. A grammar that
+    /// does not compile fails the call with [`Error::Grammar`] before any model step. See
+    /// [`crate::grammar`] for what each type accepts and where the constraint applies.
+    pub grammar: String,
+    /// The language of `grammar`: a JSON schema (the default), a regular expression, a Lark
+    /// grammar or a GBNF grammar. Parse upstream's names (`"json_schema"`, `"regex"`,
+    /// `"lark"`, `"lark_grammar"`, `"gbnf"`) with [`str::parse`].
+    pub grammar_type: crate::grammar::GrammarType,
 }
 
 impl Default for GenerationConfig {
@@ -83,6 +94,8 @@ impl Default for GenerationConfig {
             seed: None,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            grammar: String::new(),
+            grammar_type: crate::grammar::GrammarType::JsonSchema,
         }
     }
 }

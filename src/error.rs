@@ -87,4 +87,8 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A constrained-decoding grammar (`GenerationConfig::grammar`) failed to compile, or
+    /// the grammar engine failed during generation; the compiler's message included.
+    #[error("grammar error: {0}")]
+    Grammar(String),
 }

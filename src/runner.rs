@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::chat::{ChatMessage, ChatTemplate, TokenizerTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
+use crate::grammar::{Constraint, GrammarEngine};
 use crate::io_manager::{default_manager_for, IoManager};
 use crate::model::{Model, ModelFiles, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
@@ -118,6 +119,26 @@ struct Loaded {
     ring: bool,
     /// The chat template the tokenizer comes with.
     tokenizer_template: TokenizerTemplate,
+    /// The vocabulary as the grammar engine sees it, built by the first constrained
+    /// generation.
+    grammar: Option<GrammarEngine>,
+}
+
+impl Loaded {
+    /// Compiles the config's grammar, if any, against this vocabulary.
+    fn constraint(&mut self, config: &GenerationConfig) -> Result<Option<Constraint>> {
+        if config.grammar.is_empty() {
+            return Ok(None);
+        }
+        if self.grammar.is_none() {
+            let tokens = self.tokenizer.token_bytes()?;
+            self.grammar = Some(GrammarEngine::new(&tokens, self.vocab_size, &self.eos_ids)?);
+        }
+        let engine = self.grammar.as_ref().expect("built");
+        engine
+            .compile(config.grammar_type, &config.grammar)
+            .map(Some)
+    }
 }
 
 /// Runs a decoder-only LLM exported to an ExecuTorch `.pte` file.
@@ -300,6 +321,7 @@ impl Runner {
             max_context,
             ring,
             tokenizer_template,
+            grammar: None,
         });
         self.pos = 0;
         self.pending = None;
@@ -597,12 +619,18 @@ impl Runner {
                 "the prompt is empty and there is no previous turn to continue".into()
             }));
         }
+        // The grammar compiles before any model step: a bad one changes nothing.
+        let constraint = if prefill_only {
+            None
+        } else {
+            self.loaded.as_mut().expect("loaded").constraint(config)?
+        };
         let mode = match (prefill_only, prompt) {
             (true, _) => Mode::Prefill,
             (false, Prompt::Text(text)) => Mode::Generate(Some(text)),
             (false, Prompt::Ids(_)) => Mode::Generate(None),
         };
-        self.run(start, mode, ids, config, on_token, on_stats)
+        self.run(start, mode, ids, config, constraint, on_token, on_stats)
     }
 
     fn run(
@@ -611,6 +639,7 @@ impl Runner {
         mode: Mode<'_>,
         ids: Vec<u32>,
         config: &GenerationConfig,
+        constraint: Option<Constraint>,
         mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
         mut on_stats: impl FnMut(&Stats),
     ) -> Result<Stats> {
@@ -702,6 +731,7 @@ impl Runner {
         let mut picker = Picker {
             sampler: Sampler::with_params(config.sampling(), seed),
             plugin: self.plugin.as_deref_mut(),
+            constraint,
             scratch: Vec::new(),
             vocab: loaded.vocab_size,
             elapsed_ns: 0,
@@ -848,7 +878,13 @@ fn generate_loop(
     stats.prompt_eval_end_us = now_us();
     let Some(mut token) = token else {
         stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
-        stats.stop_reason = if pos >= *max_context {
+        let incomplete = picker
+            .constraint
+            .as_mut()
+            .is_some_and(|c| !c.is_accepting());
+        stats.stop_reason = if incomplete {
+            StopReason::GrammarIncomplete
+        } else if pos >= *max_context {
             StopReason::ContextFull
         } else {
             StopReason::Length
@@ -865,10 +901,20 @@ fn generate_loop(
         if generated == 1 {
             stats.first_token_us = now_us();
         }
+        if let Some(c) = picker.constraint.as_mut() {
+            // The grammar allows its EOS tokens only where the output is complete, and
+            // then they end it, `ignore_eos` or not.
+            if c.is_eos(token) {
+                break StopReason::GrammarComplete;
+            }
+        }
         if (!config.ignore_eos && eos_ids.contains(&token))
             || config.stop_token_ids.contains(&token)
         {
             break StopReason::Eos;
+        }
+        if let Some(c) = picker.constraint.as_mut() {
+            c.commit(token)?;
         }
         let (piece, found) = match stop_strings.push(&stream.push(token)?) {
             StopScan::Continue(text) => (text, false),
@@ -885,7 +931,21 @@ fn generate_loop(
         if found {
             break StopReason::StopString;
         }
+        if picker
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_complete)
+        {
+            break StopReason::GrammarComplete;
+        }
         if generated == n_new {
+            if picker
+                .constraint
+                .as_mut()
+                .is_some_and(|c| !c.is_accepting())
+            {
+                break StopReason::GrammarIncomplete;
+            }
             let full = if *ring {
                 context_bound
             } else {
@@ -943,11 +1003,14 @@ fn generate_loop(
     Ok((pos, Some(token)))
 }
 
-/// Picks each generated token: the caller's plugin first, if any, then the sampler.
+/// Picks each generated token: the grammar's mask first, if any, then the caller's plugin,
+/// if any, then the sampler.
 struct Picker<'p> {
     sampler: Sampler,
     plugin: Option<&'p mut (dyn SamplerPlugin + 'static)>,
-    /// The logits copy a plugin may edit.
+    /// Constrained decoding: the tokens the grammar allows.
+    constraint: Option<Constraint>,
+    /// The logits copy the grammar masks and a plugin may edit.
     scratch: Vec<f32>,
     vocab: usize,
     /// Time spent picking, summed.
@@ -957,24 +1020,58 @@ struct Picker<'p> {
 impl Picker<'_> {
     fn pick(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let t0 = Instant::now();
+        let token = self.choose(logits, history);
+        self.elapsed_ns += t0.elapsed().as_nanos();
+        token
+    }
+
+    fn choose(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let Some(constraint) = self.constraint.as_mut() else {
+            return self.sample(logits, false, history);
+        };
+        if constraint.num_allowed()? == 1 {
+            // A forced token: nothing to sample (nor for a plugin to choose).
+            return constraint.first_allowed();
+        }
+        constraint.apply(logits, &mut self.scratch)?;
+        let token = self.sample(&[], true, history)?;
+        let constraint = self.constraint.as_mut().expect("constrained");
+        if constraint.allows(token)? {
+            return Ok(token);
+        }
+        if self.plugin.is_some() {
+            return Err(Error::Sampler(format!(
+                "the plugin chose token {token}, which the grammar does not allow here"
+            )));
+        }
+        // The model gave no allowed token a finite logit (NaN or minus infinity
+        // everywhere): the lowest allowed id, as greedy's tie rule would.
+        constraint.first_allowed()
+    }
+
+    /// The plugin (if any), then the sampler, on `logits` (or on the already filled
+    /// `scratch` when `in_scratch`).
+    fn sample(&mut self, logits: &[f32], in_scratch: bool, history: &[u32]) -> Result<u32> {
         let token = match self.plugin.as_mut() {
+            None if in_scratch => self.sampler.sample(&self.scratch, history),
             None => self.sampler.sample(logits, history),
             Some(plugin) => {
-                self.scratch.clear();
-                self.scratch.extend_from_slice(logits);
+                if !in_scratch {
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(logits);
+                }
+                let vocab = self.vocab.min(self.scratch.len());
                 match plugin.apply(&mut self.scratch, history)? {
-                    Some(t) if (t as usize) < self.vocab.min(logits.len()) => t,
+                    Some(t) if (t as usize) < vocab => t,
                     Some(t) => {
                         return Err(Error::Sampler(format!(
-                            "the plugin chose token {t}, outside the vocabulary of {}",
-                            self.vocab.min(logits.len())
+                            "the plugin chose token {t}, outside the vocabulary of {vocab}"
                         )))
                     }
                     None => self.sampler.sample(&self.scratch, history),
                 }
             }
         };
-        self.elapsed_ns += t0.elapsed().as_nanos();
         Ok(token)
     }
 }

@@ -24,11 +24,19 @@ pub enum StopReason {
     Callback,
     /// The generated text contained one of the config's `stop_strings`.
     StopString,
+    /// Constrained decoding: the output is a complete match of the grammar, and either the
+    /// grammar allows nothing more or the model chose an EOS token (which the grammar
+    /// allows only where the output is a complete match).
+    GrammarComplete,
+    /// Constrained decoding: `max_new_tokens`, `seq_len` or the context ended generation
+    /// while the output was not yet a complete match of the grammar. (When the output is a
+    /// complete match at that point, the reason is `Length` or `ContextFull` as usual.)
+    GrammarIncomplete,
 }
 
 impl StopReason {
     /// A lower-case name: `none`, `eos`, `length`, `context_full`, `stopped`, `callback`,
-    /// `stop_string`.
+    /// `stop_string`, `grammar_complete`, `grammar_incomplete`.
     pub fn as_str(self) -> &'static str {
         match self {
             StopReason::None => "none",
@@ -38,6 +46,8 @@ impl StopReason {
             StopReason::Stopped => "stopped",
             StopReason::Callback => "callback",
             StopReason::StopString => "stop_string",
+            StopReason::GrammarComplete => "grammar_complete",
+            StopReason::GrammarIncomplete => "grammar_incomplete",
         }
     }
 }

@@ -114,6 +114,17 @@ fn reserve_ids(body: usize, bos: usize, eos: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// What one token contributes to the output text, for grammar engines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBytes {
+    /// Ordinary text: these exact bytes.
+    Text(Vec<u8>),
+    /// A special/control token, by its name.
+    Special(String),
+    /// A token that never appears in text.
+    None,
+}
+
 /// What each format implements.
 trait Backend: Send + Sync {
     fn format(&self) -> TokenizerFormat;
@@ -373,6 +384,16 @@ impl Tokenizer {
                 self.vocab_size()
             ))
         })
+    }
+
+    /// Every token's bytes, indexed by id (placeholder until the per-format bridge lands).
+    pub fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        Ok((0..self.vocab_size() as u32)
+            .map(|id| match self.backend.piece(id) {
+                Some(p) => TokenBytes::Text(p),
+                None => TokenBytes::None,
+            })
+            .collect())
     }
 
     /// A streaming decoder over this tokenizer.

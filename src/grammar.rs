@@ -1,0 +1,317 @@
+//! Constrained decoding: the generated text is made to match a JSON schema, a regular
+//! expression, a Lark grammar or a llama.cpp GBNF grammar.
+//!
+//! The engine is [llguidance](https://github.com/guidance-ai/llguidance). For each step it
+//! computes the set of tokens that keep the output a prefix of some string of the grammar's
+//! language; the runner gives every other token a logit of minus infinity before anything
+//! else looks at the logits (sampler plugins, the repetition penalty, temperature, top-k,
+//! top-p, min-p, and greedy's argmax), and allows the EOS tokens only where the output is a
+//! complete match.
+//!
+//! JSON schemas are compiled by llguidance's JSON-schema compiler (see its
+//! `docs/json_schema.md` for the keywords it supports); by default the JSON is written
+//! compactly (no whitespace between tokens); a schema's own `"x-guidance"` object (e.g.
+//! `{"whitespace_flexible": true}`) overrides that. Regular expressions use the `regex`
+//! crate's syntax and must match the whole output. Lark grammars use llguidance's Lark
+//! dialect (`docs/syntax.md`). GBNF grammars (llama.cpp's format) are translated into that
+//! dialect by [`gbnf::gbnf_to_lark`].
+
+pub mod gbnf;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use llguidance::api::{StopReason, TopLevelGrammar};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::TokenBytes;
+
+/// The language a [`GenerationConfig::grammar`](crate::GenerationConfig::grammar) is
+/// written in: upstream ExecuTorch's `grammar_type` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
+pub enum GrammarType {
+    /// A JSON schema (`"json_schema"`, the default): the output is one JSON value valid
+    /// under it.
+    #[default]
+    JsonSchema,
+    /// A regular expression in the `regex` crate's syntax (`"regex"`) that the whole
+    /// output matches.
+    Regex,
+    /// A grammar in llguidance's Lark dialect (`"lark"`; onnxruntime-genai's spelling
+    /// `"lark_grammar"` is accepted too), starting at its `start` rule.
+    Lark,
+    /// A llama.cpp GBNF grammar (`"gbnf"`), starting at its `root` rule.
+    Gbnf,
+}
+
+impl GrammarType {
+    /// The name upstream uses: `json_schema`, `regex`, `lark` or `gbnf`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrammarType::JsonSchema => "json_schema",
+            GrammarType::Regex => "regex",
+            GrammarType::Lark => "lark",
+            GrammarType::Gbnf => "gbnf",
+        }
+    }
+}
+
+impl std::fmt::Display for GrammarType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for GrammarType {
+    type Err = Error;
+
+    /// `json_schema`, `regex`, `lark`, `lark_grammar` or `gbnf` (ASCII case ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "json_schema" => Ok(GrammarType::JsonSchema),
+            "regex" => Ok(GrammarType::Regex),
+            "lark" | "lark_grammar" => Ok(GrammarType::Lark),
+            "gbnf" => Ok(GrammarType::Gbnf),
+            _ => Err(Error::InvalidArgument(format!(
+                "grammar_type is {s:?}; use json_schema, regex, lark (or lark_grammar) or gbnf"
+            ))),
+        }
+    }
+}
+
+/// The grammar engine's view of a vocabulary: every token's bytes, built once per loaded
+/// runner (it takes a noticeable time for large vocabularies) and shared by every
+/// constrained generation.
+pub(crate) struct GrammarEngine {
+    factory: ParserFactory,
+    /// The model's vocabulary size: the length of the logits.
+    vocab: usize,
+}
+
+impl GrammarEngine {
+    /// An engine for a model whose logits have `vocab` entries; `tokens` are the
+    /// tokenizer's tokens (there may be fewer than `vocab`: the rows past them are never
+    /// allowed) and `eos_ids` the ids that end generation.
+    pub(crate) fn new(tokens: &[TokenBytes], vocab: usize, eos_ids: &[u32]) -> Result<Self> {
+        let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab + 1);
+        words.extend(tokens.iter().take(vocab).map(|t| match t {
+            TokenBytes::Text(bytes) => bytes.clone(),
+            TokenBytes::Special(name) => {
+                let mut w = Vec::with_capacity(name.len() + 1);
+                w.push(TokTrie::SPECIAL_TOKEN_MARKER);
+                w.extend_from_slice(name.as_bytes());
+                w
+            }
+            TokenBytes::None => Vec::new(),
+        }));
+        words.resize(vocab, Vec::new());
+        let mut eos: Vec<u32> = eos_ids
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < vocab)
+            .collect();
+        if eos.is_empty() {
+            // No EOS token: a virtual one past the logits, never sampled; generation then
+            // ends when the grammar allows nothing more, or at the length limit.
+            words.push(Vec::new());
+            eos.push(vocab as u32);
+        }
+        let info = TokRxInfo::new(words.len() as u32, eos[0]);
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            let trie = TokTrie::from(&info, &words).with_eos_tokens(&eos);
+            let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+            ParserFactory::new_simple(&env).map_err(|e| e.to_string())
+        }));
+        let mut factory = match built {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                return Err(Error::Grammar(format!(
+                    "cannot prepare the vocabulary for grammars: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(Error::Grammar(
+                    "preparing the vocabulary for grammars panicked".into(),
+                ))
+            }
+        };
+        factory.quiet();
+        Ok(Self { factory, vocab })
+    }
+
+    /// Compiles `text` as a grammar of type `ty` into a fresh constraint. A grammar that
+    /// does not compile is an [`Error::Grammar`] with the compiler's message.
+    pub(crate) fn compile(&self, ty: GrammarType, text: &str) -> Result<Constraint> {
+        let grammar = top_level(ty, text)?;
+        let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
+            .map_err(|_| Error::Grammar(format!("the {ty} grammar compiler panicked")))?
+            .map_err(|e| Error::Grammar(format!("the {ty} grammar does not compile: {e}")))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(Error::Grammar(format!(
+                "the {ty} grammar does not compile: {e}"
+            )));
+        }
+        let eos = self.factory.tok_env().tok_trie().eos_tokens().to_vec();
+        Ok(Constraint {
+            matcher,
+            mask: None,
+            vocab: self.vocab,
+            eos,
+        })
+    }
+}
+
+/// llguidance's grammar for `text` as a grammar of type `ty`.
+fn top_level(ty: GrammarType, text: &str) -> Result<TopLevelGrammar> {
+    Ok(match ty {
+        GrammarType::JsonSchema => {
+            let mut schema: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| Error::Grammar(format!("the json_schema grammar is not JSON: {e}")))?;
+            if let Some(obj) = schema.as_object_mut() {
+                obj.entry("x-guidance")
+                    .or_insert_with(|| serde_json::json!({ "whitespace_flexible": false }));
+            }
+            TopLevelGrammar::from_json_schema(schema)
+        }
+        GrammarType::Regex => TopLevelGrammar::from_regex(text),
+        GrammarType::Lark => TopLevelGrammar::from_lark(text.to_string()),
+        GrammarType::Gbnf => {
+            let lark = gbnf::gbnf_to_lark(text)
+                .map_err(|e| Error::Grammar(format!("the gbnf grammar is invalid: {e}")))?;
+            TopLevelGrammar::from_lark(lark)
+        }
+    })
+}
+
+/// One generation's grammar state: which tokens may come next.
+pub(crate) struct Constraint {
+    matcher: Matcher,
+    /// The mask of the current step, once computed.
+    mask: Option<SimpleVob>,
+    vocab: usize,
+    eos: Vec<u32>,
+}
+
+impl Constraint {
+    /// The tokens allowed next (computed once per step). An empty set is an error: the
+    /// vocabulary cannot continue the output (e.g. the grammar needs a character no token
+    /// has).
+    pub(crate) fn mask(&mut self) -> Result<&SimpleVob> {
+        if self.mask.is_none() {
+            let mask = self.matcher.compute_mask().map_err(|e| {
+                if self.matcher.stop_reason() == StopReason::NoExtensionBias {
+                    Error::Grammar(
+                        "no token of the vocabulary can continue the output here: the \
+                         grammar needs text that no token spells"
+                            .into(),
+                    )
+                } else {
+                    Error::Grammar(format!("computing the allowed tokens: {e}"))
+                }
+            })?;
+            if mask.is_zero() {
+                return Err(Error::Grammar(
+                    "no token of the vocabulary can continue the output here".into(),
+                ));
+            }
+            self.mask = Some(mask);
+        }
+        Ok(self.mask.as_ref().expect("computed"))
+    }
+
+    /// Copies `logits` into `out` with minus infinity for every token the grammar does not
+    /// allow next.
+    pub(crate) fn apply(&mut self, logits: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        let mask = self.mask()?;
+        out.clear();
+        out.extend_from_slice(logits);
+        let words = mask.as_slice();
+        for (chunk, &word) in out.chunks_mut(32).zip(words) {
+            if word == u32::MAX {
+                continue;
+            }
+            if word == 0 {
+                chunk.fill(f32::NEG_INFINITY);
+                continue;
+            }
+            for (bit, l) in chunk.iter_mut().enumerate() {
+                if word & (1 << bit) == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        // Rows past the mask (none: the mask covers the vocabulary) stay as they are.
+        Ok(())
+    }
+
+    /// Whether `token` is allowed next.
+    pub(crate) fn allows(&mut self, token: u32) -> Result<bool> {
+        Ok((token as usize) < self.vocab && self.mask()?.is_allowed(token))
+    }
+
+    /// The lowest allowed token id (a fallback when the logits give no usable choice).
+    pub(crate) fn first_allowed(&mut self) -> Result<u32> {
+        let vocab = self.vocab;
+        let mask = self.mask()?;
+        mask.first_bit_set()
+            .filter(|&i| i < vocab)
+            .map(|i| i as u32)
+            .ok_or_else(|| Error::Grammar("only the end of the output is allowed here".into()))
+    }
+
+    /// How many tokens are allowed next.
+    pub(crate) fn num_allowed(&mut self) -> Result<usize> {
+        Ok(self.mask()?.num_set())
+    }
+
+    /// Whether `token` is one of the EOS tokens the grammar knows.
+    pub(crate) fn is_eos(&self, token: u32) -> bool {
+        self.eos.contains(&token)
+    }
+
+    /// Feeds the chosen token (which must be allowed) to the grammar.
+    pub(crate) fn commit(&mut self, token: u32) -> Result<()> {
+        self.mask = None;
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| Error::Grammar(format!("the grammar refused token {token}: {e}")))
+    }
+
+    /// Whether the grammar allows nothing more than the end of the output.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// Whether the output so far is a complete match (EOS would be allowed).
+    pub(crate) fn is_accepting(&mut self) -> bool {
+        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grammar_type_names_round_trip() {
+        for ty in [
+            GrammarType::JsonSchema,
+            GrammarType::Regex,
+            GrammarType::Lark,
+            GrammarType::Gbnf,
+        ] {
+            assert_eq!(ty.as_str().parse::<GrammarType>().unwrap(), ty);
+        }
+        assert_eq!(
+            "lark_grammar".parse::<GrammarType>().unwrap(),
+            GrammarType::Lark
+        );
+        let err = "yaml".parse::<GrammarType>().unwrap_err().to_string();
+        assert!(err.contains("yaml") && err.contains("json_schema"), "{err}");
+    }
+}
