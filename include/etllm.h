@@ -134,6 +134,11 @@ typedef enum etllm_status {
    * included).
    */
   ETLLM_ERR_CHAT_TEMPLATE = 18,
+  /**
+   * The config's grammar (`grammar`, `grammar_type`) failed to compile (the compiler's
+   * message included), or the grammar engine failed during generation.
+   */
+  ETLLM_ERR_GRAMMAR = 19,
 } etllm_status;
 
 /**
@@ -168,6 +173,17 @@ typedef enum etllm_stop_reason {
    * The generated text contained one of `config.stop_strings`.
    */
   ETLLM_STOP_STRING = 6,
+  /**
+   * Constrained decoding: the output is a complete match of the config's grammar, and
+   * the grammar allows nothing more or the model chose EOS (allowed only there).
+   */
+  ETLLM_STOP_GRAMMAR_COMPLETE = 7,
+  /**
+   * Constrained decoding: the token limit or the context ended generation before the
+   * output was a complete match of the grammar (a complete match at that point is
+   * `ETLLM_STOP_LENGTH` or `ETLLM_STOP_CONTEXT_FULL`).
+   */
+  ETLLM_STOP_GRAMMAR_INCOMPLETE = 8,
 } etllm_stop_reason;
 
 /**
@@ -380,6 +396,19 @@ typedef struct etllm_generation_config {
    * Number of entries in `stop_strings`.
    */
   size_t num_stop_strings;
+  /**
+   * Constrained decoding: a grammar (UTF-8, NUL-terminated) the generated text must
+   * match, in the language `grammar_type` names; NULL or "" (the default) is
+   * unconstrained. A grammar that does not compile fails the call with
+   * `ETLLM_ERR_GRAMMAR` before any model step. Read during the call only.
+   */
+  const char *grammar;
+  /**
+   * The language of `grammar`: "json_schema" (the default, also when NULL), "regex",
+   * "lark" (or "lark_grammar") or "gbnf"; another name is `ETLLM_ERR_INVALID_ARGUMENT`.
+   * Read during the call only.
+   */
+  const char *grammar_type;
 } etllm_generation_config;
 
 /**

@@ -85,6 +85,8 @@ inline std::string version() { return etllm_version(); }
 
 /// Settings of one generation: upstream's GenerationConfig fields and defaults, plus
 /// EtLlm's sampling filters, ignore_eos, seed, stop_token_ids and stop_strings.
+/// `grammar` and `grammar_type` are upstream's constrained-decoding fields, which EtLlm
+/// applies (see `etllm_generation_config.grammar`).
 /// `max_new_tokens = N` yields exactly N tokens (upstream yields N - 1).
 struct GenerationConfig {
   bool echo = true;              ///< pass the prompt to the token callback first
@@ -102,6 +104,8 @@ struct GenerationConfig {
   float min_p = 0.0f;                ///< drop tokens below min_p times the best; 0: off
   float repetition_penalty = 1.0f;   ///< penalize tokens already seen; 1: off
   std::vector<std::string> stop_strings;  ///< text that ends generation (never streamed)
+  std::string grammar;                    ///< the output must match it; empty: unconstrained
+  std::string grammar_type = "json_schema";  ///< json_schema, regex, lark (lark_grammar) or gbnf
 
   /// The C struct for this config; valid while this object lives unchanged.
   etllm_generation_config to_c() const {
@@ -126,6 +130,8 @@ struct GenerationConfig {
     c.repetition_penalty = repetition_penalty;
     c.stop_strings = stop_string_ptrs_.empty() ? nullptr : stop_string_ptrs_.data();
     c.num_stop_strings = stop_string_ptrs_.size();
+    c.grammar = grammar.empty() ? nullptr : grammar.c_str();
+    c.grammar_type = grammar_type.c_str();
     return c;
   }
 

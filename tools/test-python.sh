@@ -2,6 +2,7 @@
 # Tests the Python package as a user gets it: a fresh virtual environment under
 # build/py-test-venv, numpy and pytest, then the documented install (`pip install ./python`),
 # then pytest on python/tests from outside the source tree's package folder.
+# jsonschema and lark are the independent checkers of constrained output (test_grammar.py).
 #
 # The install bundles libetllm.so from an installed prefix: ETLLM_PREFIX when set, else the
 # one tools/test-c.sh left in build/test-c/moved/etllm, else `pip install` runs
@@ -26,7 +27,7 @@ fi
 echo "== Python: fresh venv, pip install ./python" >&2
 rm -rf "$VENV" "$ROOT/python/build" "$ROOT/python/etllm.egg-info"
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy pytest
+"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy pytest jsonschema lark
 "$VENV/bin/pip" install --quiet --disable-pip-version-check ./python
 
 echo "== Python: pytest" >&2

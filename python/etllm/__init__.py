@@ -22,6 +22,7 @@ from ._errors import (
     EtLlmError,
     ExecutorchRuntimeError,
     FileAccessError,
+    GrammarError,
     InvalidArgumentError,
     InvalidModelError,
     InvalidTokenizerError,
@@ -48,7 +49,7 @@ EXECUTORCH_VERSION: str = _ffi.lib.etllm_executorch_version().decode()
 __all__ = [
     "BusyError", "ChatTemplate", "ChatTemplateError", "ContextFullError", "Conversation",
     "ERROR_CLASSES", "EXECUTORCH_VERSION", "EtLlmError", "ExecutorchRuntimeError",
-    "FileAccessError", "GenerationConfig", "InvalidArgumentError", "InvalidModelError",
+    "FileAccessError", "GenerationConfig", "GrammarError", "InvalidArgumentError", "InvalidModelError",
     "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
     "ModelMetadata", "NotFoundError", "NotLoadedError", "NullArgumentError", "PanicError",
     "Piece", "Runner", "SamplerError", "Stats", "Step", "StructSizeError", "TensorInfo",

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import ctypes
+import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import _ffi
 from ._errors import check
 
-STOP_REASONS = ("none", "eos", "length", "context_full", "stopped", "callback", "stop_string")
+STOP_REASONS = (
+    "none",
+    "eos",
+    "length",
+    "context_full",
+    "stopped",
+    "callback",
+    "stop_string",
+    "grammar_complete",
+    "grammar_incomplete",
+)
+GRAMMAR_TYPES = ("json_schema", "regex", "lark", "lark_grammar", "gbnf")
 
 
 @dataclass
@@ -22,6 +34,13 @@ class GenerationConfig:
     clock), ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_token_ids`` and
     ``stop_strings``. ``max_new_tokens=N`` yields exactly N tokens. Ranges are checked by
     the library when the config is used (:class:`InvalidArgumentError`).
+
+    Constrained decoding uses upstream's ``grammar`` and ``grammar_type`` fields: the
+    generated text must match ``grammar``, a JSON schema (``grammar_type="json_schema"``,
+    the default; a ``dict`` is serialized for you), a regular expression (``"regex"``), a
+    Lark grammar (``"lark"`` or ``"lark_grammar"``) or a llama.cpp GBNF grammar
+    (``"gbnf"``). An empty grammar is unconstrained. A grammar that does not compile raises
+    :class:`GrammarError` before any model step.
     """
 
     echo: bool = True
@@ -39,8 +58,21 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     stop_strings: Sequence[str] = field(default_factory=tuple)
+    grammar: Union[str, Dict[str, Any]] = ""
+    grammar_type: str = "json_schema"
 
     def __post_init__(self) -> None:
+        if isinstance(self.grammar, dict):
+            if self.grammar_type != "json_schema":
+                raise TypeError("a dict grammar is a JSON schema: use grammar_type='json_schema'")
+            self.grammar = json.dumps(self.grammar)
+        if not isinstance(self.grammar, str):
+            raise TypeError("GenerationConfig.grammar must be a str (or a dict JSON schema)")
+        if self.grammar_type not in GRAMMAR_TYPES:
+            raise ValueError(
+                f"GenerationConfig.grammar_type is {self.grammar_type!r}; use one of "
+                + ", ".join(GRAMMAR_TYPES)
+            )
         for name in ("echo", "warming", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GenerationConfig.{name} must be a bool")
@@ -94,7 +126,12 @@ class GenerationConfig:
         strs = (ctypes.c_char_p * max(1, len(encoded)))(*encoded)
         c.stop_strings = strs
         c.num_stop_strings = len(encoded)
-        return c, (ids, strs, encoded)
+        text = self.grammar if isinstance(self.grammar, str) else json.dumps(self.grammar)
+        grammar = text.encode("utf-8")
+        grammar_type = self.grammar_type.encode("utf-8")
+        c.grammar = grammar
+        c.grammar_type = grammar_type
+        return c, (ids, strs, encoded, grammar, grammar_type)
 
 
 _STATS_FIELDS = [name for name, _ in _ffi.StatsC._fields_ if name not in ("struct_size",)]
@@ -104,7 +141,7 @@ class Stats:
     """Timestamps (microseconds; 0 when not reached), token counts and summed times of one
     generation, as the C ``etllm_stats``; ``stop_reason`` is a string (``"eos"``,
     ``"length"``, ``"context_full"``, ``"stopped"``, ``"callback"``, ``"stop_string"``,
-    ``"none"``). :meth:`to_json` gives upstream's JSON (milliseconds)."""
+    ``"grammar_complete"``, ``"grammar_incomplete"``, ``"none"``). :meth:`to_json` gives upstream's JSON (milliseconds)."""
 
     model_load_start_us: int
     model_load_end_us: int

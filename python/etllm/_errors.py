@@ -98,6 +98,13 @@ class ChatTemplateError(EtLlmError):
     status = 18
 
 
+class GrammarError(EtLlmError):
+    """The config's grammar failed to compile (the compiler's message included), or the
+    grammar engine failed during generation."""
+
+    status = 19
+
+
 ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
     cls.status: cls
     for cls in (
@@ -119,6 +126,7 @@ ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
         PanicError,
         SamplerError,
         ChatTemplateError,
+        GrammarError,
     )
 }
 

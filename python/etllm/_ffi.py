@@ -65,6 +65,8 @@ class GenerationConfigC(Structure):
         ("repetition_penalty", c_float),
         ("stop_strings", POINTER(c_char_p)),
         ("num_stop_strings", c_size_t),
+        ("grammar", c_char_p),
+        ("grammar_type", c_char_p),
     ]
 
 

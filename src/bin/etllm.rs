@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 #[path = "etllm/bench.rs"]
 mod bench;
 use etllm::{
-    ChatMessage, ChatTemplate, Conversation, GenerationConfig, Runner, RunnerOptions, Stats,
+    ChatMessage, ChatTemplate, Conversation, GenerationConfig, GrammarType, Runner, RunnerOptions,
+    Stats,
 };
 
 /// The model and tokenizer built into this binary, used when no --model is given: the demo
@@ -147,11 +148,71 @@ struct SamplingArgs {
     /// Keep generating past EOS tokens.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    grammar: GrammarArgs,
+}
+
+/// Constrained decoding: the output must match one grammar.
+#[derive(Args)]
+#[group(multiple = false)]
+struct GrammarArgs {
+    /// The output must be JSON valid under the JSON schema in FILE.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
+    /// The output must match the grammar in FILE, written in --grammar-type's language
+    /// (default: from the file's extension: .lark, .gbnf, .json, .regex).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
+    /// The output must fully match the regular expression PATTERN (Rust regex syntax).
+    #[arg(long, value_name = "PATTERN")]
+    regex: Option<String>,
+    /// The language of --grammar: lark, gbnf, regex or json_schema.
+    #[arg(long, value_name = "TYPE", requires = "grammar",
+          value_parser = ["lark", "lark_grammar", "gbnf", "regex", "json_schema"])]
+    grammar_type: Option<String>,
+}
+
+impl GrammarArgs {
+    /// The grammar and its type; an empty grammar when none is given.
+    fn grammar(&self) -> Result<(String, GrammarType), String> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        if let Some(path) = &self.json_schema {
+            return Ok((read(path)?, GrammarType::JsonSchema));
+        }
+        if let Some(pattern) = &self.regex {
+            return Ok((pattern.clone(), GrammarType::Regex));
+        }
+        let Some(path) = &self.grammar else {
+            return Ok((String::new(), GrammarType::default()));
+        };
+        let ty = match (
+            &self.grammar_type,
+            path.extension().and_then(|e| e.to_str()),
+        ) {
+            (Some(name), _) => name.parse().map_err(|e: etllm::Error| e.to_string())?,
+            (None, Some("lark")) => GrammarType::Lark,
+            (None, Some("gbnf")) => GrammarType::Gbnf,
+            (None, Some("json")) => GrammarType::JsonSchema,
+            (None, Some("regex")) => GrammarType::Regex,
+            _ => {
+                return Err(format!(
+                    "give --grammar-type for {} (lark, gbnf, regex or json_schema): its \
+                     extension does not say",
+                    path.display()
+                ))
+            }
+        };
+        Ok((read(path)?, ty))
+    }
 }
 
 impl SamplingArgs {
-    fn config(&self) -> GenerationConfig {
-        GenerationConfig {
+    fn config(&self) -> Result<GenerationConfig, String> {
+        let (grammar, grammar_type) = self.grammar.grammar()?;
+        Ok(GenerationConfig {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_k: self.top_k,
@@ -162,8 +223,10 @@ impl SamplingArgs {
             stop_token_ids: self.stop_token_ids.clone(),
             seed: self.seed,
             ignore_eos: self.ignore_eos,
+            grammar,
+            grammar_type,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -366,6 +429,7 @@ fn run_bench(args: bench::BenchArgs) -> Result<(), String> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
+    let sampling = args.sampling.config()?;
     let mut runner = open_runner(&args.model)?;
     if args.warmup {
         runner.warmup().map_err(|e| e.to_string())?;
@@ -383,7 +447,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let config = GenerationConfig {
         echo: args.echo,
         num_bos: if args.chat { 0 } else { args.num_bos },
-        ..args.sampling.config()
+        ..sampling
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -434,6 +498,7 @@ fn stop_on_write_error(
 }
 
 fn chat(args: ChatArgs) -> Result<(), String> {
+    let sampling = args.sampling.config()?;
     let mut runner = open_runner(&args.model)?;
     let template = match &args.chat_template {
         Some(path) => read_template(path)?,
@@ -447,7 +512,7 @@ fn chat(args: ChatArgs) -> Result<(), String> {
     }
     let config = GenerationConfig {
         echo: false,
-        ..args.sampling.config()
+        ..sampling
     };
     let interactive = std::io::stdin().is_terminal();
     if interactive {

@@ -6,6 +6,7 @@ use super::error::FfiError;
 use super::io_manager::etllm_io_manager;
 use super::{c_slice, c_str, read_versioned};
 use crate::config::GenerationConfig;
+use crate::grammar::GrammarType;
 
 /// Settings of one generation. Always start from `etllm_generation_config_default()`,
 /// which fills in `struct_size` and every default, then change the fields you need;
@@ -60,6 +61,15 @@ pub struct etllm_generation_config {
     pub stop_strings: *const *const c_char,
     /// Number of entries in `stop_strings`.
     pub num_stop_strings: usize,
+    /// Constrained decoding: a grammar (UTF-8, NUL-terminated) the generated text must
+    /// match, in the language `grammar_type` names; NULL or "" (the default) is
+    /// unconstrained. A grammar that does not compile fails the call with
+    /// `ETLLM_ERR_GRAMMAR` before any model step. Read during the call only.
+    pub grammar: *const c_char,
+    /// The language of `grammar`: "json_schema" (the default, also when NULL), "regex",
+    /// "lark" (or "lark_grammar") or "gbnf"; another name is `ETLLM_ERR_INVALID_ARGUMENT`.
+    /// Read during the call only.
+    pub grammar_type: *const c_char,
 }
 
 impl Default for etllm_generation_config {
@@ -85,6 +95,8 @@ impl Default for etllm_generation_config {
             repetition_penalty: d.repetition_penalty,
             stop_strings: std::ptr::null(),
             num_stop_strings: 0,
+            grammar: std::ptr::null(),
+            grammar_type: std::ptr::null(),
         }
     }
 }
@@ -109,6 +121,18 @@ pub(crate) fn read_config(
         .iter()
         .map(|&s| c_str(s, "config.stop_strings[i]").map(str::to_string))
         .collect::<Result<Vec<_>, _>>()?;
+    let grammar = if c.grammar.is_null() {
+        String::new()
+    } else {
+        c_str(c.grammar, "config.grammar")?.to_string()
+    };
+    let grammar_type = if c.grammar_type.is_null() {
+        GrammarType::default()
+    } else {
+        c_str(c.grammar_type, "config.grammar_type")?
+            .parse()
+            .map_err(FfiError::Core)?
+    };
     Ok(GenerationConfig {
         echo: c.echo,
         max_new_tokens: c.max_new_tokens,
@@ -125,6 +149,8 @@ pub(crate) fn read_config(
         min_p: c.min_p,
         repetition_penalty: c.repetition_penalty,
         stop_strings,
+        grammar,
+        grammar_type,
     })
 }
 
@@ -187,6 +213,6 @@ pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
 
 super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_seed,
     max_new_tokens, seq_len, temperature, num_bos, num_eos, seed, stop_token_ids,
-    num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings);
+    num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings, grammar, grammar_type);
 super::versioned!(etllm_runner_options, "options"; io_manager, preset, data_paths,
     num_data_paths, method_name);

@@ -52,6 +52,9 @@ pub enum etllm_status {
     /// A chat template failed to compile or render (its own `raise_exception` message
     /// included).
     ETLLM_ERR_CHAT_TEMPLATE = 18,
+    /// The config's grammar (`grammar`, `grammar_type`) failed to compile (the compiler's
+    /// message included), or the grammar engine failed during generation.
+    ETLLM_ERR_GRAMMAR = 19,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -97,6 +100,7 @@ impl FfiError {
                 Error::Sampler(_) => ETLLM_ERR_SAMPLER,
                 Error::NotLoaded(_) => ETLLM_ERR_NOT_LOADED,
                 Error::ChatTemplate { .. } => ETLLM_ERR_CHAT_TEMPLATE,
+                Error::Grammar(_) => ETLLM_ERR_GRAMMAR,
             },
         }
     }
@@ -194,6 +198,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_PANIC,
         ETLLM_ERR_SAMPLER,
         ETLLM_ERR_CHAT_TEMPLATE,
+        ETLLM_ERR_GRAMMAR,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -215,6 +220,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_PANIC) => c"ETLLM_ERR_PANIC",
         Some(ETLLM_ERR_SAMPLER) => c"ETLLM_ERR_SAMPLER",
         Some(ETLLM_ERR_CHAT_TEMPLATE) => c"ETLLM_ERR_CHAT_TEMPLATE",
+        Some(ETLLM_ERR_GRAMMAR) => c"ETLLM_ERR_GRAMMAR",
         None => c"unknown status",
     };
     name.as_ptr()

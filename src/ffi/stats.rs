@@ -25,6 +25,13 @@ pub enum etllm_stop_reason {
     ETLLM_STOP_CALLBACK = 5,
     /// The generated text contained one of `config.stop_strings`.
     ETLLM_STOP_STRING = 6,
+    /// Constrained decoding: the output is a complete match of the config's grammar, and
+    /// the grammar allows nothing more or the model chose EOS (allowed only there).
+    ETLLM_STOP_GRAMMAR_COMPLETE = 7,
+    /// Constrained decoding: the token limit or the context ended generation before the
+    /// output was a complete match of the grammar (a complete match at that point is
+    /// `ETLLM_STOP_LENGTH` or `ETLLM_STOP_CONTEXT_FULL`).
+    ETLLM_STOP_GRAMMAR_INCOMPLETE = 8,
 }
 
 /// Timestamps (microseconds on a monotonic clock anchored to the Unix epoch; 0 when not
@@ -83,6 +90,8 @@ impl From<&Stats> for etllm_stats {
                 StopReason::Stopped => etllm_stop_reason::ETLLM_STOP_REQUESTED,
                 StopReason::Callback => etllm_stop_reason::ETLLM_STOP_CALLBACK,
                 StopReason::StopString => etllm_stop_reason::ETLLM_STOP_STRING,
+                StopReason::GrammarComplete => etllm_stop_reason::ETLLM_STOP_GRAMMAR_COMPLETE,
+                StopReason::GrammarIncomplete => etllm_stop_reason::ETLLM_STOP_GRAMMAR_INCOMPLETE,
                 _ => etllm_stop_reason::ETLLM_STOP_NONE,
             },
             model_load_start_us: s.model_load_start_us,
@@ -124,6 +133,8 @@ impl From<&etllm_stats> for Stats {
                 etllm_stop_reason::ETLLM_STOP_REQUESTED => StopReason::Stopped,
                 etllm_stop_reason::ETLLM_STOP_CALLBACK => StopReason::Callback,
                 etllm_stop_reason::ETLLM_STOP_STRING => StopReason::StopString,
+                etllm_stop_reason::ETLLM_STOP_GRAMMAR_COMPLETE => StopReason::GrammarComplete,
+                etllm_stop_reason::ETLLM_STOP_GRAMMAR_INCOMPLETE => StopReason::GrammarIncomplete,
             },
         }
     }
