@@ -1,0 +1,364 @@
+//! Constrained decoding: every constrained output is checked by an independent checker
+//! (the `jsonschema` crate for JSON schemas, the `regex` crate's full match for regular
+//! expressions), on random-weight fixtures whose unconstrained text is gibberish.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use common::*;
+use etllm::sampler::SamplerPlugin;
+use etllm::{Error, GenerationConfig, GrammarType, Runner, RunnerOptions, Stats, StopReason};
+use serde_json::{json, Value};
+
+/// Greedy (seed None) or sampled at temperature 1 with `seed`, at most `max` tokens.
+fn constrained(ty: GrammarType, grammar: &str, seed: Option<u64>, max: i32) -> GenerationConfig {
+    GenerationConfig {
+        echo: false,
+        temperature: if seed.is_some() { 1.0 } else { 0.0 },
+        seed,
+        max_new_tokens: max,
+        grammar: grammar.to_string(),
+        grammar_type: ty,
+        ..Default::default()
+    }
+}
+
+/// Generates from `prompt` after a reset; returns the streamed text and the stats.
+fn run(runner: &mut Runner, prompt: &str, config: &GenerationConfig) -> (String, Stats) {
+    runner.reset().unwrap();
+    let mut text = String::new();
+    let stats = runner
+        .generate(
+            prompt,
+            config,
+            |p| {
+                text.push_str(p.text);
+                ControlFlow::Continue(())
+            },
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("generate with {:?}: {e}", config.grammar));
+    (text, stats)
+}
+
+/// The seeds every sampled case runs with; `None` is greedy.
+const SEEDS: [Option<u64>; 5] = [None, Some(1), Some(2), Some(3), Some(4)];
+
+/// Schemas covering objects with required and optional fields, enums, bounded arrays,
+/// nested objects, strings with patterns, integers and numbers.
+fn schemas() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "required_and_optional",
+            json!({
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 6},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "nick": {"type": "string", "maxLength": 4}
+                },
+                "required": ["name", "age"],
+                "additionalProperties": false
+            }),
+        ),
+        (
+            "enum",
+            json!({"type": "object",
+                   "properties": {"color": {"enum": ["red", "green", "blue"]}},
+                   "required": ["color"], "additionalProperties": false}),
+        ),
+        (
+            "bounded_array",
+            json!({"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99},
+                   "minItems": 2, "maxItems": 4}),
+        ),
+        (
+            "nested",
+            json!({"type": "object",
+                   "properties": {
+                       "id": {"type": "integer", "minimum": 1, "maximum": 999},
+                       "owner": {"type": "object",
+                                 "properties": {"ok": {"type": "boolean"},
+                                                "tag": {"type": "string", "maxLength": 3}},
+                                 "required": ["ok", "tag"], "additionalProperties": false}
+                   },
+                   "required": ["id", "owner"], "additionalProperties": false}),
+        ),
+        (
+            "string_pattern",
+            json!({"type": "object",
+                   "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}},
+                   "required": ["code"], "additionalProperties": false}),
+        ),
+        (
+            "number",
+            json!({"type": "object",
+                   "properties": {"x": {"type": "number", "minimum": -5, "maximum": 5},
+                                  "n": {"type": "null"}},
+                   "required": ["x", "n"], "additionalProperties": false}),
+        ),
+    ]
+}
+
+#[test]
+fn json_schema_outputs_validate_with_an_independent_validator() {
+    let mut runner = open("dyn_xnnpack");
+    for (name, schema) in schemas() {
+        let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+        for seed in SEEDS {
+            let config = constrained(GrammarType::JsonSchema, &schema.to_string(), seed, 100);
+            let (text, stats) = run(&mut runner, "The", &config);
+            assert_eq!(
+                stats.stop_reason,
+                StopReason::GrammarComplete,
+                "{name} {seed:?}: {text:?}"
+            );
+            let value: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{name} {seed:?}: {text:?} is not JSON: {e}"));
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{name} {seed:?}: {text:?}: {errors:?}");
+        }
+    }
+}
+
+#[test]
+fn regex_outputs_fully_match_the_pattern() {
+    let mut runner = open("dyn_xnnpack");
+    for pattern in [
+        r"[a-z]{3,8}",
+        r"(yes|no|maybe)",
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+        r"\(\d{3}\) \d{3}-\d{4}",
+        r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}\.",
+    ] {
+        let full = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+        for seed in SEEDS {
+            let config = constrained(GrammarType::Regex, pattern, seed, 60);
+            let (text, stats) = run(&mut runner, "Once upon a time", &config);
+            assert!(
+                matches!(
+                    stats.stop_reason,
+                    StopReason::GrammarComplete | StopReason::Length
+                ),
+                "{pattern} {seed:?}: {text:?} ended with {:?}",
+                stats.stop_reason
+            );
+            assert!(full.is_match(&text), "{pattern} {seed:?}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_constrained_tokens() {
+    let mut runner = open("dyn_xnnpack");
+    let schema = schemas()[0].1.to_string();
+    let config = constrained(GrammarType::JsonSchema, &schema, Some(7), 100);
+    let (a, _) = run(&mut runner, "The", &config);
+    let (b, _) = run(&mut runner, "The", &config);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn unconstrained_text_of_the_fixture_is_not_json() {
+    // The fixture's own text is gibberish: without the grammar the checks above would fail.
+    let mut runner = open("dyn_xnnpack");
+    let config = GenerationConfig {
+        grammar: String::new(),
+        ..constrained(GrammarType::JsonSchema, "", None, 30)
+    };
+    let (text, _) = run(&mut runner, "The", &config);
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text:?}");
+}
+
+#[test]
+fn too_few_tokens_for_a_complete_match_is_grammar_incomplete() {
+    let mut runner = open("dyn_xnnpack");
+    let schema = schemas()[3].1.to_string();
+    let config = constrained(GrammarType::JsonSchema, &schema, None, 3);
+    let (text, stats) = run(&mut runner, "The", &config);
+    assert_eq!(stats.stop_reason, StopReason::GrammarIncomplete, "{text:?}");
+    assert_eq!(stats.num_generated_tokens, 3);
+    assert!(text.starts_with('{'), "{text:?}");
+}
+
+#[test]
+fn the_token_limit_on_a_complete_match_is_length() {
+    // `[a-z]+` matches after every letter: stopping there leaves a complete match.
+    let mut runner = open("dyn_xnnpack");
+    let config = constrained(GrammarType::Regex, "[a-z]+", None, 3);
+    let (text, stats) = run(&mut runner, "The", &config);
+    assert_eq!(stats.stop_reason, StopReason::Length, "{text:?}");
+    assert!(text.chars().all(|c| c.is_ascii_lowercase()) && !text.is_empty());
+}
+
+#[test]
+fn a_grammar_that_allows_nothing_more_ends_with_grammar_complete() {
+    let mut runner = open("dyn_xnnpack");
+    let config = constrained(GrammarType::Regex, "(hello|goodbye) world", None, 50);
+    let (text, stats) = run(&mut runner, "The", &config);
+    assert_eq!(stats.stop_reason, StopReason::GrammarComplete);
+    assert!(text == "hello world" || text == "goodbye world", "{text:?}");
+}
+
+#[test]
+fn bad_grammars_of_each_type_are_grammar_errors_and_change_nothing() {
+    let mut runner = open("dyn_xnnpack");
+    let greedy4 = greedy(4);
+    runner
+        .prefill("Once upon", &GenerationConfig::default())
+        .unwrap();
+    let position = runner.position();
+    for (ty, bad) in [
+        (GrammarType::JsonSchema, "{\"type\": "),
+        (GrammarType::JsonSchema, "{\"type\": \"no-such-type\"}"),
+        (GrammarType::Regex, "(unclosed"),
+        (GrammarType::Lark, "start: undefined_rule"),
+        (GrammarType::Lark, "start: \"a\" ("),
+        (GrammarType::Gbnf, "root ::= missing-rule"),
+    ] {
+        let config = constrained(ty, bad, None, 10);
+        let mut called = false;
+        let err = runner
+            .generate(
+                " a time",
+                &config,
+                |_| {
+                    called = true;
+                    ControlFlow::Continue(())
+                },
+                |_| {},
+            )
+            .expect_err(bad);
+        assert!(matches!(err, Error::Grammar(_)), "{ty} {bad:?}: {err}");
+        assert!(!called, "{ty} {bad:?}: a callback ran");
+        assert_eq!(runner.position(), position, "{ty} {bad:?}");
+    }
+    // Still usable: the prefilled conversation continues.
+    let (t, _) = generate_text(&mut runner, " a time", &greedy4);
+    assert_eq!(t.tokens.len(), 4);
+}
+
+#[test]
+fn an_unknown_grammar_type_name_is_an_invalid_argument() {
+    let err = "yaml".parse::<GrammarType>().unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(
+        "lark_grammar".parse::<GrammarType>().unwrap(),
+        GrammarType::Lark
+    );
+}
+
+#[test]
+fn a_new_generate_call_starts_a_new_grammar_state_and_turns_continue() {
+    let mut runner = open("dyn_xnnpack");
+    let config = constrained(GrammarType::Regex, "(yes|no)\\.", Some(5), 10);
+    runner.reset().unwrap();
+    let mut turn = |runner: &mut Runner, prompt: &str| {
+        let mut text = String::new();
+        let stats = runner
+            .generate(
+                prompt,
+                &config,
+                |p| {
+                    text.push_str(p.text);
+                    ControlFlow::Continue(())
+                },
+                |_| {},
+            )
+            .unwrap();
+        assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
+        assert!(text == "yes." || text == "no.", "{text:?}");
+        text
+    };
+    turn(&mut runner, "Is it?");
+    let after_first = runner.position();
+    let second = turn(&mut runner, " And now?");
+    assert!(runner.position() > after_first);
+    // Rewinding to the first turn's end and asking again gives the same second turn.
+    runner.rewind(after_first).unwrap();
+    assert_eq!(turn(&mut runner, " And now?"), second);
+}
+
+/// Records the logits a plugin is shown.
+struct Spy(std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>);
+
+impl SamplerPlugin for Spy {
+    fn apply(&mut self, logits: &mut [f32], _history: &[u32]) -> etllm::Result<Option<u32>> {
+        self.0.lock().unwrap().push(logits.to_vec());
+        Ok(None)
+    }
+}
+
+#[test]
+fn sampler_plugins_see_only_the_tokens_the_grammar_allows() {
+    let mut runner = open("dyn_xnnpack");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    runner.set_sampler_plugin(Some(Box::new(Spy(seen.clone()))));
+    let config = constrained(GrammarType::Regex, "[0-9]{2,5}", Some(3), 10);
+    let (text, _) = run(&mut runner, "The", &config);
+    assert!(text.chars().all(|c| c.is_ascii_digit()), "{text:?}");
+    let tokenizer = runner.tokenizer().unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty());
+    for logits in seen.iter() {
+        for (id, &l) in logits.iter().enumerate() {
+            if l == f32::NEG_INFINITY {
+                continue;
+            }
+            // Every token the plugin may still choose is digits only, or EOS.
+            let id = id as u32;
+            if runner.eos_ids().contains(&id) {
+                continue;
+            }
+            let piece = tokenizer.decode(&[id]).unwrap();
+            assert!(
+                !piece.is_empty() && piece.trim_start().chars().all(|c| c.is_ascii_digit()),
+                "token {id} {piece:?} is allowed"
+            );
+        }
+    }
+}
+
+#[test]
+fn constrained_generation_works_with_every_tokenizer_format() {
+    // Each format's tokenizer with a model whose vocabulary holds it (the text is
+    // gibberish: the grammar alone makes it match).
+    let dir = fixtures_dir().join("tokenizers");
+    let demo = demo_dir().join("model.pte");
+    let cases: [(PathBuf, PathBuf); 4] = [
+        (model_path("dyn_xnnpack"), tokenizer_path()),
+        (demo.clone(), dir.join("sp_bpe.model")),
+        (demo.clone(), dir.join("llama2c.bin")),
+        (demo, dir.join("tiktoken.model")),
+    ];
+    let full = regex::Regex::new(r"^(?:[a-z]{2,6}( [a-z]{2,6}){1,3}\.)$").unwrap();
+    for (model, tokenizer) in cases {
+        let mut runner = Runner::open(&model, &tokenizer, RunnerOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", tokenizer.display()));
+        for seed in SEEDS {
+            let config = constrained(
+                GrammarType::Regex,
+                "[a-z]{2,6}( [a-z]{2,6}){1,3}\\.",
+                seed,
+                60,
+            );
+            let (text, stats) = run(&mut runner, "Once upon a time", &config);
+            assert_eq!(
+                stats.stop_reason,
+                StopReason::GrammarComplete,
+                "{} {seed:?}: {text:?}",
+                tokenizer.display()
+            );
+            assert!(
+                full.is_match(&text),
+                "{} {seed:?}: {text:?}",
+                tokenizer.display()
+            );
+        }
+    }
+}
