@@ -83,20 +83,24 @@ impl FromStr for GrammarType {
     }
 }
 
-/// The grammar engine's view of a vocabulary: every token's bytes, built once per loaded
+/// Compiles grammars against one vocabulary: every token's bytes, built once per loaded
 /// runner (it takes a noticeable time for large vocabularies) and shared by every
-/// constrained generation.
-pub(crate) struct GrammarEngine {
+/// constrained generation. [`Runner::grammar_compiler`](crate::Runner::grammar_compiler)
+/// gives the runner's own; the runner uses it for `GenerationConfig::grammar`, and it is
+/// public for callers that drive a [`Constraint`] themselves (a sampler plugin, a
+/// benchmark).
+pub struct Compiler {
     factory: ParserFactory,
     /// The model's vocabulary size: the length of the logits.
     vocab: usize,
 }
 
-impl GrammarEngine {
-    /// An engine for a model whose logits have `vocab` entries; `tokens` are the
-    /// tokenizer's tokens (there may be fewer than `vocab`: the rows past them are never
-    /// allowed) and `eos_ids` the ids that end generation.
-    pub(crate) fn new(tokens: &[TokenBytes], vocab: usize, eos_ids: &[u32]) -> Result<Self> {
+impl Compiler {
+    /// A compiler for a model whose logits have `vocab` entries; `tokens` are the
+    /// tokenizer's tokens ([`Tokenizer::token_bytes`](crate::Tokenizer::token_bytes); there
+    /// may be fewer than `vocab`: the rows past them are never allowed) and `eos_ids` the
+    /// ids that end generation.
+    pub fn new(tokens: &[TokenBytes], vocab: usize, eos_ids: &[u32]) -> Result<Self> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab + 1);
         words.extend(tokens.iter().take(vocab).map(|t| match t {
             TokenBytes::Text(bytes) => bytes.clone(),
@@ -145,7 +149,7 @@ impl GrammarEngine {
 
     /// Compiles `text` as a grammar of type `ty` into a fresh constraint. A grammar that
     /// does not compile is an [`Error::Grammar`] with the compiler's message.
-    pub(crate) fn compile(&self, ty: GrammarType, text: &str) -> Result<Constraint> {
+    pub fn compile(&self, ty: GrammarType, text: &str) -> Result<Constraint> {
         let grammar = top_level(ty, text)?;
         let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
             .map_err(|_| Error::Grammar(format!("the {ty} grammar compiler panicked")))?
@@ -188,8 +192,9 @@ fn top_level(ty: GrammarType, text: &str) -> Result<TopLevelGrammar> {
     })
 }
 
-/// One generation's grammar state: which tokens may come next.
-pub(crate) struct Constraint {
+/// One generation's grammar state: which tokens may come next. Made by
+/// [`Compiler::compile`]; feed it each chosen token with [`commit`](Self::commit).
+pub struct Constraint {
     matcher: Matcher,
     /// The mask of the current step, once computed.
     mask: Option<SimpleVob>,
@@ -201,7 +206,7 @@ impl Constraint {
     /// The tokens allowed next (computed once per step). An empty set is an error: the
     /// vocabulary cannot continue the output (e.g. the grammar needs a character no token
     /// has).
-    pub(crate) fn mask(&mut self) -> Result<&SimpleVob> {
+    fn mask(&mut self) -> Result<&SimpleVob> {
         if self.mask.is_none() {
             let mask = self.matcher.compute_mask().map_err(|e| {
                 if self.matcher.stop_reason() == StopReason::NoExtensionBias {
@@ -226,7 +231,7 @@ impl Constraint {
 
     /// Copies `logits` into `out` with minus infinity for every token the grammar does not
     /// allow next.
-    pub(crate) fn apply(&mut self, logits: &[f32], out: &mut Vec<f32>) -> Result<()> {
+    pub fn apply(&mut self, logits: &[f32], out: &mut Vec<f32>) -> Result<()> {
         let mask = self.mask()?;
         out.clear();
         out.extend_from_slice(logits);
@@ -250,12 +255,12 @@ impl Constraint {
     }
 
     /// Whether `token` is allowed next.
-    pub(crate) fn allows(&mut self, token: u32) -> Result<bool> {
+    pub fn allows(&mut self, token: u32) -> Result<bool> {
         Ok((token as usize) < self.vocab && self.mask()?.is_allowed(token))
     }
 
     /// The lowest allowed token id (a fallback when the logits give no usable choice).
-    pub(crate) fn first_allowed(&mut self) -> Result<u32> {
+    pub fn first_allowed(&mut self) -> Result<u32> {
         let vocab = self.vocab;
         let mask = self.mask()?;
         mask.first_bit_set()
@@ -265,17 +270,17 @@ impl Constraint {
     }
 
     /// How many tokens are allowed next.
-    pub(crate) fn num_allowed(&mut self) -> Result<usize> {
+    pub fn num_allowed(&mut self) -> Result<usize> {
         Ok(self.mask()?.num_set())
     }
 
     /// Whether `token` is one of the EOS tokens the grammar knows.
-    pub(crate) fn is_eos(&self, token: u32) -> bool {
+    pub fn is_eos(&self, token: u32) -> bool {
         self.eos.contains(&token)
     }
 
     /// Feeds the chosen token (which must be allowed) to the grammar.
-    pub(crate) fn commit(&mut self, token: u32) -> Result<()> {
+    pub fn commit(&mut self, token: u32) -> Result<()> {
         self.mask = None;
         self.matcher
             .consume_token(token)
@@ -283,12 +288,12 @@ impl Constraint {
     }
 
     /// Whether the grammar allows nothing more than the end of the output.
-    pub(crate) fn is_complete(&self) -> bool {
+    pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
     }
 
     /// Whether the output so far is a complete match (EOS would be allowed).
-    pub(crate) fn is_accepting(&mut self) -> bool {
+    pub fn is_accepting(&mut self) -> bool {
         self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::chat::{ChatMessage, ChatTemplate, TokenizerTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
-use crate::grammar::{Constraint, GrammarEngine};
+use crate::grammar::{Compiler, Constraint};
 use crate::io_manager::{default_manager_for, IoManager};
 use crate::model::{Model, ModelFiles, ModelMetadata};
 use crate::sampler::{Sampler, SamplerPlugin};
@@ -121,21 +121,25 @@ struct Loaded {
     tokenizer_template: TokenizerTemplate,
     /// The vocabulary as the grammar engine sees it, built by the first constrained
     /// generation.
-    grammar: Option<GrammarEngine>,
+    grammar: Option<Compiler>,
 }
 
 impl Loaded {
+    /// The grammar compiler for this vocabulary, built on first use.
+    fn compiler(&mut self) -> Result<&Compiler> {
+        if self.grammar.is_none() {
+            let tokens = self.tokenizer.token_bytes()?;
+            self.grammar = Some(Compiler::new(&tokens, self.vocab_size, &self.eos_ids)?);
+        }
+        Ok(self.grammar.as_ref().expect("built"))
+    }
+
     /// Compiles the config's grammar, if any, against this vocabulary.
     fn constraint(&mut self, config: &GenerationConfig) -> Result<Option<Constraint>> {
         if config.grammar.is_empty() {
             return Ok(None);
         }
-        if self.grammar.is_none() {
-            let tokens = self.tokenizer.token_bytes()?;
-            self.grammar = Some(GrammarEngine::new(&tokens, self.vocab_size, &self.eos_ids)?);
-        }
-        let engine = self.grammar.as_ref().expect("built");
-        engine
+        self.compiler()?
             .compile(config.grammar_type, &config.grammar)
             .map(Some)
     }
@@ -487,6 +491,15 @@ impl Runner {
         self.chat_template()?.apply(messages, add_generation_prompt)
     }
 
+    /// The grammar compiler for this runner's vocabulary (its tokenizer's token bytes, the
+    /// model's vocabulary size and EOS ids), built on first use: what `generate` uses for
+    /// [`GenerationConfig::grammar`], for callers that drive a
+    /// [`Constraint`](crate::grammar::Constraint) themselves. Loads the runner if needed.
+    pub fn grammar_compiler(&mut self) -> Result<&Compiler> {
+        self.load()?;
+        self.loaded.as_mut().expect("loaded").compiler()
+    }
+
     /// Sets (or with `None` removes) a sampling plugin that runs before the built-in
     /// sampler for every generated token; it replaces any previous one (which is dropped).
     pub fn set_sampler_plugin(&mut self, plugin: Option<Box<dyn SamplerPlugin>>) {
@@ -633,6 +646,7 @@ impl Runner {
         self.run(start, mode, ids, config, constraint, on_token, on_stats)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         start: u64,

@@ -258,7 +258,7 @@ fn a_new_generate_call_starts_a_new_grammar_state_and_turns_continue() {
     let mut runner = open("dyn_xnnpack");
     let config = constrained(GrammarType::Regex, "(yes|no)\\.", Some(5), 10);
     runner.reset().unwrap();
-    let mut turn = |runner: &mut Runner, prompt: &str| {
+    let turn = |runner: &mut Runner, prompt: &str| {
         let mut text = String::new();
         let stats = runner
             .generate(
