@@ -430,7 +430,8 @@ impl Tokenizer {
     /// A token that adds no bytes at all is `None`. Takes tens of milliseconds for a
     /// vocabulary of 150k tokens (in a release build); meant to run once per tokenizer.
     pub fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
-        let mut bytes = self.backend.token_bytes()?;
+        // The backends call into the tokenizer libraries, which may panic on odd files.
+        let mut bytes = no_panic("listing token bytes", || self.backend.token_bytes())?;
         let n = self.vocab_size();
         if bytes.len() != n {
             return Err(Error::Tokenizer(format!(
