@@ -115,13 +115,22 @@ fn reserve_ids(body: usize, bos: usize, eos: usize) -> Result<Vec<u32>> {
 }
 
 /// What one token contributes to the output text, for grammar engines.
+///
+/// For `llguidance`/`toktrie`, which take one byte string per token: `Text(b)` is `b`,
+/// `Special(name)` is `0xFF` followed by the name's bytes, `None` is the empty string.
+/// toktrie reads any string that starts with `0xFF` as a special token. A `Text` starts
+/// with that byte only for a token of raw bytes that are not UTF-8 (the single byte 0xFF
+/// of a byte-level, byte-fallback or tiktoken vocabulary, say): it can never be part of
+/// UTF-8 text, so giving it the empty string instead loses nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenBytes {
-    /// Ordinary text: these exact bytes.
+    /// Ordinary text: these exact bytes (possibly not UTF-8 on their own, e.g. a
+    /// byte-fallback token or part of a multi-byte character).
     Text(Vec<u8>),
-    /// A special/control token, by its name.
+    /// A special/control token (BOS, EOS, `<|eot_id|>`, chat markers...), by its name.
     Special(String),
-    /// A token that never appears in text.
+    /// A token that never appears in text (e.g. `<unk>`, an unused id, a hole in the id
+    /// space).
     None,
 }
 
@@ -146,6 +155,9 @@ trait Backend: Send + Sync {
     fn token_id(&self, piece: &str) -> Option<u32>;
     fn default_bos(&self) -> Option<u32>;
     fn default_eos(&self) -> Vec<u32>;
+    /// Every token's bytes in the middle of a text, `vocab_size()` entries (see
+    /// [`Tokenizer::token_bytes`]).
+    fn token_bytes(&self) -> Result<Vec<TokenBytes>>;
 }
 
 /// A loaded tokenizer of any supported format. Immutable once loaded: it may be shared
@@ -386,14 +398,53 @@ impl Tokenizer {
         })
     }
 
-    /// Every token's bytes, indexed by id (placeholder until the per-format bridge lands).
+    /// Every token's bytes, indexed by id, [`Tokenizer::vocab_size`] entries: what each
+    /// token contributes to the output text, for grammar engines such as `llguidance`.
+    ///
+    /// A token's bytes are those it adds *in the middle of a text*. Some decoders treat
+    /// the first token of a text differently, and [`Tokenizer::decode`] and
+    /// [`TextStream`] follow them: SentencePiece-style tokenizers (SentencePiece,
+    /// llama2.c, HF `Metaspace` or `Strip` decoders) drop the leading space of the first
+    /// token (`▁Hello` decodes to `Hello` at the start of a text, or right after BOS, and
+    /// to ` Hello` after other text), and an HF tokenizer without a decoder joins tokens
+    /// with spaces. Here such a token keeps its space: `▁Hello` is ` Hello`. Likewise an
+    /// HF `BPEDecoder`'s word-end suffix is a space here, which decode drops at the very
+    /// end of a text.
+    ///
+    /// Per format:
+    /// - tiktoken: each rank's bytes; the special tokens are [`TokenBytes::Special`]; an
+    ///   id between them with no rank is [`TokenBytes::None`].
+    /// - SentencePiece: `▁` is a space; `<0xHH>` byte pieces are the byte; control pieces
+    ///   are `Special`; the unknown piece and unused pieces are `None`.
+    /// - llama2.c: each piece's bytes; `<0xHH>` pieces the byte (`<0x00>`, which decode
+    ///   drops, is `None`); the BOS and EOS ids are `Special`; `<unk>` is `None`.
+    /// - HF: the model's pieces through the decoder (`ByteLevel`'s byte map, `Metaspace`,
+    ///   and `Sequence`s of `Replace`, `ByteFallback`, `Fuse` and `Strip`, `BPEDecoder`,
+    ///   or no decoder); special added tokens are `Special`; other added tokens are their
+    ///   content (not byte-level mapped, but `▁` is a space where the decoder replaces
+    ///   it, as the `tokenizers` crate decodes them); the model's unknown token is
+    ///   `None` unless it is a special added token; ids with no token are `None`.
+    ///   Decoders whose effect on a token depends on its neighbours (`WordPiece`, `CTC`,
+    ///   a regex `Replace`, ...) are an [`Error::Tokenizer`] naming them.
+    ///
+    /// A token that adds no bytes at all is `None`. Takes tens of milliseconds for a
+    /// vocabulary of 150k tokens (in a release build); meant to run once per tokenizer.
     pub fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
-        Ok((0..self.vocab_size() as u32)
-            .map(|id| match self.backend.piece(id) {
-                Some(p) => TokenBytes::Text(p),
-                None => TokenBytes::None,
-            })
-            .collect())
+        // The backends call into the tokenizer libraries, which may panic on odd files.
+        let mut bytes = no_panic("listing token bytes", || self.backend.token_bytes())?;
+        let n = self.vocab_size();
+        if bytes.len() != n {
+            return Err(Error::Tokenizer(format!(
+                "internal error: {} token byte strings for {n} tokens",
+                bytes.len()
+            )));
+        }
+        for b in &mut bytes {
+            if matches!(b, TokenBytes::Text(t) if t.is_empty()) {
+                *b = TokenBytes::None;
+            }
+        }
+        Ok(bytes)
     }
 
     /// A streaming decoder over this tokenizer.

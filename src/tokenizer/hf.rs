@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use serde_json::Value;
+use tokenizers::{Model, ModelWrapper};
 
 use super::tokenizer_config::token_text;
-use super::{no_panic, read_file, Backend, Tokenizer, TokenizerFormat};
+use super::{no_panic, read_file, Backend, TokenBytes, Tokenizer, TokenizerFormat};
 use crate::error::{Error, Result};
 
 /// Names that tokenizers commonly give their beginning-of-sequence token.
@@ -117,6 +118,307 @@ impl Backend for Hf {
     fn default_eos(&self) -> Vec<u32> {
         self.special(EOS_NAMES)
     }
+
+    /// Each token through the decoder, as it decodes in the middle of a text (see
+    /// [`Step`]); special added tokens by name; ids with no token, and the model's unknown
+    /// token unless it is a special added token, have no text.
+    fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        let steps = match self.inner.get_decoder() {
+            None => None,
+            Some(decoder) => {
+                let json = serde_json::to_value(decoder).map_err(|e| {
+                    Error::Tokenizer(format!("cannot read the tokenizer's decoder: {e}"))
+                })?;
+                let mut steps = Vec::new();
+                add_steps(&json, &mut false, &mut steps).map_err(|why| {
+                    Error::Tokenizer(format!(
+                        "cannot tell the bytes of each token of this tokenizer: {why}"
+                    ))
+                })?;
+                Some(steps)
+            }
+        };
+        let byte_map = byte_level_map();
+        let added = self.inner.get_added_tokens_decoder();
+        let model = self.inner.get_model();
+        let unk = model_unk_id(model);
+        Ok((0..self.vocab_size as u32)
+            .map(|id| {
+                let (piece, is_added) = match added.get(&id) {
+                    Some(t) if t.special => return TokenBytes::Special(t.content.clone()),
+                    _ if Some(id) == unk => return TokenBytes::None,
+                    Some(t) => (t.content.clone(), true),
+                    None => match model.id_to_token(id) {
+                        Some(piece) => (piece, false),
+                        None => return TokenBytes::None,
+                    },
+                };
+                TokenBytes::Text(match &steps {
+                    Some(steps) => apply_steps(piece, steps, is_added, &byte_map),
+                    // Without a decoder, the tokenizers crate joins tokens with spaces.
+                    None => [b" ", piece.as_bytes()].concat(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// The id of the model's unknown token, if it has one.
+fn model_unk_id(model: &ModelWrapper) -> Option<u32> {
+    let unk = match model {
+        ModelWrapper::BPE(m) => m.unk_token.clone()?,
+        ModelWrapper::WordPiece(m) => m.unk_token.clone(),
+        ModelWrapper::WordLevel(m) => m.unk_token.clone(),
+        // Unigram keeps its `unk_id` private: read it back from its serialization.
+        ModelWrapper::Unigram(m) => {
+            #[derive(serde::Deserialize)]
+            struct Unk {
+                unk_id: Option<u32>,
+            }
+            let json = serde_json::to_vec(m).ok()?;
+            return serde_json::from_slice::<Unk>(&json).ok()?.unk_id;
+        }
+    };
+    model.token_to_id(&unk)
+}
+
+/// What an HF decoder does to one token in the middle of a text. Decoders act on the
+/// list of a text's tokens; these are the ones whose effect on a token does not depend
+/// on its neighbours, except at the ends of the text, which [`TokenBytes`] ignores.
+#[derive(Debug)]
+enum Step {
+    /// GPT-2's byte-to-character map, reversed: each character is one byte. A token with
+    /// a character outside the map is its UTF-8, as the `tokenizers` crate decodes it.
+    /// Not applied to added tokens, which are written as plain text.
+    ByteLevel,
+    /// A literal `Replace` (e.g. `▁` by a space).
+    Replace { pattern: String, content: String },
+    /// A `<0xHH>` token is the byte HH.
+    ByteFallback,
+    /// `Metaspace`: the replacement character is a space (dropped at the start of a text
+    /// unless the scheme is `never`).
+    Metaspace(char),
+    /// `Strip` applied to each token (before any `Fuse`).
+    Strip {
+        content: char,
+        start: usize,
+        stop: usize,
+    },
+    /// `BPEDecoder`: the word-end suffix is a space (dropped at the end of a text).
+    Suffix(String),
+}
+
+/// Adds the steps of `decoder` (as the `tokenizers` crate serializes it) to `steps`.
+/// `fused` tells whether an earlier decoder joined the tokens into one text (`Fuse`,
+/// `ByteLevel`): a `Strip` then acts on the text's ends only and is left out, as is a
+/// `ByteFallback` (a whole text is not a `<0xHH>` token); decoders whose effect on the
+/// joined text differs from their effect on each token are refused.
+fn add_steps(
+    decoder: &Value,
+    fused: &mut bool,
+    steps: &mut Vec<Step>,
+) -> std::result::Result<(), String> {
+    let kind = decoder
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("untyped");
+    let str_field = |key: &str| {
+        decoder
+            .get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("its {kind} decoder has no string {key:?}"))
+    };
+    let char_field = |key: &str| {
+        let s = str_field(key)?;
+        let mut chars = s.chars();
+        match (chars.next(), chars.next()) {
+            (Some(c), None) => Ok(c),
+            _ => Err(format!(
+                "its {kind} decoder's {key} {s:?} is not one character"
+            )),
+        }
+    };
+    let count_field = |key: &str| {
+        decoder
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| format!("its {kind} decoder has no count {key:?}"))
+    };
+    let after_join = || {
+        Err(format!(
+            "its {kind} decoder comes after the tokens are joined, where its effect on a \
+             token depends on the others"
+        ))
+    };
+    match kind {
+        "Sequence" => {
+            let list = decoder
+                .get("decoders")
+                .and_then(Value::as_array)
+                .ok_or("its Sequence decoder has no list of decoders")?;
+            for d in list {
+                add_steps(d, fused, steps)?;
+            }
+        }
+        "ByteLevel" => {
+            if *fused {
+                return after_join();
+            }
+            steps.push(Step::ByteLevel);
+            *fused = true;
+        }
+        "Fuse" => *fused = true,
+        "Replace" => {
+            let pattern = decoder.get("pattern");
+            let Some(pattern) = pattern
+                .and_then(|p| p.get("String"))
+                .and_then(Value::as_str)
+            else {
+                return Err(format!(
+                    "its Replace decoder's pattern {} is not a plain string (a regular \
+                     expression can match across tokens)",
+                    pattern.unwrap_or(&Value::Null)
+                ));
+            };
+            // Once tokens are joined, a longer pattern could match across them; after
+            // ByteLevel, it would act on decoded bytes rather than on each token's string.
+            let byte_level = steps.iter().any(|s| matches!(s, Step::ByteLevel));
+            if pattern.is_empty() || byte_level || (*fused && pattern.chars().count() > 1) {
+                return after_join();
+            }
+            steps.push(Step::Replace {
+                pattern: pattern.to_string(),
+                content: str_field("content")?.to_string(),
+            });
+        }
+        "ByteFallback" => {
+            if !*fused {
+                steps.push(Step::ByteFallback);
+            }
+        }
+        "Strip" => {
+            if !*fused {
+                steps.push(Step::Strip {
+                    content: char_field("content")?,
+                    start: count_field("start")?,
+                    stop: count_field("stop")?,
+                });
+            }
+        }
+        "Metaspace" => {
+            if *fused {
+                return after_join();
+            }
+            steps.push(Step::Metaspace(char_field("replacement")?));
+        }
+        "BPEDecoder" => {
+            if *fused {
+                return after_join();
+            }
+            steps.push(Step::Suffix(str_field("suffix")?.to_string()));
+        }
+        // WordPiece (its cleanup joins punctuation to the previous word), CTC (drops
+        // repeats of the previous token) and any other.
+        other => {
+            return Err(format!(
+                "its {other} decoder is not supported (token bytes are known for ByteLevel, \
+                 Metaspace, BPEDecoder and Sequences of Replace, ByteFallback, Fuse and Strip)"
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// GPT-2's byte-level map reversed: the byte of each character below U+0144.
+fn byte_level_map() -> [Option<u8>; 0x144] {
+    let mut map = [None; 0x144];
+    let mut next = 0x100;
+    for b in 0..=255u8 {
+        let c = b as usize;
+        if matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
+            map[c] = Some(b);
+        } else {
+            map[next] = Some(b);
+            next += 1;
+        }
+    }
+    map
+}
+
+/// The byte of a `<0xHH>` token, as the `tokenizers` crate's `ByteFallback` reads it.
+fn hf_byte_piece(token: &str) -> Option<u8> {
+    if token.len() == 6 && token.starts_with("<0x") && token.ends_with('>') {
+        u8::from_str_radix(token.get(3..5)?, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// `token` through `steps`. Once a step has made bytes of it (`ByteLevel`,
+/// `ByteFallback`), the string steps after it do not apply.
+fn apply_steps(
+    mut token: String,
+    steps: &[Step],
+    is_added: bool,
+    byte_map: &[Option<u8>; 0x144],
+) -> Vec<u8> {
+    for step in steps {
+        match step {
+            Step::ByteLevel => {
+                if is_added {
+                    continue;
+                }
+                let bytes: Option<Vec<u8>> = token
+                    .chars()
+                    .map(|c| byte_map.get(c as usize).copied().flatten())
+                    .collect();
+                if let Some(bytes) = bytes {
+                    return bytes;
+                }
+            }
+            Step::Replace { pattern, content } => {
+                if token.contains(pattern.as_str()) {
+                    token = token.replace(pattern.as_str(), content);
+                }
+            }
+            Step::ByteFallback => {
+                if let Some(b) = hf_byte_piece(&token) {
+                    return vec![b];
+                }
+            }
+            Step::Metaspace(c) => {
+                if token.contains(*c) {
+                    token = token.replace(*c, " ");
+                }
+            }
+            Step::Strip {
+                content,
+                start,
+                stop,
+            } => {
+                let chars: Vec<char> = token.chars().collect();
+                let from = chars
+                    .iter()
+                    .take(*start)
+                    .take_while(|&&c| c == *content)
+                    .count();
+                let trailing = chars[from..]
+                    .iter()
+                    .rev()
+                    .take(*stop)
+                    .take_while(|&&c| c == *content)
+                    .count();
+                token = chars[from..chars.len() - trailing].iter().collect();
+            }
+            Step::Suffix(suffix) => {
+                if !suffix.is_empty() && token.contains(suffix.as_str()) {
+                    token = token.replace(suffix.as_str(), " ");
+                }
+            }
+        }
+    }
+    token.into_bytes()
 }
 
 /// Loads `tokenizer.json` bytes; `config` is the folder's parsed `tokenizer_config.json`.
@@ -242,4 +544,145 @@ pub(super) fn load_folder(dir: &Path) -> Result<Tokenizer> {
         None
     };
     load_json(&json, &bytes, config.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{Decoder, DecoderWrapper};
+
+    /// Our steps against the `tokenizers` crate's own decoder, for decoders that keep one
+    /// string per token: each token between two anchors, which take the first- and
+    /// last-token rules.
+    fn check_against_tokenizers(decoder: Value, tokens: &[&str]) {
+        let mut steps = Vec::new();
+        add_steps(&decoder, &mut false, &mut steps).unwrap();
+        let wrapper: DecoderWrapper = serde_json::from_value(decoder.clone()).unwrap();
+        let map = byte_level_map();
+        for &token in tokens {
+            let ours = apply_steps(token.to_string(), &steps, false, &map);
+            let theirs = wrapper
+                .decode_chain(vec!["ab".into(), token.into(), "cd".into()])
+                .unwrap();
+            assert_eq!(theirs.len(), 3, "{decoder}");
+            assert_eq!(
+                String::from_utf8(ours).as_deref(),
+                Ok(theirs[1].as_str()),
+                "{decoder}: {token:?}"
+            );
+        }
+    }
+
+    const TOKENS: &[&str] = &[
+        "▁hello", "▁▁", "▁", "plain", " spaced ", "  ", "<0x41>", "<0x0A>", "<0x+1>", "<0x4>",
+        "word</w>", "</w>", "é▁x", "",
+    ];
+
+    #[test]
+    fn per_token_steps_match_the_tokenizers_crate() {
+        let decoders = [
+            serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+            serde_json::json!({"type": "Replace", "pattern": {"String": "</w>"}, "content": "!"}),
+            serde_json::json!({"type": "ByteFallback"}),
+            serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true}),
+            serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": false}),
+            serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}),
+            serde_json::json!({"type": "Strip", "content": " ", "start": 2, "stop": 1}),
+            serde_json::json!({"type": "BPEDecoder", "suffix": "</w>"}),
+            serde_json::json!({"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 1},
+            ]}),
+        ];
+        for decoder in decoders {
+            // Strip panics in the tokenizers crate on tokens shorter than what it strips.
+            let tokens: Vec<&str> = if decoder.to_string().contains("Strip") {
+                TOKENS
+                    .iter()
+                    .copied()
+                    .filter(|t| t.chars().count() >= 3)
+                    .collect()
+            } else {
+                TOKENS.to_vec()
+            };
+            check_against_tokenizers(decoder, &tokens);
+        }
+    }
+
+    #[test]
+    fn steps_after_the_tokens_are_joined() {
+        let steps = |decoder: Value| {
+            let mut steps = Vec::new();
+            add_steps(&decoder, &mut false, &mut steps).map(|()| steps)
+        };
+        // Llama 2's: the Strip after Fuse only touches the start of the text.
+        let llama2 = steps(serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]}))
+        .unwrap();
+        assert_eq!(llama2.len(), 2);
+        let map = byte_level_map();
+        assert_eq!(apply_steps("▁hi".into(), &llama2, false, &map), b" hi");
+        assert_eq!(apply_steps("<0xE6>".into(), &llama2, false, &map), [0xE6]);
+        // A one-character Replace acts on the joined text as on each token; a longer one
+        // could match across tokens, and after ByteLevel it would act on bytes.
+        for (decoder, ok) in [
+            (
+                serde_json::json!([{"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}]),
+                true,
+            ),
+            (
+                serde_json::json!([{"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "ab"}, "content": " "}]),
+                false,
+            ),
+            (
+                serde_json::json!([{"type": "Replace", "pattern": {"String": "ab"}, "content": " "}, {"type": "Fuse"}]),
+                true,
+            ),
+            (
+                serde_json::json!([{"type": "ByteLevel"}, {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}]),
+                false,
+            ),
+            (
+                serde_json::json!([{"type": "Replace", "pattern": {"String": ""}, "content": " "}]),
+                false,
+            ),
+            (
+                serde_json::json!([{"type": "ByteLevel"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]),
+                true,
+            ),
+            (
+                serde_json::json!([{"type": "Fuse"}, {"type": "BPEDecoder", "suffix": "</w>"}]),
+                false,
+            ),
+            (
+                serde_json::json!([{"type": "Fuse"}, {"type": "ByteLevel"}]),
+                false,
+            ),
+        ] {
+            let result = steps(serde_json::json!({"type": "Sequence", "decoders": decoder}));
+            assert_eq!(result.is_ok(), ok, "{decoder}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn byte_level_keeps_tokens_outside_the_map_as_utf8() {
+        // As the tokenizers crate does: a token with a character outside GPT-2's map is
+        // its UTF-8 (this happens for added tokens listed in the vocabulary).
+        let map = byte_level_map();
+        let steps = [Step::ByteLevel];
+        assert_eq!(apply_steps("Ġhi".into(), &steps, false, &map), b" hi");
+        assert_eq!(apply_steps("é".into(), &steps, false, &map), [0xE9]);
+        assert_eq!(apply_steps("a b".into(), &steps, false, &map), b"a b");
+        assert_eq!(
+            apply_steps("日".into(), &steps, false, &map),
+            "日".as_bytes()
+        );
+        // Added tokens are their content.
+        assert_eq!(apply_steps("é".into(), &steps, true, &map), "é".as_bytes());
+    }
 }

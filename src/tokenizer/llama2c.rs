@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::{Backend, TokenizerFormat};
+use super::{Backend, TokenBytes, TokenizerFormat};
 use crate::error::{Error, Result};
 
 /// Upstream refuses more; a larger header value means the file is something else.
@@ -303,6 +303,35 @@ impl Backend for Llama2c {
 
     fn default_eos(&self) -> Vec<u32> {
         vec![self.eos]
+    }
+
+    /// As `decode` writes each token in the middle of a text (its leading
+    /// space kept), except that the BOS and EOS pieces are special tokens (named by their
+    /// piece, whitespace trimmed: llama2.c's own files store `\n<s>\n`) and `<unk>` has no
+    /// text. The file has no token types: any other control piece the source model had
+    /// (such as `<pad>`) is text, as upstream's decode writes it.
+    fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        Ok(self
+            .vocab
+            .iter()
+            .enumerate()
+            .map(|(id, piece)| {
+                let id = id as u32;
+                if id == self.bos || id == self.eos {
+                    let name = String::from_utf8_lossy(piece);
+                    return TokenBytes::Special(name.trim().to_string());
+                }
+                if piece.as_slice() == b"<unk>" {
+                    return TokenBytes::None;
+                }
+                match byte_piece(piece) {
+                    // A NUL byte ends upstream's C string: decode writes nothing for it.
+                    Some(0) => TokenBytes::None,
+                    Some(b) => TokenBytes::Text(vec![b]),
+                    None => TokenBytes::Text(piece.clone()),
+                }
+            })
+            .collect())
     }
 }
 

@@ -5,12 +5,14 @@ use std::collections::HashMap;
 
 use sentencepiece::SentencePieceProcessor;
 
-use super::{Backend, TokenizerFormat};
+use super::{Backend, TokenBytes, TokenizerFormat};
 use crate::error::{Error, Result};
 
 pub(super) struct Sp {
     processor: SentencePieceProcessor,
     pieces: Vec<String>,
+    types: Vec<PieceType>,
+    denormalizes: bool,
     index: HashMap<String, u32>,
 }
 
@@ -28,18 +30,26 @@ fn varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
     None
 }
 
-/// Walks the fields of a protobuf message, calling `f(field, payload)` for each
+/// A protobuf field's payload: a varint, or the bytes of a length-delimited field (fixed
+/// 32- and 64-bit fields are skipped).
+enum Payload<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+}
+
+/// Walks the fields of a protobuf message, calling `f(field, payload)` for each varint and
 /// length-delimited one.
 fn fields<'a>(
     bytes: &'a [u8],
-    mut f: impl FnMut(u64, &'a [u8]) -> std::result::Result<(), String>,
+    mut f: impl FnMut(u64, Payload<'a>) -> std::result::Result<(), String>,
 ) -> std::result::Result<(), String> {
     let mut pos = 0;
     while pos < bytes.len() {
         let key = varint(bytes, &mut pos).ok_or("truncated protobuf field")?;
         let end = match key & 7 {
             0 => {
-                varint(bytes, &mut pos).ok_or("truncated protobuf varint")?;
+                let value = varint(bytes, &mut pos).ok_or("truncated protobuf varint")?;
+                f(key >> 3, Payload::Varint(value))?;
                 pos
             }
             1 => pos + 8,
@@ -52,7 +62,7 @@ fn fields<'a>(
                 if end > bytes.len() {
                     return Err("truncated: a protobuf field runs past the end".into());
                 }
-                f(key >> 3, &bytes[pos..end])?;
+                f(key >> 3, Payload::Bytes(&bytes[pos..end]))?;
                 end
             }
             t => return Err(format!("protobuf wire type {t} is not valid here")),
@@ -65,36 +75,101 @@ fn fields<'a>(
     Ok(())
 }
 
-/// The pieces of a serialized `ModelProto` (field 1, each with its piece in field 1).
-fn parse_pieces(bytes: &[u8]) -> std::result::Result<Vec<String>, String> {
+/// A piece's type (`ModelProto.SentencePiece.Type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceType {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl PieceType {
+    /// An unknown value is NORMAL, the default, as protobuf (proto2) reads it.
+    fn from_proto(value: u64) -> Self {
+        match value {
+            2 => PieceType::Unknown,
+            3 => PieceType::Control,
+            4 => PieceType::UserDefined,
+            5 => PieceType::Unused,
+            6 => PieceType::Byte,
+            _ => PieceType::Normal,
+        }
+    }
+}
+
+/// What `token_bytes` needs of a serialized `ModelProto`, besides the pieces.
+struct ModelInfo {
+    /// Each piece (field 1 of each `pieces` entry, field 1) and its type (field 3, NORMAL
+    /// when absent).
+    pieces: Vec<(String, PieceType)>,
+    /// Whether `denormalizer_spec` (field 5) has rules (a `precompiled_charsmap`, field 2):
+    /// the library then rewrites decoded text as a whole.
+    denormalizes: bool,
+}
+
+fn parse_model(bytes: &[u8]) -> std::result::Result<ModelInfo, String> {
     let mut pieces = Vec::new();
+    let mut denormalizes = false;
     fields(bytes, |field, payload| {
-        if field == 1 {
-            let mut piece = None;
-            fields(payload, |f, p| {
-                if f == 1 {
-                    piece = Some(
-                        std::str::from_utf8(p)
-                            .map_err(|_| "a piece is not UTF-8".to_string())?
-                            .to_string(),
-                    );
+        match (field, payload) {
+            (1, Payload::Bytes(entry)) => {
+                let mut piece = None;
+                let mut kind = PieceType::Normal;
+                fields(entry, |f, p| {
+                    match (f, p) {
+                        (1, Payload::Bytes(p)) => {
+                            piece = Some(
+                                std::str::from_utf8(p)
+                                    .map_err(|_| "a piece is not UTF-8".to_string())?
+                                    .to_string(),
+                            )
+                        }
+                        (3, Payload::Varint(t)) => kind = PieceType::from_proto(t),
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                pieces.push((piece.ok_or("a vocabulary entry has no piece")?, kind));
+            }
+            (5, Payload::Bytes(spec)) => fields(spec, |f, p| {
+                if let (2, Payload::Bytes(charsmap)) = (f, p) {
+                    denormalizes |= !charsmap.is_empty();
                 }
                 Ok(())
-            })?;
-            pieces.push(piece.ok_or("a vocabulary entry has no piece")?);
+            })?,
+            _ => {}
         }
         Ok(())
     })?;
     if pieces.is_empty() {
         return Err("no vocabulary pieces".into());
     }
-    Ok(pieces)
+    Ok(ModelInfo {
+        pieces,
+        denormalizes,
+    })
+}
+
+/// The byte of a SentencePiece byte piece, `<0xHH>`.
+fn byte_piece(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }
 
 impl Sp {
     pub(super) fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
         // Check the structure first: the C++ library is given only well-formed messages.
-        let pieces = parse_pieces(bytes)?;
+        let ModelInfo {
+            pieces,
+            denormalizes,
+        } = parse_model(bytes)?;
+        let (pieces, types): (Vec<String>, Vec<PieceType>) = pieces.into_iter().unzip();
         let processor = SentencePieceProcessor::from_serialized_proto(bytes)
             .map_err(|e| format!("the SentencePiece library refused it: {e}"))?;
         if processor.len() != pieces.len() {
@@ -111,6 +186,8 @@ impl Sp {
         Ok(Self {
             processor,
             pieces,
+            types,
+            denormalizes,
             index,
         })
     }
@@ -168,5 +245,41 @@ impl Backend for Sp {
 
     fn default_eos(&self) -> Vec<u32> {
         self.processor.eos_id().into_iter().collect()
+    }
+
+    /// As the library decodes each piece in the middle of a text: `▁` is a space (also
+    /// when the model does not escape whitespace: the library replaces it regardless), a
+    /// byte piece is its byte, a control piece is special, and the unknown piece (decoded
+    /// as ` ⁇ `) and unused pieces (which encoding never yields) have no text. The
+    /// library drops the leading space of a text's first piece (the dummy prefix); this
+    /// keeps it.
+    fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        if self.denormalizes {
+            return Err(Error::Tokenizer(
+                "this SentencePiece model has denormalization rules, which rewrite the \
+                 decoded text as a whole: a token's bytes cannot be known on their own"
+                    .into(),
+            ));
+        }
+        self.pieces
+            .iter()
+            .zip(&self.types)
+            .map(|(piece, kind)| {
+                Ok(match kind {
+                    PieceType::Normal | PieceType::UserDefined => {
+                        TokenBytes::Text(piece.replace('\u{2581}', " ").into_bytes())
+                    }
+                    PieceType::Byte => {
+                        TokenBytes::Text(vec![byte_piece(piece).ok_or_else(|| {
+                            Error::Tokenizer(format!(
+                                "the byte piece {piece:?} is not of the form <0xHH>"
+                            ))
+                        })?])
+                    }
+                    PieceType::Control => TokenBytes::Special(piece.clone()),
+                    PieceType::Unknown | PieceType::Unused => TokenBytes::None,
+                })
+            })
+            .collect()
     }
 }

@@ -7,7 +7,7 @@ use base64::Engine;
 use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
-use super::{Backend, TokenizerFormat};
+use super::{Backend, TokenBytes, TokenizerFormat};
 use crate::error::{Error, Result};
 
 /// Llama 3's split pattern (upstream's default for tiktoken files).
@@ -220,5 +220,21 @@ impl Backend for Tiktoken {
 
     fn default_eos(&self) -> Vec<u32> {
         self.eos.clone()
+    }
+
+    /// The ranks' bytes, the special tokens by name; an id with neither is `None`.
+    fn token_bytes(&self) -> Result<Vec<TokenBytes>> {
+        let mut out: Vec<TokenBytes> = (0..self.vocab_size as u32)
+            .map(|id| match self.bpe.decode_bytes(&[id]) {
+                Ok(bytes) => TokenBytes::Text(bytes),
+                Err(_) => TokenBytes::None,
+            })
+            .collect();
+        for (name, &id) in &self.special {
+            if let Some(slot) = out.get_mut(id as usize) {
+                *slot = TokenBytes::Special(name.clone());
+            }
+        }
+        Ok(out)
     }
 }
