@@ -103,6 +103,11 @@ impl Compiler {
     pub fn new(tokens: &[TokenBytes], vocab: usize, eos_ids: &[u32]) -> Result<Self> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab + 1);
         words.extend(tokens.iter().take(vocab).map(|t| match t {
+            // A word starting with 0xFF would read as a special token's name; the byte
+            // never occurs in UTF-8 text, so such a token can never match a grammar.
+            TokenBytes::Text(bytes) if bytes.first() == Some(&TokTrie::SPECIAL_TOKEN_MARKER) => {
+                Vec::new()
+            }
             TokenBytes::Text(bytes) => bytes.clone(),
             TokenBytes::Special(name) => {
                 let mut w = Vec::with_capacity(name.len() + 1);

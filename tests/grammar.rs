@@ -134,7 +134,7 @@ fn regex_outputs_fully_match_the_pattern() {
         r"(yes|no|maybe)",
         r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
         r"\(\d{3}\) \d{3}-\d{4}",
-        r"[A-Z][a-z]+( [A-Z][a-z]+){0,2}\.",
+        r"[A-Z][a-z]{1,6}( [A-Z][a-z]{1,6}){0,2}\.",
     ] {
         let full = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
         for seed in SEEDS {

@@ -154,17 +154,16 @@ struct SamplingArgs {
 
 /// Constrained decoding: the output must match one grammar.
 #[derive(Args)]
-#[group(multiple = false)]
 struct GrammarArgs {
     /// The output must be JSON valid under the JSON schema in FILE.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["grammar", "regex"])]
     json_schema: Option<PathBuf>,
     /// The output must match the grammar in FILE, written in --grammar-type's language
     /// (default: from the file's extension: .lark, .gbnf, .json, .regex).
     #[arg(long, value_name = "FILE")]
     grammar: Option<PathBuf>,
     /// The output must fully match the regular expression PATTERN (Rust regex syntax).
-    #[arg(long, value_name = "PATTERN")]
+    #[arg(long, value_name = "PATTERN", conflicts_with = "grammar")]
     regex: Option<String>,
     /// The language of --grammar: lark, gbnf, regex or json_schema.
     #[arg(long, value_name = "TYPE", requires = "grammar",
