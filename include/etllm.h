@@ -409,6 +409,12 @@ typedef struct etllm_generation_config {
    * Read during the call only.
    */
   const char *grammar_type;
+  /**
+   * With a grammar: do not feed text the grammar forces (a JSON key, `":`) to the model
+   * in one step; sample it token by token instead. Default false (fast-forward on: the
+   * same text, the tokenizer's own tokens for it, fewer model steps).
+   */
+  bool grammar_no_fast_forward;
 } etllm_generation_config;
 
 /**

@@ -106,6 +106,7 @@ struct GenerationConfig {
   std::vector<std::string> stop_strings;  ///< text that ends generation (never streamed)
   std::string grammar;                    ///< the output must match it; empty: unconstrained
   std::string grammar_type = "json_schema";  ///< json_schema, regex, lark (lark_grammar) or gbnf
+  bool grammar_fast_forward = true;  ///< feed text the grammar forces in one model step
 
   /// The C struct for this config; valid while this object lives unchanged.
   etllm_generation_config to_c() const {
@@ -132,6 +133,7 @@ struct GenerationConfig {
     c.num_stop_strings = stop_string_ptrs_.size();
     c.grammar = grammar.empty() ? nullptr : grammar.c_str();
     c.grammar_type = grammar_type.c_str();
+    c.grammar_no_fast_forward = !grammar_fast_forward;
     return c;
   }
 

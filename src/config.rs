@@ -74,6 +74,11 @@ pub struct GenerationConfig {
     /// grammar or a GBNF grammar. Parse upstream's names (`"json_schema"`, `"regex"`,
     /// `"lark"`, `"lark_grammar"`, `"gbnf"`) with [`str::parse`].
     pub grammar_type: crate::grammar::GrammarType,
+    /// With a grammar: when the grammar forces the next text (a JSON key, `":`, the rest
+    /// of an enum value), feed its tokens to the model in one step instead of sampling them
+    /// one by one. The forced text is the same either way; its tokens are the tokenizer's
+    /// own spelling of it, and the model runs fewer steps. Default true.
+    pub grammar_fast_forward: bool,
 }
 
 impl Default for GenerationConfig {
@@ -96,6 +101,7 @@ impl Default for GenerationConfig {
             stop_strings: Vec::new(),
             grammar: String::new(),
             grammar_type: crate::grammar::GrammarType::JsonSchema,
+            grammar_fast_forward: true,
         }
     }
 }

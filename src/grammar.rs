@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use llguidance::api::{StopReason, TopLevelGrammar};
-use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{Error, Result};
@@ -101,6 +101,28 @@ impl Compiler {
     /// may be fewer than `vocab`: the rows past them are never allowed) and `eos_ids` the
     /// ids that end generation.
     pub fn new(tokens: &[TokenBytes], vocab: usize, eos_ids: &[u32]) -> Result<Self> {
+        Self::build(tokens, vocab, eos_ids, None)
+    }
+
+    /// Like [`new`](Self::new), with the tokenizer's encoder, which turns text the grammar
+    /// forces into the tokens the tokenizer itself would give it (fast-forward; see
+    /// [`Constraint::forced_tokens`]). Text it does not spell exactly (a prefix space, a
+    /// normalizer) is split into tokens by longest match instead.
+    pub fn with_tokenizer(
+        tokens: &[TokenBytes],
+        vocab: usize,
+        eos_ids: &[u32],
+        encode: impl Fn(&str) -> Option<Vec<u32>> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        Self::build(tokens, vocab, eos_ids, Some(Box::new(encode)))
+    }
+
+    fn build(
+        tokens: &[TokenBytes],
+        vocab: usize,
+        eos_ids: &[u32],
+        encode: Option<Encode>,
+    ) -> Result<Self> {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(vocab + 1);
         words.extend(tokens.iter().take(vocab).map(|t| match t {
             // A word starting with 0xFF would read as a special token's name; the byte
@@ -132,7 +154,7 @@ impl Compiler {
         let info = TokRxInfo::new(words.len() as u32, eos[0]);
         let built = catch_unwind(AssertUnwindSafe(|| {
             let trie = TokTrie::from(&info, &words).with_eos_tokens(&eos);
-            let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+            let env: TokEnv = Arc::new(Env { trie, encode });
             ParserFactory::new_simple(&env).map_err(|e| e.to_string())
         }));
         let mut factory = match built {
@@ -172,6 +194,42 @@ impl Compiler {
             vocab: self.vocab,
             eos,
         })
+    }
+}
+
+/// A tokenizer's encoder, as [`Compiler::with_tokenizer`] takes it.
+type Encode = Box<dyn Fn(&str) -> Option<Vec<u32>> + Send + Sync>;
+
+/// The vocabulary as llguidance sees it: the token trie, and a tokenization of forced text
+/// whose bytes are always exactly that text.
+struct Env {
+    trie: TokTrie,
+    encode: Option<Encode>,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    /// The tokenizer's own tokens when they spell exactly `s` (no prefix space, no special
+    /// token, no normalization), else the longest-match split of the trie.
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        if let (Some(encode), Ok(text)) = (&self.encode, std::str::from_utf8(s)) {
+            if let Some(ids) = encode(text) {
+                if ids.iter().all(|&t| (t as usize) < self.trie.vocab_size())
+                    && self.trie.decode_raw(&ids) == s
+                {
+                    return ids;
+                }
+            }
+        }
+        self.trie.greedy_tokenize(s)
+    }
+
+    /// Every tokenization this gives spells its text exactly, which is what forcing needs.
+    fn tokenize_is_canonical(&self) -> bool {
+        true
     }
 }
 
@@ -277,6 +335,35 @@ impl Constraint {
     /// How many tokens are allowed next.
     pub fn num_allowed(&mut self) -> Result<usize> {
         Ok(self.mask()?.num_set())
+    }
+
+    /// The bytes the grammar forces next, whatever the model would choose (e.g. `":` after
+    /// a JSON key, or a required key's name): text a runner could feed without sampling.
+    pub fn forced_bytes(&mut self) -> Vec<u8> {
+        self.matcher.compute_ff_bytes()
+    }
+
+    /// Fast-forward: the tokens that spell the text the grammar forces next (at most
+    /// `max`), already fed to the grammar, so that a runner feeds them to the model in one
+    /// step instead of sampling them one by one. Empty when nothing is forced. The text is
+    /// cut before its last token when that token could still grow into a longer one.
+    pub fn forced_tokens(&mut self, max: usize) -> Result<Vec<u32>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.mask = None;
+        let mut tokens = self.matcher.compute_ff_tokens();
+        if let Some(e) = self.matcher.get_error() {
+            return Err(Error::Grammar(format!("computing forced tokens: {e}")));
+        }
+        tokens.truncate(max);
+        if let Some(i) = tokens.iter().position(|&t| t as usize >= self.vocab) {
+            tokens.truncate(i);
+        }
+        self.matcher
+            .consume_tokens(&tokens)
+            .map_err(|e| Error::Grammar(format!("the grammar refused its forced tokens: {e}")))?;
+        Ok(tokens)
     }
 
     /// Whether `token` is one of the EOS tokens the grammar knows.

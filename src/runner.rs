@@ -1,5 +1,6 @@
 //! The runner: loads a model and a tokenizer, and generates text with streaming callbacks.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,7 +110,8 @@ impl StopHandle {
 
 struct Loaded {
     model: Model,
-    tokenizer: Tokenizer,
+    /// Shared with the grammar compiler, which tokenizes forced text with it.
+    tokenizer: Arc<Tokenizer>,
     io: Box<dyn IoManager>,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
@@ -129,7 +131,13 @@ impl Loaded {
     fn compiler(&mut self) -> Result<&Compiler> {
         if self.grammar.is_none() {
             let tokens = self.tokenizer.token_bytes()?;
-            self.grammar = Some(Compiler::new(&tokens, self.vocab_size, &self.eos_ids)?);
+            let tokenizer = self.tokenizer.clone();
+            self.grammar = Some(Compiler::with_tokenizer(
+                &tokens,
+                self.vocab_size,
+                &self.eos_ids,
+                move |text| tokenizer.encode(text).ok(),
+            )?);
         }
         Ok(self.grammar.as_ref().expect("built"))
     }
@@ -317,7 +325,7 @@ impl Runner {
         let ring = io.ring_buffer();
         self.loaded = Some(Loaded {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             io,
             bos_id,
             eos_ids,
@@ -385,7 +393,7 @@ impl Runner {
 
     /// The tokenizer, once loaded.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.loaded.as_ref().map(|l| &l.tokenizer)
+        self.loaded.as_ref().map(|l| &*l.tokenizer)
     }
 
     /// The BOS id in use: the model's `get_bos_id`, else the tokenizer's.
@@ -909,13 +917,19 @@ fn generate_loop(
     let mut stream = tokenizer.stream();
     let mut stop_strings = StopStrings::new(&config.stop_strings);
     let mut generated = 0usize;
+    // Fast-forward: tokens the grammar forces, already fed to the grammar, waiting to be
+    // emitted; and emitted tokens not yet fed to the model (the current one excluded),
+    // which go to the model together in one step.
+    let mut forced: VecDeque<u32> = VecDeque::new();
+    let mut unfed: Vec<u32> = Vec::new();
+    let mut is_forced = false;
     let reason = loop {
         generated += 1;
         stats.num_generated_tokens = generated as u64;
         if generated == 1 {
             stats.first_token_us = now_us();
         }
-        if let Some(c) = picker.constraint.as_mut() {
+        if let (Some(c), false) = (picker.constraint.as_mut(), is_forced) {
             // The grammar allows its EOS tokens only where the output is complete, and
             // then they end it, `ignore_eos` or not.
             if c.is_eos(token) {
@@ -927,7 +941,7 @@ fn generate_loop(
         {
             break StopReason::Eos;
         }
-        if let Some(c) = picker.constraint.as_mut() {
+        if let (Some(c), false) = (picker.constraint.as_mut(), is_forced) {
             c.commit(token)?;
         }
         let (piece, found) = match stop_strings.push(&stream.push(token)?) {
@@ -945,10 +959,11 @@ fn generate_loop(
         if found {
             break StopReason::StopString;
         }
-        if picker
-            .constraint
-            .as_ref()
-            .is_some_and(Constraint::is_complete)
+        if forced.is_empty()
+            && picker
+                .constraint
+                .as_ref()
+                .is_some_and(Constraint::is_complete)
         {
             break StopReason::GrammarComplete;
         }
@@ -963,7 +978,7 @@ fn generate_loop(
             let full = if *ring {
                 context_bound
             } else {
-                pos + 1 >= *max_context
+                pos + unfed.len() + 1 >= *max_context
             };
             break if full {
                 StopReason::ContextFull
@@ -974,28 +989,54 @@ fn generate_loop(
         if stopped() {
             break StopReason::Stopped;
         }
-        let t0 = Instant::now();
-        let step = io.prepare_decode(token as u64, pos)?;
-        let outputs = match model.execute(step.method, &step.inputs) {
-            Ok(outputs) => outputs,
-            Err(_) if *ring && pos >= *max_context => {
-                // Past the context, a model that fails is not a ring buffer after all: the
-                // conversation is full, as for any bounded model.
-                *ring = false;
-                break StopReason::ContextFull;
+        unfed.push(token);
+        if forced.is_empty() && config.grammar_fast_forward {
+            if let Some(c) = picker.constraint.as_mut() {
+                forced.extend(c.forced_tokens(n_new - generated)?);
             }
-            Err(e) => return Err(e),
+        }
+        if let Some(next) = forced.pop_front() {
+            token = next;
+            is_forced = true;
+            continue;
+        }
+        let t0 = Instant::now();
+        let Some(logits) = feed_tokens(model, io, &unfed, pos, *ring, *max_context)? else {
+            // Past the context, a model that fails is not a ring buffer after all: the
+            // conversation is full, as for any bounded model.
+            *ring = false;
+            unfed.pop();
+            break StopReason::ContextFull;
         };
-        let logits = io.update_decode(&outputs)?;
         let step_ns = t0.elapsed().as_nanos();
         model_ns += step_ns;
         decode_model_ns += step_ns;
-        pos += 1;
+        pos += unfed.len();
         if keep_history {
-            history.push(token);
+            history.extend_from_slice(&unfed);
         }
+        unfed.clear();
         token = picker.pick(logits, &history)?;
+        is_forced = false;
     };
+    if !unfed.is_empty() {
+        // Forced tokens emitted before the last one: the runner keeps one pending token,
+        // so the model takes them now.
+        let t0 = Instant::now();
+        if feed_tokens(model, io, &unfed, pos, *ring, *max_context)?.is_none() {
+            *ring = false;
+            return Err(Error::ContextFull {
+                prompt_tokens: unfed.len(),
+                available: max_context.saturating_sub(pos),
+                max_context: *max_context,
+                position: pos,
+            });
+        }
+        let step_ns = t0.elapsed().as_nanos();
+        model_ns += step_ns;
+        decode_model_ns += step_ns;
+        pos += unfed.len();
+    }
     stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
     stats.decode_model_execution_time_us = (decode_model_ns / 1000) as u64;
     stats.aggregate_sampling_time_us = (picker.elapsed_ns / 1000) as u64;
@@ -1015,6 +1056,51 @@ fn generate_loop(
         });
     }
     Ok((pos, Some(token)))
+}
+
+/// Feeds generated `tokens` (one, or several forced by a grammar) at `pos` and returns the
+/// logits after the last; `None` when a ring-buffer model fails past its context.
+fn feed_tokens<'a>(
+    model: &'a mut Model,
+    io: &'a mut Box<dyn IoManager>,
+    tokens: &[u32],
+    pos: usize,
+    ring: bool,
+    max_context: usize,
+) -> Result<Option<&'a [f32]>> {
+    let past_context = |n: usize| ring && pos + n > max_context;
+    if let [token] = tokens {
+        let step = io.prepare_decode(*token as u64, pos)?;
+        return match model.execute(step.method, &step.inputs) {
+            Ok(outputs) => io.update_decode(&outputs).map(Some),
+            Err(_) if past_context(1) => Ok(None),
+            Err(e) => Err(e),
+        };
+    }
+    let ids: Vec<u64> = tokens.iter().map(|&t| t as u64).collect();
+    let chunk = io.max_prefill_chunk().max(1);
+    let (last, rest) = match ids.len().checked_sub(1) {
+        Some(n) => (&ids[n / chunk * chunk..], &ids[..n / chunk * chunk]),
+        None => return Err(Error::InvalidArgument("no tokens to feed".into())),
+    };
+    let mut at = pos;
+    for part in rest.chunks(chunk) {
+        let step = io.prepare_prefill(part, at)?;
+        match model.execute(step.method, &step.inputs) {
+            Ok(outputs) => {
+                io.update_prefill(&outputs)?;
+            }
+            Err(_) if past_context(at - pos + part.len()) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        at += part.len();
+    }
+    let step = io.prepare_prefill(last, at)?;
+    match model.execute(step.method, &step.inputs) {
+        Ok(outputs) => io.update_prefill(&outputs).map(Some),
+        Err(_) if past_context(ids.len()) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Picks each generated token: the grammar's mask first, if any, then the caller's plugin,

@@ -362,3 +362,147 @@ fn constrained_generation_works_with_every_tokenizer_format() {
         }
     }
 }
+
+/// The built-in KV-cache manager, counting the model steps it prepares.
+struct CountSteps {
+    inner: Box<dyn etllm::IoManager>,
+    steps: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl etllm::IoManager for CountSteps {
+    fn load(&mut self, model: &etllm::ModelInfo) -> etllm::Result<()> {
+        self.inner = etllm::io_manager::default_manager_for(model)?;
+        self.inner.load(model)
+    }
+    fn max_prefill_chunk(&self) -> usize {
+        self.inner.max_prefill_chunk()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn reset(&mut self) -> etllm::Result<()> {
+        self.inner.reset()
+    }
+    fn rewind(&mut self, pos: usize) -> etllm::Result<()> {
+        self.inner.rewind(pos)
+    }
+    fn prepare_prefill(
+        &mut self,
+        tokens: &[u64],
+        start_pos: usize,
+    ) -> etllm::Result<etllm::io_manager::StepInputs<'_>> {
+        self.steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.prepare_prefill(tokens, start_pos)
+    }
+    fn update_prefill<'o>(
+        &mut self,
+        outputs: &[etllm::tensor::TensorView<'o>],
+    ) -> etllm::Result<&'o [f32]> {
+        self.inner.update_prefill(outputs)
+    }
+    fn prepare_decode(
+        &mut self,
+        token: u64,
+        pos: usize,
+    ) -> etllm::Result<etllm::io_manager::StepInputs<'_>> {
+        self.steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.prepare_decode(token, pos)
+    }
+    fn update_decode<'o>(
+        &mut self,
+        outputs: &[etllm::tensor::TensorView<'o>],
+    ) -> etllm::Result<&'o [f32]> {
+        self.inner.update_decode(outputs)
+    }
+}
+
+#[test]
+fn fast_forward_feeds_forced_text_in_fewer_model_steps() {
+    let schema = schemas()[0].1.to_string();
+    let validator = jsonschema::validator_for(&schemas()[0].1).unwrap();
+    let mut steps_per_token = Vec::new();
+    for fast_forward in [true, false] {
+        let steps = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let manager = CountSteps {
+            inner: Box::new(etllm::io_manager::NoKvCache::default()),
+            steps: steps.clone(),
+        };
+        let options = RunnerOptions {
+            io_manager: Some(Box::new(manager)),
+            ..Default::default()
+        };
+        let mut runner =
+            Runner::open(model_path("dyn_xnnpack"), tokenizer_path(), options).unwrap();
+        let config = GenerationConfig {
+            grammar_fast_forward: fast_forward,
+            ..constrained(GrammarType::JsonSchema, &schema, Some(3), 100)
+        };
+        let (text, stats) = run(&mut runner, "The", &config);
+        assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert!(validator.is_valid(&value), "{text:?}");
+        let steps = steps.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        steps_per_token.push(steps / stats.num_generated_tokens as f64);
+    }
+    // `{"name":"` and `","age":` are forced: with fast-forward each goes in one step.
+    assert!(
+        steps_per_token[0] < 0.8 * steps_per_token[1],
+        "model steps per generated token with/without: {steps_per_token:?}"
+    );
+}
+
+/// After a constrained generation, the model's cache holds exactly the streamed tokens:
+/// continuing greedily gives what feeding the prompt and those tokens from scratch gives.
+fn assert_cache_holds_the_streamed_tokens(runner: &mut Runner, config: &GenerationConfig) {
+    let prompt = runner
+        .tokenizer()
+        .unwrap()
+        .encode("Once upon a time")
+        .unwrap();
+    runner.reset().unwrap();
+    let (constrained, _) = generate_ids(runner, &prompt, config);
+    let (after, _) = generate_ids(runner, &[], &greedy(6));
+    runner.reset().unwrap();
+    let mut all = prompt.clone();
+    all.extend(&constrained.tokens);
+    let (fresh, _) = generate_ids(runner, &all, &greedy(6));
+    assert_eq!(after.tokens, fresh.tokens, "{:?}", constrained.text);
+}
+
+#[test]
+fn fast_forwarded_tokens_land_in_the_cache_in_order() {
+    let schema = schemas()[3].1.to_string();
+    let mut runner = open("dyn_xnnpack");
+    for max in [100, 7, 12] {
+        // 7 and 12 stop inside forced text: the forced tokens before the last go to the
+        // model before the call returns.
+        let config = GenerationConfig {
+            ignore_eos: true,
+            ..constrained(GrammarType::JsonSchema, &schema, None, max)
+        };
+        assert_cache_holds_the_streamed_tokens(&mut runner, &config);
+    }
+}
+
+#[test]
+fn fast_forward_uses_the_tokenizer_s_own_tokens_with_tiktoken() {
+    // tiktoken spells forced text exactly as its encoder does (no prefix space).
+    let tokenizer = fixtures_dir().join("tokenizers/tiktoken.model");
+    let mut runner = Runner::open(
+        demo_dir().join("model.pte"),
+        &tokenizer,
+        RunnerOptions::default(),
+    )
+    .unwrap();
+    let schema = schemas()[3].1.to_string();
+    let config = constrained(GrammarType::JsonSchema, &schema, Some(2), 100);
+    let (text, stats) = run(&mut runner, "Once upon a time", &config);
+    assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
+    let value: Value = serde_json::from_str(&text).unwrap();
+    assert!(jsonschema::validator_for(&schemas()[3].1)
+        .unwrap()
+        .is_valid(&value));
+    assert_cache_holds_the_streamed_tokens(&mut runner, &config);
+}

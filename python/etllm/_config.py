@@ -40,7 +40,8 @@ class GenerationConfig:
     the default; a ``dict`` is serialized for you), a regular expression (``"regex"``), a
     Lark grammar (``"lark"`` or ``"lark_grammar"``) or a llama.cpp GBNF grammar
     (``"gbnf"``). An empty grammar is unconstrained. A grammar that does not compile raises
-    :class:`GrammarError` before any model step.
+    :class:`GrammarError` before any model step. ``grammar_fast_forward`` (default ``True``)
+    feeds text the grammar forces to the model in one step instead of sampling it.
     """
 
     echo: bool = True
@@ -60,6 +61,7 @@ class GenerationConfig:
     stop_strings: Sequence[str] = field(default_factory=tuple)
     grammar: Union[str, Dict[str, Any]] = ""
     grammar_type: str = "json_schema"
+    grammar_fast_forward: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.grammar, dict):
@@ -73,7 +75,7 @@ class GenerationConfig:
                 f"GenerationConfig.grammar_type is {self.grammar_type!r}; use one of "
                 + ", ".join(GRAMMAR_TYPES)
             )
-        for name in ("echo", "warming", "ignore_eos"):
+        for name in ("echo", "warming", "ignore_eos", "grammar_fast_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GenerationConfig.{name} must be a bool")
         for name in ("max_new_tokens", "seq_len", "num_bos", "num_eos", "top_k"):
@@ -131,6 +133,7 @@ class GenerationConfig:
         grammar_type = self.grammar_type.encode("utf-8")
         c.grammar = grammar
         c.grammar_type = grammar_type
+        c.grammar_no_fast_forward = not self.grammar_fast_forward
         return c, (ids, strs, encoded, grammar, grammar_type)
 
 

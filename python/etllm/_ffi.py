@@ -67,6 +67,7 @@ class GenerationConfigC(Structure):
         ("num_stop_strings", c_size_t),
         ("grammar", c_char_p),
         ("grammar_type", c_char_p),
+        ("grammar_no_fast_forward", c_bool),
     ]
 
 

@@ -165,6 +165,10 @@ struct GrammarArgs {
     /// The output must fully match the regular expression PATTERN (Rust regex syntax).
     #[arg(long, value_name = "PATTERN", conflicts_with = "grammar")]
     regex: Option<String>,
+    /// With a grammar, sample text the grammar forces token by token instead of feeding it
+    /// to the model in one step.
+    #[arg(long)]
+    no_fast_forward: bool,
     /// The language of --grammar: lark, gbnf, regex or json_schema.
     #[arg(long, value_name = "TYPE", requires = "grammar",
           value_parser = ["lark", "lark_grammar", "gbnf", "regex", "json_schema"])]
@@ -224,6 +228,7 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             grammar,
             grammar_type,
+            grammar_fast_forward: !self.grammar.no_fast_forward,
             ..Default::default()
         })
     }

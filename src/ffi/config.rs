@@ -70,6 +70,10 @@ pub struct etllm_generation_config {
     /// "lark" (or "lark_grammar") or "gbnf"; another name is `ETLLM_ERR_INVALID_ARGUMENT`.
     /// Read during the call only.
     pub grammar_type: *const c_char,
+    /// With a grammar: do not feed text the grammar forces (a JSON key, `":`) to the model
+    /// in one step; sample it token by token instead. Default false (fast-forward on: the
+    /// same text, the tokenizer's own tokens for it, fewer model steps).
+    pub grammar_no_fast_forward: bool,
 }
 
 impl Default for etllm_generation_config {
@@ -97,6 +101,7 @@ impl Default for etllm_generation_config {
             num_stop_strings: 0,
             grammar: std::ptr::null(),
             grammar_type: std::ptr::null(),
+            grammar_no_fast_forward: false,
         }
     }
 }
@@ -151,6 +156,7 @@ pub(crate) fn read_config(
         stop_strings,
         grammar,
         grammar_type,
+        grammar_fast_forward: !c.grammar_no_fast_forward,
     })
 }
 
@@ -213,6 +219,7 @@ pub extern "C" fn etllm_runner_options_default() -> etllm_runner_options {
 
 super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_seed,
     max_new_tokens, seq_len, temperature, num_bos, num_eos, seed, stop_token_ids,
-    num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings, grammar, grammar_type);
+    num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings, grammar, grammar_type,
+    grammar_no_fast_forward);
 super::versioned!(etllm_runner_options, "options"; io_manager, preset, data_paths,
     num_data_paths, method_name);
