@@ -158,6 +158,22 @@ static void unknown_grammar_type_is_an_invalid_argument(const char *arg) {
   etllm_runner_free(runner);
 }
 
+static void fast_forward_off_still_matches(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = open_runner(DEFAULT_MODEL);
+  collector got;
+  memset(&got, 0, sizeof got);
+  etllm_generation_config config = constrained("(yes|no), (red|blue)\\.", "regex", 7, 40);
+  config.grammar_no_fast_forward = true;
+  CHECK_OK(etllm_runner_generate(runner, PROMPT, &config, collect_token, collect_stats, &got,
+                                 NULL));
+  CHECK_MSG(strcmp(got.text, "yes, red.") == 0 || strcmp(got.text, "yes, blue.") == 0 ||
+                strcmp(got.text, "no, red.") == 0 || strcmp(got.text, "no, blue.") == 0,
+            "got %s", got.text);
+  CHECK(got.stats.stop_reason == ETLLM_STOP_GRAMMAR_COMPLETE);
+  etllm_runner_free(runner);
+}
+
 static void grammar_error_has_a_status_name(const char *arg) {
   (void)arg;
   CHECK(strcmp(etllm_status_name(ETLLM_ERR_GRAMMAR), "ETLLM_ERR_GRAMMAR") == 0);
@@ -174,6 +190,7 @@ int main(int argc, char **argv) {
       {"bad_grammars_fail_with_grammar_error_and_leave_the_runner_usable",
        bad_grammars_fail_with_grammar_error_and_leave_the_runner_usable},
       {"unknown_grammar_type_is_an_invalid_argument", unknown_grammar_type_is_an_invalid_argument},
+      {"fast_forward_off_still_matches", fast_forward_off_still_matches},
       {"grammar_error_has_a_status_name", grammar_error_has_a_status_name},
   };
   return run_test_case(argc, argv, cases, NUM_CASES(cases));

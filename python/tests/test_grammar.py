@@ -179,3 +179,13 @@ def test_too_few_tokens_is_grammar_incomplete(runner):
     text, stats = generate(runner, config(SCHEMAS["nested"], max_new_tokens=3))
     assert stats.stop_reason == "grammar_incomplete"
     assert stats.num_generated_tokens == 3 and text.startswith("{")
+
+
+def test_outputs_validate_with_fast_forward_off_too(runner):
+    schema = SCHEMAS["nested"]
+    for seed in SEEDS:
+        cfg = config(schema, seed=seed)
+        cfg.grammar_fast_forward = False
+        text, stats = generate(runner, cfg)
+        assert stats.stop_reason == "grammar_complete", (seed, text)
+        jsonschema.validate(json.loads(text), schema)
