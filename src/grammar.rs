@@ -20,7 +20,9 @@ pub mod gbnf;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use llguidance::api::{StopReason, TopLevelGrammar};
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
@@ -174,26 +176,44 @@ impl Compiler {
         Ok(Self { factory, vocab })
     }
 
-    /// Compiles `text` as a grammar of type `ty` into a fresh constraint. A grammar that
-    /// does not compile is an [`Error::Grammar`] with the compiler's message.
+    /// Compiles `text` as a grammar of type `ty` into a fresh constraint, and computes the
+    /// tokens allowed first. A grammar that does not compile is an [`Error::Grammar`] with
+    /// the compiler's message; so is one for which the engine takes longer than
+    /// [`STEP_BUDGET`] to compute the allowed tokens of a step (some ambiguous grammars make
+    /// it search forever).
     pub fn compile(&self, ty: GrammarType, text: &str) -> Result<Constraint> {
+        self.compile_with_stop(ty, text, None)
+    }
+
+    /// [`compile`](Self::compile), with a stop flag: once it is set, a step's computation
+    /// in progress is cancelled ([`Constraint::was_stopped`] then says so).
+    pub(crate) fn compile_with_stop(
+        &self,
+        ty: GrammarType,
+        text: &str,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Result<Constraint> {
         let grammar = top_level(ty, text)?;
         let parser = catch_unwind(AssertUnwindSafe(|| self.factory.create_parser(grammar)))
             .map_err(|_| Error::Grammar(format!("the {ty} grammar compiler panicked")))?
             .map_err(|e| Error::Grammar(format!("the {ty} grammar does not compile: {e}")))?;
-        let matcher = Matcher::new(Ok(parser));
+        let matcher = Matcher::new(Ok(parser)).into_cancellable();
         if let Some(e) = matcher.get_error() {
             return Err(Error::Grammar(format!(
                 "the {ty} grammar does not compile: {e}"
             )));
         }
         let eos = self.factory.tok_env().tok_trie().eos_tokens().to_vec();
-        Ok(Constraint {
+        let watchdog = Watchdog::start(&matcher, stop);
+        let mut constraint = Constraint {
             matcher,
             mask: None,
             vocab: self.vocab,
             eos,
-        })
+            watchdog,
+        };
+        constraint.mask()?;
+        Ok(constraint)
     }
 }
 
@@ -263,15 +283,114 @@ pub struct Constraint {
     mask: Option<SimpleVob>,
     vocab: usize,
     eos: Vec<u32>,
+    watchdog: Watchdog,
+}
+
+/// The longest the grammar engine may take over one step (the allowed tokens, the forced
+/// tokens, or taking a token) before the step is cancelled and generation fails with
+/// [`Error::Grammar`]. Steps take microseconds to a few milliseconds; some ambiguous
+/// grammars would make the engine search forever.
+pub const STEP_BUDGET: Duration = Duration::from_secs(3);
+
+/// Cancels a constraint's step that runs past [`STEP_BUDGET`], or once the runner's stop
+/// flag is set: a thread per constraint, which ends when the constraint is dropped.
+struct Watchdog {
+    /// Milliseconds since `epoch` when the step in progress began; 0 when idle.
+    step_started_ms: Arc<AtomicU64>,
+    timed_out: Arc<AtomicBool>,
+    stop: Option<Arc<AtomicBool>>,
+    epoch: Instant,
+    /// Dropped with the constraint, which wakes and ends the thread.
+    _alive: Option<mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    fn start(matcher: &Matcher, stop: Option<Arc<AtomicBool>>) -> Self {
+        let step_started_ms = Arc::new(AtomicU64::new(0));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let (alive, dead) = mpsc::channel::<()>();
+        let handle = matcher.cancellation_handle();
+        let (started, late, stop_flag) = (step_started_ms.clone(), timed_out.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("etllm-grammar-watchdog".into())
+            .spawn(move || {
+                let Some(handle) = handle else { return };
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    dead.recv_timeout(Duration::from_millis(20))
+                {
+                    let began = started.load(Ordering::Acquire);
+                    if began == 0 {
+                        continue;
+                    }
+                    let now = epoch.elapsed().as_millis() as u64 + 1;
+                    if now.saturating_sub(began) > STEP_BUDGET.as_millis() as u64 {
+                        late.store(true, Ordering::Release);
+                        handle.cancel();
+                    } else if stop_flag
+                        .as_ref()
+                        .is_some_and(|s| s.load(Ordering::Acquire))
+                    {
+                        handle.cancel();
+                    }
+                }
+            });
+        Self {
+            step_started_ms,
+            timed_out,
+            stop,
+            epoch,
+            // Without a thread (none could be started), steps run unguarded.
+            _alive: spawned.ok().map(|_| alive),
+        }
+    }
+
+    /// Runs one engine step under the watchdog.
+    fn guard<T>(&self, f: impl FnOnce() -> T) -> T {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.step_started_ms.store(now, Ordering::Release);
+        let out = f();
+        self.step_started_ms.store(0, Ordering::Release);
+        out
+    }
+
+    /// The error for a step that failed with `message`: a timeout and a stop are named.
+    fn error(&self, what: &str, message: String) -> Error {
+        if self.timed_out.load(Ordering::Acquire) {
+            Error::Grammar(format!(
+                "{what}: the grammar engine took longer than {} s for one step (the grammar \
+                 is too ambiguous for it; simplify it)",
+                STEP_BUDGET.as_secs()
+            ))
+        } else if self.stopped() {
+            Error::Grammar(format!("{what}: stopped"))
+        } else {
+            Error::Grammar(format!("{what}: {message}"))
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Acquire))
+    }
 }
 
 impl Constraint {
+    /// Whether a step failed because the runner's stop flag was set while it ran.
+    pub(crate) fn was_stopped(&self) -> bool {
+        self.matcher.is_cancelled()
+            && self.watchdog.stopped()
+            && !self.watchdog.timed_out.load(Ordering::Acquire)
+    }
+
     /// The tokens allowed next (computed once per step). An empty set is an error: the
     /// vocabulary cannot continue the output (e.g. the grammar needs a character no token
     /// has).
     fn mask(&mut self) -> Result<&SimpleVob> {
         if self.mask.is_none() {
-            let mask = self.matcher.compute_mask().map_err(|e| {
+            let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
+            let mask = watchdog.guard(|| matcher.compute_mask()).map_err(|e| {
                 if self.matcher.stop_reason() == StopReason::NoExtensionBias {
                     Error::Grammar(
                         "no token of the vocabulary can continue the output here: the \
@@ -279,7 +398,8 @@ impl Constraint {
                             .into(),
                     )
                 } else {
-                    Error::Grammar(format!("computing the allowed tokens: {e}"))
+                    self.watchdog
+                        .error("computing the allowed tokens", e.to_string())
                 }
             })?;
             if mask.is_zero() {
@@ -352,17 +472,22 @@ impl Constraint {
             return Ok(Vec::new());
         }
         self.mask = None;
-        let mut tokens = self.matcher.compute_ff_tokens();
+        let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
+        let mut tokens = watchdog.guard(|| matcher.compute_ff_tokens());
         if let Some(e) = self.matcher.get_error() {
-            return Err(Error::Grammar(format!("computing forced tokens: {e}")));
+            return Err(self.watchdog.error("computing forced tokens", e));
         }
         tokens.truncate(max);
         if let Some(i) = tokens.iter().position(|&t| t as usize >= self.vocab) {
             tokens.truncate(i);
         }
-        self.matcher
-            .consume_tokens(&tokens)
-            .map_err(|e| Error::Grammar(format!("the grammar refused its forced tokens: {e}")))?;
+        let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
+        watchdog
+            .guard(|| matcher.consume_tokens(&tokens))
+            .map_err(|e| {
+                self.watchdog
+                    .error("the grammar refused its forced tokens", e.to_string())
+            })?;
         Ok(tokens)
     }
 
@@ -374,9 +499,13 @@ impl Constraint {
     /// Feeds the chosen token (which must be allowed) to the grammar.
     pub fn commit(&mut self, token: u32) -> Result<()> {
         self.mask = None;
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| Error::Grammar(format!("the grammar refused token {token}: {e}")))
+        let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
+        watchdog
+            .guard(|| matcher.consume_token(token))
+            .map_err(|e| {
+                self.watchdog
+                    .error(&format!("the grammar refused token {token}"), e.to_string())
+            })
     }
 
     /// Whether the grammar allows nothing more than the end of the output.

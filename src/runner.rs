@@ -142,13 +142,18 @@ impl Loaded {
         Ok(self.grammar.as_ref().expect("built"))
     }
 
-    /// Compiles the config's grammar, if any, against this vocabulary.
-    fn constraint(&mut self, config: &GenerationConfig) -> Result<Option<Constraint>> {
+    /// Compiles the config's grammar, if any, against this vocabulary; `stop` cancels the
+    /// grammar engine's work in progress.
+    fn constraint(
+        &mut self,
+        config: &GenerationConfig,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Option<Constraint>> {
         if config.grammar.is_empty() {
             return Ok(None);
         }
         self.compiler()?
-            .compile(config.grammar_type, &config.grammar)
+            .compile_with_stop(config.grammar_type, &config.grammar, Some(stop.clone()))
             .map(Some)
     }
 }
@@ -640,11 +645,17 @@ impl Runner {
                 "the prompt is empty and there is no previous turn to continue".into()
             }));
         }
-        // The grammar compiles before any model step: a bad one changes nothing.
+        // The grammar compiles before any model step: a bad one changes nothing. A stop
+        // request from before this call is cleared first (it would cancel the compile).
+        self.stop.store(false, Ordering::Release);
         let constraint = if prefill_only {
             None
         } else {
-            self.loaded.as_mut().expect("loaded").constraint(config)?
+            let stop = self.stop.clone();
+            self.loaded
+                .as_mut()
+                .expect("loaded")
+                .constraint(config, &stop)?
         };
         let mode = match (prefill_only, prompt) {
             (true, _) => Mode::Prefill,
@@ -894,11 +905,21 @@ fn generate_loop(
         model_ns += t0.elapsed().as_nanos();
         pos += part.len();
         if last && n_new > 0 {
-            token = Some(picker.pick(logits, &history)?);
+            token = match picker.pick(logits, &history) {
+                Ok(t) => Some(t),
+                Err(_) if picker.grammar_stopped() => None,
+                Err(e) => return Err(e),
+            };
         }
     }
     stats.prompt_eval_end_us = now_us();
     let Some(mut token) = token else {
+        if picker.grammar_stopped() {
+            // `stop()` came while the grammar engine worked on the first token.
+            stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
+            stats.stop_reason = StopReason::Stopped;
+            return Ok((pos, None));
+        }
         stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
         let incomplete = picker
             .constraint
@@ -923,7 +944,10 @@ fn generate_loop(
     let mut forced: VecDeque<u32> = VecDeque::new();
     let mut unfed: Vec<u32> = Vec::new();
     let mut is_forced = false;
+    // The last token, not fed to the model: the next call starts with it.
+    let mut pending;
     let reason = loop {
+        pending = Some(token);
         generated += 1;
         stats.num_generated_tokens = generated as u64;
         if generated == 1 {
@@ -1016,7 +1040,16 @@ fn generate_loop(
             history.extend_from_slice(&unfed);
         }
         unfed.clear();
-        token = picker.pick(logits, &history)?;
+        token = match picker.pick(logits, &history) {
+            Ok(t) => t,
+            Err(_) if picker.grammar_stopped() => {
+                // `stop()` came while the grammar engine worked: every token so far is
+                // fed, none is pending.
+                pending = None;
+                break StopReason::Stopped;
+            }
+            Err(e) => return Err(e),
+        };
         is_forced = false;
     };
     if !unfed.is_empty() {
@@ -1055,7 +1088,7 @@ fn generate_loop(
             text: &rest,
         });
     }
-    Ok((pos, Some(token)))
+    Ok((pos, pending))
 }
 
 /// Feeds generated `tokens` (one, or several forced by a grammar) at `pos` and returns the
@@ -1118,6 +1151,13 @@ struct Picker<'p> {
 }
 
 impl Picker<'_> {
+    /// Whether the grammar's last step was cancelled by `stop()`.
+    fn grammar_stopped(&self) -> bool {
+        self.constraint
+            .as_ref()
+            .is_some_and(Constraint::was_stopped)
+    }
+
     fn pick(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let t0 = Instant::now();
         let token = self.choose(logits, history);

@@ -506,3 +506,57 @@ fn fast_forward_uses_the_tokenizer_s_own_tokens_with_tiktoken() {
         .is_valid(&value));
     assert_cache_holds_the_streamed_tokens(&mut runner, &config);
 }
+
+/// A grammar on which llguidance's first step never ends (found while testing the GBNF
+/// translation: a greedy lexeme followed by a literal it can also match).
+const ENDLESS: &str = "start: A \"ab\"\nA: /a+/";
+
+#[test]
+fn a_grammar_the_engine_cannot_finish_is_an_error_after_the_step_budget() {
+    let mut runner = open("dyn_xnnpack");
+    let t0 = std::time::Instant::now();
+    let err = runner
+        .generate(
+            "Once",
+            &constrained(GrammarType::Lark, ENDLESS, None, 5),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap_err();
+    let waited = t0.elapsed();
+    assert!(matches!(err, Error::Grammar(_)), "{err}");
+    assert!(err.to_string().contains("longer than"), "{err}");
+    assert!(
+        waited >= etllm::grammar::STEP_BUDGET && waited < etllm::grammar::STEP_BUDGET * 3,
+        "{waited:?}"
+    );
+    assert_eq!(runner.position(), 0);
+    let (t, _) = generate_text(&mut runner, "Once", &greedy(3));
+    assert_eq!(t.tokens.len(), 3);
+}
+
+#[test]
+fn stop_cancels_the_grammar_engine_s_work_in_progress() {
+    let mut runner = open("dyn_xnnpack");
+    let handle = runner.stop_handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        handle.stop();
+    });
+    let t0 = std::time::Instant::now();
+    let err = runner
+        .generate(
+            "Once",
+            &constrained(GrammarType::Lark, ENDLESS, None, 5),
+            |_| ControlFlow::Continue(()),
+            |_| {},
+        )
+        .unwrap_err();
+    stopper.join().unwrap();
+    assert!(err.to_string().contains("stopped"), "{err}");
+    assert!(
+        t0.elapsed() < etllm::grammar::STEP_BUDGET,
+        "{:?}",
+        t0.elapsed()
+    );
+}
