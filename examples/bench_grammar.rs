@@ -237,16 +237,17 @@ fn main() {
     println!(
         "| model | vocab | compiler build ms | schema compile ms | decode tok/s plain | \
          json, no fast-forward | ratio | json, fast-forward | ratio | mask µs median | \
-         mask µs p99 | mask µs max | apply µs median | single-token steps |"
+         mask µs mean | mask µs p99 | mask µs max | apply µs median | single-token steps |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
         "| {} | {vocab} | {build_ms:.0} | {compile_ms:.1} | {p:.1} | {n:.1} | {:.3} | {j:.1} | \
-         {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {forced}/{steps} ({:.0}%) |",
+         {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {forced}/{steps} ({:.0}%) |",
         args.model.display(),
         n / p,
         j / p,
         median(mask_us),
+        mask_us.iter().sum::<f64>() / steps as f64,
         percentile(mask_us, 0.99),
         percentile(mask_us, 1.0),
         median(apply_us),
