@@ -114,6 +114,9 @@ enum Target {
     TokenizerTiktoken,
     TokenizerLlama2c,
     ChatTemplate,
+    /// A grammar for constrained decoding: the first byte picks the type (GBNF, Lark,
+    /// regex, JSON schema), the rest is its text; compiled and driven a few steps.
+    Grammar,
     CAbi,
 }
 
@@ -127,6 +130,7 @@ impl Target {
             Target::TokenizerTiktoken => "tokenizer-tiktoken",
             Target::TokenizerLlama2c => "tokenizer-llama2c",
             Target::ChatTemplate => "chat-template",
+            Target::Grammar => "grammar",
             Target::CAbi => "c-abi",
         }
     }
@@ -227,6 +231,34 @@ impl Target {
                 b"\"id\"",
             ],
             Target::TokenizerTiktoken => &[b"\n", b" ", b"=", b"==", b"0", b"-1", b"4294967295"],
+            Target::Grammar => &[
+                b"::=",
+                b"|",
+                b"(",
+                b")",
+                b"*",
+                b"+",
+                b"?",
+                b"{2,5}",
+                b"{0,}",
+                b"[",
+                b"]",
+                b"[^",
+                b"\\x7F",
+                b"\\u2028",
+                b"\"",
+                b".",
+                b"root",
+                b"\n",
+                b"<[3]>",
+                b"start:",
+                b"%json",
+                b"/[a-z]+/",
+                b"\"type\"",
+                b"\"$ref\"",
+                b"{",
+                b"}",
+            ],
             _ => &[],
         }
     }
@@ -279,6 +311,7 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
             fixture("tokenizers/hf/tokenizer_config.json"),
             manifest().join("examples/data/compact_chat.jinja"),
         ],
+        Target::Grammar => Vec::new(),
         Target::CAbi => Vec::new(),
     };
     let mut seeds: Vec<(String, Vec<u8>)> = files
@@ -304,6 +337,24 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
                 "llama2".into(),
                 etllm::ChatTemplate::llama2().source().into(),
             ));
+        }
+        Target::Grammar => {
+            let typed = |ty: u8, path: PathBuf| {
+                let mut bytes = vec![ty];
+                bytes.extend(std::fs::read(&path).unwrap());
+                (path.display().to_string(), bytes)
+            };
+            let dir = fixture("gbnf");
+            let mut names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "gbnf"))
+                .collect();
+            names.sort();
+            seeds.extend(names.into_iter().map(|p| typed(0, p)));
+            seeds.push(typed(1, fixture("grammar/greeting.lark")));
+            seeds.push(typed(3, fixture("grammar/person.schema.json")));
+            seeds.push(("regex".into(), b"\x02[a-z]{2,5}-[0-9]+(x|y)?".to_vec()));
         }
         Target::CAbi => {
             // Random programs: the interpreter gives every byte string a meaning.
@@ -1026,6 +1077,40 @@ fn exec_tokenizer(path: &Path) -> etllm::Result<()> {
     Ok(())
 }
 
+/// Compiles the grammar against a vocabulary of single bytes and takes up to 64 steps,
+/// each time the lowest allowed byte.
+fn exec_grammar(path: &Path) -> etllm::Result<()> {
+    use etllm::grammar::Compiler;
+    use etllm::tokenizer::TokenBytes;
+    use etllm::GrammarType;
+    let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let Some((&ty, text)) = bytes.split_first() else {
+        return Ok(());
+    };
+    let ty = [
+        GrammarType::Gbnf,
+        GrammarType::Lark,
+        GrammarType::Regex,
+        GrammarType::JsonSchema,
+    ][ty as usize % 4];
+    let mut tokens: Vec<TokenBytes> = (0..=255u8).map(|b| TokenBytes::Text(vec![b])).collect();
+    tokens.push(TokenBytes::Special("</s>".into()));
+    let compiler = Compiler::new(&tokens, 257, &[256])?;
+    let mut c = compiler.compile(ty, &String::from_utf8_lossy(text))?;
+    for _ in 0..64 {
+        if c.is_complete() {
+            break;
+        }
+        let token = c.first_allowed()?;
+        if token == 256 {
+            break;
+        }
+        c.commit(token)?;
+        let _ = c.forced_tokens(4)?;
+    }
+    Ok(())
+}
+
 fn exec_chat(path: &Path) -> etllm::Result<()> {
     use etllm::{ChatMessage, ChatTemplate};
     let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
@@ -1084,6 +1169,7 @@ fn exec(target: Target, file: &Path) -> ExitCode {
         | Target::TokenizerTiktoken
         | Target::TokenizerLlama2c => exec_tokenizer(file),
         Target::ChatTemplate => exec_chat(file),
+        Target::Grammar => exec_grammar(file),
         Target::CAbi => {
             let bytes = std::fs::read(file).expect("reading the case");
             cabi::run(&bytes);
