@@ -560,3 +560,27 @@ fn stop_cancels_the_grammar_engine_s_work_in_progress() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn a_conversation_constrains_every_reply_and_rewinds() {
+    // The demo model (context 256) holds two templated turns of the fixture tokenizer.
+    let mut runner = open_demo();
+    let template = runner.chat_template().unwrap().clone();
+    let mut chat = etllm::Conversation::new(template);
+    let config = constrained(GrammarType::Regex, "(yes|no)\\.", Some(4), 10);
+    let mut replies = Vec::new();
+    for user in ["Is it?", "And now?"] {
+        let (reply, stats) = chat
+            .send(&mut runner, user, &config, |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{reply:?}");
+        assert!(reply == "yes." || reply == "no.", "{reply:?}");
+        replies.push(reply);
+    }
+    // Dropping the last turn and sending it again gives the same constrained reply.
+    assert!(chat.rewind(&mut runner).unwrap());
+    let (again, _) = chat
+        .send(&mut runner, "And now?", &config, |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(again, replies[1]);
+}
