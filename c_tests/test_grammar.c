@@ -45,18 +45,7 @@ static size_t cli_ids(uint64_t seed, uint32_t *ids, size_t max) {
            "' --seed %llu --temperature 1 --max-new-tokens 100 --bos 1 --json-schema '%s' --json",
            ETLLM_CLI, fixture(DEFAULT_MODEL "/model.pte"), TOKENIZER(),
            (unsigned long long)seed, fixture(SCHEMA_FILE));
-  FILE *p = popen(cmd, "r");
-  CHECK(p != NULL);
-  char line[8192];
-  size_t n = 0;
-  while (fgets(line, sizeof line, p) != NULL) {
-    const char *id = strstr(line, "\"id\":");
-    if (id == NULL || strncmp(id + 5, "null", 4) == 0) continue;
-    CHECK(n < max);
-    ids[n++] = (uint32_t)strtoul(id + 5, NULL, 10);
-  }
-  CHECK_MSG(pclose(p) == 0, "the CLI failed: %s", cmd);
-  return n;
+  return cli_token_ids(cmd, ids, max);
 }
 
 static void c_abi_and_cli_draw_the_same_constrained_tokens(const char *arg) {

@@ -240,18 +240,8 @@ fn a_gbnf_grammar_constrains_generation() {
             ..Default::default()
         };
         runner.reset().unwrap();
-        let mut text = String::new();
-        let stats = runner
-            .generate(
-                "Is it?",
-                &config,
-                |p| {
-                    text.push_str(p.text);
-                    ControlFlow::Continue(())
-                },
-                |_| {},
-            )
-            .unwrap();
+        let (t, stats) = generate_text(&mut runner, "Is it?", &config);
+        let text = t.text;
         assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert!(

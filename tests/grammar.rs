@@ -28,19 +28,8 @@ fn constrained(ty: GrammarType, grammar: &str, seed: Option<u64>, max: i32) -> G
 /// Generates from `prompt` after a reset; returns the streamed text and the stats.
 fn run(runner: &mut Runner, prompt: &str, config: &GenerationConfig) -> (String, Stats) {
     runner.reset().unwrap();
-    let mut text = String::new();
-    let stats = runner
-        .generate(
-            prompt,
-            config,
-            |p| {
-                text.push_str(p.text);
-                ControlFlow::Continue(())
-            },
-            |_| {},
-        )
-        .unwrap_or_else(|e| panic!("generate with {:?}: {e}", config.grammar));
-    (text, stats)
+    let (t, stats) = generate_text(runner, prompt, config);
+    (t.text, stats)
 }
 
 /// The seeds every sampled case runs with; `None` is greedy.
@@ -259,18 +248,8 @@ fn a_new_generate_call_starts_a_new_grammar_state_and_turns_continue() {
     let config = constrained(GrammarType::Regex, "(yes|no)\\.", Some(5), 10);
     runner.reset().unwrap();
     let turn = |runner: &mut Runner, prompt: &str| {
-        let mut text = String::new();
-        let stats = runner
-            .generate(
-                prompt,
-                &config,
-                |p| {
-                    text.push_str(p.text);
-                    ControlFlow::Continue(())
-                },
-                |_| {},
-            )
-            .unwrap();
+        let (t, stats) = generate_text(runner, prompt, &config);
+        let text = t.text;
         assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
         assert!(text == "yes." || text == "no.", "{text:?}");
         text
@@ -580,7 +559,9 @@ fn a_conversation_constrains_every_reply_and_rewinds() {
     // Dropping the last turn and sending it again gives the same constrained reply.
     assert!(chat.rewind(&mut runner).unwrap());
     let (again, _) = chat
-        .send(&mut runner, "And now?", &config, |_| ControlFlow::Continue(()))
+        .send(&mut runner, "And now?", &config, |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap();
     assert_eq!(again, replies[1]);
 }

@@ -8,8 +8,12 @@
 //! - on real-size tokenizers in `/work/bench-models` when present (skipped otherwise):
 //!   the same, with reference ids from the benchmark's `verify.json`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir};
 
 use etllm::tokenizer::{Preset, TokenBytes, Tokenizer};
 use etllm::Error;
@@ -18,10 +22,6 @@ use serde_json::Value;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tokenizers_dir() -> PathBuf {
-    root().join("tests/fixtures/tokenizers")
 }
 
 fn token_bytes_dir() -> PathBuf {
@@ -45,17 +45,8 @@ struct Case {
 
 /// A format of `tests/fixtures/tokenizers/reference.json` and its tokenizer.
 fn load(format: &str) -> (Format, Tokenizer) {
-    let text = std::fs::read_to_string(tokenizers_dir().join("reference.json")).unwrap();
-    let mut all: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
-    let r: Format = serde_json::from_value(all.remove(format).unwrap()).unwrap();
-    let path = tokenizers_dir().join(&r.file);
-    // The HF tokenizer as its folder, with tokenizer_config.json.
-    let path = if format == "hf" {
-        path.parent().unwrap().to_path_buf()
-    } else {
-        path
-    };
-    let t = Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{format}: {e}"));
+    let r: Format = tokenizer_reference(format);
+    let t = load_tokenizer_fixture(format, &r.file);
     (r, t)
 }
 

@@ -1,7 +1,11 @@
 //! Every tokenizer format against the output of its reference implementation, recorded by
 //! `tools/fixtures/make_tokenizers.py` in `tests/fixtures/tokenizers/reference.json`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir};
 
 use etllm::tokenizer::{LlamaVersion, Preset, TiktokenOptions, Tokenizer, TokenizerFormat};
 use etllm::Error;
@@ -34,25 +38,16 @@ struct Case {
 }
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers")
+    tokenizers_dir()
 }
 
 fn reference(format: &str) -> Format {
-    let text = std::fs::read_to_string(dir().join("reference.json")).unwrap();
-    let mut all: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
-    serde_json::from_value(all.remove(format).unwrap()).unwrap()
+    tokenizer_reference(format)
 }
 
 fn load(format: &str) -> (Format, Tokenizer) {
     let r = reference(format);
-    let path = dir().join(&r.file);
-    // An HF tokenizer is loaded as its folder, to read tokenizer_config.json too.
-    let path = if format == "hf" {
-        path.parent().unwrap().to_path_buf()
-    } else {
-        path
-    };
-    let t = Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{format}: {e}"));
+    let t = load_tokenizer_fixture(format, &r.file);
     (r, t)
 }
 

@@ -246,3 +246,18 @@ int run_test_case(int argc, char **argv, const test_case *cases, size_t num_case
   fprintf(stderr, "%s: no case called `%s`\n", argv[0], argv[1]);
   return 2;
 }
+
+size_t cli_token_ids(const char *cmd, uint32_t *ids, size_t max) {
+  FILE *p = popen(cmd, "r");
+  CHECK(p != NULL);
+  char line[8192];
+  size_t n = 0;
+  while (fgets(line, sizeof line, p) != NULL) {
+    const char *id = strstr(line, "\"id\":");
+    if (id == NULL || strncmp(id + 5, "null", 4) == 0) continue;
+    CHECK(n < max);
+    ids[n++] = (uint32_t)strtoul(id + 5, NULL, 10);
+  }
+  CHECK_MSG(pclose(p) == 0, "the CLI failed: %s", cmd);
+  return n;
+}

@@ -97,6 +97,13 @@ void collect_stats(void *user_data, const etllm_stats *stats);
 /* Fails the test unless every piece the collector saw was complete UTF-8 with a right len. */
 void check_pieces_well_formed(const collector *c);
 
+/* ---- The command-line tool ---------------------------------------------------------------- */
+
+/* Runs an `etllm generate ... --json` command line and returns how many generated token ids
+ * it printed (one {"id": N, ...} line a token), stored in `ids`; fails the test when the
+ * command fails or prints more than `max`. */
+size_t cli_token_ids(const char *cmd, uint32_t *ids, size_t max);
+
 /* ---- Running cases ---------------------------------------------------------------------- */
 
 typedef struct test_case {

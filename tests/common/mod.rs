@@ -215,3 +215,27 @@ pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max)
 }
+
+/// `tests/fixtures/tokenizers/`.
+pub fn tokenizers_dir() -> PathBuf {
+    fixtures_dir().join("tokenizers")
+}
+
+/// One format's entry of `tests/fixtures/tokenizers/reference.json`, read as `T`.
+pub fn tokenizer_reference<T: serde::de::DeserializeOwned>(format: &str) -> T {
+    let text = std::fs::read_to_string(tokenizers_dir().join("reference.json")).unwrap();
+    let mut all: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(all.remove(format).unwrap()).unwrap()
+}
+
+/// The tokenizer of a format of `reference.json`, from its `file`: an HF tokenizer is
+/// loaded as its folder, to read `tokenizer_config.json` too.
+pub fn load_tokenizer_fixture(format: &str, file: &str) -> etllm::Tokenizer {
+    let path = tokenizers_dir().join(file);
+    let path = if format == "hf" {
+        path.parent().unwrap().to_path_buf()
+    } else {
+        path
+    };
+    etllm::Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{format}: {e}"))
+}
