@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir};
+use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir, TOKENIZER_FORMATS};
 
 use etllm::tokenizer::{Preset, TokenBytes, Tokenizer};
 use etllm::Error;
@@ -413,13 +413,7 @@ fn hf_gemma_matches_llguidance_but_for_added_tokens_with_a_metaspace() {
 
 #[test]
 fn bos_and_eos_are_special_in_every_format() {
-    for format in [
-        "sentencepiece_bpe",
-        "sentencepiece_unigram",
-        "llama2c",
-        "tiktoken",
-        "hf",
-    ] {
+    for format in TOKENIZER_FORMATS {
         let (r, t) = load(format);
         let tb = token_bytes(&t);
         assert_eq!(t.bos_id(), Some(r.bos_id), "{format}");

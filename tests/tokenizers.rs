@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir};
+use common::{load_tokenizer_fixture, tokenizer_reference, tokenizers_dir, TOKENIZER_FORMATS};
 
 use etllm::tokenizer::{LlamaVersion, Preset, TiktokenOptions, Tokenizer, TokenizerFormat};
 use etllm::Error;
@@ -315,13 +315,7 @@ fn llama_preset_on_sentencepiece_is_llama2() {
 
 #[test]
 fn decode_of_an_id_outside_the_vocabulary_is_an_error_in_every_format() {
-    for format in [
-        "sentencepiece_bpe",
-        "sentencepiece_unigram",
-        "llama2c",
-        "tiktoken",
-        "hf",
-    ] {
+    for format in TOKENIZER_FORMATS {
         let (r, t) = load(format);
         let bad = r.vocab_size as u32 + 7;
         assert!(

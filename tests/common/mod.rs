@@ -216,6 +216,15 @@ pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// The formats of `tests/fixtures/tokenizers/reference.json`.
+pub const TOKENIZER_FORMATS: [&str; 5] = [
+    "sentencepiece_bpe",
+    "sentencepiece_unigram",
+    "llama2c",
+    "tiktoken",
+    "hf",
+];
+
 /// `tests/fixtures/tokenizers/`.
 pub fn tokenizers_dir() -> PathBuf {
     fixtures_dir().join("tokenizers")
