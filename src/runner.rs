@@ -507,7 +507,7 @@ impl Runner {
     /// The grammar compiler for this runner's vocabulary (its tokenizer's token bytes, the
     /// model's vocabulary size and EOS ids), built on first use: what `generate` uses for
     /// [`GenerationConfig::grammar`], for callers that drive a
-    /// [`Constraint`](crate::grammar::Constraint) themselves. Loads the runner if needed.
+    /// [`Constraint`] themselves. Loads the runner if needed.
     pub fn grammar_compiler(&mut self) -> Result<&Compiler> {
         self.load()?;
         self.loaded.as_mut().expect("loaded").compiler()
