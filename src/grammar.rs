@@ -384,13 +384,14 @@ impl Constraint {
             && !self.watchdog.timed_out.load(Ordering::Acquire)
     }
 
-    /// The tokens allowed next (computed once per step). An empty set is an error: the
+    /// The tokens allowed next (computed once per step; only EOS once the grammar is
+    /// complete). An empty set is an error: the
     /// vocabulary cannot continue the output (e.g. the grammar needs a character no token
     /// has).
     fn mask(&mut self) -> Result<&SimpleVob> {
         if self.mask.is_none() {
             let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
-            let mask = watchdog.guard(|| matcher.compute_mask()).map_err(|e| {
+            let mask = watchdog.guard(|| matcher.compute_mask_or_eos()).map_err(|e| {
                 if self.matcher.stop_reason() == StopReason::NoExtensionBias {
                     Error::Grammar(
                         "no token of the vocabulary can continue the output here: the \
