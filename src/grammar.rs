@@ -391,18 +391,20 @@ impl Constraint {
     fn mask(&mut self) -> Result<&SimpleVob> {
         if self.mask.is_none() {
             let (matcher, watchdog) = (&mut self.matcher, &self.watchdog);
-            let mask = watchdog.guard(|| matcher.compute_mask_or_eos()).map_err(|e| {
-                if self.matcher.stop_reason() == StopReason::NoExtensionBias {
-                    Error::Grammar(
-                        "no token of the vocabulary can continue the output here: the \
+            let mask = watchdog
+                .guard(|| matcher.compute_mask_or_eos())
+                .map_err(|e| {
+                    if self.matcher.stop_reason() == StopReason::NoExtensionBias {
+                        Error::Grammar(
+                            "no token of the vocabulary can continue the output here: the \
                          grammar needs text that no token spells"
-                            .into(),
-                    )
-                } else {
-                    self.watchdog
-                        .error("computing the allowed tokens", e.to_string())
-                }
-            })?;
+                                .into(),
+                        )
+                    } else {
+                        self.watchdog
+                            .error("computing the allowed tokens", e.to_string())
+                    }
+                })?;
             if mask.is_zero() {
                 return Err(Error::Grammar(
                     "no token of the vocabulary can continue the output here".into(),

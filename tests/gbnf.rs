@@ -107,7 +107,13 @@ fn every_sample_gets_llama_cpp_s_own_verdict() {
         let mut c = compiler
             .compile(GrammarType::Gbnf, &fixture(&s.grammar))
             .unwrap_or_else(|e| panic!("{}: {e}", s.grammar));
-        assert_eq!(verdict(&mut c, &s.text), want, "{}: {:?}", s.grammar, s.text);
+        assert_eq!(
+            verdict(&mut c, &s.text),
+            want,
+            "{}: {:?}",
+            s.grammar,
+            s.text
+        );
         *per_verdict.entry(s.verdict.as_str()).or_default() += 1;
     }
     // Every grammar has samples of each kind it can have; 74 in all.
