@@ -42,6 +42,7 @@ pub mod conversation;
 pub mod error;
 mod et;
 pub mod ffi;
+pub mod grammar;
 pub mod io_manager;
 pub mod model;
 pub mod runner;

@@ -1,0 +1,3 @@
+//! Grammar front ends for constrained decoding.
+
+pub mod gbnf;
