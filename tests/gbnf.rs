@@ -251,6 +251,95 @@ fn translated_fixtures_give_llama_cpp_verdicts() {
     assert!(checked > 250, "only {checked} samples");
 }
 
+/// The same samples as BPE tokens, which often span lexemes and sometimes end inside a
+/// UTF-8 character: tokens before the first refused character must be allowed, the token
+/// holding (a byte of) it must be the first one refused, and only complete matches may
+/// end in an accepting state.
+#[test]
+fn translated_fixtures_give_llama_cpp_verdicts_with_a_bpe_tokenizer() {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_big.json"),
+        )
+        .expect("tokenizer_big.json"),
+    )
+    .expect("tokenizer json");
+    let words = llguidance::token_bytes_from_tokenizer_json(&json).expect("token bytes");
+    let info = llguidance::toktrie::TokRxInfo::new(words.len() as u32, 2);
+    let trie = llguidance::toktrie::TokTrie::from(&info, &words);
+    let env: llguidance::toktrie::TokEnv = std::sync::Arc::new(ApproximateTokEnv::new(trie));
+    let s = samples();
+    let mut cases = Vec::new();
+    for (name, outcome) in TABLE {
+        if !matches!(outcome, Outcome::Translates) {
+            continue;
+        }
+        let lark = gbnf_to_lark(&read_fixture(name)).expect("translates");
+        for c in s["grammars"][name]["samples"].as_array().expect("samples") {
+            let input = c["input"].as_str().expect("input").to_string();
+            let want = match c["verdict"].as_str().expect("verdict") {
+                "accept" => Verdict::Accept,
+                "prefix" => Verdict::Prefix,
+                _ => Verdict::Reject(c["reject_at"].as_u64().expect("at") as usize),
+            };
+            cases.push((name.to_string(), lark.clone(), input, want));
+        }
+    }
+    let (failures, multi_byte) =
+        with_timeout("BPE samples", 300, move || {
+            let mut f = ParserFactory::new_simple(&env).expect("factory");
+            f.set_stderr_log_level(0);
+            let trie = env.tok_trie();
+            let mut parsers: HashMap<String, TokenParser> = HashMap::new();
+            let mut failures = Vec::new();
+            let mut multi_byte = 0;
+            for (name, lark, input, want) in &cases {
+                let parser = parsers
+                    .entry(name.clone())
+                    .or_insert_with(|| compile(&f, lark).expect("compiles"));
+                let tokens = trie.greedy_tokenize(input.as_bytes());
+                multi_byte += tokens.iter().filter(|&&t| trie.token(t).len() > 1).count();
+                // Byte range of the first refused character.
+                let bad = match want {
+                    Verdict::Reject(k) => {
+                        let start = input.char_indices().nth(*k).expect("char").0;
+                        let len = input[start..].chars().next().expect("char").len_utf8();
+                        Some(start..start + len)
+                    }
+                    _ => None,
+                };
+                let mut m = Matcher::new(Ok(parser.deep_clone()));
+                let mut offset = 0;
+                let mut refused_at = None;
+                for &t in &tokens {
+                    let allowed = !m.is_stopped()
+                        && m.compute_mask()
+                            .map(|mask| mask.is_allowed(t))
+                            .unwrap_or(false);
+                    if !allowed || m.consume_token(t).is_err() {
+                        refused_at = Some(offset..offset + trie.token(t).len());
+                        break;
+                    }
+                    offset += trie.token(t).len();
+                }
+                let ok = match (&bad, &refused_at) {
+                    (None, None) => m.is_accepting().unwrap_or(false) == (*want == Verdict::Accept),
+                    (Some(b), Some(r)) => r.start < b.end && b.start < r.end,
+                    _ => false,
+                };
+                if !ok {
+                    failures.push(format!(
+                    "{name}: {input:?} as {:?}: llama.cpp {want:?}, refused bytes {refused_at:?}",
+                    tokens.iter().map(|&t| trie.token_dbg(t)).collect::<Vec<_>>()
+                ));
+                }
+            }
+            (failures, multi_byte)
+        });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(multi_byte > 200, "only {multi_byte} multi-byte tokens");
+}
+
 /// The point of the lexeme analysis: where it is safe, GBNF rules become single terminals
 /// (llguidance then only runs its Earley parser at their boundaries).
 #[test]

@@ -23,9 +23,13 @@
 //!   llama.cpp would generate 2000 helper rules or more (nested repetitions multiply) is
 //!   an error; `{m,n}` with `m > n` is refused (llama.cpp would loop until out of memory);
 //! - token references `<[id]>`, `!<[id]>` and `<name>` become llguidance's special-token
-//!   syntax (`<[id]>`, `<[^id]>`, `<name>`; llguidance resolves `<name>` among the
-//!   tokenizer's special tokens only, llama.cpp by tokenizing the text); `!<name>` is
-//!   refused because llguidance can only negate token ids;
+//!   syntax `<[id]>`, `<[^id]>` and `<name>`; `!<name>` is refused because llguidance can
+//!   only negate token ids, and so is a `<name>` that llguidance's syntax cannot hold
+//!   (empty, or with whitespace or `<`). Two differences remain, because the translation
+//!   does not know the tokenizer: llguidance resolves `<name>` among the tokenizer's
+//!   special tokens only (llama.cpp tokenizes the text and accepts any single token), and
+//!   llguidance's `<[^id]>` also matches end-of-generation tokens, which llama.cpp's
+//!   `!<[id]>` never does (a caller that knows them can add them: `<[^id,eos]>`);
 //! - grammars that llama.cpp rejects as left-recursive are refused; the check reproduces
 //!   llama.cpp's, including its treatment of the helper rules it generates for groups and
 //!   repetitions (so `x?*` is refused but `(x?)*` is not).
