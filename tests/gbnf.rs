@@ -219,7 +219,7 @@ fn translated_fixtures_give_llama_cpp_verdicts() {
             .collect();
         let accepts = cases.iter().filter(|c| c.1 == Verdict::Accept).count();
         assert!(
-            accepts >= 3 && cases.len() - accepts >= 3,
+            accepts >= 5 && cases.len() - accepts >= 5,
             "{name}: needs valid and invalid samples"
         );
         checked += cases.len();
