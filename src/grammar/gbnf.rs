@@ -150,6 +150,8 @@ const WORK_BUDGET: u64 = 20_000_000;
 const MAX_PRECISE_LEXEMES: usize = 2000;
 /// Rounds of splitting lexemes before falling back to one-character lexemes.
 const MAX_ROUNDS: usize = 100;
+/// Rounds in which a failing lexeme is split one level only.
+const SPLIT_LEVEL_ROUNDS: usize = 6;
 
 const MAX_CHAR: u32 = 0x10FFFF;
 
@@ -1759,17 +1761,34 @@ fn split_unit(g: &Graph, split: &mut [bool], i: usize) {
     }
 }
 
+/// Marks a terminal and every part of it (down to its characters and rule references) to
+/// be split.
+fn split_subtree(g: &Graph, split: &mut [bool], i: usize) {
+    let mut stack = vec![i];
+    while let Some(j) = stack.pop() {
+        split_unit(g, split, j);
+        stack.extend_from_slice(g.children(j));
+    }
+}
+
 fn select_lexemes(g: &Graph, a: &Analysis) -> Selection {
     let mut work = 0u64;
     let mut split = vec![false; g.len()];
-    for _ in 0..MAX_ROUNDS {
+    for round in 0..MAX_ROUNDS {
         let sel = walk(g, a, split);
         match find_conflicts(g, a, &sel, &mut work) {
             Some(bad) if bad.is_empty() => return sel,
             Some(bad) => {
                 split = sel.split;
                 for b in bad {
-                    split_unit(g, &mut split, b);
+                    // Splitting one level at a time keeps the largest terminals that pass,
+                    // but deep nesting would take many rounds: after a few, a terminal
+                    // that still fails is split all the way down.
+                    if round < SPLIT_LEVEL_ROUNDS {
+                        split_unit(g, &mut split, b);
+                    } else {
+                        split_subtree(g, &mut split, b);
+                    }
                 }
             }
             None => break,
