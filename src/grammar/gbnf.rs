@@ -125,7 +125,7 @@ pub fn gbnf_to_lark(gbnf: &str) -> Result<String, GbnfError> {
     check_left_recursion(&ast, gbnf)?;
     let graph = Graph::build(&ast);
     let analysis = Analysis::new(&graph);
-    let selection = select_lexemes(&graph, &analysis);
+    let selection = select_lexemes(&graph, &analysis, WORK_BUDGET);
     Ok(Emitter::new(&ast, &graph, &analysis, &selection).emit())
 }
 
@@ -1771,12 +1771,13 @@ fn split_subtree(g: &Graph, split: &mut [bool], i: usize) {
     }
 }
 
-fn select_lexemes(g: &Graph, a: &Analysis) -> Selection {
+/// Chooses the lexemes; `budget` bounds the analysis work (see [`WORK_BUDGET`]).
+fn select_lexemes(g: &Graph, a: &Analysis, budget: u64) -> Selection {
     let mut work = 0u64;
     let mut split = vec![false; g.len()];
     for round in 0..MAX_ROUNDS {
         let sel = walk(g, a, split);
-        match find_conflicts(g, a, &sel, &mut work) {
+        match find_conflicts(g, a, &sel, &mut work, budget) {
             Some(bad) if bad.is_empty() => return sel,
             Some(bad) => {
                 split = sel.split;
@@ -1811,7 +1812,13 @@ struct LexInfo {
 
 /// Terminals that fail the greedy-lexing check (empty: the selection is exact), or
 /// `None` if the work budget ran out.
-fn find_conflicts(g: &Graph, a: &Analysis, sel: &Selection, work: &mut u64) -> Option<Vec<usize>> {
+fn find_conflicts(
+    g: &Graph,
+    a: &Analysis,
+    sel: &Selection,
+    work: &mut u64,
+    budget: u64,
+) -> Option<Vec<usize>> {
     let lex: Vec<LexInfo> = sel
         .lexemes
         .iter()
@@ -1830,7 +1837,7 @@ fn find_conflicts(g: &Graph, a: &Analysis, sel: &Selection, work: &mut u64) -> O
         return Some(Vec::new());
     }
     let co = CoAllowed::new(g, a, sel, &lex, work);
-    if *work > WORK_BUDGET {
+    if *work > budget {
         return None;
     }
 
@@ -1841,9 +1848,11 @@ fn find_conflicts(g: &Graph, a: &Analysis, sel: &Selection, work: &mut u64) -> O
             continue;
         }
         let Some(nfa_b) = Nfa::build(g, a, lex[bi].node) else {
+            *work += MAX_NFA_STATES as u64;
             bad.push(lex[bi].node);
             continue;
         };
+        *work += nfa_b.edges.len() as u64;
         let coreach = nfa_b.coreachable();
         let allowed_with_b = co.context_of(bi);
         for ai in 0..lex.len() {
@@ -1854,11 +1863,17 @@ fn find_conflicts(g: &Graph, a: &Analysis, sel: &Selection, work: &mut u64) -> O
             if ai != bi && !co.coallowed(ai, &allowed_with_b) {
                 continue;
             }
-            let nfa_a = nfas[ai].get_or_insert_with(|| Nfa::build(g, a, al.node));
+            let nfa_a = nfas[ai].get_or_insert_with(|| {
+                let nfa = Nfa::build(g, a, al.node);
+                *work += nfa.as_ref().map_or(MAX_NFA_STATES, |n| n.edges.len()) as u64;
+                nfa
+            });
             // A terminal too big to analyse is split when it is checked as `b`, so that
             // a round without conflicts has built every automaton; skip it here.
             let conflict = match nfa_a {
-                Some(nfa_a) => greedy_conflict(nfa_a, &al.follow_bytes, &nfa_b, &coreach, work)?,
+                Some(nfa_a) => {
+                    greedy_conflict(nfa_a, &al.follow_bytes, &nfa_b, &coreach, work, budget)?
+                }
                 None => false,
             };
             if conflict {
@@ -1866,7 +1881,7 @@ fn find_conflicts(g: &Graph, a: &Analysis, sel: &Selection, work: &mut u64) -> O
                 break;
             }
         }
-        if *work > WORK_BUDGET {
+        if *work > budget {
             return None;
         }
     }
@@ -2105,13 +2120,14 @@ fn greedy_conflict(
     b: &Nfa,
     b_coreach: &[bool],
     work: &mut u64,
+    budget: u64,
 ) -> Option<bool> {
     let mut seen: HashSet<(usize, usize, bool)> = HashSet::new();
     let mut stack = vec![(a.start, b.start, false)];
     seen.insert((a.start, b.start, false));
     while let Some((qa, qb, moved)) = stack.pop() {
         *work += 1;
-        if *work > WORK_BUDGET {
+        if *work > budget {
             return None;
         }
         if qa == a.accept && moved {
@@ -2811,6 +2827,27 @@ mod tests {
         assert_eq!(
             err("root ::= \"é\" x"),
             "line 1, column 14: undefined rule `x`"
+        );
+    }
+
+    #[test]
+    fn without_analysis_budget_every_lexeme_is_one_character() {
+        let gbnf = "root ::= \"[\" (item (\",\" item)*)? \"]\"\nitem ::= [a-z]+ | root";
+        let ast = Parser::parse(gbnf).expect("parses");
+        let g = Graph::build(&ast);
+        let a = Analysis::new(&g);
+        let sel = select_lexemes(&g, &a, 0);
+        assert!(sel
+            .lexemes
+            .iter()
+            .all(|&i| matches!(g.kinds[i], Kind::Chars(_))));
+        let out = Emitter::new(&ast, &g, &a, &sel).emit();
+        assert!(out.ends_with("\nitem: (/[a-z]/+ | root)\n"), "{out}");
+        // With the budget, `[a-z]+` is a terminal.
+        let out = lark(gbnf);
+        assert!(
+            out.contains("\nitem: (ITEM_15 | root)\nITEM_15: /[a-z]/+\n"),
+            "{out}"
         );
     }
 
