@@ -138,7 +138,8 @@ const MAX_REPETITION: u64 = 2000;
 /// Groups and stacked repetitions nested deeper than this are refused (llama.cpp would
 /// recurse without bound).
 const MAX_NESTING: usize = 100;
-/// A lexeme may not inline rules (through references) deeper than this.
+/// Depth of a terminal's expression tree, with the referenced rules inlined, above which
+/// it is not made one terminal (the checks recurse through it).
 const MAX_UNIT_DEPTH: usize = 400;
 /// States of the automaton built to check one lexeme.
 const MAX_NFA_STATES: usize = 4000;
