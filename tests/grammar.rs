@@ -565,3 +565,42 @@ fn a_conversation_constrains_every_reply_and_rewinds() {
         .unwrap();
     assert_eq!(again, replies[1]);
 }
+
+/// A GBNF grammar with a bounded language: a small JSON object.
+const ANSWER_GBNF: &str = r#"
+# A yes/no answer with a score, as a JSON object.
+root   ::= "{\"answer\": " answer ", \"score\": " score "}"
+answer ::= "\"yes\"" | "\"no\"" | "\"maybe\""
+score  ::= [0-9] | "10"
+"#;
+
+#[test]
+fn a_gbnf_grammar_constrains_generation() {
+    let mut runner = open("dyn_xnnpack");
+    for seed in SEEDS {
+        let config = constrained(GrammarType::Gbnf, ANSWER_GBNF, seed, 60);
+        let (text, stats) = run(&mut runner, "Is it?", &config);
+        assert_eq!(stats.stop_reason, StopReason::GrammarComplete, "{text:?}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            ["yes", "no", "maybe"].contains(&v["answer"].as_str().unwrap()),
+            "{text}"
+        );
+        assert!(v["score"].as_u64().unwrap() <= 10, "{text}");
+    }
+}
+
+#[test]
+fn a_bad_gbnf_grammar_is_a_grammar_error_naming_the_place() {
+    let mut runner = open("dyn_xnnpack");
+    let config = constrained(GrammarType::Gbnf, "root ::= \"a\" missing", None, 5);
+    let err = runner
+        .generate("x", &config, |_| ControlFlow::Continue(()), |_| {})
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::Grammar(_)), "{message}");
+    assert!(
+        message.contains("line 1") && message.contains("missing"),
+        "{message}"
+    );
+}
