@@ -1264,6 +1264,16 @@ struct Graph {
 }
 
 impl Graph {
+    /// The nodes whose value depends on node `i`'s: its parent, and the references to the
+    /// rule whose body it is.
+    fn dependents(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        self.parent[i].into_iter().chain(
+            self.body_of[i]
+                .into_iter()
+                .flat_map(move |r| self.refs[r].iter().copied()),
+        )
+    }
+
     fn build(ast: &Ast) -> Graph {
         let n = ast.rules.len();
         let mut g = Graph {
@@ -1419,18 +1429,10 @@ fn fixpoint_up<L: Lattice>(
             acc
         };
         if val[i].join_from(&new) {
-            let mut wake = |j: usize| {
+            for j in g.dependents(i) {
                 if active[j] && !queued[j] {
                     queued[j] = true;
                     queue.push_back(j);
-                }
-            };
-            if let Some(p) = g.parent[i] {
-                wake(p);
-            }
-            if let Some(r) = g.body_of[i] {
-                for &j in &g.refs[r] {
-                    wake(j);
                 }
             }
         }
@@ -1662,18 +1664,10 @@ fn bool_fixpoint(g: &Graph, eval: impl Fn(&Graph, usize, &[bool]) -> bool) -> Ve
         queued[i] = false;
         if !v[i] && eval(g, i, &v) {
             v[i] = true;
-            let mut wake = |j: usize| {
+            for j in g.dependents(i) {
                 if !queued[j] {
                     queued[j] = true;
                     queue.push_back(j);
-                }
-            };
-            if let Some(p) = g.parent[i] {
-                wake(p);
-            }
-            if let Some(r) = g.body_of[i] {
-                for &j in &g.refs[r] {
-                    wake(j);
                 }
             }
         }
