@@ -881,30 +881,17 @@ fn generate_loop(
     let mut model_ns = 0u128;
     // The part of `model_ns` spent in decode steps (after prefill).
     let mut decode_model_ns = 0u128;
-    let chunk = io.max_prefill_chunk().max(1);
     let mut token = None;
-    for (i, part) in feed.chunks(chunk).enumerate() {
-        let last = (i + 1) * chunk >= feed.len();
+    if !feed.is_empty() {
         let t0 = Instant::now();
-        let step = io.prepare_prefill(part, pos)?;
-        let outputs = match model.execute(step.method, &step.inputs) {
-            Ok(outputs) => outputs,
-            Err(_) if *ring && pos + part.len() > *max_context => {
-                // Past the context, a model that fails is not a ring buffer after all.
-                *ring = false;
-                return Err(Error::ContextFull {
-                    prompt_tokens: feed.len(),
-                    available: max_context.saturating_sub(pos),
-                    max_context: *max_context,
-                    position: pos,
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let logits = io.update_prefill(&outputs)?;
+        let logits = feed_tokens(model, io, feed, pos, *ring, *max_context, false)?;
         model_ns += t0.elapsed().as_nanos();
-        pos += part.len();
-        if last && n_new > 0 {
+        let Some(logits) = logits else {
+            *ring = false;
+            return Err(past_ring_context(feed.len(), pos, *max_context));
+        };
+        pos += feed.len();
+        if n_new > 0 {
             token = match picker.pick(logits, &history) {
                 Ok(t) => Some(t),
                 Err(_) if picker.grammar_stopped() => None,
@@ -914,13 +901,12 @@ fn generate_loop(
     }
     stats.prompt_eval_end_us = now_us();
     let Some(mut token) = token else {
+        stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
         if picker.grammar_stopped() {
             // `stop()` came while the grammar engine worked on the first token.
-            stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
             stats.stop_reason = StopReason::Stopped;
             return Ok((pos, None));
         }
-        stats.aggregate_model_execution_time_us = (model_ns / 1000) as u64;
         let incomplete = picker
             .constraint
             .as_mut()
@@ -942,7 +928,7 @@ fn generate_loop(
     // emitted; and emitted tokens not yet fed to the model (the current one excluded),
     // which go to the model together in one step.
     let mut forced: VecDeque<u32> = VecDeque::new();
-    let mut unfed: Vec<u32> = Vec::new();
+    let mut unfed: Vec<u64> = Vec::new();
     let mut is_forced = false;
     // The last token, not fed to the model: the next call starts with it.
     let mut pending;
@@ -1013,7 +999,7 @@ fn generate_loop(
         if stopped() {
             break StopReason::Stopped;
         }
-        unfed.push(token);
+        unfed.push(token as u64);
         if forced.is_empty() && config.grammar_fast_forward {
             if let Some(c) = picker.constraint.as_mut() {
                 forced.extend(c.forced_tokens(n_new - generated)?);
@@ -1025,7 +1011,7 @@ fn generate_loop(
             continue;
         }
         let t0 = Instant::now();
-        let Some(logits) = feed_tokens(model, io, &unfed, pos, *ring, *max_context)? else {
+        let Some(logits) = feed_tokens(model, io, &unfed, pos, *ring, *max_context, true)? else {
             // Past the context, a model that fails is not a ring buffer after all: the
             // conversation is full, as for any bounded model.
             *ring = false;
@@ -1037,7 +1023,7 @@ fn generate_loop(
         decode_model_ns += step_ns;
         pos += unfed.len();
         if keep_history {
-            history.extend_from_slice(&unfed);
+            history.extend(unfed.iter().map(|&t| t as u32));
         }
         unfed.clear();
         token = match picker.pick(logits, &history) {
@@ -1056,14 +1042,9 @@ fn generate_loop(
         // Forced tokens emitted before the last one: the runner keeps one pending token,
         // so the model takes them now.
         let t0 = Instant::now();
-        if feed_tokens(model, io, &unfed, pos, *ring, *max_context)?.is_none() {
+        if feed_tokens(model, io, &unfed, pos, *ring, *max_context, true)?.is_none() {
             *ring = false;
-            return Err(Error::ContextFull {
-                prompt_tokens: unfed.len(),
-                available: max_context.saturating_sub(pos),
-                max_context: *max_context,
-                position: pos,
-            });
+            return Err(past_ring_context(unfed.len(), pos, *max_context));
         }
         let step_ns = t0.elapsed().as_nanos();
         model_ns += step_ns;
@@ -1091,29 +1072,31 @@ fn generate_loop(
     Ok((pos, pending))
 }
 
-/// Feeds generated `tokens` (one, or several forced by a grammar) at `pos` and returns the
-/// logits after the last; `None` when a ring-buffer model fails past its context.
+/// Feeds `tokens` at `pos` (a prompt, a generated token, or tokens a grammar forced) and
+/// returns the logits after the last; `None` when a ring-buffer model fails past its
+/// context. Prompts go through `prepare_prefill` in chunks; with `decode`, a single token
+/// goes through `prepare_decode`.
 fn feed_tokens<'a>(
     model: &'a mut Model,
     io: &'a mut Box<dyn IoManager>,
-    tokens: &[u32],
+    tokens: &[u64],
     pos: usize,
     ring: bool,
     max_context: usize,
+    decode: bool,
 ) -> Result<Option<&'a [f32]>> {
     let past_context = |n: usize| ring && pos + n > max_context;
-    if let [token] = tokens {
-        let step = io.prepare_decode(*token as u64, pos)?;
+    if let ([token], true) = (tokens, decode) {
+        let step = io.prepare_decode(*token, pos)?;
         return match model.execute(step.method, &step.inputs) {
             Ok(outputs) => io.update_decode(&outputs).map(Some),
             Err(_) if past_context(1) => Ok(None),
             Err(e) => Err(e),
         };
     }
-    let ids: Vec<u64> = tokens.iter().map(|&t| t as u64).collect();
     let chunk = io.max_prefill_chunk().max(1);
-    let (last, rest) = match ids.len().checked_sub(1) {
-        Some(n) => (&ids[n / chunk * chunk..], &ids[..n / chunk * chunk]),
+    let (last, rest) = match tokens.len().checked_sub(1) {
+        Some(n) => (&tokens[n / chunk * chunk..], &tokens[..n / chunk * chunk]),
         None => return Err(Error::InvalidArgument("no tokens to feed".into())),
     };
     let mut at = pos;
@@ -1131,8 +1114,19 @@ fn feed_tokens<'a>(
     let step = io.prepare_prefill(last, at)?;
     match model.execute(step.method, &step.inputs) {
         Ok(outputs) => io.update_prefill(&outputs).map(Some),
-        Err(_) if past_context(ids.len()) => Ok(None),
+        Err(_) if past_context(tokens.len()) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// The error when a model taken for a ring buffer fails on `tokens` fed at `pos`, past its
+/// context: it is not a ring buffer after all, and the conversation is full.
+fn past_ring_context(tokens: usize, pos: usize, max_context: usize) -> Error {
+    Error::ContextFull {
+        prompt_tokens: tokens,
+        available: max_context.saturating_sub(pos),
+        max_context,
+        position: pos,
     }
 }
 
