@@ -144,7 +144,8 @@ class Stats:
     """Timestamps (microseconds; 0 when not reached), token counts and summed times of one
     generation, as the C ``etllm_stats``; ``stop_reason`` is a string (``"eos"``,
     ``"length"``, ``"context_full"``, ``"stopped"``, ``"callback"``, ``"stop_string"``,
-    ``"grammar_complete"``, ``"grammar_incomplete"``, ``"none"``). :meth:`to_json` gives upstream's JSON (milliseconds)."""
+    ``"grammar_complete"``, ``"grammar_incomplete"``, ``"none"``). :meth:`to_json` gives
+    upstream's JSON (milliseconds)."""
 
     model_load_start_us: int
     model_load_end_us: int

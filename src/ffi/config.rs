@@ -101,7 +101,7 @@ impl Default for etllm_generation_config {
             num_stop_strings: 0,
             grammar: std::ptr::null(),
             grammar_type: std::ptr::null(),
-            grammar_no_fast_forward: false,
+            grammar_no_fast_forward: !d.grammar_fast_forward,
         }
     }
 }
