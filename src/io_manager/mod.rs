@@ -139,6 +139,32 @@ pub trait IoManager: Send {
 
     /// Takes the outputs of the decode step prepared last and returns the next-token logits.
     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]>;
+
+    /// Appends the manager's conversation state to `out`: whatever it keeps from step to
+    /// step (its own KV caches, positions, token history), in a layout of its choosing.
+    /// Sessions use it to keep several conversations on one model and to save a
+    /// conversation to a file; [`restore_state`](Self::restore_state) reads it back. The
+    /// model's own mutable buffers are saved by EtLlm, not here. The default refuses: a
+    /// manager without it serves one conversation only.
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        let _ = out;
+        Err(Error::IoManager(
+            "this KV-cache manager cannot save its state (it does not implement save_state)"
+                .into(),
+        ))
+    }
+
+    /// Replaces the manager's conversation state with `state`, bytes that
+    /// [`save_state`](Self::save_state) wrote (on this manager or another instance of the
+    /// same kind, for the same model). On error the manager must keep the state it had.
+    fn restore_state(&mut self, state: &[u8]) -> Result<()> {
+        let _ = state;
+        Err(Error::IoManager(
+            "this KV-cache manager cannot restore a state (it does not implement \
+             restore_state)"
+                .into(),
+        ))
+    }
 }
 
 /// Chooses the built-in manager that fits the model's `forward` signature.
