@@ -139,6 +139,12 @@ typedef enum etllm_status {
    * message included), or the grammar engine failed during generation.
    */
   ETLLM_ERR_GRAMMAR = 19,
+  /**
+   * A saved session state was refused: not a state file, truncated or corrupt, from
+   * another model or another state format, or its KV-cache manager state was refused.
+   * The session keeps the state it had.
+   */
+  ETLLM_ERR_INVALID_STATE = 20,
 } etllm_status;
 
 /**
@@ -271,6 +277,28 @@ typedef struct etllm_model_info etllm_model_info;
  * race with any other call on the same runner.
  */
 typedef struct etllm_runner etllm_runner;
+
+/**
+ * A session: a conversation of its own (KV cache, position, tokens) over a runner's
+ * loaded model, which it shares with the runner and the runner's other sessions. Opaque;
+ * made by `etllm_session_new`, freed with `etllm_session_free`.
+ *
+ * Memory: the model's weights exist once. The model's KV cache holds the state of the
+ * session (or runner) that ran last; when another one runs, that state is copied aside
+ * (without its all-zero parts, so about the part of the cache in use) and the other's is
+ * copied in. A session that keeps running pays nothing.
+ *
+ * Thread rules: a session is used from one thread at a time; a second call on the same
+ * session while one is in progress returns `ETLLM_ERR_BUSY`, except
+ * `etllm_session_stop`, which may be called from any thread at any time. Sessions of
+ * one model (and the runner itself) may be used from different threads at once: their
+ * calls take turns, each waiting until the model is free (for the whole of a generate).
+ * A call made from inside a callback of a running call on the same model returns
+ * `ETLLM_ERR_BUSY`. A session may outlive its runner: freeing the runner keeps the model
+ * loaded until its last session is freed. `etllm_session_free` must not race with any
+ * other call on the same session.
+ */
+typedef struct etllm_session etllm_session;
 
 /**
  * An incremental decoder: token ids in, complete UTF-8 out. Opaque.
@@ -415,6 +443,13 @@ typedef struct etllm_generation_config {
    * same text, the tokenizer's own tokens for it, fewer model steps).
    */
   bool grammar_no_fast_forward;
+  /**
+   * The prompt is the whole conversation (as chat UIs resend it): the conversation keeps
+   * the longest prefix of its tokens that the prompt starts with and feeds only the
+   * rest; the count kept is `etllm_stats.reused_prompt_tokens`. Default false: the
+   * prompt continues the conversation.
+   */
+  bool reuse_prefix;
 } etllm_generation_config;
 
 /**
@@ -491,10 +526,16 @@ typedef struct etllm_stats {
   uint64_t num_generated_tokens;
   /**
    * The part of `aggregate_model_execution_time_us` spent in decode steps (after
-   * prefill). The last field: a caller compiled against a header without it has a
-   * smaller `struct_size` and does not get it.
+   * prefill). A caller compiled against a header without it has a smaller
+   * `struct_size` and does not get it.
    */
   uint64_t decode_model_execution_time_us;
+  /**
+   * Prompt tokens already in the conversation's KV cache and not fed again
+   * (`etllm_generation_config.reuse_prefix`); part of `num_prompt_tokens`. Added after
+   * `decode_model_execution_time_us`: an older caller's `struct_size` leaves it out.
+   */
+  uint64_t reused_prompt_tokens;
 } etllm_stats;
 
 /**
@@ -1212,6 +1253,137 @@ enum etllm_status etllm_runner_position(const struct etllm_runner *runner, int64
  */
 enum etllm_status etllm_runner_set_sampler(struct etllm_runner *runner,
                                            const struct etllm_sampler *sampler);
+
+/**
+ * Opens a new, empty session over `runner`'s model, loading the runner first if it is
+ * not loaded. The session has no sampler plugin and the runner's chat template. On
+ * success `*out_session` is a new session the caller frees with `etllm_session_free`;
+ * on failure it is set to NULL.
+ */
+enum etllm_status etllm_session_new(struct etllm_runner *runner,
+                                    struct etllm_session **out_session);
+
+/**
+ * Frees a session and the state it keeps. NULL is ignored.
+ */
+void etllm_session_free(struct etllm_session *session);
+
+/**
+ * `etllm_runner_generate` on this session's conversation.
+ */
+enum etllm_status etllm_session_generate(struct etllm_session *session,
+                                         const char *prompt,
+                                         const struct etllm_generation_config *config,
+                                         etllm_token_callback on_token,
+                                         etllm_stats_callback on_stats,
+                                         void *user_data,
+                                         struct etllm_stats *out_stats);
+
+/**
+ * `etllm_runner_generate_tokens` on this session's conversation.
+ */
+enum etllm_status etllm_session_generate_tokens(struct etllm_session *session,
+                                                const uint32_t *ids,
+                                                size_t num_ids,
+                                                const struct etllm_generation_config *config,
+                                                etllm_token_callback on_token,
+                                                etllm_stats_callback on_stats,
+                                                void *user_data,
+                                                struct etllm_stats *out_stats);
+
+/**
+ * `etllm_runner_prefill` on this session's conversation.
+ */
+enum etllm_status etllm_session_prefill(struct etllm_session *session,
+                                        const char *prompt,
+                                        const struct etllm_generation_config *config,
+                                        struct etllm_stats *out_stats);
+
+/**
+ * `etllm_runner_prefill_tokens` on this session's conversation.
+ */
+enum etllm_status etllm_session_prefill_tokens(struct etllm_session *session,
+                                               const uint32_t *ids,
+                                               size_t num_ids,
+                                               const struct etllm_generation_config *config,
+                                               struct etllm_stats *out_stats);
+
+/**
+ * Asks this session's running generate to stop; callable from any thread at any time.
+ */
+enum etllm_status etllm_session_stop(const struct etllm_session *session);
+
+/**
+ * `etllm_runner_rewind` on this session's conversation.
+ */
+enum etllm_status etllm_session_rewind(struct etllm_session *session, int64_t pos);
+
+/**
+ * Forgets this session's conversation (and the state it kept aside).
+ */
+enum etllm_status etllm_session_reset(struct etllm_session *session);
+
+/**
+ * Tokens in this session's conversation (see `etllm_runner_position`).
+ */
+enum etllm_status etllm_session_position(const struct etllm_session *session, int64_t *out);
+
+/**
+ * Copies the conversation's tokens (those in the KV cache, then the last generated one)
+ * into `ids`, at most `capacity` of them, and sets `*out_count` to how many there are
+ * (which may be more than `capacity`: call again with a larger buffer). `ids` may be NULL
+ * when `capacity` is 0.
+ */
+enum etllm_status etllm_session_tokens(const struct etllm_session *session,
+                                       uint32_t *ids,
+                                       size_t capacity,
+                                       size_t *out_count);
+
+/**
+ * Saves the session's state (its KV cache without the all-zero parts, the KV-cache
+ * manager's state, its tokens) with `user_data_len` bytes of `user_data` (may be NULL
+ * when the length is 0; EtLlm keeps them as they are, for example a chat's messages)
+ * under a header naming the model. On success `*out_state` holds `*out_len` bytes that
+ * the caller frees with `etllm_buffer_free`; on failure it is NULL. A KV-cache manager
+ * without save/restore callbacks makes this `ETLLM_ERR_IO_MANAGER`.
+ */
+enum etllm_status etllm_session_save_state(const struct etllm_session *session,
+                                           const uint8_t *user_data,
+                                           size_t user_data_len,
+                                           uint8_t **out_state,
+                                           size_t *out_len);
+
+/**
+ * Restores a state that `etllm_session_save_state` made on a session of the same model
+ * (in this process or another). On success the session continues that conversation,
+ * token for token as the original would, and `*out_user_data` (may be NULL to ignore
+ * it) holds its `*out_user_data_len` bytes of user data, freed with `etllm_buffer_free`.
+ * A state that is not one, truncated or corrupt, from another model or refused by the
+ * KV-cache manager is `ETLLM_ERR_INVALID_STATE`, and the session keeps its state.
+ */
+enum etllm_status etllm_session_load_state(struct etllm_session *session,
+                                           const uint8_t *state,
+                                           size_t state_len,
+                                           uint8_t **out_user_data,
+                                           size_t *out_user_data_len);
+
+/**
+ * `etllm_session_save_state` into the file at `path` (UTF-8), written through a
+ * temporary file beside it and renamed into place.
+ */
+enum etllm_status etllm_session_save_state_file(const struct etllm_session *session,
+                                                const char *path,
+                                                const uint8_t *user_data,
+                                                size_t user_data_len);
+
+/**
+ * `etllm_session_load_state` from the file at `path` (UTF-8); an unreadable file is
+ * `ETLLM_ERR_FILE_ACCESS`.
+ */
+enum etllm_status etllm_session_load_state_file(struct etllm_session *session,
+                                                const char *path,
+                                                uint8_t **out_user_data,
+                                                size_t *out_user_data_len);
 
 /**
  * Stats with every field 0 and `struct_size` set.

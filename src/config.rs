@@ -79,6 +79,16 @@ pub struct GenerationConfig {
     /// one by one. The forced text is the same either way; its tokens are the tokenizer's
     /// own spelling of it, and the model runs fewer steps. Default true.
     pub grammar_fast_forward: bool,
+    /// The prompt is the whole conversation rather than its continuation (what chat UIs
+    /// and servers send): the session keeps the longest prefix of its tokens that the
+    /// prompt starts with, drops the rest (as [`rewind`](crate::Session::rewind) would) and
+    /// feeds only the prompt's remaining tokens. The count kept is
+    /// [`Stats::reused_prompt_tokens`](crate::Stats::reused_prompt_tokens);
+    /// `num_prompt_tokens` counts the whole prompt. A model whose cache cannot be rewound
+    /// (a ring buffer, a sliding window past its cache) starts over unless the prompt
+    /// extends everything the session holds. Default false: the prompt continues the
+    /// conversation.
+    pub reuse_prefix: bool,
 }
 
 impl Default for GenerationConfig {
@@ -102,6 +112,7 @@ impl Default for GenerationConfig {
             grammar: String::new(),
             grammar_type: crate::grammar::GrammarType::JsonSchema,
             grammar_fast_forward: true,
+            reuse_prefix: false,
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::runner::{Runner, TokenPiece};
+use crate::session::Session;
 use crate::stats::{Stats, StopReason};
 
 /// A multi-turn chat on a [`Runner`] that keeps earlier turns in the KV cache.
@@ -14,8 +15,14 @@ use crate::stats::{Stats, StopReason};
 /// Each [`send`](Self::send) renders the whole conversation with the template, checks
 /// that the text fed so far is a prefix of it, and feeds only the rest (the new user
 /// message and the assistant header). If the template renders earlier turns differently
-/// once a new message is added (some templates do), the conversation is re-fed from the
-/// start instead; [`refed_turns`](Self::refed_turns) counts how often that happened.
+/// once a new message is added (some templates do), the conversation is fed again from
+/// the first token that differs (prefix reuse; with
+/// [`set_reuse_prefix(false)`](Self::set_reuse_prefix), from the start);
+/// [`refed_turns`](Self::refed_turns) counts how often that happened.
+///
+/// It runs on a [`Runner`] (its own conversation) or on a [`Session`]: see [`ChatTarget`].
+/// [`to_json`](Self::to_json) and [`from_json`](Self::from_json) carry its messages
+/// across processes, for example as the user data of a saved session state.
 ///
 /// The conversation owns no runner: pass the same runner to every call, and do not
 /// generate on it in between, or the positions it records no longer match.
@@ -52,6 +59,8 @@ use crate::stats::{Stats, StopReason};
 /// ```
 #[derive(Debug, Clone)]
 pub struct Conversation {
+    /// Feed only what differs when the template re-renders earlier turns.
+    reuse_prefix: bool,
     template: ChatTemplate,
     messages: Vec<ChatMessage>,
     /// The rendered text fed to the runner so far.
@@ -65,6 +74,7 @@ impl Conversation {
     /// An empty conversation that renders with `template`.
     pub fn new(template: ChatTemplate) -> Self {
         Self {
+            reuse_prefix: true,
             template,
             messages: Vec::new(),
             fed: String::new(),
@@ -108,7 +118,7 @@ impl Conversation {
     /// conversation and the runner are left as they were before the call.
     pub fn send(
         &mut self,
-        runner: &mut Runner,
+        target: &mut impl ChatTarget,
         user: &str,
         config: &GenerationConfig,
         mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
@@ -117,16 +127,20 @@ impl Conversation {
         let mut messages = self.messages.clone();
         messages.push(ChatMessage::user(user));
         let full = self.template.apply(&messages, true)?;
+        // Extend the fed text when the template kept it; else start over, keeping the
+        // tokens the session already holds that the new text starts with (prefix reuse).
+        let extend = !first && full.starts_with(&self.fed);
+        let reuse = !extend && self.reuse_prefix;
         let config = GenerationConfig {
             num_bos: 0,
             num_eos: 0,
             echo: false,
+            reuse_prefix: reuse,
             ..config.clone()
         };
-        // Extend the fed text when the template kept it; else start over.
-        let extend = !first && full.starts_with(&self.fed);
+        let runner = target.session()?;
         let saved = (runner.position(), self.messages.len(), self.fed.clone());
-        if !extend {
+        if !extend && !reuse {
             runner.reset()?;
         }
         let new_text = if extend {
@@ -184,10 +198,11 @@ impl Conversation {
     /// Drops the last turn (the user message and its reply) and rewinds the runner to
     /// where that turn started, so that the next [`send`](Self::send) continues from
     /// there. Returns false when there is no turn to drop.
-    pub fn rewind(&mut self, runner: &mut Runner) -> Result<bool> {
+    pub fn rewind(&mut self, target: &mut impl ChatTarget) -> Result<bool> {
         let Some((pos, n_messages, fed)) = self.turns.last().cloned() else {
             return Ok(false);
         };
+        let runner = target.session()?;
         if pos == 0 {
             runner.reset()?;
         } else {
@@ -200,11 +215,73 @@ impl Conversation {
     }
 
     /// Forgets every turn (a system message stays) and resets the runner.
-    pub fn reset(&mut self, runner: &mut Runner) -> Result<()> {
-        runner.reset()?;
+    pub fn reset(&mut self, target: &mut impl ChatTarget) -> Result<()> {
+        target.session()?.reset()?;
         self.messages.retain(|m| m.role == "system");
         self.turns.clear();
         self.fed.clear();
         Ok(())
+    }
+}
+
+/// What a [`Conversation`] runs on: a [`Runner`]'s own conversation or a [`Session`].
+pub trait ChatTarget {
+    /// The session to generate on (a runner loads first if needed).
+    fn session(&mut self) -> Result<&mut Session>;
+}
+
+impl ChatTarget for Runner {
+    fn session(&mut self) -> Result<&mut Session> {
+        self.as_session()
+    }
+}
+
+impl ChatTarget for Session {
+    fn session(&mut self) -> Result<&mut Session> {
+        Ok(self)
+    }
+}
+
+/// The part of a [`Conversation`] that [`Conversation::to_json`] writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    messages: Vec<ChatMessage>,
+    fed: String,
+    turns: Vec<(usize, usize, String)>,
+    refed: usize,
+}
+
+impl Conversation {
+    /// Whether a turn whose template re-renders earlier turns keeps the tokens that did
+    /// not change (true, the default) or feeds the conversation again from the start.
+    pub fn set_reuse_prefix(&mut self, reuse: bool) {
+        self.reuse_prefix = reuse;
+    }
+
+    /// The conversation as JSON (messages, the text fed and the turns' positions), for
+    /// [`from_json`](Self::from_json): with a session state saved at the same moment (as
+    /// its user data), a chat resumes in another process exactly where it was.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Saved {
+            messages: self.messages.clone(),
+            fed: self.fed.clone(),
+            turns: self.turns.clone(),
+            refed: self.refed,
+        })
+        .expect("plain data serialises")
+    }
+
+    /// A conversation from [`to_json`](Self::to_json)'s text, rendered with `template`.
+    pub fn from_json(template: ChatTemplate, json: &str) -> Result<Self> {
+        let saved: Saved = serde_json::from_str(json)
+            .map_err(|e| Error::InvalidState(format!("its chat is not valid: {e}")))?;
+        Ok(Self {
+            reuse_prefix: true,
+            template,
+            messages: saved.messages,
+            fed: saved.fed,
+            turns: saved.turns,
+            refed: saved.refed,
+        })
     }
 }

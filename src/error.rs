@@ -91,4 +91,12 @@ pub enum Error {
     /// the grammar engine failed during generation; the compiler's message included.
     #[error("grammar error: {0}")]
     Grammar(String),
+    /// A saved session state was refused (not a state, truncated, corrupt, from another
+    /// model or another format); the session keeps the state it had.
+    #[error("invalid session state: {0}")]
+    InvalidState(String),
+    /// A call that cannot run now: a call on a session of the same model is in progress on
+    /// this thread (the call comes from inside one of its callbacks).
+    #[error("busy: {0}")]
+    Busy(String),
 }

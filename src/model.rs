@@ -184,6 +184,17 @@ impl Model {
         &self.info
     }
 
+    /// The program's buffers that hold state between calls (see
+    /// [`Program::state_arenas`](crate::et::Program::state_arenas)).
+    pub(crate) fn state_arenas(&self) -> Vec<&[u8]> {
+        self.program.state_arenas()
+    }
+
+    /// The same buffers, to write.
+    pub(crate) fn state_arenas_mut(&mut self) -> Vec<&mut [u8]> {
+        self.program.state_arenas_mut()
+    }
+
     pub(crate) fn execute(
         &mut self,
         method: &str,

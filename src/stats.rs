@@ -82,6 +82,10 @@ pub struct Stats {
     pub decode_model_execution_time_us: u64,
     /// Tokens in the encoded prompt, BOS/EOS included.
     pub num_prompt_tokens: u64,
+    /// Prompt tokens that were already in the session's KV cache and were not fed again
+    /// ([`GenerationConfig::reuse_prefix`](crate::GenerationConfig::reuse_prefix)); part
+    /// of `num_prompt_tokens`.
+    pub reused_prompt_tokens: u64,
     /// Tokens generated (an EOS that ended generation included).
     pub num_generated_tokens: u64,
     /// Why generation ended.

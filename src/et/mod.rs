@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use executorch::evalue::{EValue, Tag};
+use executorch::memory::HierarchicalAllocator;
 use executorch::module::{LoadMode, Module, ModuleBuilder};
 use executorch::platform::{LogEntry, LogLevel, PlatformImpl};
 use executorch::program::{HeaderStatus, ProgramVerification};
 use executorch::tensor::{ScalarType, TensorPtr, TensorPtrBuilder, View};
+use executorch::util::Span;
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
@@ -243,7 +245,11 @@ pub(crate) fn num_threads() -> usize {
 
 /// A loaded ExecuTorch program (memory-mapped `.pte`).
 pub(crate) struct Program {
+    /// Declared first so that it is dropped first: its methods point into `planned`.
     module: Module<'static>,
+    /// The memory-planned buffers EtLlm gives each method (activations and mutable buffers
+    /// such as the KV cache), owned here so that a session's state can be read and written.
+    planned: PlannedMemory,
     /// Keeps the thread pool from being resized under this program's delegates.
     _live: LiveProgram,
     path: PathBuf,
@@ -363,13 +369,14 @@ impl Program {
             path: path.to_path_buf(),
             message,
         })?;
+        let share = share_arenas(&method_names);
         let live = LiveProgram::new();
         clear_log();
         let data_refs: Vec<&Path> = data_paths.iter().map(PathBuf::as_path).collect();
         let mut module = ModuleBuilder::new(path)
             .data_files(&data_refs)
             .load_mode(LoadMode::Mmap)
-            .share_memory_arenas(share_arenas(&method_names))
+            .share_memory_arenas(share)
             .build();
         module
             .load(Some(ProgramVerification::InternalConsistency), None)
@@ -383,6 +390,10 @@ impl Program {
             })?;
         Ok(Self {
             module,
+            planned: PlannedMemory {
+                share,
+                ..Default::default()
+            },
             _live: live,
             path: path.to_path_buf(),
             data_paths: data_paths.to_vec(),
@@ -422,13 +433,20 @@ impl Program {
     /// an Error-level line is refused too: the method is unloaded and the model is reported
     /// invalid with the logged lines.
     pub(crate) fn load_method(&mut self, method: &str) -> Result<()> {
+        self.load_method_with(method, true)
+    }
+
+    /// [`load_method`](Self::load_method); `state` says whether the method's arenas hold
+    /// state worth keeping between calls (not for metadata methods).
+    fn load_method_with(&mut self, method: &str, state: bool) -> Result<()> {
         if self.module.is_method_loaded(method) {
             return Ok(());
         }
-        self.check_planned_memory(method)?;
+        let sizes = self.check_planned_memory(method)?;
+        let allocator = self.planned.allocator_for(&sizes, state);
         clear_log();
         self.module
-            .load_method(method, None, None)
+            .load_method(method, Some(allocator), None)
             .map_err(|e| match e {
                 executorch::Error::OperatorMissing => {
                     let log = take_log();
@@ -493,18 +511,21 @@ impl Program {
     /// physical memory, or than the process's address-space or data limit. ExecuTorch's `Module` allocates them with `new` when it loads the
     /// method, and the `std::bad_alloc` of an impossible size (a corrupt buffer size in the
     /// program) would cross the cxx bridge and terminate the process.
-    fn check_planned_memory(&mut self, method: &str) -> Result<()> {
+    /// Returns the sizes of the method's memory-planned buffers.
+    fn check_planned_memory(&mut self, method: &str) -> Result<Vec<usize>> {
         clear_log();
         let meta = self
             .module
             .method_meta(method)
             .map_err(|e| runtime_error(format!("reading metadata of method `{method}`"), e))?;
         let mut total: u128 = 0;
+        let mut sizes = Vec::with_capacity(meta.num_memory_planned_buffers());
         for i in 0..meta.num_memory_planned_buffers() {
             let size = meta.memory_planned_buffer_size(i).map_err(|e| {
                 runtime_error(format!("reading planned buffer {i} of `{method}`"), e)
             })?;
             total += size as u128;
+            sizes.push(size);
         }
         // An output without a memory-planned buffer (an export made with
         // `MemoryPlanningPass(alloc_graph_output=False)`, as upstream's static-attention
@@ -524,6 +545,23 @@ impl Program {
                 )));
             }
         }
+        if self.planned.share {
+            // Shared arenas are as large as the largest method's (see `PlannedMemory`).
+            for name in self.method_names.clone() {
+                let meta = self.module.method_meta(&name).map_err(|e| {
+                    runtime_error(format!("reading metadata of method `{name}`"), e)
+                })?;
+                for i in 0..meta.num_memory_planned_buffers().min(SHARED_ARENAS) {
+                    let size = meta.memory_planned_buffer_size(i).map_err(|e| {
+                        runtime_error(format!("reading planned buffer {i} of `{name}`"), e)
+                    })?;
+                    if i < sizes.len() && size > sizes[i] {
+                        total += (size - sizes[i]) as u128;
+                        sizes[i] = size;
+                    }
+                }
+            }
+        }
         let limit = physical_memory();
         if total > limit {
             return Err(self.invalid(format!(
@@ -532,7 +570,19 @@ impl Program {
                  RLIMIT_AS / RLIMIT_DATA limit)"
             )));
         }
-        Ok(())
+        Ok(sizes)
+    }
+
+    /// The memory-planned buffers that hold the program's state between calls (the
+    /// mutable buffers such as a KV cache, with the activations planned beside them), in a
+    /// fixed order: the sizes say the layout.
+    pub(crate) fn state_arenas(&self) -> Vec<&[u8]> {
+        self.planned.state_arenas()
+    }
+
+    /// The same buffers, to write. Nothing runs while they are borrowed.
+    pub(crate) fn state_arenas_mut(&mut self) -> Vec<&mut [u8]> {
+        self.planned.state_arenas_mut()
     }
 
     /// How many memory-planned buffers (arenas) `method` has: 2 or more when the export
@@ -598,7 +648,7 @@ impl Program {
     /// methods such as `get_max_seq_len`).
     pub(crate) fn call_constant(&mut self, method: &str) -> Result<ConstValue> {
         // Loaded through `load_method` so that its checks apply to metadata methods too.
-        self.load_method(method)?;
+        self.load_method_with(method, false)?;
         clear_log();
         let outputs = self
             .module
@@ -788,6 +838,157 @@ impl Program {
             views.push(TensorView { sizes, data });
         }
         Ok(views)
+    }
+}
+
+/// How many of a method's planned buffers are shared between methods when they share
+/// arenas: mem_id 1 and 2, as upstream's `Module` shares them.
+const SHARED_ARENAS: usize = 2;
+
+/// Alignment of the planned buffers (ExecuTorch's own come from `std::vector`, at least
+/// 16; XNNPACK prefers 64).
+const ARENA_ALIGN: usize = 64;
+
+/// One zero-filled, aligned heap buffer.
+struct Arena {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl Arena {
+    fn new(len: usize) -> Self {
+        if len == 0 {
+            return Arena {
+                ptr: std::ptr::NonNull::<u8>::dangling(),
+                len: 0,
+            };
+        }
+        let layout = std::alloc::Layout::from_size_align(len, ARENA_ALIGN)
+            .expect("size checked against physical memory");
+        // Safety: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Arena { ptr, len }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // Safety: allocated in `new` with this layout.
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    std::alloc::Layout::from_size_align_unchecked(self.len, ARENA_ALIGN),
+                )
+            }
+        }
+    }
+}
+
+/// The allocator a method was loaded with, and the spans it reads: both must stay where
+/// they are while the method lives.
+struct MethodPlan {
+    allocator: Box<HierarchicalAllocator<'static>>,
+    _spans: Box<[Span<'static, u8>]>,
+}
+
+/// Every planned buffer of the program's loaded methods. Methods that share arenas (a
+/// prefill/decode pair exported with `share_mutable_buffers`) use the same first
+/// [`SHARED_ARENAS`] buffers, sized for the largest method, as upstream's `Module` does.
+#[derive(Default)]
+struct PlannedMemory {
+    share: bool,
+    /// Declared before `arenas`: the plans point into them.
+    plans: Vec<MethodPlan>,
+    arenas: Vec<Arena>,
+    /// Indices in `arenas` of the shared buffers, once made.
+    shared: Vec<usize>,
+    /// Indices in `arenas` of the buffers that hold state, in load order, without repeats.
+    state: Vec<usize>,
+}
+
+// Safety: the arenas are plain heap memory owned here; the allocators only point into
+// them. The whole is moved between threads with its `Program`, never shared.
+unsafe impl Send for PlannedMemory {}
+
+impl PlannedMemory {
+    /// Allocates buffers of `sizes` for one method (reusing the shared ones) and returns
+    /// the allocator to load it with, valid as long as `self`.
+    fn allocator_for(
+        &mut self,
+        sizes: &[usize],
+        state: bool,
+    ) -> &'static mut HierarchicalAllocator<'static> {
+        let mut indices = Vec::with_capacity(sizes.len());
+        for (i, &size) in sizes.iter().enumerate() {
+            let index = if self.share && i < SHARED_ARENAS {
+                match self.shared.get(i) {
+                    Some(&index) => index,
+                    None => {
+                        self.arenas.push(Arena::new(size));
+                        self.shared.push(self.arenas.len() - 1);
+                        self.arenas.len() - 1
+                    }
+                }
+            } else {
+                self.arenas.push(Arena::new(size));
+                self.arenas.len() - 1
+            };
+            if state && self.arenas[index].len > 0 && !self.state.contains(&index) {
+                self.state.push(index);
+            }
+            indices.push(index);
+        }
+        let mut spans: Box<[Span<'static, u8>]> = indices
+            .iter()
+            .map(|&index| {
+                let arena = &self.arenas[index];
+                // Safety: the arena lives as long as `self`, and `self` outlives the
+                // module's methods (see `Program`'s field order). The runtime writes it
+                // only while a method executes, under `&mut Program`.
+                Span::from_slice(unsafe {
+                    std::slice::from_raw_parts_mut(arena.ptr.as_ptr(), arena.len)
+                })
+            })
+            .collect();
+        // Safety: the spans are boxed (fixed address) and kept in `plans` with the
+        // allocator; their 'static lifetime stands for "as long as this Program".
+        let spans_ref: &'static mut [Span<'static, u8>] =
+            unsafe { &mut *(spans.as_mut() as *mut [Span<'static, u8>]) };
+        let allocator = Box::new(HierarchicalAllocator::new(spans_ref));
+        self.plans.push(MethodPlan {
+            allocator,
+            _spans: spans,
+        });
+        let plan = self.plans.last_mut().expect("pushed");
+        // Safety: the allocator is boxed (fixed address) and lives in `plans` as long as
+        // `self`; only the module uses it from here on.
+        unsafe { &mut *(plan.allocator.as_mut() as *mut HierarchicalAllocator<'static>) }
+    }
+
+    fn state_arenas(&self) -> Vec<&[u8]> {
+        self.state
+            .iter()
+            .map(|&i| {
+                let a = &self.arenas[i];
+                // Safety: see `allocator_for`; no method runs while `self` is borrowed.
+                unsafe { std::slice::from_raw_parts(a.ptr.as_ptr(), a.len) }
+            })
+            .collect()
+    }
+
+    fn state_arenas_mut(&mut self) -> Vec<&mut [u8]> {
+        self.state
+            .iter()
+            .map(|&i| {
+                let a = &self.arenas[i];
+                // Safety: as above; the indices in `state` are distinct, so the slices do
+                // not overlap.
+                unsafe { std::slice::from_raw_parts_mut(a.ptr.as_ptr(), a.len) }
+            })
+            .collect()
     }
 }
 

@@ -299,7 +299,7 @@ pub extern "C" fn etllm_conversation_send(
         let user = c_str(user, "user")?;
         let mut conv = lock_conversation(conversation)?;
         stream(
-            runner,
+            || lock_runner(runner),
             config,
             on_token,
             on_stats,

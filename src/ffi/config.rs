@@ -74,6 +74,11 @@ pub struct etllm_generation_config {
     /// in one step; sample it token by token instead. Default false (fast-forward on: the
     /// same text, the tokenizer's own tokens for it, fewer model steps).
     pub grammar_no_fast_forward: bool,
+    /// The prompt is the whole conversation (as chat UIs resend it): the conversation keeps
+    /// the longest prefix of its tokens that the prompt starts with and feeds only the
+    /// rest; the count kept is `etllm_stats.reused_prompt_tokens`. Default false: the
+    /// prompt continues the conversation.
+    pub reuse_prefix: bool,
 }
 
 impl Default for etllm_generation_config {
@@ -102,6 +107,7 @@ impl Default for etllm_generation_config {
             grammar: std::ptr::null(),
             grammar_type: std::ptr::null(),
             grammar_no_fast_forward: !d.grammar_fast_forward,
+            reuse_prefix: d.reuse_prefix,
         }
     }
 }
@@ -157,6 +163,7 @@ pub(crate) fn read_config(
         grammar,
         grammar_type,
         grammar_fast_forward: !c.grammar_no_fast_forward,
+        reuse_prefix: c.reuse_prefix,
     })
 }
 

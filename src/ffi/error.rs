@@ -55,6 +55,10 @@ pub enum etllm_status {
     /// The config's grammar (`grammar`, `grammar_type`) failed to compile (the compiler's
     /// message included), or the grammar engine failed during generation.
     ETLLM_ERR_GRAMMAR = 19,
+    /// A saved session state was refused: not a state file, truncated or corrupt, from
+    /// another model or another state format, or its KV-cache manager state was refused.
+    /// The session keeps the state it had.
+    ETLLM_ERR_INVALID_STATE = 20,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -101,6 +105,8 @@ impl FfiError {
                 Error::NotLoaded(_) => ETLLM_ERR_NOT_LOADED,
                 Error::ChatTemplate { .. } => ETLLM_ERR_CHAT_TEMPLATE,
                 Error::Grammar(_) => ETLLM_ERR_GRAMMAR,
+                Error::InvalidState(_) => ETLLM_ERR_INVALID_STATE,
+                Error::Busy(_) => ETLLM_ERR_BUSY,
             },
         }
     }
@@ -113,8 +119,9 @@ impl FfiError {
                 "`{name}.struct_size` is {given}; this library knows sizes 8 to {known} \
                  (initialize the struct with its *_default() function)"
             ),
-            FfiError::Busy => "another call on this runner is in progress (a runner runs one \
-                 call at a time; only etllm_runner_stop may be called concurrently)"
+            FfiError::Busy => "another call on this runner (or session) is in progress (each \
+                 runs one call at a time; only etllm_runner_stop and etllm_session_stop may \
+                 be called concurrently)"
                 .to_string(),
             FfiError::NotFound(what) => what.clone(),
             FfiError::Core(e) => e.to_string(),
@@ -199,6 +206,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_SAMPLER,
         ETLLM_ERR_CHAT_TEMPLATE,
         ETLLM_ERR_GRAMMAR,
+        ETLLM_ERR_INVALID_STATE,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -221,6 +229,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_SAMPLER) => c"ETLLM_ERR_SAMPLER",
         Some(ETLLM_ERR_CHAT_TEMPLATE) => c"ETLLM_ERR_CHAT_TEMPLATE",
         Some(ETLLM_ERR_GRAMMAR) => c"ETLLM_ERR_GRAMMAR",
+        Some(ETLLM_ERR_INVALID_STATE) => c"ETLLM_ERR_INVALID_STATE",
         None => c"unknown status",
     };
     name.as_ptr()

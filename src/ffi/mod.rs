@@ -19,6 +19,7 @@ pub mod error;
 pub mod io_manager;
 pub mod runner;
 pub mod sampler;
+pub mod session;
 pub mod stats;
 pub mod tokenizer;
 

@@ -182,24 +182,23 @@ pub extern "C" fn etllm_runner_free(runner: *mut etllm_runner) {
 }
 
 /// Streams one generation through the C callbacks.
-pub(crate) fn stream(
-    runner: *mut etllm_runner,
+pub(crate) fn stream<'a, T: 'a>(
+    lock: impl FnOnce() -> Result<MutexGuard<'a, T>, FfiError>,
     config: *const etllm_generation_config,
     on_token: etllm_token_callback,
     on_stats: etllm_stats_callback,
     user_data: *mut c_void,
     out_stats: *mut etllm_stats,
     run: impl FnOnce(
-        &mut Runner,
+        &mut T,
         &crate::GenerationConfig,
         &mut dyn FnMut(TokenPiece<'_>) -> ControlFlow<()>,
         &mut dyn FnMut(&Stats),
     ) -> crate::Result<Stats>,
 ) -> Result<(), FfiError> {
-    let r = runner_ref(runner)?;
     let config = read_config(config)?;
     check_stats_out(out_stats)?;
-    let mut guard = lock(r)?;
+    let mut guard = lock()?;
     let mut buf: Vec<u8> = Vec::new();
     let mut token_cb = |piece: TokenPiece<'_>| {
         let Some(cb) = on_token else {
@@ -253,8 +252,9 @@ pub extern "C" fn etllm_runner_generate(
 ) -> etllm_status {
     guard(|| {
         let prompt = c_str(prompt, "prompt")?;
+        let r = runner_ref(runner)?;
         stream(
-            runner,
+            || lock(r),
             config,
             on_token,
             on_stats,
@@ -280,8 +280,9 @@ pub extern "C" fn etllm_runner_generate_tokens(
 ) -> etllm_status {
     guard(|| {
         let ids = c_slice(ids, num_ids, "ids")?;
+        let r = runner_ref(runner)?;
         stream(
-            runner,
+            || lock(r),
             config,
             on_token,
             on_stats,

@@ -68,9 +68,13 @@ pub struct etllm_stats {
     /// Tokens generated, an EOS that ended generation included.
     pub num_generated_tokens: u64,
     /// The part of `aggregate_model_execution_time_us` spent in decode steps (after
-    /// prefill). The last field: a caller compiled against a header without it has a
-    /// smaller `struct_size` and does not get it.
+    /// prefill). A caller compiled against a header without it has a smaller
+    /// `struct_size` and does not get it.
     pub decode_model_execution_time_us: u64,
+    /// Prompt tokens already in the conversation's KV cache and not fed again
+    /// (`etllm_generation_config.reuse_prefix`); part of `num_prompt_tokens`. Added after
+    /// `decode_model_execution_time_us`: an older caller's `struct_size` leaves it out.
+    pub reused_prompt_tokens: u64,
 }
 
 impl Default for etllm_stats {
@@ -106,6 +110,7 @@ impl From<&Stats> for etllm_stats {
             num_prompt_tokens: s.num_prompt_tokens,
             num_generated_tokens: s.num_generated_tokens,
             decode_model_execution_time_us: s.decode_model_execution_time_us,
+            reused_prompt_tokens: s.reused_prompt_tokens,
         }
     }
 }
@@ -125,6 +130,7 @@ impl From<&etllm_stats> for Stats {
             num_prompt_tokens: s.num_prompt_tokens,
             num_generated_tokens: s.num_generated_tokens,
             decode_model_execution_time_us: s.decode_model_execution_time_us,
+            reused_prompt_tokens: s.reused_prompt_tokens,
             stop_reason: match s.stop_reason {
                 etllm_stop_reason::ETLLM_STOP_NONE => StopReason::None,
                 etllm_stop_reason::ETLLM_STOP_EOS => StopReason::Eos,

@@ -68,7 +68,7 @@ fn tokenizer_ref<'a>(t: *const etllm_tokenizer) -> Result<&'a Tokenizer, FfiErro
 }
 
 /// Copies `bytes` into a `malloc`ed buffer with a NUL after them.
-fn malloc_copy<T: Copy>(items: &[T], nul: bool) -> Result<*mut T, FfiError> {
+pub(crate) fn malloc_copy<T: Copy>(items: &[T], nul: bool) -> Result<*mut T, FfiError> {
     let size = std::mem::size_of_val(items) + usize::from(nul);
     // Safety: plain allocation; checked for NULL below.
     let ptr = unsafe { libc::malloc(size.max(1)) } as *mut T;

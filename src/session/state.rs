@@ -1,0 +1,388 @@
+//! A session's state as bytes: the image of the model's memory-planned buffers (its KV
+//! cache), the KV-cache manager's own state, the tokens in the cache, and the file format
+//! that carries them.
+//!
+//! The file is little-endian:
+//!
+//! | field | bytes |
+//! |---|---|
+//! | magic `ETLLMSES` | 8 |
+//! | format version ([`FORMAT_VERSION`]) | 4 |
+//! | EtLlm version: length, then UTF-8 | 2 + n |
+//! | model identity (XXH3-128 of the program, its data files and method signatures) | 16 |
+//! | arena layout: count, then each size | 4 + 8 each |
+//! | chunk size of the arena image | 4 |
+//! | position, pending flag, pending token | 8 + 1 + 4 |
+//! | token count, then the tokens (u32) | 8 + 4 each |
+//! | per arena: a bitmap of the chunks present, then their bytes | |
+//! | manager state: length, then bytes | 8 + n |
+//! | user data: length, then bytes | 8 + n |
+//! | XXH3-64 of everything before | 8 |
+//!
+//! Chunks of the arenas that are all zeros (never written: positions the cache has not
+//! reached) are left out, so a state costs about the part of the cache in use.
+
+use crate::error::{Error, Result};
+
+/// Bytes per chunk of an arena image.
+pub(crate) const CHUNK: usize = 4096;
+
+const MAGIC: &[u8; 8] = b"ETLLMSES";
+
+/// Version of the file layout; a different one is refused.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// The contents of a set of memory-planned buffers, without their all-zero chunks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ArenaImage {
+    /// Each buffer's size.
+    pub(crate) sizes: Vec<usize>,
+    /// Per buffer, one bit per chunk: set when the chunk is in `data`.
+    pub(crate) present: Vec<Vec<u8>>,
+    /// The present chunks, buffer by buffer, in order (the last chunk of a buffer may be
+    /// short).
+    pub(crate) data: Vec<u8>,
+}
+
+fn chunks_of(size: usize) -> usize {
+    size.div_ceil(CHUNK)
+}
+
+fn all_zero(bytes: &[u8]) -> bool {
+    // Word-wise OR of the whole chunk: no early exit, so the loop vectorises.
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
+impl ArenaImage {
+    /// The image of `arenas`.
+    pub(crate) fn capture(arenas: &[&[u8]]) -> Self {
+        let mut image = ArenaImage {
+            sizes: arenas.iter().map(|a| a.len()).collect(),
+            present: Vec::with_capacity(arenas.len()),
+            data: Vec::new(),
+        };
+        for arena in arenas {
+            let mut bits = vec![0u8; chunks_of(arena.len()).div_ceil(8)];
+            for (i, chunk) in arena.chunks(CHUNK).enumerate() {
+                if !all_zero(chunk) {
+                    bits[i / 8] |= 1 << (i % 8);
+                    image.data.extend_from_slice(chunk);
+                }
+            }
+            image.present.push(bits);
+        }
+        image
+    }
+
+    /// Writes the image into `arenas`, which must have its sizes (checked by the caller
+    /// with [`fits`](Self::fits)); absent chunks become zeros.
+    pub(crate) fn apply(&self, arenas: &mut [&mut [u8]]) {
+        let mut at = 0;
+        for (arena, bits) in arenas.iter_mut().zip(&self.present) {
+            for (i, chunk) in arena.chunks_mut(CHUNK).enumerate() {
+                if bits[i / 8] & (1 << (i % 8)) != 0 {
+                    chunk.copy_from_slice(&self.data[at..at + chunk.len()]);
+                    at += chunk.len();
+                } else {
+                    chunk.fill(0);
+                }
+            }
+        }
+    }
+
+    /// Whether the image has the layout of `sizes`.
+    pub(crate) fn fits(&self, sizes: &[usize]) -> bool {
+        self.sizes == sizes
+    }
+
+    /// Bytes held.
+    pub(crate) fn len(&self) -> usize {
+        self.data.len() + self.present.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// Everything a session's state holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SavedState {
+    pub(crate) identity: u128,
+    pub(crate) etllm_version: String,
+    pub(crate) pos: usize,
+    pub(crate) pending: Option<u32>,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) arenas: ArenaImage,
+    pub(crate) io: Vec<u8>,
+    pub(crate) user_data: Vec<u8>,
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+impl SavedState {
+    /// The file's bytes.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            128 + self.tokens.len() * 4 + self.arenas.len() + self.io.len() + self.user_data.len(),
+        );
+        out.extend_from_slice(MAGIC);
+        put_u32(&mut out, FORMAT_VERSION);
+        let version = self.etllm_version.as_bytes();
+        out.extend_from_slice(&(version.len().min(u16::MAX as usize) as u16).to_le_bytes());
+        out.extend_from_slice(&version[..version.len().min(u16::MAX as usize)]);
+        out.extend_from_slice(&self.identity.to_le_bytes());
+        put_u32(&mut out, self.arenas.sizes.len() as u32);
+        for &size in &self.arenas.sizes {
+            put_u64(&mut out, size as u64);
+        }
+        put_u32(&mut out, CHUNK as u32);
+        put_u64(&mut out, self.pos as u64);
+        out.push(self.pending.is_some() as u8);
+        put_u32(&mut out, self.pending.unwrap_or(0));
+        put_u64(&mut out, self.tokens.len() as u64);
+        for &t in &self.tokens {
+            put_u32(&mut out, t);
+        }
+        for bits in &self.arenas.present {
+            out.extend_from_slice(bits);
+        }
+        out.extend_from_slice(&self.arenas.data);
+        put_u64(&mut out, self.io.len() as u64);
+        out.extend_from_slice(&self.io);
+        put_u64(&mut out, self.user_data.len() as u64);
+        out.extend_from_slice(&self.user_data);
+        let sum = xxhash_rust::xxh3::xxh3_64(&out);
+        put_u64(&mut out, sum);
+        out
+    }
+
+    /// Reads a file's bytes. Every field is checked; nothing is trusted.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |message: String| Error::InvalidState(message);
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad(
+                "it is not an EtLlm session state (no ETLLMSES header)".into()
+            ));
+        }
+        let mut r = Reader {
+            bytes,
+            at: MAGIC.len(),
+        };
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "it uses state format version {version}; this EtLlm ({}) reads version \
+                 {FORMAT_VERSION}",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        if bytes.len() < 8 {
+            return Err(bad("it is truncated".into()));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
+        if xxhash_rust::xxh3::xxh3_64(body) != sum {
+            return Err(bad(
+                "it is truncated or corrupt (its checksum does not match)".into(),
+            ));
+        }
+        let mut r = Reader {
+            bytes: body,
+            at: r.at,
+        };
+        let n = r.u16()? as usize;
+        let etllm_version = String::from_utf8_lossy(r.take(n)?).into_owned();
+        let identity = u128::from_le_bytes(r.take(16)?.try_into().expect("16 bytes"));
+        let n_arenas = r.u32()? as usize;
+        if n_arenas > 64 {
+            return Err(bad(format!("it claims {n_arenas} memory arenas")));
+        }
+        let mut sizes = Vec::with_capacity(n_arenas);
+        for _ in 0..n_arenas {
+            let size = r.u64()?;
+            sizes.push(usize::try_from(size).map_err(|_| bad(format!("arena size {size}")))?);
+        }
+        let chunk = r.u32()? as usize;
+        if chunk != CHUNK {
+            return Err(bad(format!(
+                "its arena image uses {chunk}-byte chunks, not {CHUNK}"
+            )));
+        }
+        let pos = usize::try_from(r.u64()?).map_err(|_| bad("position out of range".into()))?;
+        let pending = match r.u8()? {
+            0 => {
+                r.u32()?;
+                None
+            }
+            1 => Some(r.u32()?),
+            f => return Err(bad(format!("pending flag {f}"))),
+        };
+        let n_tokens = r.u64()?;
+        if n_tokens > (r.left() / 4) as u64 {
+            return Err(bad(format!(
+                "it claims {n_tokens} tokens, more than it holds"
+            )));
+        }
+        let tokens = r
+            .take(n_tokens as usize * 4)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        let mut present = Vec::with_capacity(n_arenas);
+        let mut data_len = 0usize;
+        for &size in &sizes {
+            let n_chunks = chunks_of(size);
+            let bits = r.take(n_chunks.div_ceil(8))?.to_vec();
+            for i in 0..n_chunks {
+                if bits[i / 8] & (1 << (i % 8)) != 0 {
+                    data_len += if i + 1 == n_chunks && size % CHUNK != 0 {
+                        size % CHUNK
+                    } else {
+                        CHUNK
+                    };
+                }
+            }
+            if bits.len() * 8 > n_chunks
+                && bits
+                    .last()
+                    .is_some_and(|&b| b >> (n_chunks % 8) != 0 && n_chunks % 8 != 0)
+            {
+                return Err(bad("its arena bitmap marks chunks past the arena".into()));
+            }
+            present.push(bits);
+        }
+        let data = r.take(data_len)?.to_vec();
+        let n = r.u64()?;
+        let io = r.take_len(n)?.to_vec();
+        let n = r.u64()?;
+        let user_data = r.take_len(n)?.to_vec();
+        if r.left() != 0 {
+            return Err(bad(format!("{} bytes follow its last field", r.left())));
+        }
+        Ok(SavedState {
+            identity,
+            etllm_version,
+            pos,
+            pending,
+            tokens,
+            arenas: ArenaImage {
+                sizes,
+                present,
+                data,
+            },
+            io,
+            user_data,
+        })
+    }
+}
+
+/// Reads fields off a byte slice; running out is an [`Error::InvalidState`].
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.left() {
+            return Err(Error::InvalidState("it is truncated".into()));
+        }
+        let s = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    fn take_len(&mut self, n: u64) -> Result<&'a [u8]> {
+        match usize::try_from(n) {
+            Ok(n) => self.take(n),
+            Err(_) => Err(Error::InvalidState("it is truncated".into())),
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SavedState {
+        let mut a = vec![0u8; 3 * CHUNK + 100];
+        a[5] = 1;
+        a[3 * CHUNK + 99] = 7;
+        let b = vec![9u8; 10];
+        SavedState {
+            identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            etllm_version: "0.1.0".into(),
+            pos: 3,
+            pending: Some(42),
+            tokens: vec![1, 2, 3],
+            arenas: ArenaImage::capture(&[&a, &b]),
+            io: vec![4, 5],
+            user_data: b"chat".to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_image_skips_zero_chunks_and_restores_every_byte() {
+        let mut a = vec![0u8; 3 * CHUNK + 100];
+        a[CHUNK + 3] = 1;
+        a[3 * CHUNK + 50] = 2;
+        let image = ArenaImage::capture(&[&a]);
+        assert_eq!(image.data.len(), CHUNK + 100);
+        let mut out = vec![0xffu8; a.len()];
+        image.apply(&mut [&mut out]);
+        assert_eq!(out, a);
+    }
+
+    #[test]
+    fn a_state_round_trips_through_bytes() {
+        let state = sample();
+        assert_eq!(SavedState::from_bytes(&state.to_bytes()).unwrap(), state);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_an_error() {
+        let bytes = sample().to_bytes();
+        for n in 0..bytes.len() {
+            assert!(matches!(
+                SavedState::from_bytes(&bytes[..n]),
+                Err(Error::InvalidState(_))
+            ));
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x10;
+            assert!(
+                SavedState::from_bytes(&bad).is_err(),
+                "flipping byte {i} went unnoticed"
+            );
+        }
+    }
+}
