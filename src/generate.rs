@@ -95,12 +95,15 @@ pub(crate) struct Parts<'a> {
     pub(crate) fed: &'a mut Vec<u32>,
 }
 
-/// Prefills `feed` at `pos`, then samples up to `n_new` tokens. Returns the new cache
+/// Prefills `feed` at `pos`, then samples up to `n_new` tokens. `prior` are tokens of
+/// this call's prompt already in the cache (prefix reuse): the repetition penalty sees
+/// them as it sees `feed`. Returns the new cache
 /// position and the last generated token not yet fed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn generate_loop(
     parts: Parts<'_>,
     stop: &AtomicBool,
+    prior: &[u32],
     feed: &[u64],
     mut pos: usize,
     (n_new, context_bound): (usize, bool),
@@ -123,6 +126,7 @@ pub(crate) fn generate_loop(
     let mut history: Vec<u32> = Vec::new();
     let keep_history = config.repetition_penalty != 1.0 || picker.plugin.is_some();
     if keep_history {
+        history.extend_from_slice(prior);
         history.extend(feed.iter().map(|&t| t as u32));
     }
     // Summed in nanoseconds: a single step can take less than a microsecond.

@@ -433,3 +433,34 @@ fn a_conversation_resumes_from_a_saved_state_and_its_json() {
     assert_eq!(chat.messages().len(), 4);
     assert!(stats.num_prompt_tokens > 0);
 }
+
+#[test]
+fn prefix_reuse_applies_the_repetition_penalty_to_the_whole_prompt() {
+    let reference = reference("dyn_xnnpack");
+    let case = &reference.cases[0];
+    let config = GenerationConfig {
+        reuse_prefix: true,
+        repetition_penalty: 1.5,
+        ..greedy(6)
+    };
+    let mut runner = open("dyn_xnnpack");
+    let mut cached = runner.session().unwrap();
+    let mut first = Vec::new();
+    cached
+        .generate_from_ids(&case.prompt_ids, &config, record(&mut first), |_| {})
+        .unwrap();
+    let mut whole = case.prompt_ids.clone();
+    whole.extend(&first);
+    whole.extend(&first[..2]);
+    let mut got = Vec::new();
+    let stats = cached
+        .generate_from_ids(&whole, &config, record(&mut got), |_| {})
+        .unwrap();
+    assert!(stats.reused_prompt_tokens > 0);
+    let mut fresh = runner.session().unwrap();
+    let mut want = Vec::new();
+    fresh
+        .generate_from_ids(&whole, &config, record(&mut want), |_| {})
+        .unwrap();
+    assert_eq!(got, want);
+}

@@ -48,7 +48,7 @@ fn chunks_of(size: usize) -> usize {
     size.div_ceil(CHUNK)
 }
 
-fn all_zero(bytes: &[u8]) -> bool {
+pub(crate) fn all_zero(bytes: &[u8]) -> bool {
     // Word-wise OR of the whole chunk: no early exit, so the loop vectorises.
     let words = bytes.chunks_exact(8);
     let tail = words.remainder();
@@ -88,7 +88,8 @@ impl ArenaImage {
                 if bits[i / 8] & (1 << (i % 8)) != 0 {
                     chunk.copy_from_slice(&self.data[at..at + chunk.len()]);
                     at += chunk.len();
-                } else {
+                } else if !all_zero(chunk) {
+                    // Only written when needed: a page never written stays unmapped.
                     chunk.fill(0);
                 }
             }
