@@ -117,6 +117,11 @@ enum Target {
     /// A grammar for constrained decoding: the first byte picks the type (GBNF, Lark,
     /// regex, JSON schema), the rest is its text; compiled and driven a few steps.
     Grammar,
+    /// A saved session state: the first byte picks the model (KV cache in the model,
+    /// static attention, no KV cache) and whether the checksum is fixed up after mutation
+    /// (so that the fields behind it are reached); the rest is the state, restored and
+    /// then generated from.
+    SessionState,
     CAbi,
 }
 
@@ -131,6 +136,7 @@ impl Target {
             Target::TokenizerLlama2c => "tokenizer-llama2c",
             Target::ChatTemplate => "chat-template",
             Target::Grammar => "grammar",
+            Target::SessionState => "session-state",
             Target::CAbi => "c-abi",
         }
     }
@@ -312,6 +318,7 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
             manifest().join("examples/data/compact_chat.jinja"),
         ],
         Target::Grammar => Vec::new(),
+        Target::SessionState => Vec::new(),
         Target::CAbi => Vec::new(),
     };
     let mut seeds: Vec<(String, Vec<u8>)> = files
@@ -355,6 +362,28 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
             seeds.push(typed(1, fixture("grammar/greeting.lark")));
             seeds.push(typed(3, fixture("grammar/person.schema.json")));
             seeds.push(("regex".into(), b"\x02[a-z]{2,5}-[0-9]+(x|y)?".to_vec()));
+        }
+        Target::SessionState => {
+            for (i, _) in STATE_MODELS.iter().enumerate() {
+                let mut runner = state_runner(i).expect("opening a fixture");
+                let config = etllm::GenerationConfig {
+                    temperature: 0.0,
+                    max_new_tokens: 3,
+                    echo: false,
+                    ..Default::default()
+                };
+                runner
+                    .generate(
+                        "Once upon a time",
+                        &config,
+                        |_| std::ops::ControlFlow::Continue(()),
+                        |_| {},
+                    )
+                    .expect("generating");
+                let mut bytes = vec![i as u8];
+                bytes.extend(runner.save_state_with(b"{}").expect("saving"));
+                seeds.push((format!("state-{}", STATE_MODELS[i]), bytes));
+            }
         }
         Target::CAbi => {
             // Random programs: the interpreter gives every byte string a meaning.
@@ -1111,6 +1140,48 @@ fn exec_grammar(path: &Path) -> etllm::Result<()> {
     Ok(())
 }
 
+/// The fixtures whose states the session-state target restores.
+const STATE_MODELS: &[&str] = &["dyn_xnnpack", "static_attention", "no_kv_cache"];
+
+fn state_runner(index: usize) -> etllm::Result<etllm::Runner> {
+    let name = STATE_MODELS[index % STATE_MODELS.len()];
+    etllm::Runner::open(
+        fixture(&format!("{name}/model.pte")),
+        fixture("tokenizer.json"),
+        etllm::RunnerOptions::default(),
+    )
+}
+
+fn exec_session_state(path: &Path) -> etllm::Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let Some((&head, state)) = bytes.split_first() else {
+        return Ok(());
+    };
+    let mut state = state.to_vec();
+    if head & 0x80 == 0 && state.len() >= 16 {
+        // Keep the checksum valid, so that mutations reach the fields it covers.
+        let n = state.len() - 8;
+        let sum = xxhash_rust::xxh3::xxh3_64(&state[..n]);
+        state[n..].copy_from_slice(&sum.to_le_bytes());
+    }
+    let mut runner = state_runner((head & 0x7f) as usize)?;
+    runner.load_state(&state)?;
+    let config = etllm::GenerationConfig {
+        temperature: 0.0,
+        max_new_tokens: 2,
+        echo: false,
+        ..Default::default()
+    };
+    let prompt = if runner.position() > 0 { "" } else { "a" };
+    runner.generate(
+        prompt,
+        &config,
+        |_| std::ops::ControlFlow::Continue(()),
+        |_| {},
+    )?;
+    Ok(())
+}
+
 fn exec_chat(path: &Path) -> etllm::Result<()> {
     use etllm::{ChatMessage, ChatTemplate};
     let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
@@ -1170,6 +1241,7 @@ fn exec(target: Target, file: &Path) -> ExitCode {
         | Target::TokenizerLlama2c => exec_tokenizer(file),
         Target::ChatTemplate => exec_chat(file),
         Target::Grammar => exec_grammar(file),
+        Target::SessionState => exec_session_state(file),
         Target::CAbi => {
             let bytes = std::fs::read(file).expect("reading the case");
             cabi::run(&bytes);
