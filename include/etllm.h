@@ -12,11 +12,13 @@
  *
  * @par Ownership
  *   Objects the library creates are freed by the caller with the matching
- *   function: an etllm_runner with etllm_runner_free, an etllm_chat_template with
+ *   function: an etllm_runner with etllm_runner_free, an etllm_session with
+ *   etllm_session_free (a session keeps its runner's model loaded after
+ *   etllm_runner_free), an etllm_chat_template with
  *   etllm_chat_template_free, an etllm_conversation with etllm_conversation_free, an
  *   etllm_tokenizer with etllm_tokenizer_free, an etllm_text_stream with
  *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
- *   and an id or text buffer returned with its length with etllm_buffer_free. Strings
+ *   and an id, text or state buffer returned with its length with etllm_buffer_free. Strings
  *   and structs passed to the library are only read during the call; pointers the
  *   library passes to callbacks are valid only during the callback. Strings returned as
  *   `const char *` belong to the library.
@@ -24,7 +26,11 @@
  * @par Threads
  *   A runner is used by one call at a time; etllm_runner_stop may be called from
  *   any thread at any time. Another call made while one is in progress returns
- *   ETLLM_ERR_BUSY. Different runners are independent. An etllm_conversation follows the
+ *   ETLLM_ERR_BUSY. Different runners are independent. An etllm_session follows the same
+ *   rule (etllm_session_stop from any thread); sessions of one runner may be used from
+ *   different threads at once and take turns on the model (a call waits while another
+ *   session's call runs; a call from inside a callback of a call on the same model returns
+ *   ETLLM_ERR_BUSY). An etllm_conversation follows the
  *   same rule; a loaded etllm_tokenizer and an etllm_chat_template (once its tokens are
  *   set) may be used from any number of threads at once. Callbacks run on the thread that
  *   called generate and must not unwind (no C++ exception, no longjmp) out of the call.
@@ -1419,7 +1425,8 @@ void etllm_tokenizer_free(struct etllm_tokenizer *tokenizer);
 
 /**
  * Frees a buffer EtLlm allocated and returned (ids from `etllm_tokenizer_encode`, text
- * from `etllm_tokenizer_decode` or `etllm_tokenizer_token_to_piece`). NULL is ignored.
+ * from `etllm_tokenizer_decode` or `etllm_tokenizer_token_to_piece`, a state or user data
+ * from `etllm_session_save_state` and `etllm_session_load_state`). NULL is ignored.
  */
 void etllm_buffer_free(void *buffer);
 

@@ -118,7 +118,8 @@ pub extern "C" fn etllm_tokenizer_free(tokenizer: *mut etllm_tokenizer) {
 }
 
 /// Frees a buffer EtLlm allocated and returned (ids from `etllm_tokenizer_encode`, text
-/// from `etllm_tokenizer_decode` or `etllm_tokenizer_token_to_piece`). NULL is ignored.
+/// from `etllm_tokenizer_decode` or `etllm_tokenizer_token_to_piece`, a state or user data
+/// from `etllm_session_save_state` and `etllm_session_load_state`). NULL is ignored.
 #[no_mangle]
 pub extern "C" fn etllm_buffer_free(buffer: *mut c_void) {
     // Safety: the caller passes NULL or a buffer that malloc_copy allocated.
