@@ -194,6 +194,88 @@ static void conversation_reset_starts_over(const char *arg) {
   etllm_runner_free(runner);
 }
 
+static void send_session(etllm_conversation *conv, etllm_session *session, const char *user,
+                         collector *out) {
+  etllm_generation_config config = greedy_config(5);
+  config.ignore_eos = true;
+  memset(out, 0, sizeof *out);
+  CHECK_OK(etllm_conversation_send_session(conv, session, user, &config, collect_token, NULL,
+                                           out, NULL));
+  CHECK(out->num_ids == 5);
+}
+
+/* A chat on a session, saved after its first turn (state, with the conversation's JSON as
+ * user data) and resumed on a freshly opened model, replies as the uninterrupted chat. */
+static void conversation_resumes_on_a_session_from_its_saved_state(const char *arg) {
+  (void)arg;
+  etllm_runner *runner = open_runner(DEFAULT_MODEL);
+  etllm_session *whole = NULL, *first = NULL;
+  CHECK_OK(etllm_session_new(runner, &whole));
+  CHECK_OK(etllm_session_new(runner, &first));
+  etllm_conversation *a = compact_conversation(runner);
+  etllm_conversation *b = compact_conversation(runner);
+  collector turn, want, got;
+  send_session(a, whole, "Once upon", &turn);
+  send_session(a, whole, "a time", &want);
+
+  send_session(b, first, "Once upon", &turn);
+  char *json = NULL;
+  CHECK_OK(etllm_conversation_to_json(b, &json));
+  uint8_t *state = NULL;
+  size_t state_len = 0;
+  CHECK_OK(etllm_session_save_state(first, (const uint8_t *)json, strlen(json), &state,
+                                    &state_len));
+
+  etllm_runner *other = open_runner(DEFAULT_MODEL);
+  etllm_session *resumed = NULL;
+  CHECK_OK(etllm_session_new(other, &resumed));
+  uint8_t *user_data = NULL;
+  size_t user_len = 0;
+  CHECK_OK(etllm_session_load_state(resumed, state, state_len, &user_data, &user_len));
+  CHECK(user_len == strlen(json) && memcmp(user_data, json, user_len) == 0);
+  char *text = malloc(user_len + 1);
+  memcpy(text, user_data, user_len);
+  text[user_len] = 0;
+  etllm_chat_template *t = NULL;
+  CHECK_OK(etllm_chat_template_new(COMPACT, &t));
+  etllm_conversation *c = NULL;
+  CHECK_OK(etllm_conversation_from_json(t, text, &c));
+  send_session(c, resumed, "a time", &got);
+  CHECK(memcmp(got.ids, want.ids, sizeof want.ids[0] * 5) == 0);
+  size_t n = 0;
+  CHECK_OK(etllm_conversation_num_messages(c, &n));
+  CHECK(n == 4);
+
+  /* Rewind and reset reach the session. */
+  int64_t before = -1, after = -1;
+  bool dropped = false;
+  CHECK_OK(etllm_conversation_rewind_session(c, resumed, &dropped));
+  CHECK(dropped);
+  CHECK_OK(etllm_session_position(resumed, &after));
+  CHECK_OK(etllm_session_position(first, &before));
+  CHECK(after == before);
+  CHECK_OK(etllm_conversation_reset_session(c, resumed));
+  CHECK_OK(etllm_session_position(resumed, &after));
+  CHECK(after == 0);
+  etllm_conversation *bad = NULL;
+  CHECK_ERR(etllm_conversation_from_json(t, "{\"messages\": 3}", &bad), ETLLM_ERR_INVALID_STATE);
+  CHECK(bad == NULL);
+
+  free(text);
+  etllm_buffer_free(user_data);
+  etllm_buffer_free(state);
+  etllm_string_free(json);
+  etllm_chat_template_free(t);
+  etllm_conversation_free(a);
+  etllm_conversation_free(b);
+  etllm_conversation_free(c);
+  etllm_session_free(whole);
+  etllm_session_free(first);
+  etllm_session_free(resumed);
+  etllm_runner_free(runner);
+  etllm_runner_free(other);
+}
+
 int main(int argc, char **argv) {
   static const test_case cases[] = {
       {"templates_render_as_hf_transformers_does", templates_render_as_hf_transformers_does},
@@ -203,6 +285,8 @@ int main(int argc, char **argv) {
       {"conversation_rewind_regenerates_the_same_reply",
        conversation_rewind_regenerates_the_same_reply},
       {"conversation_reset_starts_over", conversation_reset_starts_over},
+      {"conversation_resumes_on_a_session_from_its_saved_state",
+       conversation_resumes_on_a_session_from_its_saved_state},
   };
   return run_test_case(argc, argv, cases, NUM_CASES(cases));
 }

@@ -978,6 +978,51 @@ enum etllm_status etllm_conversation_message(const struct etllm_conversation *co
                                              char **out_content);
 
 /**
+ * `etllm_conversation_send` on a session (`etllm_session_new`) instead of a runner's own
+ * conversation: pass the same session to every call of this conversation.
+ */
+enum etllm_status etllm_conversation_send_session(struct etllm_conversation *conversation,
+                                                  struct etllm_session *session,
+                                                  const char *user,
+                                                  const struct etllm_generation_config *config,
+                                                  etllm_token_callback on_token,
+                                                  etllm_stats_callback on_stats,
+                                                  void *user_data,
+                                                  struct etllm_stats *out_stats);
+
+/**
+ * `etllm_conversation_rewind` on a session.
+ */
+enum etllm_status etllm_conversation_rewind_session(struct etllm_conversation *conversation,
+                                                    struct etllm_session *session,
+                                                    bool *out_dropped);
+
+/**
+ * `etllm_conversation_reset` on a session.
+ */
+enum etllm_status etllm_conversation_reset_session(struct etllm_conversation *conversation,
+                                                   struct etllm_session *session);
+
+/**
+ * The conversation as JSON (its messages, the text fed and its turns) in a new string the
+ * caller frees with `etllm_string_free`: save it as the user data of
+ * `etllm_session_save_state` to resume the chat with `etllm_conversation_from_json` after
+ * `etllm_session_load_state`.
+ */
+enum etllm_status etllm_conversation_to_json(const struct etllm_conversation *conversation,
+                                             char **out_json);
+
+/**
+ * A conversation from `etllm_conversation_to_json`'s text (UTF-8, NUL-terminated),
+ * rendered with a copy of `chat_template`. Text that is not such JSON is
+ * `ETLLM_ERR_INVALID_STATE`. On success `*out_conversation` is new and freed with
+ * `etllm_conversation_free`; on failure NULL.
+ */
+enum etllm_status etllm_conversation_from_json(const struct etllm_chat_template *chat_template,
+                                               const char *json,
+                                               struct etllm_conversation **out_conversation);
+
+/**
  * Frees a conversation (the runner is untouched). NULL is ignored.
  */
 void etllm_conversation_free(struct etllm_conversation *conversation);

@@ -8,6 +8,7 @@ use super::error::{etllm_status, guard, FfiError};
 use super::runner::{
     etllm_runner, etllm_stats_callback, etllm_token_callback, lock_runner, stream,
 };
+use super::session::{etllm_session, lock_session};
 use super::stats::etllm_stats;
 use super::{c_slice, c_str, out_arg, out_string};
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -382,6 +383,108 @@ pub extern "C" fn etllm_conversation_message(
             super::etllm_string_free(std::mem::replace(role, std::ptr::null_mut()));
             return Err(e);
         }
+        Ok(())
+    })
+}
+
+/// `etllm_conversation_send` on a session (`etllm_session_new`) instead of a runner's own
+/// conversation: pass the same session to every call of this conversation.
+#[no_mangle]
+pub extern "C" fn etllm_conversation_send_session(
+    conversation: *mut etllm_conversation,
+    session: *mut etllm_session,
+    user: *const c_char,
+    config: *const etllm_generation_config,
+    on_token: etllm_token_callback,
+    on_stats: etllm_stats_callback,
+    user_data: *mut c_void,
+    out_stats: *mut etllm_stats,
+) -> etllm_status {
+    guard(|| {
+        let user = c_str(user, "user")?;
+        let mut conv = lock_conversation(conversation)?;
+        stream(
+            || lock_session(session),
+            config,
+            on_token,
+            on_stats,
+            user_data,
+            out_stats,
+            |s, c, t, st| {
+                let (_, stats) = conv.send(s, user, c, t)?;
+                st(&stats);
+                Ok(stats)
+            },
+        )
+    })
+}
+
+/// `etllm_conversation_rewind` on a session.
+#[no_mangle]
+pub extern "C" fn etllm_conversation_rewind_session(
+    conversation: *mut etllm_conversation,
+    session: *mut etllm_session,
+    out_dropped: *mut bool,
+) -> etllm_status {
+    guard(|| {
+        let mut conv = lock_conversation(conversation)?;
+        let dropped = conv.rewind(&mut *lock_session(session)?)?;
+        if let Ok(out) = out_arg(out_dropped, "out_dropped") {
+            *out = dropped;
+        }
+        Ok(())
+    })
+}
+
+/// `etllm_conversation_reset` on a session.
+#[no_mangle]
+pub extern "C" fn etllm_conversation_reset_session(
+    conversation: *mut etllm_conversation,
+    session: *mut etllm_session,
+) -> etllm_status {
+    guard(|| {
+        let mut conv = lock_conversation(conversation)?;
+        conv.reset(&mut *lock_session(session)?)?;
+        Ok(())
+    })
+}
+
+/// The conversation as JSON (its messages, the text fed and its turns) in a new string the
+/// caller frees with `etllm_string_free`: save it as the user data of
+/// `etllm_session_save_state` to resume the chat with `etllm_conversation_from_json` after
+/// `etllm_session_load_state`.
+#[no_mangle]
+pub extern "C" fn etllm_conversation_to_json(
+    conversation: *const etllm_conversation,
+    out_json: *mut *mut c_char,
+) -> etllm_status {
+    guard(|| {
+        let out = out_arg(out_json, "out_json")?;
+        *out = std::ptr::null_mut();
+        let json = lock_conversation(conversation)?.to_json();
+        out_string(out, json)
+    })
+}
+
+/// A conversation from `etllm_conversation_to_json`'s text (UTF-8, NUL-terminated),
+/// rendered with a copy of `chat_template`. Text that is not such JSON is
+/// `ETLLM_ERR_INVALID_STATE`. On success `*out_conversation` is new and freed with
+/// `etllm_conversation_free`; on failure NULL.
+#[no_mangle]
+pub extern "C" fn etllm_conversation_from_json(
+    chat_template: *const etllm_chat_template,
+    json: *const c_char,
+    out_conversation: *mut *mut etllm_conversation,
+) -> etllm_status {
+    guard(|| {
+        let out = out_arg(out_conversation, "out_conversation")?;
+        *out = std::ptr::null_mut();
+        let template = template_ref(chat_template)?.clone();
+        let json = c_str(json, "json")?;
+        let conversation = Conversation::from_json(template, json)?;
+        *out = Box::into_raw(Box::new(etllm_conversation {
+            inner: Mutex::new(conversation),
+        }));
         Ok(())
     })
 }

@@ -52,7 +52,9 @@ fn lock(s: &etllm_session) -> Result<MutexGuard<'_, Session>, FfiError> {
     }
 }
 
-fn lock_session<'a>(session: *const etllm_session) -> Result<MutexGuard<'a, Session>, FfiError> {
+pub(crate) fn lock_session<'a>(
+    session: *const etllm_session,
+) -> Result<MutexGuard<'a, Session>, FfiError> {
     lock(session_ref(session)?)
 }
 
