@@ -29,8 +29,8 @@
  *   ETLLM_ERR_BUSY. Different runners are independent. An etllm_session follows the same
  *   rule (etllm_session_stop from any thread); sessions of one runner may be used from
  *   different threads at once and take turns on the model (a call waits while another
- *   session's call runs; a call from inside a callback of a call on the same model returns
- *   ETLLM_ERR_BUSY). An etllm_conversation follows the
+ *   session's call runs; a call that needs the model, made from inside a callback of a
+ *   call on the same model, returns ETLLM_ERR_BUSY). An etllm_conversation follows the
  *   same rule; a loaded etllm_tokenizer and an etllm_chat_template (once its tokens are
  *   set) may be used from any number of threads at once. Callbacks run on the thread that
  *   called generate and must not unwind (no C++ exception, no longjmp) out of the call.
@@ -299,8 +299,9 @@ typedef struct etllm_runner etllm_runner;
  * `etllm_session_stop`, which may be called from any thread at any time. Sessions of
  * one model (and the runner itself) may be used from different threads at once: their
  * calls take turns, each waiting until the model is free (for the whole of a generate).
- * A call made from inside a callback of a running call on the same model returns
- * `ETLLM_ERR_BUSY`. A session may outlive its runner: freeing the runner keeps the model
+ * A call that needs the model (generate, prefill, rewind, reset, save or load state) made
+ * from inside a callback of a running call on the same model returns `ETLLM_ERR_BUSY` and
+ * changes nothing; calls that only read a session (position, tokens) work there. A session may outlive its runner: freeing the runner keeps the model
  * loaded until its last session is freed. `etllm_session_free` must not race with any
  * other call on the same session.
  */

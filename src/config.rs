@@ -86,8 +86,10 @@ pub struct GenerationConfig {
     /// [`Stats::reused_prompt_tokens`](crate::Stats::reused_prompt_tokens);
     /// `num_prompt_tokens` counts the whole prompt. A model whose cache cannot be rewound
     /// (a ring buffer, a sliding window past its cache) starts over unless the prompt
-    /// extends everything the session holds. Default false: the prompt continues the
-    /// conversation.
+    /// extends everything the session holds. A prompt equal to what the session holds
+    /// (or a prefix of it) feeds its last token again, since its logits pick the first new
+    /// token; a generated token not yet fed that the prompt does not repeat is dropped.
+    /// Default false: the prompt continues the conversation.
     pub reuse_prefix: bool,
 }
 

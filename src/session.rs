@@ -545,10 +545,11 @@ impl Session {
     /// Forgets the conversation: the next `generate` starts at position 0. Fails only if
     /// a custom KV-cache manager's reset fails; the position is 0 either way.
     pub fn reset(&mut self) -> Result<()> {
+        // Locked first: a refused call (Busy) changes nothing.
+        let mut core = self.shared.lock()?;
         self.pos = 0;
         self.pending = None;
         self.tokens.clear();
-        let mut core = self.shared.lock()?;
         if core.resident == Some(self.id) {
             core.io.reset()
         } else {
@@ -664,12 +665,18 @@ impl Session {
         // Keep what matches, but feed at least the prompt's last token (its logits pick
         // the first new token).
         let keep = common.min(self.pos).min(prompt.len().saturating_sub(1));
-        let rewound = keep > 0 && self.rewind(keep).is_ok();
-        if !rewound {
-            self.reset()?;
-            return Ok(0);
+        if keep > 0 {
+            match self.rewind(keep) {
+                Ok(()) => return Ok(keep),
+                // Not now: nothing has changed, and nothing should.
+                Err(e @ Error::Busy(_)) => return Err(e),
+                // This cache cannot go back there (a ring buffer, a sliding window past
+                // its cache): start over.
+                Err(_) => {}
+            }
         }
-        Ok(keep)
+        self.reset()?;
+        Ok(0)
     }
 
     /// Checks the arguments, turns the prompt into ids and runs.

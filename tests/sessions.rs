@@ -184,32 +184,49 @@ fn a_session_outlives_its_runner() {
 }
 
 #[test]
-fn a_call_on_the_same_model_from_inside_a_callback_is_busy() {
+fn a_call_on_the_same_model_from_inside_a_callback_is_busy_and_changes_nothing() {
     let reference = reference("dyn_xnnpack");
-    let case = &reference.cases[0];
+    let (a, b) = (&reference.cases[0], &reference.cases[1]);
     let mut runner = open("dyn_xnnpack");
     let (mut sa, mut sb) = (runner.session().unwrap(), runner.session().unwrap());
-    let mut inner = None;
+    let mut got_b = gen(&mut sb, &b.prompt_ids, 3);
+    let held = sb.tokens();
+    let mut refused = Vec::new();
     sa.generate_from_ids(
-        &case.prompt_ids,
+        &a.prompt_ids,
         &greedy(2),
         |_| {
-            if inner.is_none() {
-                inner = Some(sb.generate_from_ids(
-                    &[1, 2],
-                    &greedy(1),
-                    |_| ControlFlow::Continue(()),
-                    |_| {},
-                ));
+            if refused.is_empty() {
+                let ignore = |_: TokenPiece<'_>| ControlFlow::Continue(());
+                let reuse = GenerationConfig {
+                    reuse_prefix: true,
+                    ..greedy(1)
+                };
+                refused.push(
+                    sb.generate_from_ids(&[1, 2], &greedy(1), ignore, |_| {})
+                        .err(),
+                );
+                refused.push(
+                    sb.generate_from_ids(&a.prompt_ids, &reuse, ignore, |_| {})
+                        .err(),
+                );
+                refused.push(sb.reset().err());
+                refused.push(sb.rewind(1).err());
+                refused.push(sb.save_state().err());
             }
             ControlFlow::Continue(())
         },
         |_| {},
     )
     .unwrap();
-    assert!(matches!(inner, Some(Err(Error::Busy(_)))), "{inner:?}");
-    // Both still work afterwards.
-    assert_eq!(gen(&mut sb, &case.prompt_ids, 3), case.greedy_ids[..3]);
+    assert_eq!(refused.len(), 5);
+    for (i, e) in refused.iter().enumerate() {
+        assert!(matches!(e, Some(Error::Busy(_))), "call {i}: {e:?}");
+    }
+    // b is as it was, and goes on as the reference does.
+    assert_eq!(sb.tokens(), held);
+    got_b.extend(gen(&mut sb, &[], 3));
+    assert_eq!(got_b, b.greedy_ids[..6]);
 }
 
 #[test]

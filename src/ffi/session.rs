@@ -28,8 +28,9 @@ use crate::session::Session;
 /// `etllm_session_stop`, which may be called from any thread at any time. Sessions of
 /// one model (and the runner itself) may be used from different threads at once: their
 /// calls take turns, each waiting until the model is free (for the whole of a generate).
-/// A call made from inside a callback of a running call on the same model returns
-/// `ETLLM_ERR_BUSY`. A session may outlive its runner: freeing the runner keeps the model
+/// A call that needs the model (generate, prefill, rewind, reset, save or load state) made
+/// from inside a callback of a running call on the same model returns `ETLLM_ERR_BUSY` and
+/// changes nothing; calls that only read a session (position, tokens) work there. A session may outlive its runner: freeing the runner keeps the model
 /// loaded until its last session is freed. `etllm_session_free` must not race with any
 /// other call on the same session.
 #[allow(non_camel_case_types)]
@@ -285,14 +286,23 @@ pub extern "C" fn etllm_session_load_state(
     out_user_data_len: *mut usize,
 ) -> etllm_status {
     guard(|| {
-        if !out_user_data.is_null() {
-            // Safety: non-null, writable by the caller's contract.
-            unsafe { *out_user_data = std::ptr::null_mut() };
-        }
+        clear_user_data(out_user_data, out_user_data_len);
         let bytes = c_slice(state, state_len, "state")?;
         let data = lock_session(session)?.load_state(bytes)?;
         write_user_data(&data, out_user_data, out_user_data_len)
     })
+}
+
+/// NULL and 0 in the optional user-data outputs, as they read after a failure.
+fn clear_user_data(out_data: *mut *mut u8, out_len: *mut usize) {
+    if !out_data.is_null() {
+        // Safety: non-null, writable by the caller's contract.
+        unsafe { *out_data = std::ptr::null_mut() };
+    }
+    if !out_len.is_null() {
+        // Safety: as above.
+        unsafe { *out_len = 0 };
+    }
 }
 
 fn write_user_data(
@@ -338,10 +348,7 @@ pub extern "C" fn etllm_session_load_state_file(
     out_user_data_len: *mut usize,
 ) -> etllm_status {
     guard(|| {
-        if !out_user_data.is_null() {
-            // Safety: non-null, writable by the caller's contract.
-            unsafe { *out_user_data = std::ptr::null_mut() };
-        }
+        clear_user_data(out_user_data, out_user_data_len);
         let path = c_str(path, "path")?;
         let data = lock_session(session)?.load_state_file(path)?;
         write_user_data(&data, out_user_data, out_user_data_len)
