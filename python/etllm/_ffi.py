@@ -68,6 +68,7 @@ class GenerationConfigC(Structure):
         ("grammar", c_char_p),
         ("grammar_type", c_char_p),
         ("grammar_no_fast_forward", c_bool),
+        ("reuse_prefix", c_bool),
     ]
 
 
@@ -87,6 +88,7 @@ class StatsC(Structure):
         ("num_prompt_tokens", c_uint64),
         ("num_generated_tokens", c_uint64),
         ("decode_model_execution_time_us", c_uint64),
+        ("reused_prompt_tokens", c_uint64),
     ]
 
 
