@@ -16,8 +16,11 @@
 //   becomes ETLLM_ERR_IO_MANAGER with its what() as the message (it never reaches the
 //   library), and the runner deletes the manager exactly once.
 //
-// Thread rules are the C API's: one call at a time on a runner, except stop(), which any
-// thread may call while generate runs.
+// - etllm::Session (Runner::session()) is a conversation of its own over a runner's loaded
+//   model: several share the weights, and their state can be saved and restored.
+//
+// Thread rules are the C API's: one call at a time on a runner (or a session), except
+// stop(), which any thread may call while generate runs. Sessions of one model take turns.
 #ifndef ETLLM_HPP
 #define ETLLM_HPP
 
@@ -107,6 +110,10 @@ struct GenerationConfig {
   std::string grammar;                    ///< the output must match it; empty: unconstrained
   std::string grammar_type = "json_schema";  ///< json_schema, regex, lark (lark_grammar) or gbnf
   bool grammar_fast_forward = true;  ///< feed text the grammar forces in one model step
+  /// The prompt is the whole conversation (as chat UIs resend it): only the part that
+  /// differs from the conversation's tokens is fed; Stats::reused_prompt_tokens counts the
+  /// tokens kept. False: the prompt continues the conversation.
+  bool reuse_prefix = false;
 
   /// The C struct for this config; valid while this object lives unchanged.
   etllm_generation_config to_c() const {
@@ -134,6 +141,7 @@ struct GenerationConfig {
     c.grammar = grammar.empty() ? nullptr : grammar.c_str();
     c.grammar_type = grammar_type.c_str();
     c.grammar_no_fast_forward = !grammar_fast_forward;
+    c.reuse_prefix = reuse_prefix;
     return c;
   }
 
@@ -141,7 +149,8 @@ struct GenerationConfig {
   mutable std::vector<const char*> stop_string_ptrs_;  // what to_c() points at
 };
 
-/// Timings (microseconds) and counts of one generation: the C struct plus helpers.
+/// Timings (microseconds) and counts of one generation: the C struct plus helpers (its
+/// fields are etllm_stats's, reused_prompt_tokens included).
 struct Stats : etllm_stats {
   Stats() : etllm_stats(etllm_stats_default()) {}
   explicit Stats(const etllm_stats& s) : etllm_stats(etllm_stats_default()) {
@@ -618,6 +627,25 @@ Stats stream(const StreamCallback& on_piece, const StatsCallback& on_stats, F&& 
   check(s);
   return stats;
 }
+
+// An upstream-style callback (text only) as a StreamCallback; empty stays empty.
+inline StreamCallback text_only(const std::function<void(const std::string&)>& token_callback) {
+  if (!token_callback) return {};
+  return [token_callback](std::string_view piece, int64_t) {
+    token_callback(std::string(piece));
+    return true;
+  };
+}
+
+// Takes a byte buffer the library allocated (etllm_buffer_free).
+inline std::vector<uint8_t> take_bytes(uint8_t* data, size_t len) {
+  const std::unique_ptr<uint8_t, void (*)(void*)> owned(data, &etllm_buffer_free);
+  return data == nullptr ? std::vector<uint8_t>() : std::vector<uint8_t>(data, data + len);
+}
+
+inline std::vector<uint8_t> bytes_of(std::string_view text) {
+  return std::vector<uint8_t>(text.begin(), text.end());
+}
 }  // namespace detail
 
 /// One message of a conversation.
@@ -627,6 +655,7 @@ struct ChatMessage {
 };
 
 class ChatTemplate;
+class Session;
 
 /// Options fixed when a runner is created.
 struct RunnerOptions {
@@ -702,14 +731,7 @@ class Runner {
   /// Generates from `prompt`, streaming text to `token_callback` (upstream's signature).
   Stats generate(const std::string& prompt, const GenerationConfig& config = {},
                  TokenCallback token_callback = {}, StatsCallback stats_callback = {}) {
-    StreamCallback stream;
-    if (token_callback) {
-      stream = [&token_callback](std::string_view piece, int64_t) {
-        token_callback(std::string(piece));
-        return true;
-      };
-    }
-    return run(Input{&prompt, nullptr}, config, stream, stats_callback);
+    return run(Input{&prompt, nullptr}, config, detail::text_only(token_callback), stats_callback);
   }
 
   /// Generates from `prompt`, streaming each piece with its token id to `on_piece`, which
@@ -767,6 +789,10 @@ class Runner {
 
   /// Rolls the conversation back to its first `pos` tokens (see position()).
   void rewind(int64_t pos) { detail::check(etllm_runner_rewind(handle(), pos)); }
+
+  /// A new, empty conversation over this runner's model (loaded first if needed): see
+  /// etllm::Session. The runner's own conversation is not affected.
+  Session session();
 
   /// Loads if needed and runs a short generation without callbacks; the conversation is
   /// empty afterwards.
@@ -831,6 +857,168 @@ class Runner {
 
   etllm_runner* handle_ = nullptr;
 };
+
+/// A conversation of its own (KV cache, position, tokens) over a runner's loaded model,
+/// made by Runner::session(). Sessions of one model share its weights; the model's KV cache
+/// holds the session that ran last, and switching sessions copies their caches aside and
+/// back (about the part in use). A session's state can be saved as bytes or to a file and
+/// restored into a session of the same model, in this process or another, which then
+/// continues token for token. Move-only.
+///
+/// Threads: one call at a time on a session (another call meanwhile throws etllm::Error
+/// ETLLM_ERR_BUSY), except stop(). Sessions of one model may run on different threads:
+/// their calls take turns. A call on any session of the model (or on the runner) made from
+/// inside a callback of a running call throws ETLLM_ERR_BUSY. A session keeps the model
+/// loaded: it stays usable after its runner is destroyed.
+class Session {
+ public:
+  using TokenCallback = Runner::TokenCallback;
+  using StreamCallback = etllm::StreamCallback;
+  using StatsCallback = etllm::StatsCallback;
+
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  Session(Session&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  Session& operator=(Session&& other) noexcept {
+    if (this != &other) {
+      etllm_session_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~Session() { etllm_session_free(handle_); }
+
+  /// Generates from `prompt`, streaming text to `token_callback` (Runner::generate).
+  Stats generate(const std::string& prompt, const GenerationConfig& config = {},
+                 TokenCallback token_callback = {}, StatsCallback stats_callback = {}) {
+    return run(&prompt, nullptr, config, detail::text_only(token_callback), stats_callback);
+  }
+
+  /// Generates from `prompt`, streaming each piece with its token id to `on_piece`, which
+  /// returns false to stop (Runner::generate_stream).
+  Stats generate_stream(const std::string& prompt, const GenerationConfig& config,
+                        const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
+    return run(&prompt, nullptr, config, on_piece, on_stats);
+  }
+
+  /// Generates from token ids (num_bos and num_eos still apply); empty ids continue the
+  /// conversation from its last token.
+  Stats generate_tokens(const std::vector<uint32_t>& ids, const GenerationConfig& config,
+                        const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
+    return run(nullptr, &ids, config, on_piece, on_stats);
+  }
+
+  /// Feeds `prompt` into the conversation without generating (Runner::prefill).
+  Stats prefill(const std::string& prompt, const GenerationConfig& config = {}) {
+    const etllm_generation_config c = config.to_c();
+    Stats stats;
+    detail::check(etllm_session_prefill(handle(), prompt.c_str(), &c, &stats));
+    return stats;
+  }
+
+  /// Like prefill(), from token ids.
+  Stats prefill_tokens(const std::vector<uint32_t>& ids, const GenerationConfig& config = {}) {
+    const etllm_generation_config c = config.to_c();
+    Stats stats;
+    detail::check(etllm_session_prefill_tokens(handle(), ids.data(), ids.size(), &c, &stats));
+    return stats;
+  }
+
+  /// Asks this session's running generate to stop; callable from any thread.
+  void stop() const { detail::check(etllm_session_stop(handle())); }
+
+  /// Forgets the conversation (and the state kept aside for it).
+  void reset() { detail::check(etllm_session_reset(handle())); }
+
+  /// Rolls the conversation back to its first `pos` tokens (see position()).
+  void rewind(int64_t pos) { detail::check(etllm_session_rewind(handle(), pos)); }
+
+  /// Tokens in the conversation so far.
+  int64_t position() const {
+    int64_t value = 0;
+    detail::check(etllm_session_position(handle(), &value));
+    return value;
+  }
+
+  /// The conversation's tokens (position() of them): those in the KV cache, then the last
+  /// generated one.
+  std::vector<uint32_t> tokens() const {
+    size_t count = 0;
+    detail::check(etllm_session_tokens(handle(), nullptr, 0, &count));
+    std::vector<uint32_t> ids(count);
+    detail::check(etllm_session_tokens(handle(), ids.data(), ids.size(), &count));
+    ids.resize(count < ids.size() ? count : ids.size());
+    return ids;
+  }
+
+  /// The session's state as bytes, with `user_data` (any bytes, e.g. a chat's messages)
+  /// kept as they are. Restore it with load_state() on a session of the same model.
+  std::vector<uint8_t> save_state(const std::vector<uint8_t>& user_data = {}) const {
+    uint8_t* state = nullptr;
+    size_t len = 0;
+    detail::check(etllm_session_save_state(handle(), user_data.data(), user_data.size(), &state, &len));
+    return detail::take_bytes(state, len);
+  }
+  std::vector<uint8_t> save_state(std::string_view user_data) const { return save_state(detail::bytes_of(user_data)); }
+
+  /// Replaces the conversation with a state save_state() made on a session of the same
+  /// model and returns its user data. A state that is not one, is truncated or corrupt, or
+  /// comes from another model throws etllm::Error ETLLM_ERR_INVALID_STATE, and the session
+  /// keeps its own state.
+  std::vector<uint8_t> load_state(const std::vector<uint8_t>& state) {
+    uint8_t* data = nullptr;
+    size_t len = 0;
+    detail::check(etllm_session_load_state(handle(), state.data(), state.size(), &data, &len));
+    return detail::take_bytes(data, len);
+  }
+
+  /// save_state() into the file at `path` (written beside it and renamed into place).
+  void save_state_file(const std::string& path, const std::vector<uint8_t>& user_data = {}) const {
+    detail::check(etllm_session_save_state_file(handle(), path.c_str(), user_data.data(), user_data.size()));
+  }
+  void save_state_file(const std::string& path, std::string_view user_data) const {
+    save_state_file(path, detail::bytes_of(user_data));
+  }
+
+  /// load_state() from a file save_state_file() wrote; returns its user data. An
+  /// unreadable file throws ETLLM_ERR_FILE_ACCESS.
+  std::vector<uint8_t> load_state_file(const std::string& path) {
+    uint8_t* data = nullptr;
+    size_t len = 0;
+    detail::check(etllm_session_load_state_file(handle(), path.c_str(), &data, &len));
+    return detail::take_bytes(data, len);
+  }
+
+  /// The underlying C handle, still owned by this object.
+  etllm_session* handle() const {
+    if (handle_ == nullptr) throw Error(ETLLM_ERR_NULL_ARGUMENT, "use of a moved-from etllm::Session");
+    return handle_;
+  }
+
+ private:
+  friend class Runner;
+  explicit Session(etllm_session* h) noexcept : handle_(h) {}
+
+  Stats run(const std::string* text, const std::vector<uint32_t>* ids, const GenerationConfig& config,
+            const StreamCallback& on_piece, const StatsCallback& on_stats) {
+    const etllm_generation_config c = config.to_c();
+    return detail::stream(on_piece, on_stats,
+                          [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
+                            return text != nullptr
+                                       ? etllm_session_generate(handle(), text->c_str(), &c, t, st, ctx, out)
+                                       : etllm_session_generate_tokens(handle(), ids->data(), ids->size(), &c, t,
+                                                                       st, ctx, out);
+                          });
+  }
+
+  etllm_session* handle_ = nullptr;
+};
+
+inline Session Runner::session() {
+  etllm_session* h = nullptr;
+  detail::check(etllm_session_new(handle(), &h));
+  return Session(h);
+}
 
 namespace detail {
 inline std::vector<etllm_chat_message> c_messages(const std::vector<ChatMessage>& messages) {

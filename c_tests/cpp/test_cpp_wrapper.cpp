@@ -2,6 +2,8 @@
 // upstream-style generate, and stop() from a std::thread.
 #include <etllm.hpp>
 
+#include "reference.hpp"
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
@@ -24,31 +26,7 @@ const std::string kFixtures = [] {
 const std::string kModel = kFixtures + "dyn_xnnpack/model.pte";
 const std::string kTokenizer = kFixtures + "tokenizer.json";
 
-// Reads the integer array that follows the n-th occurrence of "key": in reference.json.
-std::vector<uint32_t> json_ids(const std::string& json, const std::string& key, int nth) {
-  size_t at = 0;
-  for (int i = 0; i <= nth; ++i) {
-    at = json.find("\"" + key + "\":", at);
-    if (at == std::string::npos) throw std::runtime_error("no " + key + " in reference.json");
-    at += key.size() + 3;
-  }
-  const size_t open = json.find('[', at), close = json.find(']', open);
-  std::vector<uint32_t> ids;
-  std::stringstream items(json.substr(open + 1, close - open - 1));
-  for (std::string item; std::getline(items, item, ',');) ids.push_back(static_cast<uint32_t>(std::stoul(item)));
-  return ids;
-}
-
-struct Case {
-  std::vector<uint32_t> prompt_ids, greedy_ids;
-};
-
-Case reference_case(int nth) {
-  std::ifstream in(kFixtures + "dyn_xnnpack/reference.json");
-  std::stringstream text;
-  text << in.rdbuf();
-  return {json_ids(text.str(), "prompt_ids", nth), json_ids(text.str(), "greedy_ids", nth)};
-}
+Case reference_case(int nth) { return reference_case_of(kFixtures + "dyn_xnnpack/reference.json", nth); }
 
 etllm::GenerationConfig greedy(int32_t n) {
   etllm::GenerationConfig c;

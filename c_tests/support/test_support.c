@@ -230,6 +230,38 @@ void check_pieces_well_formed(const collector *c) {
             c->num_pieces);
 }
 
+etllm_session *open_session(etllm_runner *runner) {
+  etllm_session *session = NULL;
+  CHECK_OK(etllm_session_new(runner, &session));
+  CHECK(session != NULL);
+  return session;
+}
+
+void session_generate_ids(etllm_session *session, const uint32_t *ids, size_t num_ids,
+                          int32_t n, collector *c) {
+  memset(c, 0, sizeof *c);
+  etllm_generation_config config = greedy_config(n);
+  CHECK_OK(etllm_session_generate_tokens(session, ids, num_ids, &config, collect_token, NULL, c,
+                                         NULL));
+  CHECK_MSG(c->num_ids == (size_t)n, "%zu tokens generated, expected %d", c->num_ids, (int)n);
+}
+
+size_t session_tokens(const etllm_session *session, uint32_t *ids, size_t max) {
+  size_t count = 0;
+  CHECK_OK(etllm_session_tokens(session, ids, max, &count));
+  CHECK_MSG(count <= max, "the session holds %zu tokens, more than %zu", count, max);
+  return count;
+}
+
+void check_ids(const char *what, const uint32_t *got, size_t num_got, const uint32_t *want,
+               size_t num_want) {
+  size_t n = num_got < num_want ? num_got : num_want;
+  for (size_t i = 0; i < n; i++) {
+    CHECK_MSG(got[i] == want[i], "%s: token %zu is %u, expected %u", what, i, got[i], want[i]);
+  }
+  CHECK_MSG(num_got == num_want, "%s: %zu tokens, expected %zu", what, num_got, num_want);
+}
+
 int run_test_case(int argc, char **argv, const test_case *cases, size_t num_cases) {
   if (argc < 2 || argc > 3) {
     fprintf(stderr, "usage: %s CASE [ARG]\ncases:", argv[0]);

@@ -97,6 +97,26 @@ void collect_stats(void *user_data, const etllm_stats *stats);
 /* Fails the test unless every piece the collector saw was complete UTF-8 with a right len. */
 void check_pieces_well_formed(const collector *c);
 
+/* ---- Sessions --------------------------------------------------------------------------- */
+
+/* A new session over `runner`'s model; fails the test on error. */
+etllm_session *open_session(etllm_runner *runner);
+
+/* Greedy generation of exactly `n` tokens on `session` from `num_ids` prompt ids (0: the
+ * conversation continues from its last token), collected into `*c` (cleared first); fails
+ * the test on error. */
+void session_generate_ids(etllm_session *session, const uint32_t *ids, size_t num_ids,
+                          int32_t n, collector *c);
+
+/* The session's tokens (etllm_session_tokens) into `ids` (room for `max`); returns how many
+ * there are and fails the test if that is more than `max`. */
+size_t session_tokens(const etllm_session *session, uint32_t *ids, size_t max);
+
+/* Fails the test unless `got` holds exactly the `num_want` ids of `want` ("what" names the
+ * comparison in the message). */
+void check_ids(const char *what, const uint32_t *got, size_t num_got, const uint32_t *want,
+               size_t num_want);
+
 /* ---- The command-line tool ---------------------------------------------------------------- */
 
 /* Runs an `etllm generate ... --json` command line and returns how many generated token ids

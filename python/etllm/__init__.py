@@ -8,6 +8,10 @@ A thin layer over EtLlm's C ABI (``libetllm.so``, bundled with the package)::
     config = etllm.GenerationConfig(max_new_tokens=32, temperature=0, num_bos=1, echo=False)
     for piece in runner.stream("Once upon a time", config):
         print(piece, end="", flush=True)
+
+``runner.session()`` opens a :class:`Session`: another conversation over the same loaded
+model, whose state saves to bytes (:meth:`Session.save`) and loads into a session of the
+same model, in this process or another (:meth:`Session.load`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ._errors import (
     GrammarError,
     InvalidArgumentError,
     InvalidModelError,
+    InvalidStateError,
     InvalidTokenizerError,
     InvalidUtf8Error,
     IoManagerError,
@@ -40,6 +45,7 @@ from ._errors import (
 )
 from ._io_manager import IoManager, ModelInfo, ModelMetadata, Step, TensorInfo, last_row
 from ._runner import Piece, Runner
+from ._session import Session
 from ._tokenizer import TextStream, Tokenizer
 from ._chat import ChatTemplate, Conversation
 
@@ -50,9 +56,9 @@ __all__ = [
     "BusyError", "ChatTemplate", "ChatTemplateError", "ContextFullError", "Conversation",
     "ERROR_CLASSES", "EXECUTORCH_VERSION", "EtLlmError", "ExecutorchRuntimeError",
     "FileAccessError", "GenerationConfig", "GrammarError", "InvalidArgumentError", "InvalidModelError",
-    "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
+    "InvalidStateError", "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
     "ModelMetadata", "NotFoundError", "NotLoadedError", "NullArgumentError", "PanicError",
-    "Piece", "Runner", "SamplerError", "Stats", "Step", "StructSizeError", "TensorInfo",
+    "Piece", "Runner", "SamplerError", "Session", "Stats", "Step", "StructSizeError", "TensorInfo",
     "TextStream", "Tokenizer", "TokenizerError", "UnsupportedModelError", "last_row",
     "status_name",
 ]

@@ -42,6 +42,11 @@ class GenerationConfig:
     (``"gbnf"``). An empty grammar is unconstrained. A grammar that does not compile raises
     :class:`GrammarError` before any model step. ``grammar_fast_forward`` (default ``True``)
     feeds text the grammar forces to the model in one step instead of sampling it.
+
+    ``reuse_prefix=True`` makes the prompt the whole conversation (as chat UIs resend it):
+    the conversation keeps the longest prefix of its tokens that the prompt starts with and
+    feeds only the rest; ``Stats.reused_prompt_tokens`` counts the tokens kept. With the
+    default ``False`` the prompt continues the conversation.
     """
 
     echo: bool = True
@@ -62,6 +67,7 @@ class GenerationConfig:
     grammar: Union[str, Dict[str, Any]] = ""
     grammar_type: str = "json_schema"
     grammar_fast_forward: bool = True
+    reuse_prefix: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.grammar, dict):
@@ -75,7 +81,7 @@ class GenerationConfig:
                 f"GenerationConfig.grammar_type is {self.grammar_type!r}; use one of "
                 + ", ".join(GRAMMAR_TYPES)
             )
-        for name in ("echo", "warming", "ignore_eos", "grammar_fast_forward"):
+        for name in ("echo", "warming", "ignore_eos", "grammar_fast_forward", "reuse_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GenerationConfig.{name} must be a bool")
         for name in ("max_new_tokens", "seq_len", "num_bos", "num_eos", "top_k"):
@@ -134,6 +140,7 @@ class GenerationConfig:
         c.grammar = grammar
         c.grammar_type = grammar_type
         c.grammar_no_fast_forward = not self.grammar_fast_forward
+        c.reuse_prefix = self.reuse_prefix
         return c, (ids, strs, encoded, grammar, grammar_type)
 
 
@@ -145,7 +152,8 @@ class Stats:
     generation, as the C ``etllm_stats``; ``stop_reason`` is a string (``"eos"``,
     ``"length"``, ``"context_full"``, ``"stopped"``, ``"callback"``, ``"stop_string"``,
     ``"grammar_complete"``, ``"grammar_incomplete"``, ``"none"``). :meth:`to_json` gives
-    upstream's JSON (milliseconds)."""
+    upstream's JSON (milliseconds). ``reused_prompt_tokens`` counts the prompt tokens that
+    ``reuse_prefix`` found in place (part of ``num_prompt_tokens``, not fed again)."""
 
     model_load_start_us: int
     model_load_end_us: int
@@ -159,6 +167,7 @@ class Stats:
     num_prompt_tokens: int
     num_generated_tokens: int
     decode_model_execution_time_us: int
+    reused_prompt_tokens: int
     stop_reason: str
 
     def __init__(self, c: Optional[_ffi.StatsC] = None) -> None:

@@ -105,6 +105,13 @@ class GrammarError(EtLlmError):
     status = 19
 
 
+class InvalidStateError(EtLlmError):
+    """A saved session state was refused: not a state, truncated or corrupt, from another
+    model, or refused by the KV-cache manager. The session keeps the state it had."""
+
+    status = 20
+
+
 ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
     cls.status: cls
     for cls in (
@@ -127,6 +134,7 @@ ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
         SamplerError,
         ChatTemplateError,
         GrammarError,
+        InvalidStateError,
     )
 }
 

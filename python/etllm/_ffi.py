@@ -68,6 +68,7 @@ class GenerationConfigC(Structure):
         ("grammar", c_char_p),
         ("grammar_type", c_char_p),
         ("grammar_no_fast_forward", c_bool),
+        ("reuse_prefix", c_bool),
     ]
 
 
@@ -87,6 +88,7 @@ class StatsC(Structure):
         ("num_prompt_tokens", c_uint64),
         ("num_generated_tokens", c_uint64),
         ("decode_model_execution_time_us", c_uint64),
+        ("reused_prompt_tokens", c_uint64),
     ]
 
 
@@ -222,6 +224,36 @@ _fn("etllm_runner_bos_id", _S, _P, POINTER(c_uint32))
 _fn("etllm_runner_eos_ids", _S, _P, POINTER(c_uint32), c_size_t, POINTER(c_size_t))
 _fn("etllm_runner_position", _S, _P, POINTER(c_int64))
 
+# Sessions (byte buffers in: c_char_p with a length; out: a library buffer, take_bytes)
+_fn("etllm_session_new", _S, _P, POINTER(_P))
+_fn("etllm_session_free", None, _P)
+_fn(
+    "etllm_session_generate", _S, _P, c_char_p, POINTER(GenerationConfigC), TOKEN_CB, STATS_CB,
+    c_void_p, POINTER(StatsC),
+)
+_fn(
+    "etllm_session_generate_tokens", _S, _P, POINTER(c_uint32), c_size_t,
+    POINTER(GenerationConfigC), TOKEN_CB, STATS_CB, c_void_p, POINTER(StatsC),
+)
+_fn("etllm_session_prefill", _S, _P, c_char_p, POINTER(GenerationConfigC), POINTER(StatsC))
+_fn(
+    "etllm_session_prefill_tokens", _S, _P, POINTER(c_uint32), c_size_t,
+    POINTER(GenerationConfigC), POINTER(StatsC),
+)
+_fn("etllm_session_stop", _S, _P)
+_fn("etllm_session_rewind", _S, _P, c_int64)
+_fn("etllm_session_reset", _S, _P)
+_fn("etllm_session_position", _S, _P, POINTER(c_int64))
+_fn("etllm_session_tokens", _S, _P, POINTER(c_uint32), c_size_t, POINTER(c_size_t))
+_fn(
+    "etllm_session_save_state", _S, _P, c_char_p, c_size_t, POINTER(c_void_p), POINTER(c_size_t)
+)
+_fn(
+    "etllm_session_load_state", _S, _P, c_char_p, c_size_t, POINTER(c_void_p), POINTER(c_size_t)
+)
+_fn("etllm_session_save_state_file", _S, _P, c_char_p, c_char_p, c_size_t)
+_fn("etllm_session_load_state_file", _S, _P, c_char_p, POINTER(c_void_p), POINTER(c_size_t))
+
 # Model info (inside an io manager's load)
 _fn("etllm_model_info_num_methods", _S, _P, POINTER(c_size_t))
 _fn("etllm_model_info_method_name", _S, _P, c_size_t, POINTER(c_char_p))
@@ -286,6 +318,16 @@ _fn("etllm_conversation_reset", _S, _P, _P)
 _fn("etllm_conversation_num_messages", _S, _P, POINTER(c_size_t))
 _fn("etllm_conversation_message", _S, _P, c_size_t, POINTER(c_void_p), POINTER(c_void_p))
 _fn("etllm_conversation_free", None, _P)
+
+
+def take_bytes(ptr: c_void_p, length: int) -> bytes:
+    """Copies a library-allocated buffer of ``length`` bytes and frees it (etllm_buffer_free)."""
+    if not ptr.value:
+        return b""
+    try:
+        return ctypes.string_at(ptr.value, length)
+    finally:
+        lib.etllm_buffer_free(ptr)
 
 
 def take_string(ptr: c_void_p) -> str:

@@ -7,12 +7,15 @@ import dataclasses
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import _ffi
 from ._config import GenerationConfig, Stats
 from ._errors import NotFoundError, check, error_for
 from ._io_manager import IoManager, make_vtable
+
+if TYPE_CHECKING:
+    from ._session import Session
 
 PathLike = Union[str, "os.PathLike[str]"]
 Prompt = Union[str, Sequence[int]]
@@ -20,6 +23,7 @@ TokenCallback = Callable[["Piece"], Any]
 StatsCallback = Callable[[Stats], Any]
 
 PRESETS = {None: 0, "none": 0, "llama": 1}
+_G = TypeVar("_G", bound="_Generator")
 
 
 def preset_value(preset: Optional[str]) -> int:
@@ -49,7 +53,242 @@ def _ids_array(ids: Sequence[int]) -> "ctypes.Array[ctypes.c_uint32]":
     return (ctypes.c_uint32 * max(1, len(values)))(*values)
 
 
-class Runner:
+def _c_callbacks(
+    token_callback: Optional[TokenCallback], stats_callback: Optional[StatsCallback]
+) -> Tuple[Any, Any, List[str], List[BaseException]]:
+    """The C token and stats callbacks of one generate call over the Python ones: every
+    piece of text goes to the list returned (then to ``token_callback``), and an exception
+    a callback raises stops generation and goes to the error list (it must not reach C)."""
+    pieces: List[str] = []
+    errors: List[BaseException] = []
+
+    def on_token(_user: Any, ptr: Any, n: int, token_id: int) -> int:
+        try:
+            text = ctypes.string_at(ptr, n).decode("utf-8")
+            pieces.append(text)
+            if token_callback is not None:
+                piece = Piece(text, token_id if token_id >= 0 else None)
+                return 1 if token_callback(piece) is True else 0
+            return 0
+        except BaseException as e:  # noqa: BLE001 - never let it reach C
+            errors.append(e)
+            return 1
+
+    def on_stats(_user: Any, stats: Any) -> None:
+        if stats_callback is None:
+            return
+        try:
+            stats_callback(Stats(stats[0]))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    return _ffi.TOKEN_CB(on_token), _ffi.STATS_CB(on_stats), pieces, errors
+
+
+class _Generator:
+    """What a :class:`Runner` and a :class:`Session` share: a conversation over a loaded
+    model, generated on with the C functions ``<_C>generate``, ``<_C>prefill``, ... .
+
+    Each subclass names the public members in its own body (``generate =
+    _Generator.generate``): the API reference (pdoc) documents a class's own members, not
+    those of a private base."""
+
+    _C = "etllm_runner_"  # the prefix of the C functions
+    _KIND = "runner"
+    _ptr: Optional[int]
+    _bridge: Any
+    last_stats: Optional[Stats]
+
+    def _fn(self, name: str) -> Callable[..., int]:
+        return getattr(_ffi.lib, self._C + name)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _p(self) -> int:
+        if self._ptr is None:
+            raise ValueError(f"the {self._KIND} is closed")
+        return self._ptr
+
+    def _finish(self, status: int, *extra: Optional[BaseException]) -> None:
+        """Raises, in order: an exception from a Python callback, one from the Python
+        KV-cache manager, then the C status."""
+        err = error_for(status) if status != 0 else None
+        for e in extra:
+            if e is not None:
+                raise e
+        if self._bridge is not None:
+            e = self._bridge.take_error()
+            if e is not None:
+                raise e
+        if err is not None:
+            raise err
+
+    def _call(self, fn: Callable[..., int], *args: Any) -> None:
+        self._finish(fn(self._p(), *args))
+
+    def close(self) -> None:
+        """Frees it now (otherwise it is freed when garbage-collected); the model stays
+        loaded while a runner or session over it is open. Further calls raise ValueError."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            self._fn("free")(ptr)
+
+    def __enter__(self: _G) -> _G:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _int64(self, fn: Callable[..., int]) -> int:
+        out = ctypes.c_int64()
+        self._call(fn, ctypes.byref(out))
+        return out.value
+
+    # ---- the conversation --------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """Tokens in the conversation so far."""
+        return self._int64(self._fn("position"))
+
+    def stop(self) -> None:
+        """Asks a running generate to end before its next model step; any thread."""
+        check(self._fn("stop")(self._p()))
+
+    def reset(self) -> None:
+        """Forgets the conversation: the next generate starts at position 0."""
+        self._call(self._fn("reset"))
+
+    def rewind(self, pos: int) -> None:
+        """Rolls the conversation back to its first ``pos`` tokens."""
+        self._call(self._fn("rewind"), int(pos))
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Prompt,
+        config: Optional[GenerationConfig] = None,
+        token_callback: Optional[TokenCallback] = None,
+        stats_callback: Optional[StatsCallback] = None,
+        **overrides: Any,
+    ) -> str:
+        """Generates from ``prompt`` (text, or a sequence of token ids) and returns all the
+        text streamed (the echoed prompt first when ``config.echo``).
+
+        ``token_callback(piece)`` gets each :class:`Piece` as it is produced; returning
+        ``True`` stops generation. ``stats_callback(stats)`` gets the :class:`Stats` at
+        the end (also in ``last_stats``). Keyword arguments override fields of
+        ``config`` (``runner.generate("Hi", max_new_tokens=8, temperature=0)``). An
+        exception raised by a callback stops generation and is raised here.
+        """
+        text, status, error = self._generate(
+            prompt, _config_of(config, overrides), token_callback, stats_callback
+        )
+        self._finish(status, error)
+        return text
+
+    def _generate(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig,
+        token_callback: Optional[TokenCallback],
+        stats_callback: Optional[StatsCallback],
+    ) -> Tuple[str, int, Optional[BaseException]]:
+        """One generate call: the text streamed, the C status and the first exception a
+        callback raised (``last_stats`` is set)."""
+        cfg, keep = config._to_c()
+        c_token, c_stats, pieces, errors = _c_callbacks(token_callback, stats_callback)
+        out = _ffi.lib.etllm_stats_default()
+        if isinstance(prompt, str):
+            status = self._fn("generate")(
+                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), c_token, c_stats, None,
+                ctypes.byref(out),
+            )
+        else:
+            ids = _ids_array(prompt)
+            status = self._fn("generate_tokens")(
+                self._p(), ids, len(prompt), ctypes.byref(cfg), c_token, c_stats, None,
+                ctypes.byref(out),
+            )
+        del keep
+        self.last_stats = Stats(out)
+        return "".join(pieces), status, errors[0] if errors else None
+
+    def stream(
+        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
+    ) -> Iterator[Piece]:
+        """Yields each :class:`Piece` as it is generated (``for piece in runner.stream(...)``).
+
+        Generation runs on a worker thread; leaving the loop early stops it. Errors are
+        raised from the iteration; the stats end up in ``last_stats``."""
+        config = _config_of(config, overrides)
+        # A small queue: generation runs at most a few tokens ahead of the consumer.
+        q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
+        done = object()
+        failure: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.generate(prompt, config, q.put)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                failure.append(e)
+            finally:
+                q.put(done)
+
+        worker = threading.Thread(target=work, name="etllm-stream", daemon=True)
+        worker.start()
+        finished = False
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    finished = True
+                    break
+                yield item
+        finally:
+            if not finished:
+                self.stop()
+                while worker.is_alive() or not q.empty():  # unblock the worker's put
+                    try:
+                        if q.get(timeout=0.05) is done:
+                            break
+                    except queue.Empty:
+                        pass
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def prefill(
+        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
+    ) -> Stats:
+        """Feeds ``prompt`` into the conversation without generating (only ``num_bos``,
+        ``num_eos`` and ``reuse_prefix`` of the config apply); a later ``generate("")``
+        continues after it."""
+        config = _config_of(config, overrides)
+        cfg, keep = config._to_c()
+        out = _ffi.lib.etllm_stats_default()
+        if isinstance(prompt, str):
+            status = self._fn("prefill")(
+                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), ctypes.byref(out)
+            )
+        else:
+            ids = _ids_array(prompt)
+            status = self._fn("prefill_tokens")(
+                self._p(), ids, len(prompt), ctypes.byref(cfg), ctypes.byref(out)
+            )
+        del keep
+        self._finish(status)
+        return Stats(out)
+
+
+class Runner(_Generator):
     """One model, one tokenizer, one conversation (KV cache).
 
     ``Runner(model_path, tokenizer_path)`` opens both (``load=False`` defers that to
@@ -114,47 +353,15 @@ class Runner:
         self._finish(status)
         self._ptr = out.value
 
-    # ---- plumbing ----------------------------------------------------------------------------
-
-    def _p(self) -> int:
-        if self._ptr is None:
-            raise ValueError("the runner is closed")
-        return self._ptr
-
-    def _finish(self, status: int, *extra: Optional[BaseException]) -> None:
-        """Raises, in order: an exception from a Python callback, one from the Python
-        KV-cache manager, then the C status."""
-        err = error_for(status) if status != 0 else None
-        for e in extra:
-            if e is not None:
-                raise e
-        if self._bridge is not None:
-            e = self._bridge.take_error()
-            if e is not None:
-                raise e
-        if err is not None:
-            raise err
-
-    def _call(self, fn: Callable[..., int], *args: Any) -> None:
-        self._finish(fn(self._p(), *args))
-
-    def close(self) -> None:
-        """Frees the runner (and its KV-cache manager). Further calls raise ValueError."""
-        ptr, self._ptr = self._ptr, None
-        if ptr is not None:
-            _ffi.lib.etllm_runner_free(ptr)
-
-    def __enter__(self) -> "Runner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+    # The conversation (see _Generator).
+    close = _Generator.close
+    position = _Generator.position
+    generate = _Generator.generate
+    stream = _Generator.stream
+    prefill = _Generator.prefill
+    stop = _Generator.stop
+    reset = _Generator.reset
+    rewind = _Generator.rewind
 
     # ---- loading and state -------------------------------------------------------------------
 
@@ -167,16 +374,6 @@ class Runner:
         out = ctypes.c_bool()
         self._call(_ffi.lib.etllm_runner_is_loaded, ctypes.byref(out))
         return bool(out.value)
-
-    def _int64(self, fn: Callable[..., int]) -> int:
-        out = ctypes.c_int64()
-        self._call(fn, ctypes.byref(out))
-        return out.value
-
-    @property
-    def position(self) -> int:
-        """Tokens in the conversation so far."""
-        return self._int64(_ffi.lib.etllm_runner_position)
 
     @property
     def max_context_len(self) -> int:
@@ -212,149 +409,17 @@ class Runner:
         self._call(_ffi.lib.etllm_runner_eos_ids, ids, n.value, ctypes.byref(n))
         return list(ids[: n.value])
 
-    def stop(self) -> None:
-        """Asks a running generate to end before its next model step; any thread."""
-        check(_ffi.lib.etllm_runner_stop(self._p()))
-
-    def reset(self) -> None:
-        """Forgets the conversation: the next generate starts at position 0."""
-        self._call(_ffi.lib.etllm_runner_reset)
-
-    def rewind(self, pos: int) -> None:
-        """Rolls the conversation back to its first ``pos`` tokens."""
-        self._call(_ffi.lib.etllm_runner_rewind, int(pos))
-
     def warmup(self) -> None:
         """Runs a short generation so the first real one does not pay first-call costs."""
         self._call(_ffi.lib.etllm_runner_warmup)
 
-    # ---- generation --------------------------------------------------------------------------
+    def session(self) -> "Session":
+        """A new, empty conversation over this runner's model (loaded first if needed): a
+        :class:`Session`, which shares the loaded weights and has a KV cache of its own.
+        The runner's own conversation is not affected."""
+        from ._session import Session
 
-    def generate(
-        self,
-        prompt: Prompt,
-        config: Optional[GenerationConfig] = None,
-        token_callback: Optional[TokenCallback] = None,
-        stats_callback: Optional[StatsCallback] = None,
-        **overrides: Any,
-    ) -> str:
-        """Generates from ``prompt`` (text, or a sequence of token ids) and returns all the
-        text streamed (the echoed prompt first when ``config.echo``).
-
-        ``token_callback(piece)`` gets each :class:`Piece` as it is produced; returning
-        ``True`` stops generation. ``stats_callback(stats)`` gets the :class:`Stats` at
-        the end (also in ``runner.last_stats``). Keyword arguments override fields of
-        ``config`` (``runner.generate("Hi", max_new_tokens=8, temperature=0)``). An
-        exception raised by a callback stops generation and is raised here.
-        """
-        config = _config_of(config, overrides)
-        cfg, keep = config._to_c()
-        pieces: List[str] = []
-        errors: List[BaseException] = []
-
-        def on_token(_user: Any, ptr: Any, n: int, token_id: int) -> int:
-            try:
-                text = ctypes.string_at(ptr, n).decode("utf-8")
-                pieces.append(text)
-                if token_callback is not None:
-                    piece = Piece(text, token_id if token_id >= 0 else None)
-                    return 1 if token_callback(piece) is True else 0
-                return 0
-            except BaseException as e:  # noqa: BLE001 - never let it reach C
-                errors.append(e)
-                return 1
-
-        def on_stats(_user: Any, stats: Any) -> None:
-            if stats_callback is None:
-                return
-            try:
-                stats_callback(Stats(stats[0]))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        c_token = _ffi.TOKEN_CB(on_token)
-        c_stats = _ffi.STATS_CB(on_stats)
-        out = _ffi.lib.etllm_stats_default()
-        if isinstance(prompt, str):
-            status = _ffi.lib.etllm_runner_generate(
-                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), c_token, c_stats, None,
-                ctypes.byref(out),
-            )
-        else:
-            ids = _ids_array(prompt)
-            status = _ffi.lib.etllm_runner_generate_tokens(
-                self._p(), ids, len(prompt), ctypes.byref(cfg), c_token, c_stats, None,
-                ctypes.byref(out),
-            )
-        del keep
-        self.last_stats = Stats(out)
-        self._finish(status, errors[0] if errors else None)
-        return "".join(pieces)
-
-    def stream(
-        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
-    ) -> Iterator[Piece]:
-        """Yields each :class:`Piece` as it is generated (``for piece in runner.stream(...)``).
-
-        Generation runs on a worker thread; leaving the loop early stops it. Errors are
-        raised from the iteration; the stats end up in ``runner.last_stats``."""
-        config = _config_of(config, overrides)
-        # A small queue: generation runs at most a few tokens ahead of the consumer.
-        q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
-        done = object()
-        failure: List[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.generate(prompt, config, q.put)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                failure.append(e)
-            finally:
-                q.put(done)
-
-        worker = threading.Thread(target=work, name="etllm-stream", daemon=True)
-        worker.start()
-        finished = False
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    finished = True
-                    break
-                yield item
-        finally:
-            if not finished:
-                self.stop()
-                while worker.is_alive() or not q.empty():  # unblock the worker's put
-                    try:
-                        if q.get(timeout=0.05) is done:
-                            break
-                    except queue.Empty:
-                        pass
-            worker.join()
-        if failure:
-            raise failure[0]
-
-    def prefill(
-        self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
-    ) -> Stats:
-        """Feeds ``prompt`` into the conversation without generating (only ``num_bos`` and
-        ``num_eos`` of the config apply); a later ``generate("")`` continues after it."""
-        config = _config_of(config, overrides)
-        cfg, keep = config._to_c()
-        out = _ffi.lib.etllm_stats_default()
-        if isinstance(prompt, str):
-            status = _ffi.lib.etllm_runner_prefill(
-                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), ctypes.byref(out)
-            )
-        else:
-            ids = _ids_array(prompt)
-            status = _ffi.lib.etllm_runner_prefill_tokens(
-                self._p(), ids, len(prompt), ctypes.byref(cfg), ctypes.byref(out)
-            )
-        del keep
-        self._finish(status)
-        return Stats(out)
+        return Session(self)
 
     # ---- chat --------------------------------------------------------------------------------
 

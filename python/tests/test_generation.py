@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 import time
@@ -58,6 +59,20 @@ def test_generation_config_defaults_equal_the_c_library():
     for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
         assert getattr(py, name) == pytest.approx(getattr(c, name)), name
     assert c.num_stop_token_ids == 0 and c.num_stop_strings == 0
+    assert py.reuse_prefix == c.reuse_prefix is False
+
+
+def test_ctypes_structs_have_the_c_library_layout():
+    # struct_size is sizeof() as the library was compiled; the last fields are the newest
+    # (etllm_generation_config.reuse_prefix, etllm_stats.reused_prompt_tokens).
+    ffi = etllm._ffi
+    for cls, default in ((ffi.GenerationConfigC, ffi.lib.etllm_generation_config_default),
+                         (ffi.StatsC, ffi.lib.etllm_stats_default),
+                         (ffi.RunnerOptionsC, ffi.lib.etllm_runner_options_default)):
+        assert ctypes.sizeof(cls) == default().struct_size, cls.__name__
+    assert ffi.GenerationConfigC._fields_[-1][0] == "reuse_prefix"
+    assert ffi.StatsC._fields_[-1][0] == "reused_prompt_tokens"
+    assert ffi.StatsC.reused_prompt_tokens.offset == ctypes.sizeof(ffi.StatsC) - 8
 
 
 def test_generation_config_repr_names_every_field():
