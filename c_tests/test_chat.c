@@ -239,7 +239,7 @@ static void conversation_resumes_on_a_session_from_its_saved_state(const char *a
   etllm_chat_template *t = NULL;
   CHECK_OK(etllm_chat_template_new(COMPACT, &t));
   etllm_conversation *c = NULL;
-  CHECK_OK(etllm_conversation_from_json(t, text, &c));
+  CHECK_OK(etllm_conversation_from_json(other, t, text, &c));
   send_session(c, resumed, "a time", &got);
   CHECK(memcmp(got.ids, want.ids, sizeof want.ids[0] * 5) == 0);
   size_t n = 0;
@@ -258,7 +258,8 @@ static void conversation_resumes_on_a_session_from_its_saved_state(const char *a
   CHECK_OK(etllm_session_position(resumed, &after));
   CHECK(after == 0);
   etllm_conversation *bad = NULL;
-  CHECK_ERR(etllm_conversation_from_json(t, "{\"messages\": 3}", &bad), ETLLM_ERR_INVALID_STATE);
+  CHECK_ERR(etllm_conversation_from_json(other, t, "{\"messages\": 3}", &bad),
+            ETLLM_ERR_INVALID_STATE);
   CHECK(bad == NULL);
 
   free(text);

@@ -1015,11 +1015,13 @@ enum etllm_status etllm_conversation_to_json(const struct etllm_conversation *co
 
 /**
  * A conversation from `etllm_conversation_to_json`'s text (UTF-8, NUL-terminated),
- * rendered with a copy of `chat_template`. Text that is not such JSON is
+ * rendered with a copy of `chat_template` (NULL: the runner's template, read from
+ * `runner`, as in `etllm_conversation_new`). Text that is not such JSON is
  * `ETLLM_ERR_INVALID_STATE`. On success `*out_conversation` is new and freed with
  * `etllm_conversation_free`; on failure NULL.
  */
-enum etllm_status etllm_conversation_from_json(const struct etllm_chat_template *chat_template,
+enum etllm_status etllm_conversation_from_json(struct etllm_runner *runner,
+                                               const struct etllm_chat_template *chat_template,
                                                const char *json,
                                                struct etllm_conversation **out_conversation);
 

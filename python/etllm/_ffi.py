@@ -317,6 +317,14 @@ _fn("etllm_conversation_rewind", _S, _P, _P, POINTER(c_bool))
 _fn("etllm_conversation_reset", _S, _P, _P)
 _fn("etllm_conversation_num_messages", _S, _P, POINTER(c_size_t))
 _fn("etllm_conversation_message", _S, _P, c_size_t, POINTER(c_void_p), POINTER(c_void_p))
+_fn(
+    "etllm_conversation_send_session", _S, _P, _P, c_char_p, POINTER(GenerationConfigC),
+    TOKEN_CB, STATS_CB, c_void_p, POINTER(StatsC),
+)
+_fn("etllm_conversation_rewind_session", _S, _P, _P, POINTER(c_bool))
+_fn("etllm_conversation_reset_session", _S, _P, _P)
+_fn("etllm_conversation_to_json", _S, _P, POINTER(c_void_p))
+_fn("etllm_conversation_from_json", _S, _P, _P, c_char_p, POINTER(_P))
 _fn("etllm_conversation_free", None, _P)
 
 

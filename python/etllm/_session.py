@@ -126,9 +126,5 @@ class Session(_Generator):
             return "<etllm.Session (closed)>"
         return f"<etllm.Session position={self.position}>"
 
-    def _render(self, messages: Any, add_generation_prompt: bool) -> str:
-        """The runner's chat template applied to ``messages`` (for a Conversation)."""
-        return self._runner.apply_chat_template(messages, add_generation_prompt)
-
 
 __all__ = ["Session"]

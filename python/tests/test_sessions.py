@@ -315,8 +315,8 @@ def test_a_conversation_on_a_session_replies_as_one_on_a_runner(runner):
         assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
         assert chat.send("a time", config) == want[1]
         assert chat.send("there was", config) == want_again
-        with pytest.raises(TypeError):
-            on_runner.to_json()
+        copy = etllm.Conversation.from_json(runner, on_runner.to_json(), template)
+        assert copy.messages == on_runner.messages
         chat.reset()
         assert session.position == 0 and chat.messages == [{"role": "system", "content": "Be brief."}]
 

@@ -467,11 +467,13 @@ pub extern "C" fn etllm_conversation_to_json(
 }
 
 /// A conversation from `etllm_conversation_to_json`'s text (UTF-8, NUL-terminated),
-/// rendered with a copy of `chat_template`. Text that is not such JSON is
+/// rendered with a copy of `chat_template` (NULL: the runner's template, read from
+/// `runner`, as in `etllm_conversation_new`). Text that is not such JSON is
 /// `ETLLM_ERR_INVALID_STATE`. On success `*out_conversation` is new and freed with
 /// `etllm_conversation_free`; on failure NULL.
 #[no_mangle]
 pub extern "C" fn etllm_conversation_from_json(
+    runner: *mut etllm_runner,
     chat_template: *const etllm_chat_template,
     json: *const c_char,
     out_conversation: *mut *mut etllm_conversation,
@@ -479,8 +481,14 @@ pub extern "C" fn etllm_conversation_from_json(
     guard(|| {
         let out = out_arg(out_conversation, "out_conversation")?;
         *out = std::ptr::null_mut();
-        let template = template_ref(chat_template)?.clone();
         let json = c_str(json, "json")?;
+        let template = if chat_template.is_null() {
+            let mut r = lock_runner(runner)?;
+            r.load()?;
+            r.chat_template()?.clone()
+        } else {
+            template_ref(chat_template)?.clone()
+        };
         let conversation = Conversation::from_json(template, json)?;
         *out = Box::into_raw(Box::new(etllm_conversation {
             inner: Mutex::new(conversation),
