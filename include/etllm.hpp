@@ -1111,9 +1111,9 @@ inline std::string Runner::apply_chat_template(const std::vector<ChatMessage>& m
   return detail::take_string(text);
 }
 
-/// A multi-turn chat on a runner that keeps earlier turns in the KV cache. It refers to
-/// the runner, which must outlive it; do not generate on the runner between turns.
-/// Move-only.
+/// A multi-turn chat on a runner (its own conversation) or on a session, that keeps
+/// earlier turns in the KV cache. It refers to the runner or session, which must outlive
+/// it; do not generate on it between turns. Move-only.
 class Conversation {
  public:
   /// A conversation on `runner` rendered with a copy of `chat_template` (nullptr: the
@@ -1122,17 +1122,37 @@ class Conversation {
     detail::check(etllm_conversation_new(runner.handle(), chat_template ? chat_template->handle() : nullptr,
                                          &handle_));
   }
+  /// A conversation on `session` rendered with a copy of `chat_template`.
+  Conversation(Session& session, const ChatTemplate& chat_template) : session_(&session) {
+    detail::check(etllm_conversation_new(nullptr, chat_template.handle(), &handle_));
+  }
+  /// A conversation on `session` from to_json()'s text (for example the user data of a
+  /// state the session just loaded), rendered with a copy of `chat_template`.
+  static Conversation from_json(Session& session, const ChatTemplate& chat_template, const std::string& json) {
+    etllm_conversation* handle = nullptr;
+    detail::check(etllm_conversation_from_json(nullptr, chat_template.handle(), json.c_str(), &handle));
+    return Conversation(&session, handle);
+  }
   Conversation(const Conversation&) = delete;
   Conversation& operator=(const Conversation&) = delete;
   Conversation(Conversation&& other) noexcept
-      : runner_(other.runner_), handle_(std::exchange(other.handle_, nullptr)) {}
+      : runner_(other.runner_), session_(other.session_), handle_(std::exchange(other.handle_, nullptr)) {}
   Conversation& operator=(Conversation&& other) noexcept {
     if (this != &other) {
       etllm_conversation_free(handle_);
       runner_ = other.runner_;
+      session_ = other.session_;
       handle_ = std::exchange(other.handle_, nullptr);
     }
     return *this;
+  }
+
+  /// The conversation as JSON (messages, the text fed, where each turn began): save it as
+  /// the user data of Session::save_state to resume the chat with from_json.
+  std::string to_json() const {
+    char* json = nullptr;
+    detail::check(etllm_conversation_to_json(handle(), &json));
+    return detail::take_string(json);
   }
   ~Conversation() { etllm_conversation_free(handle_); }
 
@@ -1158,21 +1178,27 @@ class Conversation {
     const etllm_generation_config c = config.to_c();
     reply.stats = detail::stream(collect, no_stats,
                                  [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
-                                   return etllm_conversation_send(handle(), runner_->handle(), user.c_str(), &c, t,
-                                                                  st, ctx, out);
+                                   return session_ ? etllm_conversation_send_session(handle(), session_->handle(),
+                                                                                     user.c_str(), &c, t, st, ctx, out)
+                                                   : etllm_conversation_send(handle(), runner_->handle(),
+                                                                             user.c_str(), &c, t, st, ctx, out);
                                  });
     return reply;
   }
 
-  /// Drops the last turn and rewinds the runner; false when there was none.
+  /// Drops the last turn and rewinds the runner or session; false when there was none.
   bool rewind() {
     bool dropped = false;
-    detail::check(etllm_conversation_rewind(handle(), runner_->handle(), &dropped));
+    detail::check(session_ ? etllm_conversation_rewind_session(handle(), session_->handle(), &dropped)
+                           : etllm_conversation_rewind(handle(), runner_->handle(), &dropped));
     return dropped;
   }
 
-  /// Forgets every turn (a system message stays) and resets the runner.
-  void reset() { detail::check(etllm_conversation_reset(handle(), runner_->handle())); }
+  /// Forgets every turn (a system message stays) and resets the runner or session.
+  void reset() {
+    detail::check(session_ ? etllm_conversation_reset_session(handle(), session_->handle())
+                           : etllm_conversation_reset(handle(), runner_->handle()));
+  }
 
   /// The messages so far, replies included.
   std::vector<ChatMessage> messages() const {
@@ -1196,7 +1222,10 @@ class Conversation {
   }
 
  private:
-  Runner* runner_;
+  Conversation(Session* session, etllm_conversation* handle) : session_(session), handle_(handle) {}
+
+  Runner* runner_ = nullptr;
+  Session* session_ = nullptr;
   etllm_conversation* handle_ = nullptr;
 };
 

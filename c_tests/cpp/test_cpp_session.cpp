@@ -295,6 +295,37 @@ void prefill_rewind_and_reset() {
 
 }  // namespace
 
+// A chat on a session, saved after one turn with its JSON as user data and resumed in
+// another runner, replies as the uninterrupted chat.
+void conversation_on_a_session_resumes_from_saved_state() {
+  const etllm::ChatTemplate tmpl(
+      "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+      "{% if add_generation_prompt %}<assistant>{% endif %}");
+  const etllm::GenerationConfig config = greedy(5);
+  etllm::Runner runner(kModel, kTokenizer);
+  etllm::Session whole = runner.session();
+  etllm::Conversation chat(whole, tmpl);
+  chat.send("Once upon", config);
+  const std::string want = chat.send("a time", config).text;
+
+  etllm::Session first = runner.session();
+  etllm::Conversation part(first, tmpl);
+  part.send("Once upon", config);
+  const std::vector<uint8_t> state = first.save_state(part.to_json());
+
+  etllm::Runner other(kModel, kTokenizer);
+  etllm::Session resumed = other.session();
+  const std::vector<uint8_t> user_data = resumed.load_state(state);
+  etllm::Conversation again =
+      etllm::Conversation::from_json(resumed, tmpl, std::string(user_data.begin(), user_data.end()));
+  CHECK(again.send("a time", config).text == want);
+  CHECK(again.messages().size() == 4);
+  CHECK(again.rewind());
+  again.reset();
+  CHECK(resumed.position() == 0);
+  check_throws(ETLLM_ERR_INVALID_STATE, [&] { etllm::Conversation::from_json(resumed, tmpl, "[]"); });
+}
+
 int main() {
   run("interleaved_sessions_match_reference", interleaved_sessions_match_reference);
   run("state_bytes_and_files_carry_user_data_to_another_runner",
@@ -307,6 +338,8 @@ int main() {
   run("exception_in_callback_propagates_and_session_stays_usable",
       exception_in_callback_propagates_and_session_stays_usable);
   run("prefill_rewind_and_reset", prefill_rewind_and_reset);
+  run("conversation_on_a_session_resumes_from_saved_state",
+      conversation_on_a_session_resumes_from_saved_state);
   std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
   return failures == 0 ? 0 : 1;
 }
