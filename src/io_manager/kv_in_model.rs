@@ -1,6 +1,7 @@
 //! The manager for exports that keep their KV cache inside the model.
 
 use crate::error::{Error, Result};
+use crate::io_manager::state::{self, Reader};
 use crate::io_manager::{
     fill_integers, integer_input, integer_tensor, last_logits, method_tokens, IoManager, StepInputs,
 };
@@ -22,6 +23,10 @@ use crate::tensor::{HostTensor, TensorView};
 ///   recognises by `get_max_seq_len` < `get_max_context_len`: positions are absolute and grow
 ///   past the context, which then bounds one call's prompt and new tokens only (see
 ///   [`IoManager::ring_buffer`]).
+///
+/// Its saved state ([`IoManager::save_state`]) is the 8-byte header alone (tag `KVIM`,
+/// version 1): the manager keeps nothing of a conversation between steps (the runner
+/// passes every position), and the cache is the model's, which EtLlm saves itself.
 #[derive(Debug, Default)]
 pub struct KvCacheInModel {
     prefill: Stage,
@@ -166,5 +171,14 @@ impl IoManager for KvCacheInModel {
 
     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
         last_logits(outputs)
+    }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        state::write_header(out, state::KV_IN_MODEL);
+        Ok(())
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<()> {
+        Reader::new(saved, state::KV_IN_MODEL)?.finish()
     }
 }

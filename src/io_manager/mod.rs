@@ -16,6 +16,7 @@
 
 mod kv_in_model;
 mod no_kv_cache;
+mod state;
 mod static_attention;
 
 pub use kv_in_model::KvCacheInModel;
@@ -144,14 +145,17 @@ pub trait IoManager: Send {
     /// step (its own KV caches, positions, token history), in a layout of its choosing.
     /// Sessions use it to keep several conversations on one model and to save a
     /// conversation to a file; [`restore_state`](Self::restore_state) reads it back. The
-    /// model's own mutable buffers are saved by EtLlm, not here. The default refuses: a
-    /// manager without it serves one conversation only.
+    /// model's own mutable buffers are saved by EtLlm, not here. It is called between
+    /// steps, never between a prepare and its update; on error, whatever it appended is
+    /// not a state and the caller drops it. The default refuses: a manager without it
+    /// serves one conversation only.
+    ///
+    /// The built-in managers write a header (a four-byte kind tag and a little-endian
+    /// `u32` format version) and then their fields, and refuse a state of another kind,
+    /// version or cache layout with an [`Error::IoManager`] that says which.
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
         let _ = out;
-        Err(Error::IoManager(
-            "this KV-cache manager cannot save its state (it does not implement save_state)"
-                .into(),
-        ))
+        Err(cannot_save())
     }
 
     /// Replaces the manager's conversation state with `state`, bytes that
@@ -159,12 +163,22 @@ pub trait IoManager: Send {
     /// same kind, for the same model). On error the manager must keep the state it had.
     fn restore_state(&mut self, state: &[u8]) -> Result<()> {
         let _ = state;
-        Err(Error::IoManager(
-            "this KV-cache manager cannot restore a state (it does not implement \
-             restore_state)"
-                .into(),
-        ))
+        Err(cannot_restore())
     }
+}
+
+/// The error of a manager that does not implement [`IoManager::save_state`].
+pub(crate) fn cannot_save() -> Error {
+    Error::IoManager(
+        "this KV-cache manager cannot save its state (it does not implement save_state)".into(),
+    )
+}
+
+/// The error of a manager that does not implement [`IoManager::restore_state`].
+pub(crate) fn cannot_restore() -> Error {
+    Error::IoManager(
+        "this KV-cache manager cannot restore a state (it does not implement restore_state)".into(),
+    )
 }
 
 /// Chooses the built-in manager that fits the model's `forward` signature.

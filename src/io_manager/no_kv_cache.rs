@@ -1,6 +1,7 @@
 //! The manager for exports without a KV cache.
 
 use crate::error::{Error, Result};
+use crate::io_manager::state::{self, Reader};
 use crate::io_manager::{
     fill_integers, integer_tensor, last_logits, method_tokens, IoManager, StepInputs,
 };
@@ -10,6 +11,10 @@ use crate::tensor::{HostTensor, TensorView};
 /// Drives `forward(tokens[1, seq])` for a model without KV cache: it keeps the whole token
 /// history and feeds all of it at every step, so each step costs a full forward pass over
 /// the sequence. The context is the method's maximum sequence length.
+///
+/// Its saved state ([`IoManager::save_state`]) is the token history: the 8-byte header
+/// (tag `NOKV`, version 1), a `u64` token count, then each token as a `u64`, all
+/// little-endian. A restore refuses more tokens than the model takes.
 #[derive(Debug, Default)]
 pub struct NoKvCache {
     history: Vec<u64>,
@@ -21,6 +26,13 @@ impl NoKvCache {
     /// A manager to be loaded with [`IoManager::load`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn loaded(&self) -> Result<()> {
+        match self.inputs.is_empty() {
+            true => Err(Error::IoManager("the manager is not loaded".into())),
+            false => Ok(()),
+        }
     }
 
     fn prepare(&mut self, tokens: &[u64], start_pos: usize) -> Result<StepInputs<'_>> {
@@ -90,5 +102,37 @@ impl IoManager for NoKvCache {
 
     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
         last_logits(outputs)
+    }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        self.loaded()?;
+        out.reserve(state::HEADER_LEN + 8 * (1 + self.history.len()));
+        state::write_header(out, state::NO_KV_CACHE);
+        out.extend_from_slice(&(self.history.len() as u64).to_le_bytes());
+        for t in &self.history {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<()> {
+        self.loaded()?;
+        let mut r = Reader::new(saved, state::NO_KV_CACHE)?;
+        let n = r.size("the token count")?;
+        if n > self.max_seq {
+            return Err(Error::IoManager(format!(
+                "the NoKvCache state holds {n} tokens; this model takes at most {}",
+                self.max_seq
+            )));
+        }
+        let tokens = r.bytes(n * 8, "the tokens")?;
+        r.finish()?;
+        self.history.clear();
+        self.history.extend(
+            tokens
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        );
+        Ok(())
     }
 }

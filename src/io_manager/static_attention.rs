@@ -3,6 +3,7 @@
 //! script and by upstream's `examples/apple/coreml/llama/export_static_llm_coreml.py`.
 
 use crate::error::{Error, Result};
+use crate::io_manager::state::{self, Reader};
 use crate::io_manager::{fill_integers, integer_input, logits_row, IoManager, StepInputs};
 use crate::model::ModelInfo;
 use crate::tensor::{
@@ -71,6 +72,16 @@ struct MethodIo {
 /// positions (plus the tokens of its own call). Generation goes on up to the rope table's
 /// length, but quality degrades like any sliding-window attention: anything older than
 /// the window is forgotten, and the output no longer equals full attention.
+///
+/// Saved state ([`IoManager::save_state`]), all integers little-endian `u64` after the
+/// 8-byte header (tag `SATT`, version 1): the number of layers, heads per cache, cache
+/// length and head dim; one byte per cache giving its element type (layer 0 k, layer 0
+/// v, layer 1 k, ...: 0 f32, 4 f16, 5 bf16, the `etllm_dtype` codes); the position; then
+/// the caches in that order, each as its `heads` blocks of the first `min(pos,
+/// cache_len)` slots (`head_dim` elements each, little-endian, in the cache's own type).
+/// Slots are ring slots (position mod cache length), so a window that has slid past the
+/// cache is saved whole. A restore checks the layout against the loaded model's and the
+/// data's length before it changes anything; the slots past the saved ones are zeroed.
 #[derive(Debug, Default)]
 pub struct StaticAttention {
     decode: Option<MethodIo>,
@@ -220,6 +231,72 @@ macro_rules! with_floats {
             _ => unreachable!("created as a float tensor"),
         }
     };
+}
+
+/// The bytes of float elements. Sound because [`Float`] is implemented only for f32, f16
+/// and bf16: plain numbers without padding, valid for every bit pattern.
+fn float_bytes<T: Float>(v: &[T]) -> &[u8] {
+    // Safety: see above; the length is the slice's own size in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn float_bytes_mut<T: Float>(v: &mut [T]) -> &mut [u8] {
+    // Safety: as `float_bytes`; any bytes written are a valid value of T.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Puts little-endian element bytes in native order, or back (the same swap both ways).
+fn swap_to_le<T: Float>(bytes: &mut [u8]) {
+    if cfg!(target_endian = "big") {
+        for e in bytes.chunks_exact_mut(std::mem::size_of::<T>()) {
+            e.reverse();
+        }
+    }
+}
+
+/// Appends, for each of `heads`, the first `valid` slots of a `[1, heads, c, hd]` cache:
+/// one bulk copy per head.
+fn save_cache(out: &mut Vec<u8>, cache: &HostTensor, [heads, c, hd, valid]: [usize; 4]) {
+    fn go<T: Float>(out: &mut Vec<u8>, v: &[T], [heads, c, hd, valid]: [usize; 4]) {
+        for h in 0..heads {
+            let start = out.len();
+            out.extend_from_slice(float_bytes(&v[h * c * hd..(h * c + valid) * hd]));
+            swap_to_le::<T>(&mut out[start..]);
+        }
+    }
+    match cache.data() {
+        HostData::F32(v) => go(out, v, [heads, c, hd, valid]),
+        HostData::F16(v) => go(out, v, [heads, c, hd, valid]),
+        HostData::BF16(v) => go(out, v, [heads, c, hd, valid]),
+        _ => unreachable!("created as a float tensor"),
+    }
+}
+
+/// The inverse of `save_cache` (`bytes` has exactly the length it wrote); the slots past
+/// `valid` are zeroed.
+fn restore_cache(cache: &mut HostTensor, bytes: &[u8], dims: [usize; 4]) {
+    fn go<T: Float>(v: &mut [T], bytes: &[u8], [heads, c, hd, valid]: [usize; 4]) {
+        let per_head = valid * hd * std::mem::size_of::<T>();
+        for (h, src) in bytes.chunks_exact(per_head.max(1)).take(heads).enumerate() {
+            let dst = float_bytes_mut(&mut v[h * c * hd..(h * c + valid) * hd]);
+            dst.copy_from_slice(src);
+            swap_to_le::<T>(dst);
+        }
+        for h in 0..heads {
+            v[(h * c + valid) * hd..(h + 1) * c * hd].fill(T::from_f32(0.0));
+        }
+    }
+    with_floats!(cache, v => go(v, bytes, dims))
+}
+
+/// The code of a cache's element type in a saved state (`etllm_dtype`'s).
+fn dtype_code(d: DType) -> u8 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 4,
+        DType::BF16 => 5,
+        _ => 255,
+    }
 }
 
 /// A `dtype` tensor (f32, f16 or bf16, checked by `float_spec`) filled with `value`.
@@ -943,6 +1020,120 @@ impl IoManager for StaticAttention {
     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
         self.update(outputs)
     }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        if self.decode.is_none() {
+            return Err(Error::IoManager("the manager is not loaded".into()));
+        }
+        // A step prepared but not updated is not in the caches: the state ends at `pos`.
+        let valid = self.pos.min(self.cache_len);
+        let dims = [self.heads, self.cache_len, self.head_dim, valid];
+        let caches = || {
+            self.k_caches
+                .iter()
+                .zip(&self.v_caches)
+                .flat_map(|(k, v)| [k, v])
+        };
+        let data: usize = caches()
+            .map(|c| self.heads * valid * self.head_dim * c.dtype().size())
+            .sum();
+        out.reserve(state::HEADER_LEN + 8 * 5 + 2 * self.k_caches.len() + data);
+        state::write_header(out, state::STATIC_ATTENTION);
+        for v in [
+            self.k_caches.len(),
+            self.heads,
+            self.cache_len,
+            self.head_dim,
+        ] {
+            out.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        out.extend(caches().map(|c| dtype_code(c.dtype())));
+        out.extend_from_slice(&(self.pos as u64).to_le_bytes());
+        for cache in caches() {
+            save_cache(out, cache, dims);
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, saved: &[u8]) -> Result<()> {
+        if self.decode.is_none() {
+            return Err(Error::IoManager("the manager is not loaded".into()));
+        }
+        let mut r = Reader::new(saved, state::STATIC_ATTENTION)?;
+        let layers = r.size("the layer count")?;
+        let heads = r.size("the head count")?;
+        let cache_len = r.size("the cache length")?;
+        let head_dim = r.size("the head dim")?;
+        let ours = [
+            self.k_caches.len(),
+            self.heads,
+            self.cache_len,
+            self.head_dim,
+        ];
+        if [layers, heads, cache_len, head_dim] != ours {
+            return Err(Error::IoManager(format!(
+                "the StaticAttention state is of {layers} layers of caches [1, {heads}, \
+                 {cache_len}, {head_dim}]; this model has {} layers of [1, {}, {}, {}]",
+                ours[0], ours[1], ours[2], ours[3]
+            )));
+        }
+        let caches: Vec<&HostTensor> = self
+            .k_caches
+            .iter()
+            .zip(&self.v_caches)
+            .flat_map(|(k, v)| [k, v])
+            .collect();
+        let codes = r.bytes(caches.len(), "the cache element types")?;
+        if let Some(i) = (0..caches.len()).find(|&i| codes[i] != dtype_code(caches[i].dtype())) {
+            return Err(Error::IoManager(format!(
+                "the StaticAttention state's {} cache of layer {} has element type code {}; \
+                 this model's is {:?} (code {})",
+                ["k", "v"][i % 2],
+                i / 2,
+                codes[i],
+                caches[i].dtype(),
+                dtype_code(caches[i].dtype())
+            )));
+        }
+        let pos = r.size("the position")?;
+        if pos > self.rope_rows {
+            return Err(Error::IoManager(format!(
+                "the StaticAttention state is at position {pos}; this model has {} rope \
+                 positions",
+                self.rope_rows
+            )));
+        }
+        let valid = pos.min(cache_len);
+        let sizes: Vec<usize> = caches
+            .iter()
+            .map(|c| heads * valid * head_dim * c.dtype().size())
+            .collect();
+        let expected: usize = sizes.iter().sum();
+        if r.remaining() != expected {
+            return Err(Error::IoManager(format!(
+                "the StaticAttention state holds {} bytes of caches; at position {pos} they \
+                 take {expected}",
+                r.remaining()
+            )));
+        }
+        let data = r.bytes(expected, "the caches")?;
+        r.finish()?;
+        // Checked: from here on nothing fails.
+        let dims = [heads, cache_len, head_dim, valid];
+        let mut at = 0;
+        let mut sizes = sizes.into_iter();
+        for (k, v) in self.k_caches.iter_mut().zip(&mut self.v_caches) {
+            for cache in [k, v] {
+                let n = sizes.next().expect("one size per cache");
+                restore_cache(cache, &data[at..at + n], dims);
+                at += n;
+            }
+        }
+        self.pos = pos;
+        self.pending = None;
+        self.update_masks();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1327,5 +1518,182 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    // ---- Saved states ------------------------------------------------------------------
+
+    /// Feeds `tokens` at the manager's position as one prefill step whose new rows hold
+    /// values derived from `seed`, so that each step leaves its own cache contents.
+    fn feed(m: &mut StaticAttention, tokens: &[u64], seed: f32) {
+        let pos = m.pos;
+        m.prepare_prefill(tokens, pos).unwrap();
+        let logits = vec![0.0; L * V];
+        let rows: Vec<f32> = (0..H * L * D).map(|i| seed + i as f32 * 0.25).collect();
+        let outputs: Vec<TensorView<'_>> = std::iter::once(&logits)
+            .chain(std::iter::repeat_n(&rows, 4))
+            .map(|d| TensorView {
+                sizes: vec![d.len()],
+                data: TensorData::F32(d),
+            })
+            .collect();
+        m.update_prefill(&outputs).unwrap();
+    }
+
+    /// Every input of a decode step at the manager's position (widened to f32): what the
+    /// model would see next. The step is then dropped.
+    fn next_inputs(m: &mut StaticAttention) -> (usize, Vec<Vec<f32>>) {
+        let pos = m.pos;
+        let step = m.prepare_decode(3, pos).unwrap();
+        let inputs = step
+            .inputs
+            .iter()
+            .map(|i| match i.data {
+                TensorData::I32(x) => x.iter().map(|&v| v as f32).collect(),
+                _ => widened(i),
+            })
+            .collect();
+        m.rewind(pos).unwrap();
+        (pos, inputs)
+    }
+
+    fn loaded(info: &ModelInfo) -> StaticAttention {
+        let mut m = StaticAttention::new();
+        m.load(info).unwrap();
+        m
+    }
+
+    fn saved(m: &mut StaticAttention) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.save_state(&mut out).unwrap();
+        out
+    }
+
+    fn refusal(m: &mut StaticAttention, state: &[u8]) -> String {
+        match m.restore_state(state) {
+            Err(Error::IoManager(msg)) => msg,
+            other => panic!("restoring {} bytes: {other:?}", state.len()),
+        }
+    }
+
+    #[test]
+    fn a_restored_state_gives_the_next_step_the_inputs_it_had_when_saved() {
+        let mut m = loaded(&upstream_single(DType::I32));
+        feed(&mut m, &[7, 8, 9], 1.0);
+        feed(&mut m, &[4], 2.0);
+        let want = next_inputs(&mut m);
+        let state = saved(&mut m);
+        // Another conversation takes the caches over.
+        m.reset().unwrap();
+        feed(&mut m, &[1, 2, 3, 4], 50.0);
+        feed(&mut m, &[5, 6], 60.0);
+        assert_ne!(next_inputs(&mut m), want);
+        m.restore_state(&state).unwrap();
+        assert_eq!(next_inputs(&mut m), want);
+        // The same state restores into a fresh manager of the same model.
+        let mut fresh = loaded(&upstream_single(DType::I32));
+        fresh.restore_state(&state).unwrap();
+        assert_eq!(next_inputs(&mut fresh), want);
+    }
+
+    #[test]
+    fn a_window_that_slid_past_the_cache_is_saved_whole() {
+        let mut m = loaded(&upstream_single(DType::I32));
+        for (i, chunk) in [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+            .iter()
+            .enumerate()
+        {
+            feed(&mut m, chunk, 10.0 * i as f32);
+        }
+        assert!(m.pos > C);
+        let want = next_inputs(&mut m);
+        let state = saved(&mut m);
+        m.reset().unwrap();
+        feed(&mut m, &[1], 99.0);
+        m.restore_state(&state).unwrap();
+        assert_eq!(next_inputs(&mut m), want);
+    }
+
+    #[test]
+    fn half_precision_caches_round_trip_bit_for_bit() {
+        for float in [DType::F16, DType::BF16] {
+            let mut m = loaded(&upstream_typed(DType::I32, 2, float));
+            feed(&mut m, &[7, 8, 9], 0.1);
+            let want = next_inputs(&mut m);
+            let state = saved(&mut m);
+            m.reset().unwrap();
+            feed(&mut m, &[1, 2], 7.7);
+            m.restore_state(&state).unwrap();
+            assert_eq!(next_inputs(&mut m), want, "{float:?}");
+        }
+    }
+
+    #[test]
+    fn the_state_holds_only_the_filled_slots() {
+        let mut m = loaded(&upstream_single(DType::I32));
+        let empty = saved(&mut m).len();
+        feed(&mut m, &[7, 8, 9], 1.0);
+        // 2 layers, k and v, H heads of 3 slots of D f32 each.
+        assert_eq!(saved(&mut m).len(), empty + 2 * 2 * H * 3 * D * 4);
+    }
+
+    #[test]
+    fn truncated_garbage_and_foreign_states_are_refused_and_change_nothing() {
+        let mut m = loaded(&upstream_single(DType::I32));
+        feed(&mut m, &[7, 8, 9], 1.0);
+        let state = saved(&mut m);
+        m.reset().unwrap();
+        feed(&mut m, &[1, 2], 5.0);
+        let before = next_inputs(&mut m);
+        for n in [0, 3, 8, 20, 47, state.len() - 1] {
+            let msg = refusal(&mut m, &state[..n]);
+            assert!(
+                msg.contains("truncated")
+                    || msg.contains("shorter than")
+                    || msg.contains("bytes of caches"),
+                "{n}: {msg}"
+            );
+        }
+        let mut longer = state.clone();
+        longer.push(0);
+        assert!(refusal(&mut m, &longer).contains("bytes of caches"));
+        assert!(refusal(&mut m, b"\x89PNG\r\n\x1a\n and so on").contains("not a saved"));
+        let mut other = Vec::new();
+        crate::io_manager::KvCacheInModel::new()
+            .save_state(&mut other)
+            .unwrap();
+        assert!(refusal(&mut m, &other).contains("saved by a KvCacheInModel manager"));
+        let mut newer = state.clone();
+        newer[4] = 2;
+        assert!(refusal(&mut m, &newer).contains("format version 2"));
+        // A position past the rope table.
+        let pos_at = state::HEADER_LEN + 4 * 8 + 2 * 2;
+        let mut far = state.clone();
+        far[pos_at..pos_at + 8].copy_from_slice(&(ROPE as u64 + 1).to_le_bytes());
+        assert!(refusal(&mut m, &far).contains("rope positions"));
+        assert_eq!(next_inputs(&mut m), before);
+    }
+
+    #[test]
+    fn a_state_of_another_cache_layout_is_refused_by_its_shape_or_type() {
+        let mut two = loaded(&upstream_layers(DType::I32, 2));
+        let mut three = loaded(&upstream_layers(DType::I32, 3));
+        let msg = refusal(&mut three, &saved(&mut two));
+        assert!(msg.contains("2 layers of caches [1, 2, 8, 4]"), "{msg}");
+        assert!(msg.contains("this model has 3 layers"), "{msg}");
+        let mut half = loaded(&upstream_typed(DType::I32, 2, DType::F16));
+        let msg = refusal(&mut half, &saved(&mut two));
+        assert!(
+            msg.contains("k cache of layer 0 has element type code 0"),
+            "{msg}"
+        );
+        assert!(msg.contains("F16"), "{msg}");
+    }
+
+    #[test]
+    fn an_unloaded_manager_neither_saves_nor_restores() {
+        let mut m = StaticAttention::new();
+        assert!(m.save_state(&mut Vec::new()).is_err());
+        let state = saved(&mut loaded(&upstream_single(DType::I32)));
+        assert!(m.restore_state(&state).is_err());
     }
 }
