@@ -204,7 +204,10 @@ pub struct etllm_io_manager {
     /// never between a prepare and its update. On error, whatever was appended is
     /// dropped. NULL (with `restore_state` NULL): the manager cannot save.
     pub save_state: Option<
-        unsafe extern "C" fn(user_data: *mut c_void, buffer: *mut etllm_state_buffer) -> etllm_status,
+        unsafe extern "C" fn(
+            user_data: *mut c_void,
+            buffer: *mut etllm_state_buffer,
+        ) -> etllm_status,
     >,
     /// Replaces the manager's conversation state with the `len` bytes at `data`, which
     /// its `save_state` wrote (in this process or another, for the same model). `data`
@@ -232,7 +235,9 @@ pub struct etllm_state_buffer(Vec<u8>);
 #[no_mangle]
 pub extern "C" fn etllm_state_buffer_new(out_buffer: *mut *mut etllm_state_buffer) -> etllm_status {
     guard(|| {
-        *out_arg(out_buffer, "out_buffer")? = Box::into_raw(Box::new(etllm_state_buffer(Vec::new())));
+        // The argument is checked first: the buffer must not be made for nobody.
+        let out = out_arg(out_buffer, "out_buffer")?;
+        *out = Box::into_raw(Box::new(etllm_state_buffer(Vec::new())));
         Ok(())
     })
 }
@@ -999,7 +1004,12 @@ mod tests {
         unsafe { &mut *ud.cast::<Fake>() }
     }
 
-    unsafe extern "C" fn load(_: *mut c_void, _: *const etllm_model_info, _: *mut i64, _: *mut i64) -> etllm_status {
+    unsafe extern "C" fn load(
+        _: *mut c_void,
+        _: *const etllm_model_info,
+        _: *mut i64,
+        _: *mut i64,
+    ) -> etllm_status {
         ETLLM_OK
     }
     unsafe extern "C" fn reset(_: *mut c_void) -> etllm_status {
@@ -1008,13 +1018,30 @@ mod tests {
     unsafe extern "C" fn rewind(_: *mut c_void, _: i64) -> etllm_status {
         ETLLM_OK
     }
-    unsafe extern "C" fn prepare_prefill(_: *mut c_void, _: *const u64, _: usize, _: i64, _: *mut etllm_step) -> etllm_status {
+    unsafe extern "C" fn prepare_prefill(
+        _: *mut c_void,
+        _: *const u64,
+        _: usize,
+        _: i64,
+        _: *mut etllm_step,
+    ) -> etllm_status {
         ETLLM_OK
     }
-    unsafe extern "C" fn prepare_decode(_: *mut c_void, _: u64, _: i64, _: *mut etllm_step) -> etllm_status {
+    unsafe extern "C" fn prepare_decode(
+        _: *mut c_void,
+        _: u64,
+        _: i64,
+        _: *mut etllm_step,
+    ) -> etllm_status {
         ETLLM_OK
     }
-    unsafe extern "C" fn update(_: *mut c_void, _: *const etllm_tensor_view, _: usize, _: *mut *const f32, _: *mut usize) -> etllm_status {
+    unsafe extern "C" fn update(
+        _: *mut c_void,
+        _: *const etllm_tensor_view,
+        _: usize,
+        _: *mut *const f32,
+        _: *mut usize,
+    ) -> etllm_status {
         ETLLM_OK
     }
 
@@ -1107,7 +1134,10 @@ mod tests {
         let vt = vtable(&mut f);
         let mut out = b"before|".to_vec();
         let msg = io_message(manager(&vt).save_state(&mut out));
-        assert_eq!(msg, "save_state failed (ETLLM_ERR_IO_MANAGER): the disk is on fire");
+        assert_eq!(
+            msg,
+            "save_state failed (ETLLM_ERR_IO_MANAGER): the disk is on fire"
+        );
         assert_eq!(out, b"before|");
     }
 
@@ -1182,8 +1212,15 @@ mod tests {
     #[test]
     fn a_state_buffer_collects_appends_and_checks_its_arguments() {
         let mut b: *mut etllm_state_buffer = std::ptr::null_mut();
+        assert_eq!(
+            etllm_state_buffer_new(std::ptr::null_mut()),
+            ETLLM_ERR_NULL_ARGUMENT
+        );
         assert_eq!(etllm_state_buffer_new(&mut b), ETLLM_OK);
-        assert_eq!(etllm_state_buffer_append(b, c"abc".as_ptr().cast(), 3), ETLLM_OK);
+        assert_eq!(
+            etllm_state_buffer_append(b, c"abc".as_ptr().cast(), 3),
+            ETLLM_OK
+        );
         assert_eq!(etllm_state_buffer_append(b, std::ptr::null(), 0), ETLLM_OK);
         assert_eq!(
             etllm_state_buffer_append(b, std::ptr::null(), 1),
@@ -1193,7 +1230,10 @@ mod tests {
             etllm_state_buffer_append(std::ptr::null_mut(), c"d".as_ptr().cast(), 1),
             ETLLM_ERR_NULL_ARGUMENT
         );
-        assert_eq!(etllm_state_buffer_append(b, c"de".as_ptr().cast(), 2), ETLLM_OK);
+        assert_eq!(
+            etllm_state_buffer_append(b, c"de".as_ptr().cast(), 2),
+            ETLLM_OK
+        );
         let (mut data, mut len) = (std::ptr::null(), 0);
         assert_eq!(etllm_state_buffer_data(b, &mut data, &mut len), ETLLM_OK);
         assert_eq!(c_slice(data, len, "data").unwrap(), b"abcde");
