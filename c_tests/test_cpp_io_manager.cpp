@@ -1,7 +1,8 @@
 // KV-cache managers written in C++ (etllm::IoManager, include/etllm.hpp): an exception
 // thrown by a manager method never crosses into the library but becomes
 // ETLLM_ERR_IO_MANAGER with the exception's what() in the message, the runner stays
-// usable, and the runner deletes the manager exactly once on every path. The manager is
+// usable, and the runner deletes the manager exactly once on every path; the vtable's
+// save_state and restore_state reach the class's (whose defaults refuse). The manager is
 // examples/cpp/kv_in_model_manager.hpp, wrapped to throw on command.
 //
 // Usage: test_cpp_io_manager CASE (one behaviour per CTest test).
@@ -81,7 +82,18 @@ std::vector<uint32_t> greedy(etllm::Runner& runner, const std::vector<uint32_t>&
   return ids;
 }
 
-enum class Method { kNone, kLoad, kReset, kRewind, kPreparePrefill, kUpdatePrefill, kPrepareDecode, kUpdateDecode };
+enum class Method {
+  kNone,
+  kLoad,
+  kReset,
+  kRewind,
+  kPreparePrefill,
+  kUpdatePrefill,
+  kPrepareDecode,
+  kUpdateDecode,
+  kSaveState,
+  kRestoreState
+};
 const char* name(Method m) {
   switch (m) {
     case Method::kLoad: return "load";
@@ -91,6 +103,8 @@ const char* name(Method m) {
     case Method::kUpdatePrefill: return "update_prefill";
     case Method::kPrepareDecode: return "prepare_decode";
     case Method::kUpdateDecode: return "update_decode";
+    case Method::kSaveState: return "save_state";
+    case Method::kRestoreState: return "restore_state";
     default: return "none";
   }
 }
@@ -131,6 +145,14 @@ class ThrowingManager final : public KvInModelManager {
   etllm::Logits update_decode(etllm::Span<const etllm::TensorView> outputs) override {
     maybe_throw(Method::kUpdateDecode);
     return KvInModelManager::update_decode(outputs);
+  }
+  void save_state(etllm::StateWriter& out) override {
+    maybe_throw(Method::kSaveState);
+    KvInModelManager::save_state(out);
+  }
+  void restore_state(etllm::Span<const uint8_t> state) override {
+    maybe_throw(Method::kRestoreState);
+    KvInModelManager::restore_state(state);
   }
 
   static std::string message(Method m) { return std::string("C++ manager threw in ") + name(m); }
@@ -263,6 +285,129 @@ void manager_matches_builtin() {
   }
 }
 
+// ---- Saved states: the vtable's save_state and restore_state reach the class ------------
+
+// A new buffer holding what `vt`'s save_state appends, or nullptr (freed) when it fails
+// with `*status`.
+etllm_state_buffer* saved(const etllm_io_manager& vt, etllm_status* status) {
+  etllm_state_buffer* buffer = nullptr;
+  etllm::detail::check(etllm_state_buffer_new(&buffer));
+  *status = vt.save_state(vt.user_data, buffer);
+  if (*status == ETLLM_OK) return buffer;
+  etllm_state_buffer_free(buffer);
+  return nullptr;
+}
+
+std::vector<uint8_t> bytes(const etllm_state_buffer* buffer) {
+  const uint8_t* data = nullptr;
+  size_t len = 0;
+  etllm::detail::check(etllm_state_buffer_data(buffer, &data, &len));
+  return {data, data + len};
+}
+
+// A manager whose state is a byte string; its destructor records the last one restored.
+class Stateful final : public KvInModelManager {
+ public:
+  explicit Stateful(std::vector<uint8_t>* restored) : restored_(restored) {}
+  void save_state(etllm::StateWriter& out) override {
+    out.append("head|", 5);
+    out.append_value(uint32_t{7});
+  }
+  void restore_state(etllm::Span<const uint8_t> state) override { restored_->assign(state.begin(), state.end()); }
+
+ private:
+  std::vector<uint8_t>* restored_;
+};
+
+// The C vtable's callbacks call save_state (with a StateWriter over EtLlm's buffer) and
+// restore_state (with the bytes) of the C++ object.
+void state_callbacks_reach_the_class() {
+  std::vector<uint8_t> restored;
+  const etllm_io_manager vt = etllm::IoManager::to_c(std::make_unique<Stateful>(&restored));
+  CHECK(vt.save_state != nullptr && vt.restore_state != nullptr);
+  etllm_status status = ETLLM_OK;
+  etllm_state_buffer* buffer = saved(vt, &status);
+  CHECK(buffer != nullptr);
+  std::vector<uint8_t> want = {'h', 'e', 'a', 'd', '|', 0, 0, 0, 0};
+  const uint32_t seven = 7;
+  std::memcpy(want.data() + 5, &seven, 4);
+  CHECK(bytes(buffer) == want);
+  const uint8_t state[3] = {1, 2, 3};
+  CHECK(vt.restore_state(vt.user_data, state, 3) == ETLLM_OK);
+  CHECK((restored == std::vector<uint8_t>{1, 2, 3}));
+  etllm_state_buffer_free(buffer);
+  vt.destroy(vt.user_data);
+}
+
+// A manager that does not override them cannot save or restore: both callbacks fail with
+// ETLLM_ERR_IO_MANAGER.
+void default_save_and_restore_refuse() {
+  class Plain final : public etllm::IoManager {
+   public:
+    etllm::LoadResult load(const etllm::ModelInfo&) override { return {}; }
+    void reset() override {}
+    void rewind(int64_t) override {}
+    etllm::Step prepare_prefill(etllm::Span<const uint64_t>, int64_t) override { return {}; }
+    etllm::Logits update_prefill(etllm::Span<const etllm::TensorView>) override { return {}; }
+    etllm::Step prepare_decode(uint64_t, int64_t) override { return {}; }
+    etllm::Logits update_decode(etllm::Span<const etllm::TensorView>) override { return {}; }
+  };
+  const etllm_io_manager vt = etllm::IoManager::to_c(std::make_unique<Plain>());
+  etllm_status status = ETLLM_OK;
+  CHECK(saved(vt, &status) == nullptr && status == ETLLM_ERR_IO_MANAGER);
+  CHECK(vt.restore_state(vt.user_data, nullptr, 0) == ETLLM_ERR_IO_MANAGER);
+  vt.destroy(vt.user_data);
+}
+
+// An exception in save_state or restore_state (standard or not) becomes
+// ETLLM_ERR_IO_MANAGER; the manager works afterwards.
+void exception_in_save_or_restore_becomes_io_manager_error() {
+  for (bool non_standard : {false, true}) {
+    Method fail_at = Method::kSaveState;
+    const etllm_io_manager vt = etllm::IoManager::to_c(std::make_unique<ThrowingManager>(&fail_at, non_standard));
+    etllm_status status = ETLLM_OK;
+    CHECK(saved(vt, &status) == nullptr && status == ETLLM_ERR_IO_MANAGER);
+    etllm_state_buffer* buffer = saved(vt, &status);
+    CHECK(buffer != nullptr);
+    const std::vector<uint8_t> state = bytes(buffer);
+    fail_at = Method::kRestoreState;
+    CHECK(vt.restore_state(vt.user_data, state.data(), state.size()) == ETLLM_ERR_IO_MANAGER);
+    CHECK(vt.restore_state(vt.user_data, state.data(), state.size()) == ETLLM_OK);
+    etllm_state_buffer_free(buffer);
+    vt.destroy(vt.user_data);
+  }
+}
+
+// The example manager's state is its tag and version: it restores its own and refuses
+// others; a runner driving it generates the reference after a restore.
+void example_manager_state_round_trips() {
+  const Case c = reference_cases()[0];
+  auto owned = std::make_unique<KvInModelManager>();
+  KvInModelManager* manager = owned.get();  // the runner owns it; used between its calls
+  etllm::Runner runner(kModel, kTokenizer, one_thread(), std::move(owned));
+  CHECK(greedy(runner, c.prompt_ids, 4).size() == 4);
+  std::vector<uint8_t> state;
+  {
+    etllm_state_buffer* buffer = nullptr;
+    etllm::detail::check(etllm_state_buffer_new(&buffer));
+    etllm::StateWriter out(buffer);
+    manager->save_state(out);
+    state = bytes(buffer);
+    etllm_state_buffer_free(buffer);
+  }
+  CHECK((state == std::vector<uint8_t>{'c', 'p', 'K', 'V', 1, 0, 0, 0}));
+  runner.reset();
+  manager->restore_state(state);
+  bool refused = false;
+  try {
+    manager->restore_state(std::vector<uint8_t>{'e', 'x', 'K', 'V', 1, 0, 0, 0});
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused);
+  CHECK(greedy(runner, c.prompt_ids, c.greedy_ids.size()) == c.greedy_ids);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -276,6 +421,10 @@ int main(int argc, char** argv) {
       {"destructor_runs_once_when_runner_is_destroyed", destructor_runs_once_when_runner_is_destroyed},
       {"destructor_runs_once_when_runner_creation_fails", destructor_runs_once_when_runner_creation_fails},
       {"manager_matches_builtin", manager_matches_builtin},
+      {"state_callbacks_reach_the_class", state_callbacks_reach_the_class},
+      {"default_save_and_restore_refuse", default_save_and_restore_refuse},
+      {"exception_in_save_or_restore_becomes_io_manager_error", exception_in_save_or_restore_becomes_io_manager_error},
+      {"example_manager_state_round_trips", example_manager_state_round_trips},
   };
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CASE\n", argv[0]);

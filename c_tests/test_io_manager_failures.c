@@ -44,7 +44,8 @@ static void generates_reference(etllm_runner *runner) {
  * etllm_runner_load for load) generation matches the reference again. */
 static void fails_in(const char *arg) {
   const faulty_point point = faulty_point_named(arg);
-  CHECK_MSG(point != FAULTY_NUM_POINTS && point != FAULTY_RESET && point != FAULTY_REWIND,
+  CHECK_MSG(point != FAULTY_NUM_POINTS && point != FAULTY_RESET && point != FAULTY_REWIND &&
+                point != FAULTY_SAVE_STATE && point != FAULTY_RESTORE_STATE,
             "fails_in takes a callback that a generate reports, not `%s`", arg ? arg : "");
   faulty_control *control = NULL;
   etllm_runner *runner = new_faulty_runner(&control);

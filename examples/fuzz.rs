@@ -1908,6 +1908,8 @@ mod cabi {
             prepare_decode: Some(m_prepare_decode),
             update_decode: Some(m_update),
             destroy: Some(m_destroy),
+            save_state: None,
+            restore_state: None,
         };
         (vt, m)
     }

@@ -18,10 +18,11 @@
  *   etllm_chat_template_free, an etllm_conversation with etllm_conversation_free, an
  *   etllm_tokenizer with etllm_tokenizer_free, an etllm_text_stream with
  *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
- *   and an id, text or state buffer returned with its length with etllm_buffer_free. Strings
- *   and structs passed to the library are only read during the call; pointers the
- *   library passes to callbacks are valid only during the callback. Strings returned as
- *   `const char *` belong to the library.
+ *   an id, text or state buffer returned with its length with etllm_buffer_free, and an
+ *   etllm_state_buffer from etllm_state_buffer_new with etllm_state_buffer_free.
+ *   Strings and structs passed to the library are only read during the call; pointers
+ *   the library passes to callbacks are valid only during the callback. Strings
+ *   returned as `const char *` belong to the library.
  *
  * @par Threads
  *   A runner is used by one call at a time; etllm_runner_stop may be called from
@@ -306,6 +307,19 @@ typedef struct etllm_runner etllm_runner;
  * other call on the same session.
  */
 typedef struct etllm_session etllm_session;
+
+/**
+ * A growable byte buffer that EtLlm owns, where a KV-cache manager's `save_state` writes
+ * its state with `etllm_state_buffer_append`. Opaque.
+ *
+ * Ownership and threads: the buffer EtLlm passes to `save_state` is valid only during
+ * that call, on that thread; append to it, and never keep the pointer or free it. A
+ * buffer made with `etllm_state_buffer_new`, to call a manager's `save_state` yourself
+ * (a manager that saves the managers it wraps, each into a buffer of its own to learn
+ * their lengths; a test), is the caller's until `etllm_state_buffer_free`, and is used
+ * by one thread at a time.
+ */
+typedef struct etllm_state_buffer etllm_state_buffer;
 
 /**
  * An incremental decoder: token ids in, complete UTF-8 out. Opaque.
@@ -618,9 +632,21 @@ typedef struct etllm_step {
  * with `ETLLM_ERR_IO_MANAGER` and that message; the runner rolls the conversation back
  * and stays usable. Functions are called on the thread that called into the runner, one
  * at a time, in the order load, then for each step prepare_* followed by update_*;
- * `reset` and `rewind` between steps. All functions are required except `destroy`. If
- * `rewind` fails while the runner rolls back a failed generate, the runner calls `reset`
- * and the conversation starts over; if `reset` fails, `etllm_runner_reset` reports it.
+ * `reset`, `rewind`, `save_state` and `restore_state` between steps. All functions are
+ * required except `destroy`, `save_state` and `restore_state` (set both of these or
+ * neither). If `rewind` fails while the runner rolls back a failed generate, the runner
+ * calls `reset` and the conversation starts over; if `reset` fails, `etllm_runner_reset`
+ * reports it.
+ *
+ * Saved states: a manager that keeps a conversation's data between steps (its own KV
+ * caches, its position, a token history) can save it with `save_state` and take it
+ * back with `restore_state`, so that several conversations share one model and a
+ * conversation can be stored and resumed; a manager without them (NULL, or a caller
+ * built against a header that did not have them) serves one conversation and refuses
+ * to save. The bytes are the manager's own format: put a tag and a version first, and
+ * the layout they depend on (cache shapes and types), so that `restore_state` can
+ * refuse a state of another manager, version or model. The model's own buffers (a KV
+ * cache inside the program) are saved by EtLlm, not by the manager.
  */
 typedef struct etllm_io_manager {
   /**
@@ -685,6 +711,22 @@ typedef struct etllm_io_manager {
    * Frees `user_data`; called exactly once. May be NULL.
    */
   void (*destroy)(void *user_data);
+  /**
+   * Appends the manager's conversation state to `buffer` with
+   * `etllm_state_buffer_append` (as many calls as it likes). `buffer` belongs to EtLlm
+   * and is valid only during this call: do not keep or free it. Called between steps,
+   * never between a prepare and its update. On error, whatever was appended is
+   * dropped. NULL (with `restore_state` NULL): the manager cannot save.
+   */
+  enum etllm_status (*save_state)(void *user_data, struct etllm_state_buffer *buffer);
+  /**
+   * Replaces the manager's conversation state with the `len` bytes at `data`, which
+   * its `save_state` wrote (in this process or another, for the same model). `data`
+   * is valid only during this call: copy what you keep. Check everything before
+   * changing anything: on error the manager must keep the state it had, and stay
+   * usable. NULL (with `save_state` NULL): the manager cannot restore.
+   */
+  enum etllm_status (*restore_state)(void *user_data, const uint8_t *data, size_t len);
 } etllm_io_manager;
 
 /**
@@ -1052,6 +1094,34 @@ const char *etllm_last_error_message(void);
  * value that is not one. Static; do not free.
  */
 const char *etllm_status_name(int32_t status);
+
+/**
+ * Makes an empty buffer in `*out_buffer`; free it with `etllm_state_buffer_free`.
+ */
+enum etllm_status etllm_state_buffer_new(struct etllm_state_buffer **out_buffer);
+
+/**
+ * Appends the `len` bytes at `data` to `buffer` (copied; `data` may be NULL when `len` is
+ * 0). `ETLLM_ERR_INVALID_ARGUMENT` when the buffer cannot grow that much (out of memory);
+ * the buffer is then unchanged.
+ */
+enum etllm_status etllm_state_buffer_append(struct etllm_state_buffer *buffer,
+                                            const void *data,
+                                            size_t len);
+
+/**
+ * Sets `*out_data` to the buffer's bytes and `*out_len` to how many there are. The
+ * pointer is valid until the buffer is appended to or freed.
+ */
+enum etllm_status etllm_state_buffer_data(const struct etllm_state_buffer *buffer,
+                                          const uint8_t **out_data,
+                                          size_t *out_len);
+
+/**
+ * Frees a buffer made by `etllm_state_buffer_new`. NULL is ignored. Never pass the buffer
+ * EtLlm hands to `save_state`.
+ */
+void etllm_state_buffer_free(struct etllm_state_buffer *buffer);
 
 /**
  * Sets the message that explains the error a plugin function (of an `etllm_io_manager` or

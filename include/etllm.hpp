@@ -425,6 +425,26 @@ class ModelInfo {
   const etllm_model_info* info_;
 };
 
+/// Where a manager's save_state writes its state: EtLlm's etllm_state_buffer, valid only
+/// during that call (do not keep it).
+class StateWriter {
+ public:
+  explicit StateWriter(etllm_state_buffer* buffer) noexcept : buffer_(buffer) {}
+
+  /// Appends `size` bytes at `data` (copied); throws etllm::Error if the buffer cannot grow.
+  void append(const void* data, size_t size) { detail::check(etllm_state_buffer_append(buffer_, data, size)); }
+  /// Appends the bytes of `value`, a trivially copyable value, in this machine's layout.
+  template <class T>
+  void append_value(const T& value) {
+    static_assert(std::is_trivially_copyable_v<T>, "append_value copies bytes");
+    append(&value, sizeof value);
+  }
+  etllm_state_buffer* handle() const noexcept { return buffer_; }
+
+ private:
+  etllm_state_buffer* buffer_;
+};
+
 /// A KV-cache manager written in C++: prepares every input of each model step and takes
 /// every output (the C vtable etllm_io_manager, as a class). The runner calls load once,
 /// then for each step prepare_* followed by update_*, with reset and rewind between steps,
@@ -436,6 +456,12 @@ class ModelInfo {
 ///
 /// Ownership: give the manager to etllm::Runner's constructor (or to_c()); the runner
 /// deletes it exactly once, when it is destroyed or when its creation fails.
+///
+/// Saved states: a manager that keeps a conversation's data (its own caches, its
+/// position) overrides save_state and restore_state, so that several conversations can
+/// share one model and a conversation can be stored and resumed (etllm_io_manager's
+/// save_state and restore_state); the defaults throw: such a manager serves one
+/// conversation.
 class IoManager {
  public:
   virtual ~IoManager() = default;
@@ -456,6 +482,22 @@ class IoManager {
   /// As update_prefill, for the decode step prepared last.
   virtual Logits update_decode(Span<const TensorView> outputs) = 0;
 
+  /// Appends the manager's conversation state (what it keeps between steps) to `out`, in
+  /// a format of its own: a tag and a version first, and the layout the data depends on,
+  /// so that restore_state can refuse a foreign state. Called between steps. The
+  /// default throws: this manager cannot save.
+  virtual void save_state(StateWriter& out) {
+    (void)out;
+    throw std::runtime_error("this KV-cache manager cannot save its state (it does not override save_state)");
+  }
+  /// Replaces the conversation state with `state` (valid during the call), bytes that
+  /// save_state wrote. Check everything before changing anything: if it throws, the
+  /// manager must keep the state it had. The default throws.
+  virtual void restore_state(Span<const uint8_t> state) {
+    (void)state;
+    throw std::runtime_error("this KV-cache manager cannot restore a state (it does not override restore_state)");
+  }
+
   /// The C vtable for `manager`, which it now owns: pass it in
   /// etllm_runner_options.io_manager (the runner calls destroy, which deletes the manager,
   /// exactly once). A null manager gives a zeroed vtable.
@@ -472,6 +514,8 @@ class IoManager {
     vt.prepare_decode = &prepare_decode_trampoline;
     vt.update_decode = &update_decode_trampoline;
     vt.destroy = &destroy_trampoline;
+    vt.save_state = &save_state_trampoline;
+    vt.restore_state = &restore_state_trampoline;
     return vt;
   }
 
@@ -529,6 +573,15 @@ class IoManager {
   static etllm_status update_decode_trampoline(void* ud, const etllm_tensor_view* outputs, size_t n,
                                                const float** logits, size_t* vocab) {
     return guarded([&] { out_logits(self(ud).update_decode(outputs_of(outputs, n)), logits, vocab); });
+  }
+  static etllm_status save_state_trampoline(void* ud, etllm_state_buffer* buffer) {
+    return guarded([&] {
+      StateWriter out(buffer);
+      self(ud).save_state(out);
+    });
+  }
+  static etllm_status restore_state_trampoline(void* ud, const uint8_t* data, size_t len) {
+    return guarded([&] { self(ud).restore_state(Span<const uint8_t>(data, len)); });
   }
   static void destroy_trampoline(void* ud) { delete static_cast<IoManager*>(ud); }
 };

@@ -13,7 +13,8 @@ typedef struct faulty {
 
 static const char *const names[FAULTY_NUM_POINTS] = {
     "load",           "reset",          "rewind",       "prepare_prefill",
-    "update_prefill", "prepare_decode", "update_decode",
+    "update_prefill", "prepare_decode", "update_decode", "save_state",
+    "restore_state",
 };
 
 const char *faulty_point_name(faulty_point point) {
@@ -89,6 +90,18 @@ static etllm_status f_update_decode(void *ud, const etllm_tensor_view *outputs, 
   return f->inner.update_decode(f->inner.user_data, outputs, n, logits, vocab);
 }
 
+static etllm_status f_save_state(void *ud, etllm_state_buffer *buffer) {
+  faulty *f = ud;
+  if (fires(f, FAULTY_SAVE_STATE)) return ETLLM_ERR_IO_MANAGER;
+  return f->inner.save_state(f->inner.user_data, buffer);
+}
+
+static etllm_status f_restore_state(void *ud, const uint8_t *data, size_t len) {
+  faulty *f = ud;
+  if (fires(f, FAULTY_RESTORE_STATE)) return ETLLM_ERR_IO_MANAGER;
+  return f->inner.restore_state(f->inner.user_data, data, len);
+}
+
 static void f_destroy(void *ud) {
   faulty *f = ud;
   faulty_destroy_calls++;
@@ -117,5 +130,9 @@ etllm_io_manager faulty_manager(etllm_io_manager inner, faulty_control **out_con
   vt.prepare_decode = f_prepare_decode;
   vt.update_decode = f_update_decode;
   vt.destroy = f_destroy;
+  if (inner.save_state != NULL && inner.restore_state != NULL) {
+    vt.save_state = f_save_state;
+    vt.restore_state = f_restore_state;
+  }
   return vt;
 }

@@ -1,7 +1,8 @@
 /* A KV-cache manager (etllm_io_manager) for tests: it wraps another manager, forwards every
  * call to it, counts the calls, and on command makes one callback fail instead (with
- * etllm_set_error_message(faulty_message(point)) and ETLLM_ERR_IO_MANAGER). Its destroy
- * counts itself in faulty_destroy_calls, then destroys the wrapped manager. */
+ * etllm_set_error_message(faulty_message(point)) and ETLLM_ERR_IO_MANAGER). It has
+ * save_state and restore_state when the wrapped manager has them. Its destroy counts itself
+ * in faulty_destroy_calls, then destroys the wrapped manager. */
 #ifndef ETLLM_FAULTY_MANAGER_H
 #define ETLLM_FAULTY_MANAGER_H
 
@@ -17,6 +18,8 @@ typedef enum faulty_point {
   FAULTY_UPDATE_PREFILL,
   FAULTY_PREPARE_DECODE,
   FAULTY_UPDATE_DECODE,
+  FAULTY_SAVE_STATE,
+  FAULTY_RESTORE_STATE,
   FAULTY_NUM_POINTS
 } faulty_point;
 

@@ -198,6 +198,26 @@ static etllm_status kv_update(void *user_data, const etllm_tensor_view *outputs,
   return last_logits(outputs, num_outputs, out_logits, out_vocab);
 }
 
+/* Saved states: the cache is the model's (EtLlm saves it with the conversation) and this
+ * manager keeps nothing of a conversation between steps, the runner passing every
+ * position; its state is only a tag and a version, which restore_state checks so that a
+ * state of another manager is refused. */
+static const uint8_t STATE[8] = {'e', 'x', 'K', 'V', 1, 0, 0, 0};
+
+static etllm_status kv_save_state(void *user_data, etllm_state_buffer *buffer) {
+  (void)user_data;
+  return etllm_state_buffer_append(buffer, STATE, sizeof STATE);
+}
+
+static etllm_status kv_restore_state(void *user_data, const uint8_t *data, size_t len) {
+  (void)user_data;
+  if (data == NULL || len != sizeof STATE || memcmp(data, STATE, sizeof STATE) != 0) {
+    return fail(ETLLM_ERR_IO_MANAGER, "not a saved state of the kv-in-model manager (%zu bytes; "
+                "expected the %zu of \"exKV\" version 1)", len, sizeof STATE);
+  }
+  return ETLLM_OK;
+}
+
 static void kv_destroy(void *user_data) {
   kv_manager *kv = user_data;
   if (kv == NULL) return;
@@ -218,5 +238,7 @@ etllm_io_manager example_kv_in_model_manager(void) {
   vt.prepare_decode = kv_prepare_decode;
   vt.update_decode = kv_update;
   vt.destroy = kv_destroy;
+  vt.save_state = kv_save_state;
+  vt.restore_state = kv_restore_state;
   return vt;
 }

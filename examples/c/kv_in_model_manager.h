@@ -5,6 +5,7 @@
  * built-in KvCacheInModel manager). The cache is state inside the program, so this manager
  * only fills the two inputs and finds the logits of the last token; rewinding only moves
  * the position (the model masks the entries past it and the next steps overwrite them).
+ * Its saved state (save_state) is a tag and a version: it keeps nothing else between steps.
  *
  *   etllm_io_manager manager = example_kv_in_model_manager();
  *   options.io_manager = &manager;        // the runner owns it from here on

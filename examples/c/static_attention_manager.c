@@ -3,8 +3,8 @@
  * what it does, and tests/fixtures/static_attention/README.md for the layout it follows.
  *
  * The vtable contract (include/etllm.h, etllm_io_manager): the runner calls load once,
- * then for each step prepare_* followed by update_*, with reset and rewind between steps,
- * all on the thread that called into the runner. Every buffer handed to the runner in a
+ * then for each step prepare_* followed by update_*, with reset, rewind, save_state and
+ * restore_state between steps, all on the thread that called into the runner. Every buffer handed to the runner in a
  * step (method name, input views, the data they point to) stays valid until the matching
  * update returns; here they live as long as the manager.
  */
@@ -664,6 +664,116 @@ static etllm_status sa_update_decode(void *user_data, const etllm_tensor_view *o
   return update(user_data, outputs, num_outputs, out_logits, out_vocab);
 }
 
+/* ---- Saved states ----------------------------------------------------------------------
+ * What a conversation leaves in the manager is its position and the cache slots filled so
+ * far; save_state writes them, restore_state puts them back, so that several conversations
+ * can share one model (EtLlm's sessions) and a conversation can be stored and resumed.
+ *
+ * Layout, in this machine's byte order: state_header (the tag "exSA", the format version,
+ * then the cache layout the data depends on and the position), then for each layer its k
+ * cache and its v cache, each as `heads` blocks of the first min(pos, cache_len) slots
+ * (head_dim floats a slot). Slots are ring slots, so a window that has slid is saved whole.
+ * restore_state checks the tag, the version, the layout and the length before it changes
+ * anything: a foreign or truncated state leaves the manager as it was. */
+
+#define STATE_VERSION 1u
+static const char STATE_TAG[4] = {'e', 'x', 'S', 'A'};
+
+typedef struct state_header {
+  char tag[4];
+  uint32_t version;
+  int64_t num_layers, heads, cache_len, head_dim;
+  int64_t pos;
+} state_header;
+
+/* Bytes of one saved block: the first `valid` slots of one head. */
+static size_t state_block(const manager *sa, int64_t valid) {
+  return (size_t)(valid * sa->head_dim) * sizeof(float);
+}
+
+static etllm_status sa_save_state(void *user_data, etllm_state_buffer *buffer) {
+  manager *sa = user_data;
+  if (sa == NULL || !sa->loaded) return fail(ETLLM_ERR_IO_MANAGER, "the manager is not loaded");
+  state_header h;
+  memset(&h, 0, sizeof h);
+  memcpy(h.tag, STATE_TAG, sizeof h.tag);
+  h.version = STATE_VERSION;
+  h.num_layers = (int64_t)sa->num_layers;
+  h.heads = sa->heads;
+  h.cache_len = sa->cache_len;
+  h.head_dim = sa->head_dim;
+  h.pos = sa->pos; /* a step prepared but not updated is not in the caches yet */
+  const int64_t c = sa->cache_len, valid = sa->pos < c ? sa->pos : c;
+  etllm_status s = etllm_state_buffer_append(buffer, &h, sizeof h);
+  for (size_t l = 0; l < sa->num_layers && s == ETLLM_OK; l++) {
+    for (int k = 0; k < 2 && s == ETLLM_OK; k++) {
+      const float *cache = k ? sa->v_caches[l] : sa->k_caches[l];
+      for (int64_t head = 0; head < sa->heads && s == ETLLM_OK; head++) {
+        s = etllm_state_buffer_append(buffer, cache + head * c * sa->head_dim,
+                                      state_block(sa, valid));
+      }
+    }
+  }
+  if (s != ETLLM_OK) return fail(s, "saving the state: %s", etllm_last_error_message());
+  return ETLLM_OK;
+}
+
+static etllm_status sa_restore_state(void *user_data, const uint8_t *data, size_t len) {
+  manager *sa = user_data;
+  if (sa == NULL || !sa->loaded) return fail(ETLLM_ERR_IO_MANAGER, "the manager is not loaded");
+  state_header h;
+  if (data == NULL || len < sizeof h) {
+    return fail(ETLLM_ERR_IO_MANAGER, "not a saved static-attention state: %zu bytes, shorter "
+                "than its %zu-byte header", len, sizeof h);
+  }
+  memcpy(&h, data, sizeof h);
+  if (memcmp(h.tag, STATE_TAG, sizeof h.tag) != 0) {
+    return fail(ETLLM_ERR_IO_MANAGER, "not a saved static-attention state (it does not start "
+                "with \"exSA\")");
+  }
+  if (h.version != STATE_VERSION) {
+    return fail(ETLLM_ERR_IO_MANAGER, "the state has format version %u; this manager reads "
+                "version %u", (unsigned)h.version, STATE_VERSION);
+  }
+  if (h.num_layers != (int64_t)sa->num_layers || h.heads != sa->heads ||
+      h.cache_len != sa->cache_len || h.head_dim != sa->head_dim) {
+    return fail(ETLLM_ERR_IO_MANAGER, "the state is of %lld layers of caches [1, %lld, %lld, "
+                "%lld]; this model has %zu layers of [1, %lld, %lld, %lld]",
+                (long long)h.num_layers, (long long)h.heads, (long long)h.cache_len,
+                (long long)h.head_dim, sa->num_layers, (long long)sa->heads,
+                (long long)sa->cache_len, (long long)sa->head_dim);
+  }
+  if (h.pos < 0 || h.pos > sa->rope_rows) {
+    return fail(ETLLM_ERR_IO_MANAGER, "the state is at position %lld; this model has %lld RoPE "
+                "positions", (long long)h.pos, (long long)sa->rope_rows);
+  }
+  const int64_t c = sa->cache_len, hd = sa->head_dim, valid = h.pos < c ? h.pos : c;
+  const size_t block = state_block(sa, valid);
+  const size_t expected = sizeof h + 2 * sa->num_layers * (size_t)sa->heads * block;
+  if (len != expected) {
+    return fail(ETLLM_ERR_IO_MANAGER, "the state holds %zu bytes; at position %lld it takes %zu",
+                len, (long long)h.pos, expected);
+  }
+  /* Checked: from here on nothing fails. Slots past the saved ones are zeroed, as in a
+   * manager that never saw them. */
+  const uint8_t *at = data + sizeof h;
+  for (size_t l = 0; l < sa->num_layers; l++) {
+    for (int k = 0; k < 2; k++) {
+      float *cache = k ? sa->v_caches[l] : sa->k_caches[l];
+      for (int64_t head = 0; head < sa->heads; head++) {
+        float *dst = cache + head * c * hd;
+        memcpy(dst, at, block);
+        memset(dst + valid * hd, 0, (size_t)((c - valid) * hd) * sizeof(float));
+        at += block;
+      }
+    }
+  }
+  sa->pos = h.pos;
+  sa->pending = NULL;
+  update_masks(sa);
+  return ETLLM_OK;
+}
+
 static void sa_destroy(void *user_data) {
   manager *sa = user_data;
   if (sa == NULL) return;
@@ -684,5 +794,7 @@ etllm_io_manager example_static_attention_manager(void) {
   vt.prepare_decode = sa_prepare_decode;
   vt.update_decode = sa_update_decode;
   vt.destroy = sa_destroy;
+  vt.save_state = sa_save_state;
+  vt.restore_state = sa_restore_state;
   return vt;
 }

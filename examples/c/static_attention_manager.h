@@ -19,6 +19,9 @@
  *   plus the tokens of its own call; positions stop at the RoPE table's length;
  * - rewind keeps the first `pos` positions (refused once the window has slid), reset
  *   forgets everything;
+ * - save_state writes the position and the filled cache slots behind a header (tag
+ *   "exSA", version, cache layout); restore_state refuses a state of another layout, a
+ *   truncated or a foreign one, and then keeps its own;
  * - a layout that does not fit is refused in load with a message saying what is wrong.
  *
  * Use:

@@ -4,13 +4,15 @@
 // manager does for that signature: each step fills the tokens and the start position, and
 // the logits are the last row of output 0. The cache itself is state inside the program,
 // so reset and rewind have nothing to move (the model masks the positions past the current
-// one, and later steps overwrite them).
+// one, and later steps overwrite them), and a saved state (save_state) is only a tag and a
+// version, which restore_state checks.
 #ifndef EXAMPLE_KV_IN_MODEL_MANAGER_HPP
 #define EXAMPLE_KV_IN_MODEL_MANAGER_HPP
 
 #include <etllm.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -65,6 +67,19 @@ class KvInModelManager : public etllm::IoManager {
   etllm::Logits update_decode(etllm::Span<const etllm::TensorView> outputs) override {
     return etllm::Logits::last_row_of(outputs.at(0));
   }
+
+  // This manager keeps nothing of a conversation between steps (the cache is the model's,
+  // which EtLlm saves): its state is a tag and a format version.
+  void save_state(etllm::StateWriter& out) override { out.append(kState, sizeof kState); }
+
+  void restore_state(etllm::Span<const uint8_t> state) override {
+    if (state.size() != sizeof kState || std::memcmp(state.data(), kState, sizeof kState) != 0) {
+      throw std::invalid_argument("not a saved state of the C++ KvInModelManager (" + std::to_string(state.size()) +
+                                  " bytes; expected \"cpKV\" version 1)");
+    }
+  }
+
+  static constexpr uint8_t kState[8] = {'c', 'p', 'K', 'V', 1, 0, 0, 0};
 
  private:
   etllm::Step prepare(etllm::Span<const uint64_t> tokens, int64_t start_pos) {

@@ -56,6 +56,12 @@ class Chooser(etllm.IoManager):
     def update_decode(self, outputs):
         return self.inner.update_decode(outputs)
 
+    def save_state(self):
+        return self.inner.save_state()
+
+    def restore_state(self, state):
+        self.inner.restore_state(state)
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

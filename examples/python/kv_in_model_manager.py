@@ -3,7 +3,8 @@ inside the model, driven through ``forward(tokens[1, seq], input_pos[1])`` or
 ``forward(tokens[1, seq], cache_positions[seq])``.
 
 It mirrors ``examples/c/kv_in_model_manager.c`` (EtLlm's built-in ``KvCacheInModel``):
-the manager owns only the token and position buffers; the model keeps the cache.
+the manager owns only the token and position buffers; the model keeps the cache. Its
+saved state is only a tag and a version (the cache is the model's, which EtLlm saves).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import List, Tuple
 import numpy as np
 
 import etllm
+
+STATE = b"pyKV\x01\x00\x00\x00"  # tag, format version 1
 
 
 class KvInModelManager(etllm.IoManager):
@@ -84,3 +87,10 @@ class KvInModelManager(etllm.IoManager):
 
     update_prefill = _update
     update_decode = _update
+
+    def save_state(self) -> bytes:
+        return STATE  # nothing of a conversation stays here between steps
+
+    def restore_state(self, state: bytes) -> None:
+        if state != STATE:
+            raise ValueError(f"not a saved state of KvInModelManager ({len(state)} bytes)")

@@ -8,10 +8,15 @@ It mirrors ``examples/c/static_attention_manager.c`` (EtLlm's built-in
 masks, RoPE rows copied from the model's tables, padded chunked prefill, sliding window
 past the cache, rewind and reset. The caches are numpy arrays handed to the runtime
 without a copy; the new rows come back as views of the runtime's outputs.
+
+Its state (``save_state``, for EtLlm's sessions and saved conversations) is a header
+(tag ``pySA``, version, cache layout, position) and the filled cache slots; ``restore_state``
+checks it all before it changes anything.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -20,6 +25,12 @@ import etllm
 
 TOKENS, MASK, COS, SIN, LAST_VALID = range(5)
 HIDDEN = -np.inf
+
+# Saved state: tag, format version, layers, heads, cache_len, head_dim, position
+# (little-endian), then each layer's k and v caches: the first min(pos, cache_len) slots
+# of every head, as little-endian float32.
+STATE_HEADER = struct.Struct("<4sI5q")
+STATE_TAG, STATE_VERSION = b"pySA", 1
 
 
 class _Method:
@@ -201,3 +212,52 @@ class StaticAttentionManager(etllm.IoManager):
 
     update_prefill = _update
     update_decode = _update
+
+    def save_state(self) -> bytes:
+        if not self.loaded:
+            raise RuntimeError("the manager is not loaded")
+        valid = min(self.pos, self.cache_len)  # ring slots: a slid window is saved whole
+        layout = (len(self.k), self.heads, self.cache_len, self.head_dim)
+        parts = [STATE_HEADER.pack(STATE_TAG, STATE_VERSION, *layout, self.pos)]
+        for k, v in zip(self.k, self.v):
+            for cache in (k, v):
+                parts.append(cache[0, :, :valid, :].astype("<f4").tobytes())
+        return b"".join(parts)
+
+    def restore_state(self, state: bytes) -> None:
+        if not self.loaded:
+            raise RuntimeError("the manager is not loaded")
+        if len(state) < STATE_HEADER.size:
+            raise ValueError(
+                f"not a saved static-attention state: {len(state)} bytes, shorter than its "
+                f"{STATE_HEADER.size}-byte header"
+            )
+        tag, version, *layout, pos = STATE_HEADER.unpack_from(state)
+        if tag != STATE_TAG:
+            raise ValueError(f"not a saved static-attention state (it starts with {tag!r})")
+        if version != STATE_VERSION:
+            raise ValueError(f"the state has format version {version}; this manager reads {STATE_VERSION}")
+        ours = [len(self.k), self.heads, self.cache_len, self.head_dim]
+        if layout != ours:
+            raise ValueError(
+                f"the state is of {layout[0]} layers of caches [1, {layout[1]}, {layout[2]}, "
+                f"{layout[3]}]; this model has {ours[0]} layers of [1, {ours[1]}, {ours[2]}, {ours[3]}]"
+            )
+        if not 0 <= pos <= self.rope_rows:
+            raise ValueError(f"the state is at position {pos}; this model has {self.rope_rows} RoPE positions")
+        layers, heads, _, head_dim = ours
+        valid = min(pos, self.cache_len)
+        expected = STATE_HEADER.size + 2 * layers * heads * valid * head_dim * 4
+        if len(state) != expected:
+            raise ValueError(f"the state holds {len(state)} bytes; at position {pos} it takes {expected}")
+        # Checked: from here on nothing fails. The caches are written in place (the
+        # methods' input lists point at them); slots past the saved ones are zeroed.
+        data = np.frombuffer(state, "<f4", offset=STATE_HEADER.size)
+        data = data.reshape(layers, 2, heads, valid, head_dim)
+        for layer in range(layers):
+            for cache, saved in ((self.k[layer], data[layer, 0]), (self.v[layer], data[layer, 1])):
+                cache[0, :, :valid, :] = saved
+                cache[0, :, valid:, :] = 0.0
+        self.pos = pos
+        self.pending = None
+        self._update_masks()

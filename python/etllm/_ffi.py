@@ -141,6 +141,8 @@ UPDATE_FN = CFUNCTYPE(
 )
 PREPARE_DECODE_FN = CFUNCTYPE(c_int32, c_void_p, c_uint64, c_int64, POINTER(StepC))
 DESTROY_FN = CFUNCTYPE(None, c_void_p)
+SAVE_STATE_FN = CFUNCTYPE(c_int32, c_void_p, c_void_p)  # (user_data, etllm_state_buffer *)
+RESTORE_STATE_FN = CFUNCTYPE(c_int32, c_void_p, c_void_p, c_size_t)  # (user_data, data, len)
 
 
 class IoManagerC(Structure):
@@ -155,6 +157,8 @@ class IoManagerC(Structure):
         ("prepare_decode", PREPARE_DECODE_FN),
         ("update_decode", UPDATE_FN),
         ("destroy", DESTROY_FN),
+        ("save_state", SAVE_STATE_FN),
+        ("restore_state", RESTORE_STATE_FN),
     ]
 
 
@@ -270,6 +274,12 @@ _fn(
 )
 _fn("etllm_model_info_constant_shape", _S, _P, c_char_p, POINTER(c_int64), POINTER(c_uint32))
 _fn("etllm_model_info_metadata", _S, _P, POINTER(ModelMetadataC))
+
+# Saved states of io managers
+_fn("etllm_state_buffer_new", _S, POINTER(_P))
+_fn("etllm_state_buffer_append", _S, _P, c_void_p, c_size_t)
+_fn("etllm_state_buffer_data", _S, _P, POINTER(c_void_p), POINTER(c_size_t))
+_fn("etllm_state_buffer_free", None, _P)
 
 # Tokenizer
 _fn("etllm_tokenizer_load", _S, c_char_p, c_int32, POINTER(_P))

@@ -170,6 +170,12 @@ class IoManager(abc.ABC):
     Outputs arrive as read-only numpy arrays that are views of the runtime's buffers (no
     copy), valid until the next step: copy what you keep. The inputs of a :class:`Step`
     are handed to the runtime without a copy.
+
+    A manager that keeps a conversation's data between steps (its own KV caches, its
+    position) may override :meth:`save_state` and :meth:`restore_state`, both of them, so
+    that several conversations can share one model and a conversation can be stored and
+    resumed. A manager that overrides neither cannot save: EtLlm refuses to swap its
+    conversation out.
     """
 
     @abc.abstractmethod
@@ -200,6 +206,23 @@ class IoManager(abc.ABC):
     @abc.abstractmethod
     def update_decode(self, outputs: List[np.ndarray]) -> np.ndarray:
         """As :meth:`update_prefill`, for the decode step."""
+
+    def save_state(self) -> bytes:
+        """The manager's conversation state (what it keeps between steps), as bytes of a
+        format of its own: a tag and a version first, and the layout the data depends on
+        (cache shapes), so that :meth:`restore_state` can refuse a foreign state. Called
+        between steps. The default cannot save (``NotImplementedError``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot save its state (it does not override save_state)"
+        )
+
+    def restore_state(self, state: bytes) -> None:
+        """Replaces the conversation state with ``state``, bytes :meth:`save_state` wrote.
+        Check everything before changing anything: when it raises, the manager must keep
+        the state it had. The default cannot restore (``NotImplementedError``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot restore a state (it does not override restore_state)"
+        )
 
     def close(self) -> None:
         """Called once when the runner lets go of the manager (``destroy``)."""
@@ -380,6 +403,34 @@ def _c_update_decode(user_data, outputs, num_outputs, out_logits, out_vocab):
     return _bridge(user_data).update("decode", outputs, num_outputs, out_logits, out_vocab)
 
 
+@_ffi.SAVE_STATE_FN
+def _c_save_state(user_data, buffer):
+    b = _bridge(user_data)
+    try:
+        state = b.manager.save_state()
+        if not isinstance(state, (bytes, bytearray, memoryview)):
+            raise TypeError(f"save_state must return bytes, not {type(state).__name__}")
+        data = bytes(state)
+        check(_ffi.lib.etllm_state_buffer_append(buffer, data, len(data)))
+        return 0
+    except BaseException as e:  # noqa: BLE001
+        return b.fail(e)
+
+
+@_ffi.RESTORE_STATE_FN
+def _c_restore_state(user_data, data, length):
+    b = _bridge(user_data)
+    try:
+        b.manager.restore_state(ctypes.string_at(data, length) if length else b"")
+        return 0
+    except BaseException as e:  # noqa: BLE001
+        return b.fail(e)
+
+
+def _overrides(manager: IoManager, name: str) -> bool:
+    return getattr(type(manager), name) is not getattr(IoManager, name)
+
+
 @_ffi.DESTROY_FN
 def _c_destroy(user_data):
     with _bridges_lock:
@@ -410,6 +461,12 @@ def make_vtable(manager: IoManager) -> Tuple[_ffi.IoManagerC, _Bridge]:
     vt.prepare_decode = _c_prepare_decode
     vt.update_decode = _c_update_decode
     vt.destroy = _c_destroy
+    # A manager that does not override them cannot save: the callbacks stay NULL, which is
+    # what the C ABI means by that (one without the other is refused by the runner).
+    if _overrides(manager, "save_state"):
+        vt.save_state = _c_save_state
+    if _overrides(manager, "restore_state"):
+        vt.restore_state = _c_restore_state
     return vt, bridge
 
 

@@ -83,7 +83,7 @@ impl From<Error> for FfiError {
 }
 
 impl FfiError {
-    fn status(&self) -> etllm_status {
+    pub(crate) fn status(&self) -> etllm_status {
         use etllm_status::*;
         match self {
             FfiError::Null(_) => ETLLM_ERR_NULL_ARGUMENT,
@@ -111,7 +111,7 @@ impl FfiError {
         }
     }
 
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             FfiError::Null(name) => format!("argument `{name}` is NULL"),
             FfiError::Utf8(name) => format!("argument `{name}` is not valid UTF-8"),

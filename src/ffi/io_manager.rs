@@ -1,12 +1,12 @@
 //! `etllm_io_manager`: KV-cache managers written in C (or any language with a C FFI),
-//! plugged into a runner through a vtable, and `etllm_model_info`, what they see of the
-//! model.
+//! plugged into a runner through a vtable; `etllm_model_info`, what they see of the
+//! model; and `etllm_state_buffer`, where they save their conversation state.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use super::error::{etllm_status, guard, FfiError};
-use super::{c_str, check_struct_size, out_arg, write_versioned};
+use super::{c_slice, c_str, check_struct_size, out_arg, write_versioned};
 use crate::error::{Error, Result};
 use crate::io_manager::{IoManager, StepInputs};
 use crate::model::ModelInfo;
@@ -117,9 +117,21 @@ pub struct etllm_model_info(ModelInfo);
 /// with `ETLLM_ERR_IO_MANAGER` and that message; the runner rolls the conversation back
 /// and stays usable. Functions are called on the thread that called into the runner, one
 /// at a time, in the order load, then for each step prepare_* followed by update_*;
-/// `reset` and `rewind` between steps. All functions are required except `destroy`. If
-/// `rewind` fails while the runner rolls back a failed generate, the runner calls `reset`
-/// and the conversation starts over; if `reset` fails, `etllm_runner_reset` reports it.
+/// `reset`, `rewind`, `save_state` and `restore_state` between steps. All functions are
+/// required except `destroy`, `save_state` and `restore_state` (set both of these or
+/// neither). If `rewind` fails while the runner rolls back a failed generate, the runner
+/// calls `reset` and the conversation starts over; if `reset` fails, `etllm_runner_reset`
+/// reports it.
+///
+/// Saved states: a manager that keeps a conversation's data between steps (its own KV
+/// caches, its position, a token history) can save it with `save_state` and take it
+/// back with `restore_state`, so that several conversations share one model and a
+/// conversation can be stored and resumed; a manager without them (NULL, or a caller
+/// built against a header that did not have them) serves one conversation and refuses
+/// to save. The bytes are the manager's own format: put a tag and a version first, and
+/// the layout they depend on (cache shapes and types), so that `restore_state` can
+/// refuse a state of another manager, version or model. The model's own buffers (a KV
+/// cache inside the program) are saved by EtLlm, not by the manager.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy)]
@@ -186,6 +198,96 @@ pub struct etllm_io_manager {
     >,
     /// Frees `user_data`; called exactly once. May be NULL.
     pub destroy: Option<unsafe extern "C" fn(user_data: *mut c_void)>,
+    /// Appends the manager's conversation state to `buffer` with
+    /// `etllm_state_buffer_append` (as many calls as it likes). `buffer` belongs to EtLlm
+    /// and is valid only during this call: do not keep or free it. Called between steps,
+    /// never between a prepare and its update. On error, whatever was appended is
+    /// dropped. NULL (with `restore_state` NULL): the manager cannot save.
+    pub save_state: Option<
+        unsafe extern "C" fn(
+            user_data: *mut c_void,
+            buffer: *mut etllm_state_buffer,
+        ) -> etllm_status,
+    >,
+    /// Replaces the manager's conversation state with the `len` bytes at `data`, which
+    /// its `save_state` wrote (in this process or another, for the same model). `data`
+    /// is valid only during this call: copy what you keep. Check everything before
+    /// changing anything: on error the manager must keep the state it had, and stay
+    /// usable. NULL (with `save_state` NULL): the manager cannot restore.
+    pub restore_state: Option<
+        unsafe extern "C" fn(user_data: *mut c_void, data: *const u8, len: usize) -> etllm_status,
+    >,
+}
+
+/// A growable byte buffer that EtLlm owns, where a KV-cache manager's `save_state` writes
+/// its state with `etllm_state_buffer_append`. Opaque.
+///
+/// Ownership and threads: the buffer EtLlm passes to `save_state` is valid only during
+/// that call, on that thread; append to it, and never keep the pointer or free it. A
+/// buffer made with `etllm_state_buffer_new`, to call a manager's `save_state` yourself
+/// (a manager that saves the managers it wraps, each into a buffer of its own to learn
+/// their lengths; a test), is the caller's until `etllm_state_buffer_free`, and is used
+/// by one thread at a time.
+#[allow(non_camel_case_types)]
+pub struct etllm_state_buffer(Vec<u8>);
+
+/// Makes an empty buffer in `*out_buffer`; free it with `etllm_state_buffer_free`.
+#[no_mangle]
+pub extern "C" fn etllm_state_buffer_new(out_buffer: *mut *mut etllm_state_buffer) -> etllm_status {
+    guard(|| {
+        // The argument is checked first: the buffer must not be made for nobody.
+        let out = out_arg(out_buffer, "out_buffer")?;
+        *out = Box::into_raw(Box::new(etllm_state_buffer(Vec::new())));
+        Ok(())
+    })
+}
+
+/// Appends the `len` bytes at `data` to `buffer` (copied; `data` may be NULL when `len` is
+/// 0). `ETLLM_ERR_INVALID_ARGUMENT` when the buffer cannot grow that much (out of memory);
+/// the buffer is then unchanged.
+#[no_mangle]
+pub extern "C" fn etllm_state_buffer_append(
+    buffer: *mut etllm_state_buffer,
+    data: *const c_void,
+    len: usize,
+) -> etllm_status {
+    guard(|| {
+        let buffer = out_arg(buffer, "buffer")?;
+        let bytes = c_slice(data.cast::<u8>(), len, "data")?;
+        buffer.0.try_reserve(len).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "the state buffer cannot grow by {len} bytes past its {} (out of memory)",
+                buffer.0.len()
+            ))
+        })?;
+        buffer.0.extend_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// Sets `*out_data` to the buffer's bytes and `*out_len` to how many there are. The
+/// pointer is valid until the buffer is appended to or freed.
+#[no_mangle]
+pub extern "C" fn etllm_state_buffer_data(
+    buffer: *const etllm_state_buffer,
+    out_data: *mut *const u8,
+    out_len: *mut usize,
+) -> etllm_status {
+    guard(|| {
+        // Safety: NULL or a live buffer, per the contract.
+        let buffer = unsafe { buffer.as_ref() }.ok_or(FfiError::Null("buffer"))?;
+        let out_data = out_arg(out_data, "out_data")?;
+        *out_arg(out_len, "out_len")? = buffer.0.len();
+        *out_data = buffer.0.as_ptr();
+        Ok(())
+    })
+}
+
+/// Frees a buffer made by `etllm_state_buffer_new`. NULL is ignored. Never pass the buffer
+/// EtLlm hands to `save_state`.
+#[no_mangle]
+pub extern "C" fn etllm_state_buffer_free(buffer: *mut etllm_state_buffer) {
+    super::free_handle(buffer);
 }
 
 thread_local! {
@@ -274,6 +376,8 @@ impl CIoManager {
             prepare_decode: None,
             update_decode: None,
             destroy: None,
+            save_state: None,
+            restore_state: None,
         };
         // A size that is not one of this struct's field boundaries would cut a function
         // pointer in half; with it even `destroy` cannot be trusted, so it is not called.
@@ -311,6 +415,17 @@ impl CIoManager {
             } else {
                 "io_manager functions"
             }));
+        }
+        if vt.save_state.is_some() != vt.restore_state.is_some() {
+            let (set, unset) = match vt.save_state {
+                Some(_) => ("save_state", "restore_state"),
+                None => ("restore_state", "save_state"),
+            };
+            drop(manager);
+            return Err(FfiError::Core(Error::InvalidArgument(format!(
+                "the io_manager sets {set} but not {unset}; a manager saves and restores its \
+                 state with both, or with neither"
+            ))));
         }
         Ok(manager)
     }
@@ -548,6 +663,40 @@ impl IoManager for CIoManager {
 
     fn update_decode<'o>(&mut self, outputs: &[TensorView<'o>]) -> Result<&'o [f32]> {
         self.update(outputs, false)
+    }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        let (Some(f), ud) = (self.vt.save_state, self.vt.user_data) else {
+            return Err(Error::IoManager(
+                "this KV-cache manager cannot save its state (its etllm_io_manager.save_state \
+                 is NULL)"
+                    .into(),
+            ));
+        };
+        // The caller's bytes go straight into `out`, moved in and out of the buffer.
+        let start = out.len();
+        let mut buffer = etllm_state_buffer(std::mem::take(out));
+        // Safety: the caller's function; the buffer lives for the call.
+        let saved = self.call("save_state", || unsafe { f(ud, &mut buffer) });
+        *out = buffer.0;
+        if saved.is_err() {
+            out.truncate(start);
+        }
+        saved
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<()> {
+        let (Some(f), ud) = (self.vt.restore_state, self.vt.user_data) else {
+            return Err(Error::IoManager(
+                "this KV-cache manager cannot restore a state (its \
+                 etllm_io_manager.restore_state is NULL)"
+                    .into(),
+            ));
+        };
+        // Safety: the caller's function; `state` lives for the call.
+        self.call("restore_state", || unsafe {
+            f(ud, state.as_ptr(), state.len())
+        })
     }
 }
 
@@ -830,6 +979,265 @@ pub(crate) fn clear_names() {
 }
 
 super::versioned!(etllm_io_manager, "io_manager"; load, reset, rewind,
-    prepare_prefill, update_prefill, prepare_decode, update_decode, destroy);
+    prepare_prefill, update_prefill, prepare_decode, update_decode, destroy, save_state,
+    restore_state);
 super::versioned!(etllm_model_metadata, "metadata"; max_context_len, vocab_size,
     bos_id, use_kv_cache, enable_dynamic_shape);
+
+#[cfg(test)]
+mod tests {
+    //! The vtable adapter's save and restore, with callbacks written as a C manager would.
+    use super::*;
+    use etllm_status::*;
+
+    /// A manager whose conversation state is a byte string.
+    #[derive(Default)]
+    struct Fake {
+        state: Vec<u8>,
+        saves: usize,
+        restores: usize,
+        fail: bool,
+    }
+
+    fn fake<'a>(ud: *mut c_void) -> &'a mut Fake {
+        // Safety: every vtable here carries a live `Fake`.
+        unsafe { &mut *ud.cast::<Fake>() }
+    }
+
+    unsafe extern "C" fn load(
+        _: *mut c_void,
+        _: *const etllm_model_info,
+        _: *mut i64,
+        _: *mut i64,
+    ) -> etllm_status {
+        ETLLM_OK
+    }
+    unsafe extern "C" fn reset(_: *mut c_void) -> etllm_status {
+        ETLLM_OK
+    }
+    unsafe extern "C" fn rewind(_: *mut c_void, _: i64) -> etllm_status {
+        ETLLM_OK
+    }
+    unsafe extern "C" fn prepare_prefill(
+        _: *mut c_void,
+        _: *const u64,
+        _: usize,
+        _: i64,
+        _: *mut etllm_step,
+    ) -> etllm_status {
+        ETLLM_OK
+    }
+    unsafe extern "C" fn prepare_decode(
+        _: *mut c_void,
+        _: u64,
+        _: i64,
+        _: *mut etllm_step,
+    ) -> etllm_status {
+        ETLLM_OK
+    }
+    unsafe extern "C" fn update(
+        _: *mut c_void,
+        _: *const etllm_tensor_view,
+        _: usize,
+        _: *mut *const f32,
+        _: *mut usize,
+    ) -> etllm_status {
+        ETLLM_OK
+    }
+
+    /// Appends the state in two pieces (as a header, then data), then fails if told to.
+    unsafe extern "C" fn save(ud: *mut c_void, buffer: *mut etllm_state_buffer) -> etllm_status {
+        let f = fake(ud);
+        f.saves += 1;
+        let (head, rest) = f.state.split_at(f.state.len() / 2);
+        for piece in [head, rest] {
+            let s = etllm_state_buffer_append(buffer, piece.as_ptr().cast(), piece.len());
+            if s != ETLLM_OK {
+                return s;
+            }
+        }
+        if f.fail {
+            etllm_set_error_message(c"the disk is on fire".as_ptr());
+            return ETLLM_ERR_IO_MANAGER;
+        }
+        ETLLM_OK
+    }
+
+    unsafe extern "C" fn restore(ud: *mut c_void, data: *const u8, len: usize) -> etllm_status {
+        let f = fake(ud);
+        f.restores += 1;
+        if f.fail {
+            etllm_set_error_message(c"not my state".as_ptr());
+            return ETLLM_ERR_INVALID_ARGUMENT;
+        }
+        f.state = c_slice(data, len, "data").unwrap().to_vec();
+        ETLLM_OK
+    }
+
+    /// A full vtable over `f` (no destroy: the test owns `f`).
+    fn vtable(f: &mut Fake) -> etllm_io_manager {
+        etllm_io_manager {
+            struct_size: std::mem::size_of::<etllm_io_manager>() as u32,
+            user_data: (f as *mut Fake).cast(),
+            load: Some(load),
+            reset: Some(reset),
+            rewind: Some(rewind),
+            prepare_prefill: Some(prepare_prefill),
+            update_prefill: Some(update),
+            prepare_decode: Some(prepare_decode),
+            update_decode: Some(update),
+            destroy: None,
+            save_state: Some(save),
+            restore_state: Some(restore),
+        }
+    }
+
+    fn manager(vt: &etllm_io_manager) -> CIoManager {
+        CIoManager::new(vt).unwrap_or_else(|e| panic!("{}", e.message()))
+    }
+
+    fn io_message(r: Result<()>) -> String {
+        match r {
+            Err(Error::IoManager(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn save_state_appends_the_callbacks_bytes_after_what_out_held() {
+        let mut f = Fake {
+            state: b"a saved conversation".to_vec(),
+            ..Default::default()
+        };
+        let vt = vtable(&mut f);
+        let mut out = b"before|".to_vec();
+        manager(&vt).save_state(&mut out).unwrap();
+        assert_eq!(out, b"before|a saved conversation");
+        assert_eq!(f.saves, 1);
+    }
+
+    #[test]
+    fn restore_state_hands_the_bytes_to_the_callback() {
+        let mut f = Fake::default();
+        let vt = vtable(&mut f);
+        manager(&vt).restore_state(b"from a file").unwrap();
+        assert_eq!((f.state.as_slice(), f.restores), (&b"from a file"[..], 1));
+    }
+
+    #[test]
+    fn a_failing_save_drops_what_it_appended_and_gives_its_message() {
+        let mut f = Fake {
+            state: b"half written".to_vec(),
+            fail: true,
+            ..Default::default()
+        };
+        let vt = vtable(&mut f);
+        let mut out = b"before|".to_vec();
+        let msg = io_message(manager(&vt).save_state(&mut out));
+        assert_eq!(
+            msg,
+            "save_state failed (ETLLM_ERR_IO_MANAGER): the disk is on fire"
+        );
+        assert_eq!(out, b"before|");
+    }
+
+    #[test]
+    fn a_failing_restore_gives_its_status_and_message() {
+        let mut f = Fake {
+            fail: true,
+            ..Default::default()
+        };
+        let vt = vtable(&mut f);
+        let msg = io_message(manager(&vt).restore_state(b"junk"));
+        assert_eq!(
+            msg,
+            "restore_state failed (ETLLM_ERR_INVALID_ARGUMENT): not my state"
+        );
+    }
+
+    #[test]
+    fn null_callbacks_cannot_save_or_restore() {
+        let mut f = Fake::default();
+        let vt = etllm_io_manager {
+            save_state: None,
+            restore_state: None,
+            ..vtable(&mut f)
+        };
+        let mut m = manager(&vt);
+        let mut out = b"kept".to_vec();
+        assert!(io_message(m.save_state(&mut out)).contains("save_state is NULL"));
+        assert_eq!(out, b"kept");
+        assert!(io_message(m.restore_state(b"x")).contains("restore_state is NULL"));
+        assert_eq!((f.saves, f.restores), (0, 0));
+    }
+
+    #[test]
+    fn a_vtable_of_the_older_size_loads_and_cannot_save() {
+        let mut f = Fake::default();
+        // A caller built before save_state existed: its struct ends at `destroy`, and what
+        // follows in memory is not its own.
+        let vt = etllm_io_manager {
+            struct_size: std::mem::offset_of!(etllm_io_manager, save_state) as u32,
+            ..vtable(&mut f)
+        };
+        let mut m = manager(&vt);
+        assert!(io_message(m.save_state(&mut Vec::new())).contains("save_state is NULL"));
+        assert!(io_message(m.restore_state(b"")).contains("restore_state is NULL"));
+        assert_eq!((f.saves, f.restores), (0, 0));
+    }
+
+    #[test]
+    fn save_state_without_restore_state_is_refused() {
+        let mut f = Fake::default();
+        for vt in [
+            etllm_io_manager {
+                restore_state: None,
+                ..vtable(&mut f)
+            },
+            etllm_io_manager {
+                save_state: None,
+                ..vtable(&mut f)
+            },
+        ] {
+            match CIoManager::new(&vt) {
+                Err(e) => {
+                    assert_eq!(e.status(), ETLLM_ERR_INVALID_ARGUMENT);
+                    assert!(e.message().contains("with both, or with neither"));
+                }
+                Ok(_) => panic!("accepted a vtable with one of save_state and restore_state"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_buffer_collects_appends_and_checks_its_arguments() {
+        let mut b: *mut etllm_state_buffer = std::ptr::null_mut();
+        assert_eq!(
+            etllm_state_buffer_new(std::ptr::null_mut()),
+            ETLLM_ERR_NULL_ARGUMENT
+        );
+        assert_eq!(etllm_state_buffer_new(&mut b), ETLLM_OK);
+        assert_eq!(
+            etllm_state_buffer_append(b, c"abc".as_ptr().cast(), 3),
+            ETLLM_OK
+        );
+        assert_eq!(etllm_state_buffer_append(b, std::ptr::null(), 0), ETLLM_OK);
+        assert_eq!(
+            etllm_state_buffer_append(b, std::ptr::null(), 1),
+            ETLLM_ERR_NULL_ARGUMENT
+        );
+        assert_eq!(
+            etllm_state_buffer_append(std::ptr::null_mut(), c"d".as_ptr().cast(), 1),
+            ETLLM_ERR_NULL_ARGUMENT
+        );
+        assert_eq!(
+            etllm_state_buffer_append(b, c"de".as_ptr().cast(), 2),
+            ETLLM_OK
+        );
+        let (mut data, mut len) = (std::ptr::null(), 0);
+        assert_eq!(etllm_state_buffer_data(b, &mut data, &mut len), ETLLM_OK);
+        assert_eq!(c_slice(data, len, "data").unwrap(), b"abcde");
+        etllm_state_buffer_free(b);
+        etllm_state_buffer_free(std::ptr::null_mut());
+    }
+}

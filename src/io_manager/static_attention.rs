@@ -1674,6 +1674,23 @@ mod tests {
     }
 
     #[test]
+    fn any_corrupted_header_byte_is_refused_and_data_bytes_are_only_data() {
+        let mut m = loaded(&upstream_single(DType::I32));
+        feed(&mut m, &[7, 8, 9], 1.0);
+        let state = saved(&mut m);
+        let header = state::HEADER_LEN + 4 * 8 + 2 * 2 + 8;
+        let want = next_inputs(&mut m);
+        for i in 0..state.len() {
+            let mut bad = state.clone();
+            bad[i] ^= 0xff;
+            let restored = m.restore_state(&bad);
+            assert_eq!(restored.is_err(), i < header, "byte {i}: {restored:?}");
+            m.restore_state(&state).unwrap();
+        }
+        assert_eq!(next_inputs(&mut m), want);
+    }
+
+    #[test]
     fn a_state_of_another_cache_layout_is_refused_by_its_shape_or_type() {
         let mut two = loaded(&upstream_layers(DType::I32, 2));
         let mut three = loaded(&upstream_layers(DType::I32, 3));
