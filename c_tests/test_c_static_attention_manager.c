@@ -217,6 +217,46 @@ static void refuses_model_without_static_layout(const char *arg) {
   check_refused(fixture_model("dyn_xnnpack"), "constant method `cache_len`");
 }
 
+/* Two sessions over the C manager take turns (each switch sets one's caches aside through
+ * the manager's save_state and brings the other's back through restore_state), and a
+ * state saved through it restores into a session of another runner with another manager:
+ * every continuation is eager PyTorch's. */
+static void sessions_take_turns_and_restore_through_the_c_manager(const char *arg) {
+  (void)arg;
+  const etllm_ref_model *m = ref_model(MODEL);
+  const etllm_ref_case *a = &m->cases[0], *b = &m->cases[1];
+  CHECK(!a->beyond_cache && !b->beyond_cache && a->num_greedy_ids >= 8 && b->num_greedy_ids >= 8);
+  etllm_runner *runner = open_c_manager();
+  etllm_session *sa = open_session(runner), *sb = open_session(runner);
+  uint32_t ids_a[8], ids_b[8];
+  session_generate_ids(sa, a->prompt_ids, a->num_prompt_ids, 4, &got);
+  memcpy(ids_a, got.ids, sizeof(uint32_t) * 4);
+  session_generate_ids(sb, b->prompt_ids, b->num_prompt_ids, 4, &got);
+  memcpy(ids_b, got.ids, sizeof(uint32_t) * 4);
+  uint8_t *state = NULL;
+  size_t len = 0;
+  CHECK_OK(etllm_session_save_state(sa, NULL, 0, &state, &len));
+  session_generate_ids(sa, NULL, 0, 4, &got);
+  memcpy(ids_a + 4, got.ids, sizeof(uint32_t) * 4);
+  session_generate_ids(sb, NULL, 0, 4, &got);
+  memcpy(ids_b + 4, got.ids, sizeof(uint32_t) * 4);
+  check_ids("a, taking turns", ids_a, 8, a->greedy_ids, 8);
+  check_ids("b, taking turns", ids_b, 8, b->greedy_ids, 8);
+
+  etllm_runner *other = open_c_manager();
+  etllm_session *restored = open_session(other);
+  CHECK_OK(etllm_session_load_state(restored, state, len, NULL, NULL));
+  session_generate_ids(restored, NULL, 0, 4, &got);
+  check_ids("a, restored in another runner", got.ids, got.num_ids, a->greedy_ids + 4, 4);
+
+  etllm_buffer_free(state);
+  etllm_session_free(sa);
+  etllm_session_free(sb);
+  etllm_session_free(restored);
+  etllm_runner_free(runner);
+  etllm_runner_free(other);
+}
+
 int main(int argc, char **argv) {
   static const test_case cases[] = {
       {"matches_builtin", matches_builtin},
@@ -229,6 +269,8 @@ int main(int argc, char **argv) {
       {"fills_context_like_builtin", fills_context_like_builtin},
       {"prefill_then_generate_like_builtin", prefill_then_generate_like_builtin},
       {"refuses_model_without_static_layout", refuses_model_without_static_layout},
+      {"sessions_take_turns_and_restore_through_the_c_manager",
+       sessions_take_turns_and_restore_through_the_c_manager},
   };
   return run_test_case(argc, argv, cases, NUM_CASES(cases));
 }
