@@ -123,6 +123,7 @@ pub(crate) fn generate_loop(
     let mut history: Vec<u32> = Vec::new();
     let keep_history = config.repetition_penalty != 1.0 || picker.plugin.is_some();
     if keep_history {
+        history.extend_from_slice(&picker.reused);
         history.extend(feed.iter().map(|&t| t as u32));
     }
     // Summed in nanoseconds: a single step can take less than a microsecond.
@@ -393,6 +394,9 @@ pub(crate) struct Picker<'p> {
     pub(crate) vocab: usize,
     /// Time spent picking, summed.
     pub(crate) elapsed_ns: u128,
+    /// Prompt tokens of this call kept in the cache by prefix reuse (before the fed
+    /// ones): the repetition penalty and a plugin see them as part of the prompt.
+    pub(crate) reused: Vec<u32>,
 }
 
 impl Picker<'_> {

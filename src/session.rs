@@ -846,6 +846,14 @@ impl Session {
         }
 
         let seed = config.seed.unwrap_or_else(clock_seed);
+        // With prefix reuse the prompt is the whole conversation: its tokens kept in the
+        // cache count for the repetition penalty (and a plugin's history) as if fed again.
+        let reused_history = match reused {
+            Some((_, cached)) if config.repetition_penalty != 1.0 || self.plugin.is_some() => {
+                self.tokens[..cached as usize].to_vec()
+            }
+            _ => Vec::new(),
+        };
         let mut picker = Picker {
             sampler: Sampler::with_params(config.sampling(), seed),
             plugin: self.plugin.as_deref_mut(),
@@ -853,6 +861,9 @@ impl Session {
             scratch: Vec::new(),
             vocab: shared.vocab_size,
             elapsed_ns: 0,
+            // With prefix reuse the prompt is the whole conversation: its tokens kept in
+            // the cache count for the repetition penalty as if fed again.
+            reused: reused_history,
         };
         if let Some(p) = picker.plugin.as_mut() {
             p.reset()?;

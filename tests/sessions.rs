@@ -433,3 +433,47 @@ fn a_conversation_resumes_from_a_saved_state_and_its_json() {
     assert_eq!(chat.messages().len(), 4);
     assert!(stats.num_prompt_tokens > 0);
 }
+
+/// With prefix reuse the prompt is the whole conversation: the repetition penalty sees
+/// its reused tokens as it sees the tokens of a prompt fed in full, so a session that
+/// already holds the prompt generates what a fresh one does.
+#[test]
+fn prefix_reuse_penalizes_the_reused_prompt_tokens_like_a_fresh_run() {
+    let reference = reference("dyn_xnnpack");
+    // A long prompt that shares tokens with the greedy continuation.
+    let case = &reference.cases[1];
+    let penalized = GenerationConfig {
+        repetition_penalty: 3.0,
+        reuse_prefix: true,
+        ..greedy(12)
+    };
+    let mut runner = open("dyn_xnnpack");
+    let mut fresh = runner.session().unwrap();
+    let want = gen_with(&mut fresh, &case.prompt_ids, &penalized);
+    // The same prompt again in a session that holds all of it but its last token...
+    let mut cached = runner.session().unwrap();
+    prefill_all_but_last(&mut cached, &case.prompt_ids);
+    assert_eq!(gen_with(&mut cached, &case.prompt_ids, &penalized), want);
+    // ...or all of it, the last token pending (a prefill, as `etllm --prompt-cache` does).
+    let mut cached = runner.session().unwrap();
+    cached.prefill_ids(&case.prompt_ids, &penalized).unwrap();
+    assert_eq!(gen_with(&mut cached, &case.prompt_ids, &penalized), want);
+    // Without the penalty's history the reused tokens would go unpenalized: the case
+    // must be one where that changes the output.
+    let mut plain = runner.session().unwrap();
+    prefill_all_but_last(&mut plain, &case.prompt_ids);
+    let last = &case.prompt_ids[case.prompt_ids.len() - 1..];
+    let continuation = GenerationConfig {
+        reuse_prefix: false,
+        ..penalized.clone()
+    };
+    assert_ne!(gen_with(&mut plain, last, &continuation), want);
+}
+
+fn gen_with(session: &mut Session, ids: &[u32], config: &GenerationConfig) -> Vec<u32> {
+    let mut out = Vec::new();
+    session
+        .generate_from_ids(ids, config, record(&mut out), |_| {})
+        .unwrap_or_else(|e| panic!("generate: {e}"));
+    out
+}
