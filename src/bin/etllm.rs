@@ -603,6 +603,13 @@ fn chat(args: ChatArgs) -> Result<(), String> {
             "Chatting with {}. /rewind drops the last turn, /reset starts over, /quit leaves.",
             runner_name(&args.model)
         );
+        if conversation.turns() > 0 {
+            eprintln!(
+                "(resumed a conversation of {} turns, {} tokens)",
+                conversation.turns(),
+                runner.position()
+            );
+        }
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
