@@ -15,8 +15,10 @@
 //! - restore against re-prefill: a `--prompt-tokens` prompt (BOS, then fixed
 //!   pseudo-random ids) prefilled into a fresh session, against its saved state loaded
 //!   into a fresh session from bytes and from a file (written once, so read from the page
-//!   cache), interleaved in alternating order for `--rounds` rounds; medians, and the
-//!   ratio; also the cost of saving (to bytes, to a file) and the state's size;
+//!   cache), interleaved in rotating order for `--rounds` rounds; medians, and the
+//!   ratio; also the cost of saving (to bytes, to a file) and the state's size, and for
+//!   scale the cost of filling the model's buffers once and of checksumming and copying
+//!   the state;
 //! - the swap cost: two sessions that each hold the prompt, taking turns at
 //!   single-token generations (each turn sets the other's KV cache aside and brings this
 //!   one's in), against one session making the same number of single-token calls, and one
@@ -228,36 +230,36 @@ fn run(args: &Args, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     drop(s);
 
     // Restore against re-prefill, each into a fresh session (the previous one dropped, so
-    // no other session's cache is set aside inside the timing).
+    // no other session's cache is set aside inside the timing). The order rotates each
+    // round, so that each measurement follows each other one equally often.
     let (mut prefill, mut load, mut load_file, mut save, mut save_file) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        let mut order = [0, 1, 2];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for what in order {
+        for what in (0..4).map(|i| (i + round) % 4) {
             let mut s = runner.session()?;
             let t = Instant::now();
             match what {
                 0 => {
                     s.prefill_ids(&p, &greedy(1))?;
                     prefill.push(ms(t));
-                    let t = Instant::now();
-                    let b = s.save_state()?;
-                    save.push(ms(t));
-                    assert_eq!(b.len(), bytes.len());
-                    let t = Instant::now();
-                    s.save_state_file(dir.join("again.state"), &[])?;
-                    save_file.push(ms(t));
                 }
                 1 => {
                     s.load_state(&bytes)?;
                     load.push(ms(t));
                 }
-                _ => {
+                2 => {
                     s.load_state_file(&path)?;
                     load_file.push(ms(t));
+                }
+                _ => {
+                    s.load_state(&bytes)?;
+                    let t = Instant::now();
+                    let b = s.save_state()?;
+                    save.push(ms(t));
+                    assert_eq!(b, bytes);
+                    let t = Instant::now();
+                    s.save_state_file(dir.join("again.state"), &[])?;
+                    save_file.push(ms(t));
                 }
             }
             assert_eq!(s.tokens(), p);
@@ -345,11 +347,7 @@ fn run(args: &Args, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let (mut turns, mut single, mut one_call) = (Vec::new(), Vec::new(), Vec::new());
     let mut reference = None;
     for round in 0..rounds {
-        let mut order = [0, 1, 2];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for what in order {
+        for what in (0..3).map(|i| (i + round) % 3) {
             a.load_state(&bytes)?;
             b.load_state(&state_b)?;
             let mut got = Vec::new();
