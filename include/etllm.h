@@ -1516,8 +1516,8 @@ struct etllm_stats etllm_stats_default(void);
 
 /**
  * The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
- * EtLlm's `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`,
- * `stop_reason` and derived rates. On
+ * EtLlm's `reused_prompt_tokens`, `aggregate_model_execution_time_ms`,
+ * `decode_model_execution_time_ms`, `stop_reason` and derived rates. On
  * success `*out_json` is a NUL-terminated string the caller frees with
  * `etllm_string_free`.
  */

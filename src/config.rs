@@ -47,7 +47,9 @@ pub struct GenerationConfig {
     /// [0, 1]; 0 (the default) turns it off.
     pub min_p: f32,
     /// Divide the positive logits (multiply the negative ones) of tokens already in this
-    /// call's prompt or output by this, > 0; 1 (the default) turns it off.
+    /// call's prompt or output by this, > 0; 1 (the default) turns it off. With
+    /// `reuse_prefix` the prompt is the whole conversation, the tokens kept in the cache
+    /// included.
     pub repetition_penalty: f32,
     /// How many BOS tokens to put before the prompt. Default 0, as upstream.
     pub num_bos: i32,

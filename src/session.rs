@@ -882,9 +882,12 @@ impl Session {
         let context_bound = n_new < config.resolve_max_new_tokens(i64::MAX / 4, 0) as usize;
         let orig_tokens = self.tokens.len();
         // With prefix reuse, the prompt's part already in the cache.
+        // (copied only when a repetition penalty or a plugin reads the history).
         let prior: Vec<u32> = match reused {
-            Some((_, cached)) => self.tokens[..cached as usize].to_vec(),
-            None => Vec::new(),
+            Some((_, cached)) if config.repetition_penalty != 1.0 || picker.plugin.is_some() => {
+                self.tokens[..cached as usize].to_vec()
+            }
+            _ => Vec::new(),
         };
         let outcome = generate_loop(
             Parts {

@@ -152,12 +152,13 @@ impl Stats {
     /// The stats as a JSON object. Fields shared with upstream's `stats_to_json_string`
     /// keep its names and its unit (milliseconds, `SCALING_FACTOR_UNITS_PER_SECOND` 1000),
     /// given as fractional numbers with microsecond resolution. EtLlm adds
-    /// `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`, `stop_reason`
-    /// and the derived rates.
+    /// `reused_prompt_tokens`, `aggregate_model_execution_time_ms`,
+    /// `decode_model_execution_time_ms`, `stop_reason` and the derived rates.
     pub fn to_json(&self) -> serde_json::Value {
         let ms = |us: u64| us as f64 / 1000.0;
         json!({
             "prompt_tokens": self.num_prompt_tokens,
+            "reused_prompt_tokens": self.reused_prompt_tokens,
             "generated_tokens": self.num_generated_tokens,
             "model_load_start_ms": ms(self.model_load_start_us),
             "model_load_end_ms": ms(self.model_load_end_us),
@@ -193,12 +194,14 @@ mod tests {
             prompt_eval_end_us: 1_000_500,
             inference_end_us: 1_002_500,
             num_prompt_tokens: 5,
+            reused_prompt_tokens: 3,
             num_generated_tokens: 4,
             stop_reason: StopReason::Length,
             ..Default::default()
         };
         let j = s.to_json();
         assert_eq!(j["prompt_tokens"], 5);
+        assert_eq!(j["reused_prompt_tokens"], 3);
         assert_eq!(j["generated_tokens"], 4);
         assert_eq!(j["inference_start_ms"], 1000.0);
         assert_eq!(j["prompt_eval_end_ms"], 1000.5);

@@ -451,33 +451,46 @@ fn a_conversation_resumes_from_a_saved_state_and_its_json() {
     assert!(stats.num_prompt_tokens > 0);
 }
 
+/// With prefix reuse the prompt is the whole conversation: the repetition penalty sees
+/// its reused tokens as it sees the tokens of a prompt fed in full, so a session that
+/// already holds the prompt generates what a fresh one does.
 #[test]
-fn prefix_reuse_applies_the_repetition_penalty_to_the_whole_prompt() {
+fn prefix_reuse_penalizes_the_reused_prompt_tokens_like_a_fresh_run() {
     let reference = reference("dyn_xnnpack");
-    let case = &reference.cases[0];
-    let config = GenerationConfig {
+    // A long prompt that shares tokens with the greedy continuation.
+    let case = &reference.cases[1];
+    let penalized = GenerationConfig {
+        repetition_penalty: 3.0,
         reuse_prefix: true,
-        repetition_penalty: 1.5,
-        ..greedy(6)
+        ..greedy(12)
     };
     let mut runner = open("dyn_xnnpack");
-    let mut cached = runner.session().unwrap();
-    let mut first = Vec::new();
-    cached
-        .generate_from_ids(&case.prompt_ids, &config, record(&mut first), |_| {})
-        .unwrap();
-    let mut whole = case.prompt_ids.clone();
-    whole.extend(&first);
-    whole.extend(&first[..2]);
-    let mut got = Vec::new();
-    let stats = cached
-        .generate_from_ids(&whole, &config, record(&mut got), |_| {})
-        .unwrap();
-    assert!(stats.reused_prompt_tokens > 0);
     let mut fresh = runner.session().unwrap();
-    let mut want = Vec::new();
-    fresh
-        .generate_from_ids(&whole, &config, record(&mut want), |_| {})
-        .unwrap();
-    assert_eq!(got, want);
+    let want = gen_with(&mut fresh, &case.prompt_ids, &penalized);
+    // The same prompt again in a session that holds all of it but its last token...
+    let mut cached = runner.session().unwrap();
+    prefill_all_but_last(&mut cached, &case.prompt_ids);
+    assert_eq!(gen_with(&mut cached, &case.prompt_ids, &penalized), want);
+    // ...or all of it, the last token pending (a prefill, as `etllm --prompt-cache` does).
+    let mut cached = runner.session().unwrap();
+    cached.prefill_ids(&case.prompt_ids, &penalized).unwrap();
+    assert_eq!(gen_with(&mut cached, &case.prompt_ids, &penalized), want);
+    // Without the penalty's history the reused tokens would go unpenalized: the case
+    // must be one where that changes the output.
+    let mut plain = runner.session().unwrap();
+    prefill_all_but_last(&mut plain, &case.prompt_ids);
+    let last = &case.prompt_ids[case.prompt_ids.len() - 1..];
+    let continuation = GenerationConfig {
+        reuse_prefix: false,
+        ..penalized.clone()
+    };
+    assert_ne!(gen_with(&mut plain, last, &continuation), want);
+}
+
+fn gen_with(session: &mut Session, ids: &[u32], config: &GenerationConfig) -> Vec<u32> {
+    let mut out = Vec::new();
+    session
+        .generate_from_ids(ids, config, record(&mut out), |_| {})
+        .unwrap_or_else(|e| panic!("generate: {e}"));
+    out
 }

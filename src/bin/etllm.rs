@@ -263,6 +263,14 @@ struct GenerateArgs {
     /// echoed or trailing text), then {"stats": {...}}.
     #[arg(long)]
     json: bool,
+    /// Keep the model's state after the prompt in FILE (as llama.cpp's --prompt-cache).
+    /// When FILE holds a state of this model, only the part of the prompt that differs
+    /// from the one saved there is fed; when the prompt fed anything new, the state right
+    /// after it is written to FILE before generating. A FILE that cannot be used (another
+    /// model, truncated, corrupt) gets a warning and is overwritten. The output is that of
+    /// a run without the cache.
+    #[arg(long, value_name = "FILE")]
+    prompt_cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -286,6 +294,15 @@ struct ChatArgs {
     /// "stats"} per turn, {"command", "ok"} per command.
     #[arg(long)]
     json: bool,
+    /// Save the conversation to FILE (the model's state, with the messages) after every
+    /// turn, /rewind and /reset, for --load-session.
+    #[arg(long, value_name = "FILE")]
+    save_session: Option<PathBuf>,
+    /// Resume the conversation saved in FILE by --save-session (same model): earlier turns
+    /// are not fed again. A FILE that does not exist starts a new conversation; one that
+    /// cannot be used (another model, corrupt) is an error.
+    #[arg(long, value_name = "FILE")]
+    load_session: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -457,22 +474,20 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let mut out = stdout.lock();
     let mut write_error = None;
     let json = args.json;
-    let stats = runner
-        .generate(
-            &prompt,
-            &config,
-            |piece| {
-                let result = if json {
-                    let line = serde_json::json!({ "id": piece.token, "text": piece.text });
-                    writeln!(out, "{line}")
-                } else {
-                    write!(out, "{}", piece.text).and_then(|_| out.flush())
-                };
-                stop_on_write_error(result, &mut write_error)
-            },
-            |_| {},
-        )
-        .map_err(|e| e.to_string())?;
+    let mut on_token = |piece: etllm::TokenPiece<'_>| {
+        let result = if json {
+            let line = serde_json::json!({ "id": piece.token, "text": piece.text });
+            writeln!(out, "{line}")
+        } else {
+            write!(out, "{}", piece.text).and_then(|_| out.flush())
+        };
+        stop_on_write_error(result, &mut write_error)
+    };
+    let stats = match &args.prompt_cache {
+        None => runner.generate(&prompt, &config, &mut on_token, |_| {}),
+        Some(path) => generate_with_prompt_cache(&mut runner, path, &prompt, &config, on_token),
+    }
+    .map_err(|e| e.to_string())?;
     if write_error.is_some() {
         return Ok(());
     }
@@ -484,6 +499,53 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         report(&stats);
     }
     Ok(())
+}
+
+/// `generate --prompt-cache FILE`: restores FILE's state (when it is one of this model),
+/// feeds only the part of the prompt that differs from the tokens it holds (prefix reuse),
+/// writes the state after the prompt to FILE when the prompt fed anything new, then
+/// generates. The prompt's last token is held back by the prefill and fed by the
+/// generation, and the generation is given the whole prompt again (all of it in place), so
+/// the echo, the repetition penalty and the token count are those of a run without the
+/// cache. The stats are the whole run's: from the prefill's start (writing FILE included)
+/// to the end, with `reused_prompt_tokens` what FILE spared.
+fn generate_with_prompt_cache(
+    runner: &mut Runner,
+    path: &Path,
+    prompt: &str,
+    config: &GenerationConfig,
+    on_token: impl FnMut(etllm::TokenPiece<'_>) -> ControlFlow<()>,
+) -> etllm::Result<Stats> {
+    // A missing FILE is the first run; any other failure is only a warning: the run goes
+    // on as without the cache and then overwrites FILE.
+    if path.exists() {
+        if let Err(e) = runner.load_state_file(path) {
+            eprintln!(
+                "warning: not using the prompt cache {}: {e}; it will be overwritten",
+                path.display()
+            );
+        }
+    }
+    let before = runner.tokens();
+    let reuse = GenerationConfig {
+        reuse_prefix: true,
+        ..config.clone()
+    };
+    let prefill = runner.prefill(prompt, &reuse)?;
+    if runner.tokens() != before {
+        if let Err(e) = runner.save_state_file(path, &[]) {
+            eprintln!(
+                "warning: cannot write the prompt cache {}: {e}",
+                path.display()
+            );
+        }
+    }
+    let mut stats = runner.generate(prompt, &reuse, on_token, |_| {})?;
+    stats.inference_start_us = prefill.inference_start_us;
+    stats.token_encode_end_us = prefill.token_encode_end_us;
+    stats.aggregate_model_execution_time_us += prefill.aggregate_model_execution_time_us;
+    stats.reused_prompt_tokens = prefill.reused_prompt_tokens;
+    Ok(stats)
 }
 
 /// Continues while stdout takes the text; stops quietly once it is closed (e.g. piped
@@ -508,12 +570,29 @@ fn chat(args: ChatArgs) -> Result<(), String> {
         Some(path) => read_template(path)?,
         None => runner.chat_template().map_err(|e| e.to_string())?.clone(),
     };
-    let mut conversation = Conversation::new(template);
+    let mut conversation = match &args.load_session {
+        Some(path) => load_session(&mut runner, path, template)?,
+        None => Conversation::new(template),
+    };
     if let Some(system) = &args.system {
-        conversation
-            .set_system(system.as_str())
-            .map_err(|e| e.to_string())?;
+        if conversation.turns() > 0 {
+            eprintln!("warning: --system is ignored: the loaded conversation has begun");
+        } else {
+            conversation
+                .set_system(system.as_str())
+                .map_err(|e| e.to_string())?;
+        }
     }
+    let save = |runner: &mut Runner, conversation: &Conversation| {
+        if let Some(path) = &args.save_session {
+            if let Err(e) = runner.save_state_file(path, conversation.to_json().as_bytes()) {
+                eprintln!(
+                    "warning: cannot save the session to {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    };
     let config = GenerationConfig {
         echo: false,
         ..sampling
@@ -524,6 +603,13 @@ fn chat(args: ChatArgs) -> Result<(), String> {
             "Chatting with {}. /rewind drops the last turn, /reset starts over, /quit leaves.",
             runner_name(&args.model)
         );
+        if conversation.turns() > 0 {
+            eprintln!(
+                "(resumed a conversation of {} turns, {} tokens)",
+                conversation.turns(),
+                runner.position()
+            );
+        }
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -558,6 +644,9 @@ fn chat(args: ChatArgs) -> Result<(), String> {
         };
         if let Some(result) = command {
             let ok = result.map_err(|e| e.to_string())?;
+            if ok {
+                save(&mut runner, &conversation);
+            }
             if args.json {
                 let _ = writeln!(
                     out,
@@ -590,6 +679,7 @@ fn chat(args: ChatArgs) -> Result<(), String> {
         }
         match result {
             Ok((reply, stats)) => {
+                save(&mut runner, &conversation);
                 if json {
                     let line = serde_json::json!({ "reply": reply, "stats": stats.to_json() });
                     let _ = writeln!(out, "{line}");
@@ -614,6 +704,32 @@ fn chat(args: ChatArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `chat --load-session FILE`: the conversation saved in FILE, its state restored into
+/// the runner. A FILE that does not exist starts a new conversation (so that one FILE can
+/// be given to both --load-session and --save-session from the first run on); a state
+/// without a chat in it (from `generate --prompt-cache`) starts a new conversation over its
+/// tokens, which the first turn reuses as far as they match.
+fn load_session(
+    runner: &mut Runner,
+    path: &Path,
+    template: ChatTemplate,
+) -> Result<Conversation, String> {
+    if !path.exists() {
+        eprintln!(
+            "(no session in {} yet: a new conversation starts)",
+            path.display()
+        );
+        return Ok(Conversation::new(template));
+    }
+    let json = runner.load_state_file(path).map_err(|e| e.to_string())?;
+    if json.is_empty() {
+        return Ok(Conversation::new(template));
+    }
+    let json = std::str::from_utf8(&json)
+        .map_err(|_| format!("{}: its chat is not UTF-8 text", path.display()))?;
+    Conversation::from_json(template, json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// What the banner calls the model.
@@ -649,8 +765,13 @@ fn report(s: &Stats) {
     } else {
         100.0 * s.aggregate_model_execution_time_us as f64 / generation_us as f64
     };
+    let reused = if s.reused_prompt_tokens > 0 {
+        format!(" ({} reused)", s.reused_prompt_tokens)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "prompt tokens: {}  generated tokens: {}  stop: {}",
+        "prompt tokens: {}{reused}  generated tokens: {}  stop: {}",
         s.num_prompt_tokens,
         s.num_generated_tokens,
         s.stop_reason.as_str()

@@ -171,8 +171,8 @@ pub(crate) fn write_stats(out: *mut etllm_stats, stats: &Stats) -> Result<(), Ff
 }
 
 /// The stats as a JSON object, with upstream's field names (milliseconds, fractional) plus
-/// EtLlm's `aggregate_model_execution_time_ms`, `decode_model_execution_time_ms`,
-/// `stop_reason` and derived rates. On
+/// EtLlm's `reused_prompt_tokens`, `aggregate_model_execution_time_ms`,
+/// `decode_model_execution_time_ms`, `stop_reason` and derived rates. On
 /// success `*out_json` is a NUL-terminated string the caller frees with
 /// `etllm_string_free`.
 #[no_mangle]
