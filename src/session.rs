@@ -19,6 +19,7 @@
 //! session of the same model ([`Session::load_state`]), to resume a conversation in
 //! another process without feeding its prompt again.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,11 @@ pub(crate) struct Shared {
 }
 
 /// The model and the manager, used by one call at a time.
+///
+/// The model's buffers hold the resident session's state. When no session is resident
+/// they may be `clean` (equal to `baseline`, what they held after loading): a session then
+/// comes in by writing its own chunks alone, so bringing in or restoring a session costs
+/// about its size, not the buffers'.
 struct Core {
     model: Model,
     io: Box<dyn IoManager>,
@@ -77,15 +83,35 @@ struct Core {
     resident: Option<u64>,
     /// The state of every other session that has one.
     parked: HashMap<u64, Parked>,
+    /// The buffers right after loading (zeros, unless the program gives its mutable
+    /// buffers initial values): a new conversation's state.
+    baseline: ArenaImage<'static>,
+    /// Whether the buffers hold `baseline`, exactly.
+    clean: bool,
 }
 
 /// A session's state while another session is resident.
 struct Parked {
-    arenas: ArenaImage,
+    arenas: ArenaImage<'static>,
     io: Vec<u8>,
 }
 
 impl Core {
+    fn new(model: Model, io: Box<dyn IoManager>) -> Self {
+        let ring = io.ring_buffer();
+        let baseline = ArenaImage::capture(&model.state_arenas());
+        Core {
+            model,
+            io,
+            ring,
+            resident: None,
+            parked: HashMap::new(),
+            baseline,
+            clean: true,
+        }
+    }
+
+    /// The resident session's state (the buffers read whole, the manager's state).
     fn capture(&mut self) -> Result<Parked> {
         let mut io = Vec::new();
         self.io.save_state(&mut io)?;
@@ -95,9 +121,41 @@ impl Core {
         })
     }
 
-    /// Writes a state into the model and the manager. The manager goes first: on its
-    /// error nothing has changed.
-    fn apply(&mut self, arenas: &ArenaImage, io: &[u8]) -> Result<()> {
+    fn arena_sizes(&self) -> Vec<usize> {
+        self.model.state_arenas().iter().map(|a| a.len()).collect()
+    }
+
+    /// Sets the resident session's state aside (its buffers go back to the baseline).
+    fn park_resident(&mut self) -> Result<()> {
+        let Some(other) = self.resident else {
+            return Ok(());
+        };
+        let parked = self.capture().map_err(|e| {
+            Error::IoManager(format!(
+                "another session needs the model, and the state of the one that ran last \
+                 cannot be set aside: {e}"
+            ))
+        })?;
+        parked
+            .arenas
+            .clear(&self.baseline, &mut self.model.state_arenas_mut());
+        self.clean = true;
+        self.parked.insert(other, parked);
+        self.resident = None;
+        Ok(())
+    }
+
+    /// Brings the buffers back to the baseline when they may hold anything else.
+    fn make_clean(&mut self) {
+        if !self.clean {
+            self.baseline.reset(&mut self.model.state_arenas_mut());
+            self.clean = true;
+        }
+    }
+
+    /// Checks a state's layout and gives the manager its part: on error nothing has
+    /// changed.
+    fn accept(&mut self, arenas: &ArenaImage<'_>, io: &[u8]) -> Result<()> {
         if !arenas.fits(&self.arena_sizes()) {
             return Err(Error::InvalidState(format!(
                 "its model buffers have sizes {:?}, the model's are {:?}",
@@ -105,52 +163,62 @@ impl Core {
                 self.arena_sizes()
             )));
         }
-        self.io.restore_state(io)?;
-        arenas.apply(&mut self.model.state_arenas_mut());
+        self.io.restore_state(io).map_err(|e| match e {
+            Error::InvalidState(_) => e,
+            other => {
+                Error::InvalidState(format!("the KV-cache manager refused its state: {other}"))
+            }
+        })
+    }
+
+    /// Brings a state into the model and the manager, over clean buffers, for session
+    /// `id`. The manager goes first: on its error nothing has changed.
+    fn bring_in(&mut self, id: u64, arenas: &ArenaImage<'_>, io: &[u8]) -> Result<()> {
+        self.accept(arenas, io)?;
+        self.make_clean();
+        arenas.write_over(&self.baseline, &mut self.model.state_arenas_mut());
+        self.clean = false;
+        self.resident = Some(id);
         Ok(())
     }
 
-    fn arena_sizes(&self) -> Vec<usize> {
-        self.model.state_arenas().iter().map(|a| a.len()).collect()
-    }
-
     /// Makes session `id` the resident one: sets the resident session's state aside and
-    /// brings `id`'s in (a session without a state starts empty).
+    /// brings `id`'s in (a session without a state starts from the baseline).
     fn make_resident(&mut self, id: u64) -> Result<()> {
         if self.resident == Some(id) {
             return Ok(());
         }
-        if let Some(other) = self.resident {
-            let parked = self.capture().map_err(|e| {
-                Error::IoManager(format!(
-                    "another session needs the model, and the state of the one that ran \
-                     last cannot be set aside: {e}"
-                ))
-            })?;
-            self.parked.insert(other, parked);
-            self.resident = None;
-        }
+        self.park_resident()?;
         match self.parked.remove(&id) {
             Some(parked) => {
-                if let Err(e) = self.apply(&parked.arenas, &parked.io) {
+                if let Err(e) = self.bring_in(id, &parked.arenas, &parked.io) {
                     self.parked.insert(id, parked);
                     return Err(e);
                 }
             }
             None => {
-                // A new conversation: no stale cache entries (they would be masked, but
-                // they would make its saved state larger).
-                for arena in self.model.state_arenas_mut() {
-                    for chunk in arena.chunks_mut(state::CHUNK) {
-                        if !state::all_zero(chunk) {
-                            chunk.fill(0);
-                        }
-                    }
-                }
                 self.io.reset()?;
+                self.make_clean();
+                self.resident = Some(id);
             }
         }
-        self.resident = Some(id);
+        Ok(())
+    }
+
+    /// Replaces session `id`'s state with a saved one; on error the session keeps its own.
+    fn restore(&mut self, id: u64, arenas: &ArenaImage<'_>, io: &[u8]) -> Result<()> {
+        if self.resident != Some(id) {
+            self.park_resident()?;
+            self.bring_in(id, arenas, io)?;
+            self.parked.remove(&id);
+            return Ok(());
+        }
+        // Resident: its buffers are replaced whole once the manager took its state.
+        self.accept(arenas, io)?;
+        self.clean = false;
+        self.make_clean();
+        arenas.write_over(&self.baseline, &mut self.model.state_arenas_mut());
+        self.clean = false;
         Ok(())
     }
 
@@ -214,16 +282,9 @@ impl Shared {
         (load_start_us, load_end_us): (u64, u64),
     ) -> Self {
         let max_context = io.max_context();
-        let ring = io.ring_buffer();
         let info = model.info().clone();
         Shared {
-            core: Mutex::new(Core {
-                model,
-                io,
-                ring,
-                resident: None,
-                parked: HashMap::new(),
-            }),
+            core: Mutex::new(Core::new(model, io)),
             tokenizer: Arc::new(tokenizer),
             info,
             bos_id,
@@ -551,6 +612,8 @@ impl Session {
         self.pending = None;
         self.tokens.clear();
         if core.resident == Some(self.id) {
+            // Its buffers are left as they are; a new state is made when it next runs.
+            core.resident = None;
             core.io.reset()
         } else {
             // Its state set aside is dropped; it starts empty when it next runs.
@@ -791,6 +854,8 @@ impl Session {
         let mut core = shared.lock()?;
         core.make_resident(self.id)?;
         let core = &mut *core;
+        // The model is about to write into its buffers.
+        core.clean = false;
         let max_context = shared.max_context;
         // A prompt that cannot fit is refused before it is built: `num_bos` and `num_eos`
         // go up to i32::MAX, and building such a prompt first would take gigabytes.
@@ -980,8 +1045,8 @@ impl Session {
             pending: self.pending,
             tokens: self.tokens.clone(),
             arenas,
-            io,
-            user_data: user_data.to_vec(),
+            io: Cow::Owned(io),
+            user_data: Cow::Borrowed(user_data),
         };
         Ok(state.to_bytes())
     }
@@ -1051,18 +1116,13 @@ impl Session {
             )));
         }
         {
-            let mut core = self.acquire()?;
-            core.apply(&state.arenas, &state.io).map_err(|e| match e {
-                Error::InvalidState(_) => e,
-                other => {
-                    Error::InvalidState(format!("the KV-cache manager refused its state: {other}"))
-                }
-            })?;
+            let mut core = self.shared.lock()?;
+            core.restore(self.id, &state.arenas, &state.io)?;
         }
         self.pos = state.pos;
         self.pending = state.pending;
         self.tokens = state.tokens;
-        Ok(state.user_data)
+        Ok(state.user_data.into_owned())
     }
 
     /// [`load_state`](Self::load_state) from a file written by

@@ -22,6 +22,8 @@
 //! Chunks of the arenas that are all zeros (never written: positions the cache has not
 //! reached) are left out, so a state costs about the part of the cache in use.
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 
 /// Bytes per chunk of an arena image.
@@ -32,22 +34,25 @@ const MAGIC: &[u8; 8] = b"ETLLMSES";
 /// Version of the file layout; a different one is refused.
 pub(crate) const FORMAT_VERSION: u32 = 1;
 
-/// The contents of a set of memory-planned buffers, without their all-zero chunks.
+/// The contents of a set of memory-planned buffers, without their all-zero chunks. The
+/// chunk bytes are owned (a session set aside) or borrowed (a state being restored from
+/// the caller's bytes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ArenaImage {
+pub(crate) struct ArenaImage<'a> {
     /// Each buffer's size.
     pub(crate) sizes: Vec<usize>,
     /// Per buffer, one bit per chunk: set when the chunk is in `data`.
     pub(crate) present: Vec<Vec<u8>>,
     /// The present chunks, buffer by buffer, in order (the last chunk of a buffer may be
     /// short).
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: Cow<'a, [u8]>,
 }
 
 fn chunks_of(size: usize) -> usize {
     size.div_ceil(CHUNK)
 }
 
+/// Whether every byte is zero.
 pub(crate) fn all_zero(bytes: &[u8]) -> bool {
     // Word-wise OR of the whole chunk: no early exit, so the loop vectorises.
     let words = bytes.chunks_exact(8);
@@ -58,47 +63,99 @@ pub(crate) fn all_zero(bytes: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
-impl ArenaImage {
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+impl ArenaImage<'_> {
     /// The image of `arenas`.
-    pub(crate) fn capture(arenas: &[&[u8]]) -> Self {
-        let mut image = ArenaImage {
-            sizes: arenas.iter().map(|a| a.len()).collect(),
-            present: Vec::with_capacity(arenas.len()),
-            data: Vec::new(),
-        };
+    pub(crate) fn capture(arenas: &[&[u8]]) -> ArenaImage<'static> {
+        let mut present = Vec::with_capacity(arenas.len());
+        let mut data = Vec::new();
         for arena in arenas {
             let mut bits = vec![0u8; chunks_of(arena.len()).div_ceil(8)];
             for (i, chunk) in arena.chunks(CHUNK).enumerate() {
                 if !all_zero(chunk) {
                     bits[i / 8] |= 1 << (i % 8);
-                    image.data.extend_from_slice(chunk);
+                    data.extend_from_slice(chunk);
                 }
             }
-            image.present.push(bits);
+            present.push(bits);
         }
-        image
-    }
-
-    /// Writes the image into `arenas`, which must have its sizes (checked by the caller
-    /// with [`fits`](Self::fits)); absent chunks become zeros.
-    pub(crate) fn apply(&self, arenas: &mut [&mut [u8]]) {
-        let mut at = 0;
-        for (arena, bits) in arenas.iter_mut().zip(&self.present) {
-            for (i, chunk) in arena.chunks_mut(CHUNK).enumerate() {
-                if bits[i / 8] & (1 << (i % 8)) != 0 {
-                    chunk.copy_from_slice(&self.data[at..at + chunk.len()]);
-                    at += chunk.len();
-                } else if !all_zero(chunk) {
-                    // Only written when needed: a page never written stays unmapped.
-                    chunk.fill(0);
-                }
-            }
+        // A session set aside keeps this: no room to spare.
+        data.shrink_to_fit();
+        ArenaImage {
+            sizes: arenas.iter().map(|a| a.len()).collect(),
+            present,
+            data: Cow::Owned(data),
         }
     }
 
     /// Whether the image has the layout of `sizes`.
     pub(crate) fn fits(&self, sizes: &[usize]) -> bool {
         self.sizes == sizes
+    }
+
+    /// Whether chunk `i` of buffer `arena` is in the image.
+    fn has(&self, arena: usize, i: usize) -> bool {
+        bit(&self.present[arena], i)
+    }
+
+    /// Calls `f(arena, chunk index, bytes)` for every chunk in the image.
+    fn each_chunk(&self, mut f: impl FnMut(usize, usize, &[u8])) {
+        let mut at = 0;
+        for (a, &size) in self.sizes.iter().enumerate() {
+            for i in 0..chunks_of(size) {
+                if self.has(a, i) {
+                    let len = CHUNK.min(size - i * CHUNK);
+                    f(a, i, &self.data[at..at + len]);
+                    at += len;
+                }
+            }
+        }
+    }
+
+    /// Writes the image into `arenas`, which hold `baseline` (see
+    /// [`clear`](Self::clear)): its chunks are copied, and the baseline's chunks that the
+    /// image does not have become zeros. Only those chunks are touched.
+    pub(crate) fn write_over(&self, baseline: &ArenaImage<'_>, arenas: &mut [&mut [u8]]) {
+        baseline.each_chunk(|a, i, _| {
+            if !self.has(a, i) {
+                let arena = &mut arenas[a];
+                let end = (i * CHUNK + CHUNK).min(arena.len());
+                arena[i * CHUNK..end].fill(0);
+            }
+        });
+        self.each_chunk(|a, i, bytes| {
+            arenas[a][i * CHUNK..i * CHUNK + bytes.len()].copy_from_slice(bytes);
+        });
+    }
+
+    /// Brings `arenas`, which hold this image, back to `baseline`: this image's chunks
+    /// become zeros, then the baseline's are copied. Only those chunks are touched.
+    pub(crate) fn clear(&self, baseline: &ArenaImage<'_>, arenas: &mut [&mut [u8]]) {
+        self.each_chunk(|a, i, bytes| {
+            arenas[a][i * CHUNK..i * CHUNK + bytes.len()].fill(0);
+        });
+        baseline.each_chunk(|a, i, bytes| {
+            arenas[a][i * CHUNK..i * CHUNK + bytes.len()].copy_from_slice(bytes);
+        });
+    }
+
+    /// Brings `arenas`, whatever they hold, back to this image: every chunk is read, and
+    /// written only where it differs from the image's zeros (a page never written stays
+    /// unmapped).
+    pub(crate) fn reset(&self, arenas: &mut [&mut [u8]]) {
+        for (a, arena) in arenas.iter_mut().enumerate() {
+            for (i, chunk) in arena.chunks_mut(CHUNK).enumerate() {
+                if !self.has(a, i) && !all_zero(chunk) {
+                    chunk.fill(0);
+                }
+            }
+        }
+        self.each_chunk(|a, i, bytes| {
+            arenas[a][i * CHUNK..i * CHUNK + bytes.len()].copy_from_slice(bytes);
+        });
     }
 
     /// Bytes held.
@@ -109,15 +166,15 @@ impl ArenaImage {
 
 /// Everything a session's state holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct SavedState {
+pub(crate) struct SavedState<'a> {
     pub(crate) identity: u128,
     pub(crate) etllm_version: String,
     pub(crate) pos: usize,
     pub(crate) pending: Option<u32>,
     pub(crate) tokens: Vec<u32>,
-    pub(crate) arenas: ArenaImage,
-    pub(crate) io: Vec<u8>,
-    pub(crate) user_data: Vec<u8>,
+    pub(crate) arenas: ArenaImage<'a>,
+    pub(crate) io: Cow<'a, [u8]>,
+    pub(crate) user_data: Cow<'a, [u8]>,
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -128,7 +185,7 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-impl SavedState {
+impl<'a> SavedState<'a> {
     /// The file's bytes.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
@@ -166,7 +223,7 @@ impl SavedState {
     }
 
     /// Reads a file's bytes. Every field is checked; nothing is trusted.
-    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn from_bytes(bytes: &'a [u8]) -> Result<Self> {
         let bad = |message: String| Error::InvalidState(message);
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(bad(
@@ -260,11 +317,11 @@ impl SavedState {
             }
             present.push(bits);
         }
-        let data = r.take(data_len)?.to_vec();
+        let data = Cow::Borrowed(r.take(data_len)?);
         let n = r.u64()?;
-        let io = r.take_len(n)?.to_vec();
+        let io = Cow::Borrowed(r.take_len(n)?);
         let n = r.u64()?;
-        let user_data = r.take_len(n)?.to_vec();
+        let user_data = Cow::Borrowed(r.take_len(n)?);
         if r.left() != 0 {
             return Err(bad(format!("{} bytes follow its last field", r.left())));
         }
@@ -333,7 +390,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn sample() -> SavedState {
+    fn sample() -> SavedState<'static> {
         let mut a = vec![0u8; 3 * CHUNK + 100];
         a[5] = 1;
         a[3 * CHUNK + 99] = 7;
@@ -345,21 +402,46 @@ mod tests {
             pending: Some(42),
             tokens: vec![1, 2, 3],
             arenas: ArenaImage::capture(&[&a, &b]),
-            io: vec![4, 5],
-            user_data: b"chat".to_vec(),
+            io: Cow::Owned(vec![4, 5]),
+            user_data: Cow::Owned(b"chat".to_vec()),
         }
     }
 
+    /// A buffer of 4 chunks and a bit, with bytes set in the chunks named.
+    fn arena(chunks: &[usize], value: u8) -> Vec<u8> {
+        let mut a = vec![0u8; 4 * CHUNK + 100];
+        for &c in chunks {
+            a[c * CHUNK + 3] = value;
+        }
+        a
+    }
+
     #[test]
-    fn an_image_skips_zero_chunks_and_restores_every_byte() {
-        let mut a = vec![0u8; 3 * CHUNK + 100];
-        a[CHUNK + 3] = 1;
-        a[3 * CHUNK + 50] = 2;
-        let image = ArenaImage::capture(&[&a]);
+    fn an_image_keeps_only_the_chunks_that_are_not_zero() {
+        let image = ArenaImage::capture(&[&arena(&[1, 4], 1)]);
         assert_eq!(image.data.len(), CHUNK + 100);
-        let mut out = vec![0xffu8; a.len()];
-        image.apply(&mut [&mut out]);
-        assert_eq!(out, a);
+    }
+
+    #[test]
+    fn an_image_written_over_its_baseline_gives_every_byte_back() {
+        let baseline_bytes = arena(&[0, 2], 5);
+        let baseline = ArenaImage::capture(&[&baseline_bytes]);
+        let want = arena(&[1, 4], 1);
+        let image = ArenaImage::capture(&[&want]);
+        let mut live = baseline_bytes.clone();
+        image.write_over(&baseline, &mut [&mut live]);
+        assert_eq!(live, want);
+        image.clear(&baseline, &mut [&mut live]);
+        assert_eq!(live, baseline_bytes);
+    }
+
+    #[test]
+    fn a_reset_brings_any_contents_back_to_the_image() {
+        let want = arena(&[2], 9);
+        let image = ArenaImage::capture(&[&want]);
+        let mut live = arena(&[0, 1, 2, 3, 4], 3);
+        image.reset(&mut [&mut live]);
+        assert_eq!(live, want);
     }
 
     #[test]
