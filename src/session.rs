@@ -339,6 +339,36 @@ impl Shared {
         Ok(self.grammar.get().expect("set"))
     }
 
+    /// The model files' stamp: XXH3-128 of each file's device, inode, size, modification
+    /// and change times (the change time moves with any write and cannot be set back), and
+    /// of the method that runs the steps. Equal stamps mean the same files, unchanged; 0
+    /// when a file cannot be read.
+    fn stamp(&self) -> u128 {
+        use std::os::unix::fs::MetadataExt;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(b"etllm model stamp 1\0");
+        let mut paths: Vec<PathBuf> = vec![self.files.program.clone()];
+        paths.extend(self.files.data_paths());
+        for path in &paths {
+            let Ok(m) = std::fs::metadata(path) else {
+                return 0;
+            };
+            for v in [
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime() as u64,
+                m.mtime_nsec() as u64,
+                m.ctime() as u64,
+                m.ctime_nsec() as u64,
+            ] {
+                hasher.update(&v.to_le_bytes());
+            }
+        }
+        hasher.update(self.files.method.as_deref().unwrap_or("forward").as_bytes());
+        hasher.digest128().max(1)
+    }
+
     /// The model's identity in saved states: XXH3-128 of the program and its data files,
     /// the method that runs the steps, and every method's signature.
     fn identity(&self) -> Result<u128> {
@@ -677,6 +707,12 @@ impl Session {
         let ok = ControlFlow::Continue(());
         let result = self.generate_from_ids(&[first, first], &config, |_| ok, |_| {});
         self.reset()?;
+        // The model's buffers as after loading: the first real session starts for free.
+        let mut core = self.shared.lock()?;
+        if core.resident.is_none() {
+            core.make_clean();
+        }
+        drop(core);
         result.map(|_| ())
     }
 
@@ -1040,6 +1076,7 @@ impl Session {
         };
         let state = SavedState {
             identity,
+            stamp: self.shared.stamp(),
             etllm_version: env!("CARGO_PKG_VERSION").to_string(),
             pos: self.pos,
             pending: self.pending,
@@ -1086,7 +1123,9 @@ impl Session {
     /// [`Error::InvalidState`] (or the manager's error), and the session keeps its state.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
         let state = SavedState::from_bytes(bytes)?;
-        if state.identity != self.shared.identity()? {
+        // Saved from these very files (same stamp): no need to hash them.
+        let same_files = state.stamp != 0 && state.stamp == self.shared.stamp();
+        if !same_files && state.identity != self.shared.identity()? {
             return Err(Error::InvalidState(
                 "it was saved from another model (or another export of it): the model's \
                  files or method signatures differ"

@@ -494,3 +494,26 @@ fn gen_with(session: &mut Session, ids: &[u32], config: &GenerationConfig) -> Ve
         .unwrap_or_else(|e| panic!("generate: {e}"));
     out
 }
+
+#[test]
+fn a_state_restores_into_a_copy_of_the_model_file() {
+    // Another file (another inode, another stamp) with the same bytes: the identity is
+    // then checked by hashing the files, and they are the same model.
+    let reference = reference("dyn_xnnpack");
+    let case = &reference.cases[0];
+    let dir = std::env::temp_dir().join(format!("etllm-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("model.pte");
+    std::fs::copy(model_path("dyn_xnnpack"), &copy).unwrap();
+    let mut runner = open("dyn_xnnpack");
+    let mut session = runner.session().unwrap();
+    let first = gen(&mut session, &case.prompt_ids, 4);
+    let saved = session.save_state().unwrap();
+    let mut other = open_path(&copy);
+    let mut restored = other.session().unwrap();
+    restored.load_state(&saved).unwrap();
+    let mut got = first;
+    got.extend(gen(&mut restored, &[], 4));
+    assert_eq!(got, case.greedy_ids[..8]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

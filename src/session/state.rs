@@ -10,6 +10,7 @@
 //! | format version ([`FORMAT_VERSION`]) | 4 |
 //! | EtLlm version: length, then UTF-8 | 2 + n |
 //! | model identity (XXH3-128 of the program, its data files and method signatures) | 16 |
+//! | the model files' stamp (XXH3-128 of their device, inode, size, mtime and ctime) | 16 |
 //! | arena layout: count, then each size | 4 + 8 each |
 //! | chunk size of the arena image | 4 |
 //! | position, pending flag, pending token | 8 + 1 + 4 |
@@ -70,20 +71,28 @@ fn bit(bits: &[u8], i: usize) -> bool {
 impl ArenaImage<'_> {
     /// The image of `arenas`.
     pub(crate) fn capture(arenas: &[&[u8]]) -> ArenaImage<'static> {
+        // First where the data is, then exactly that much room, then the copy: a session
+        // set aside holds no spare capacity.
         let mut present = Vec::with_capacity(arenas.len());
-        let mut data = Vec::new();
+        let mut total = 0;
         for arena in arenas {
             let mut bits = vec![0u8; chunks_of(arena.len()).div_ceil(8)];
             for (i, chunk) in arena.chunks(CHUNK).enumerate() {
                 if !all_zero(chunk) {
                     bits[i / 8] |= 1 << (i % 8);
-                    data.extend_from_slice(chunk);
+                    total += chunk.len();
                 }
             }
             present.push(bits);
         }
-        // A session set aside keeps this: no room to spare.
-        data.shrink_to_fit();
+        let mut data = Vec::with_capacity(total);
+        for (arena, bits) in arenas.iter().zip(&present) {
+            for (i, chunk) in arena.chunks(CHUNK).enumerate() {
+                if bit(bits, i) {
+                    data.extend_from_slice(chunk);
+                }
+            }
+        }
         ArenaImage {
             sizes: arenas.iter().map(|a| a.len()).collect(),
             present,
@@ -168,6 +177,9 @@ impl ArenaImage<'_> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct SavedState<'a> {
     pub(crate) identity: u128,
+    /// The model files as the file system saw them when the state was saved (0: unknown):
+    /// the same stamp now means the same files, without hashing them again.
+    pub(crate) stamp: u128,
     pub(crate) etllm_version: String,
     pub(crate) pos: usize,
     pub(crate) pending: Option<u32>,
@@ -197,6 +209,7 @@ impl<'a> SavedState<'a> {
         out.extend_from_slice(&(version.len().min(u16::MAX as usize) as u16).to_le_bytes());
         out.extend_from_slice(&version[..version.len().min(u16::MAX as usize)]);
         out.extend_from_slice(&self.identity.to_le_bytes());
+        out.extend_from_slice(&self.stamp.to_le_bytes());
         put_u32(&mut out, self.arenas.sizes.len() as u32);
         for &size in &self.arenas.sizes {
             put_u64(&mut out, size as u64);
@@ -259,6 +272,7 @@ impl<'a> SavedState<'a> {
         let n = r.u16()? as usize;
         let etllm_version = String::from_utf8_lossy(r.take(n)?).into_owned();
         let identity = u128::from_le_bytes(r.take(16)?.try_into().expect("16 bytes"));
+        let stamp = u128::from_le_bytes(r.take(16)?.try_into().expect("16 bytes"));
         let n_arenas = r.u32()? as usize;
         if n_arenas > 64 {
             return Err(bad(format!("it claims {n_arenas} memory arenas")));
@@ -327,6 +341,7 @@ impl<'a> SavedState<'a> {
         }
         Ok(SavedState {
             identity,
+            stamp,
             etllm_version,
             pos,
             pending,
@@ -397,6 +412,7 @@ mod tests {
         let b = vec![9u8; 10];
         SavedState {
             identity: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            stamp: 7,
             etllm_version: "0.1.0".into(),
             pos: 3,
             pending: Some(42),
