@@ -92,7 +92,7 @@ fn prompt(bos: u32, vocab: usize, n: usize, seed: u64) -> Vec<u32> {
 fn arena_sizes(state: &[u8]) -> Vec<usize> {
     let u32_at = |at: usize| u32::from_le_bytes(state[at..at + 4].try_into().unwrap()) as usize;
     let version_len = u16::from_le_bytes(state[12..14].try_into().unwrap()) as usize;
-    let at = 14 + version_len + 16;
+    let at = 14 + version_len + 16 + 16; // identity, stamp
     (0..u32_at(at))
         .map(|i| {
             let at = at + 4 + 8 * i;
