@@ -36,3 +36,15 @@ inline Case reference_case_of(const std::string& reference_json, int nth) {
   text << in.rdbuf();
   return {json_ids(text.str(), "prompt_ids", nth), json_ids(text.str(), "greedy_ids", nth)};
 }
+
+// Greedy, no echo, EOS ignored, exactly `n` new tokens: the settings the references were
+// made with.
+template <class Config>
+Config greedy_config(int32_t n) {
+  Config c;
+  c.echo = false;
+  c.temperature = 0.0f;
+  c.max_new_tokens = n;
+  c.ignore_eos = true;
+  return c;
+}

@@ -24,14 +24,7 @@ const std::string kTokenizer = kFixtures + "tokenizer.json";
 // Case 1 has the longest prompt (most KV cache to set aside and restore); case 0 is "The".
 Case reference_case(int nth) { return reference_case_of(kFixtures + "dyn_xnnpack/reference.json", nth); }
 
-etllm::GenerationConfig greedy(int32_t n) {
-  etllm::GenerationConfig c;
-  c.echo = false;
-  c.temperature = 0.0f;
-  c.max_new_tokens = n;
-  c.ignore_eos = true;
-  return c;
-}
+etllm::GenerationConfig greedy(int32_t n) { return greedy_config<etllm::GenerationConfig>(n); }
 
 // The reference's greedy ids [from, from + n).
 std::vector<uint32_t> slice(const std::vector<uint32_t>& ids, size_t from, size_t n) {

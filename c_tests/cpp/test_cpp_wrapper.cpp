@@ -28,14 +28,7 @@ const std::string kTokenizer = kFixtures + "tokenizer.json";
 
 Case reference_case(int nth) { return reference_case_of(kFixtures + "dyn_xnnpack/reference.json", nth); }
 
-etllm::GenerationConfig greedy(int32_t n) {
-  etllm::GenerationConfig c;
-  c.echo = false;
-  c.temperature = 0.0f;
-  c.max_new_tokens = n;
-  c.ignore_eos = true;
-  return c;
-}
+etllm::GenerationConfig greedy(int32_t n) { return greedy_config<etllm::GenerationConfig>(n); }
 
 // A stream callback that appends each generated token id to `ids`.
 etllm::Runner::StreamCallback collect_into(std::vector<uint32_t>& ids) {

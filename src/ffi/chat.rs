@@ -1,7 +1,7 @@
 //! `etllm_chat_template` and `etllm_conversation`: chat templates and multi-turn chat.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
 use super::config::etllm_generation_config;
 use super::error::{etllm_status, guard, FfiError};
@@ -12,7 +12,7 @@ use super::session::{etllm_session, lock_session};
 use super::stats::etllm_stats;
 use super::{c_slice, c_str, out_arg, out_string};
 use crate::chat::{ChatMessage, ChatTemplate};
-use crate::conversation::Conversation;
+use crate::conversation::{ChatTarget, Conversation};
 
 /// One message of a conversation: `role` ("system", "user", "assistant", ...) and
 /// `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its
@@ -61,10 +61,20 @@ fn lock_conversation<'a>(
     // Safety: non-null pointers come from etllm_conversation_new and stay valid until
     // etllm_conversation_free, which the caller must not race with.
     let c = unsafe { c.as_ref() }.ok_or(FfiError::Null("conversation"))?;
-    match c.inner.try_lock() {
-        Ok(g) => Ok(g),
-        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(TryLockError::WouldBlock) => Err(FfiError::Busy),
+    super::lock_call(&c.inner)
+}
+
+/// A copy of `chat_template`, or when it is NULL, of the runner's (loading it if needed).
+fn template_for(
+    runner: *mut etllm_runner,
+    chat_template: *const etllm_chat_template,
+) -> Result<ChatTemplate, FfiError> {
+    if chat_template.is_null() {
+        let mut r = lock_runner(runner)?;
+        r.load()?;
+        Ok(r.chat_template()?.clone())
+    } else {
+        Ok(template_ref(chat_template)?.clone())
     }
 }
 
@@ -253,13 +263,7 @@ pub extern "C" fn etllm_conversation_new(
             unsafe { *out_conversation = std::ptr::null_mut() };
         }
         let out = out_arg(out_conversation, "out_conversation")?;
-        let template = if chat_template.is_null() {
-            let mut r = lock_runner(runner)?;
-            r.load()?;
-            r.chat_template()?.clone()
-        } else {
-            template_ref(chat_template)?.clone()
-        };
+        let template = template_for(runner, chat_template)?;
         *out = Box::into_raw(Box::new(etllm_conversation {
             inner: Mutex::new(Conversation::new(template)),
         }));
@@ -296,18 +300,41 @@ pub extern "C" fn etllm_conversation_send(
     user_data: *mut c_void,
     out_stats: *mut etllm_stats,
 ) -> etllm_status {
+    let callbacks = (on_token, on_stats, user_data, out_stats);
+    send_on(
+        conversation,
+        || lock_runner(runner),
+        user,
+        config,
+        callbacks,
+    )
+}
+
+/// `etllm_conversation_send` on whatever `lock` gives: a runner or a session.
+fn send_on<'a, T: ChatTarget + 'a>(
+    conversation: *mut etllm_conversation,
+    lock: impl FnOnce() -> Result<MutexGuard<'a, T>, FfiError>,
+    user: *const c_char,
+    config: *const etllm_generation_config,
+    (on_token, on_stats, user_data, out_stats): (
+        etllm_token_callback,
+        etllm_stats_callback,
+        *mut c_void,
+        *mut etllm_stats,
+    ),
+) -> etllm_status {
     guard(|| {
         let user = c_str(user, "user")?;
         let mut conv = lock_conversation(conversation)?;
         stream(
-            || lock_runner(runner),
+            lock,
             config,
             on_token,
             on_stats,
             user_data,
             out_stats,
-            |r, c, t, s| {
-                let (_, stats) = conv.send(r, user, c, t)?;
+            |target, c, t, s| {
+                let (_, stats) = conv.send(target, user, c, t)?;
                 s(&stats);
                 Ok(stats)
             },
@@ -400,23 +427,14 @@ pub extern "C" fn etllm_conversation_send_session(
     user_data: *mut c_void,
     out_stats: *mut etllm_stats,
 ) -> etllm_status {
-    guard(|| {
-        let user = c_str(user, "user")?;
-        let mut conv = lock_conversation(conversation)?;
-        stream(
-            || lock_session(session),
-            config,
-            on_token,
-            on_stats,
-            user_data,
-            out_stats,
-            |s, c, t, st| {
-                let (_, stats) = conv.send(s, user, c, t)?;
-                st(&stats);
-                Ok(stats)
-            },
-        )
-    })
+    let callbacks = (on_token, on_stats, user_data, out_stats);
+    send_on(
+        conversation,
+        || lock_session(session),
+        user,
+        config,
+        callbacks,
+    )
 }
 
 /// `etllm_conversation_rewind` on a session.
@@ -482,13 +500,7 @@ pub extern "C" fn etllm_conversation_from_json(
         let out = out_arg(out_conversation, "out_conversation")?;
         *out = std::ptr::null_mut();
         let json = c_str(json, "json")?;
-        let template = if chat_template.is_null() {
-            let mut r = lock_runner(runner)?;
-            r.load()?;
-            r.chat_template()?.clone()
-        } else {
-            template_ref(chat_template)?.clone()
-        };
+        let template = template_for(runner, chat_template)?;
         let conversation = Conversation::from_json(template, json)?;
         *out = Box::into_raw(Box::new(etllm_conversation {
             inner: Mutex::new(conversation),

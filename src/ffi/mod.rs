@@ -65,6 +65,19 @@ pub(crate) fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a st
 /// Frees a handle that `Box::into_raw` made, behind the panic boundary (a destructor that
 /// panics must not unwind into C). NULL is ignored. The caller of the public `*_free`
 /// guarantees the pointer came from the matching constructor and is freed once.
+/// Locks a handle's object for one call: `ETLLM_ERR_BUSY` while another call holds it. A
+/// lock poisoned by a panic in an earlier call is taken anyway: every mutation rolls back
+/// on error, so the object is still consistent.
+pub(crate) fn lock_call<T>(
+    m: &std::sync::Mutex<T>,
+) -> Result<std::sync::MutexGuard<'_, T>, FfiError> {
+    match m.try_lock() {
+        Ok(g) => Ok(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => Err(FfiError::Busy),
+    }
+}
+
 pub(crate) fn free_handle<T>(handle: *mut T) {
     if handle.is_null() {
         return;

@@ -2,7 +2,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
 use super::config::{etllm_generation_config, etllm_runner_options, read_config};
 use super::error::{etllm_status, guard, FfiError};
@@ -55,13 +55,7 @@ fn runner_ref<'a>(runner: *const etllm_runner) -> Result<&'a etllm_runner, FfiEr
 }
 
 fn lock(r: &etllm_runner) -> Result<MutexGuard<'_, Runner>, FfiError> {
-    match r.runner.try_lock() {
-        Ok(g) => Ok(g),
-        // A panic during an earlier call poisoned the lock; the runner's state is still
-        // consistent (every mutation rolls back on error), so keep using it.
-        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(TryLockError::WouldBlock) => Err(FfiError::Busy),
-    }
+    super::lock_call(&r.runner)
 }
 
 /// Locks a runner for one call (`ETLLM_ERR_BUSY` if another call holds it).

@@ -1,7 +1,7 @@
 //! `etllm_session`: conversations over one loaded model.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 
 use super::config::{etllm_generation_config, read_config};
 use super::error::{etllm_status, guard, FfiError};
@@ -46,11 +46,7 @@ fn session_ref<'a>(session: *const etllm_session) -> Result<&'a etllm_session, F
 }
 
 fn lock(s: &etllm_session) -> Result<MutexGuard<'_, Session>, FfiError> {
-    match s.session.try_lock() {
-        Ok(g) => Ok(g),
-        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        Err(TryLockError::WouldBlock) => Err(FfiError::Busy),
-    }
+    super::lock_call(&s.session)
 }
 
 pub(crate) fn lock_session<'a>(
