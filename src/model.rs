@@ -195,11 +195,6 @@ impl Model {
         self.program.state_arenas_mut()
     }
 
-    /// Makes those buffers all zeros, at the cost of their pages in use.
-    pub(crate) fn zero_state_arenas(&mut self) {
-        self.program.zero_state_arenas();
-    }
-
     pub(crate) fn execute(
         &mut self,
         method: &str,

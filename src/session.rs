@@ -148,11 +148,7 @@ impl Core {
     /// Brings the buffers back to the baseline when they may hold anything else.
     fn make_clean(&mut self) {
         if !self.clean {
-            // Zeroed by giving the pages back (the cost follows the pages in use), then
-            // the baseline's own chunks, if any.
-            self.model.zero_state_arenas();
-            self.baseline
-                .write_over(&ArenaImage::default(), &mut self.model.state_arenas_mut());
+            self.baseline.reset(&mut self.model.state_arenas_mut());
             self.clean = true;
         }
     }

@@ -443,13 +443,7 @@ impl Program {
             return Ok(());
         }
         let sizes = self.check_planned_memory(method)?;
-        let total: usize = sizes.iter().sum();
-        let allocator = self.planned.allocator_for(&sizes, state).ok_or_else(|| {
-            self.invalid(format!(
-                "the system refused the {total} bytes of memory-planned buffers of method \
-                 `{method}`"
-            ))
-        })?;
+        let allocator = self.planned.allocator_for(&sizes, state);
         clear_log();
         self.module
             .load_method(method, Some(allocator), None)
@@ -589,12 +583,6 @@ impl Program {
     /// The same buffers, to write. Nothing runs while they are borrowed.
     pub(crate) fn state_arenas_mut(&mut self) -> Vec<&mut [u8]> {
         self.planned.state_arenas_mut()
-    }
-
-    /// Makes the state buffers all zeros, at the cost of the pages in use (see
-    /// [`Arena::zero`]).
-    pub(crate) fn zero_state_arenas(&mut self) {
-        self.planned.zero_state();
     }
 
     /// How many memory-planned buffers (arenas) `method` has: 2 or more when the export
@@ -857,63 +845,43 @@ impl Program {
 /// arenas: mem_id 1 and 2, as upstream's `Module` shares them.
 const SHARED_ARENAS: usize = 2;
 
-/// One zero-filled buffer: an anonymous private mapping of its own (page-aligned), so that
-/// it can be zeroed by giving its pages back ([`Arena::zero`]).
+/// Alignment of the planned buffers (ExecuTorch's own come from `std::vector`, at least
+/// 16; XNNPACK prefers 64).
+const ARENA_ALIGN: usize = 64;
+
+/// One zero-filled, aligned heap buffer.
 struct Arena {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
 
 impl Arena {
-    /// `None` when the system refuses the memory.
-    fn new(len: usize) -> Option<Self> {
+    fn new(len: usize) -> Self {
         if len == 0 {
-            return Some(Arena {
+            return Arena {
                 ptr: std::ptr::NonNull::<u8>::dangling(),
                 len: 0,
-            });
+            };
         }
-        // Safety: a fresh anonymous mapping; nothing else is touched.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        std::ptr::NonNull::new(ptr.cast::<u8>()).map(|ptr| Arena { ptr, len })
-    }
-
-    /// Makes every byte zero by giving the pages back to the system: the cost follows the
-    /// pages in use, not the size, and they leave the resident set. Falls back to writing
-    /// zeros if the system refuses.
-    fn zero(&mut self) {
-        if self.len == 0 {
-            return;
-        }
-        // Safety: the whole mapping is ours; its pages read as zeros afterwards (private
-        // anonymous memory). No method runs while `self` is borrowed mutably.
-        let done =
-            unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_DONTNEED) == 0 };
-        if !done {
-            // Safety: as above; the mapping holds `len` bytes.
-            unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0, self.len) };
-        }
+        let layout = std::alloc::Layout::from_size_align(len, ARENA_ALIGN)
+            .expect("size checked against physical memory");
+        // Safety: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Arena { ptr, len }
     }
 }
 
 impl Drop for Arena {
     fn drop(&mut self) {
         if self.len > 0 {
-            // Safety: mapped in `new` with this length; nothing points into it any more.
+            // Safety: allocated in `new` with this layout.
             unsafe {
-                libc::munmap(self.ptr.as_ptr().cast(), self.len);
+                std::alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    std::alloc::Layout::from_size_align_unchecked(self.len, ARENA_ALIGN),
+                )
             }
         }
     }
@@ -952,20 +920,20 @@ impl PlannedMemory {
         &mut self,
         sizes: &[usize],
         state: bool,
-    ) -> Option<&'static mut HierarchicalAllocator<'static>> {
+    ) -> &'static mut HierarchicalAllocator<'static> {
         let mut indices = Vec::with_capacity(sizes.len());
         for (i, &size) in sizes.iter().enumerate() {
             let index = if self.share && i < SHARED_ARENAS {
                 match self.shared.get(i) {
                     Some(&index) => index,
                     None => {
-                        self.arenas.push(Arena::new(size)?);
+                        self.arenas.push(Arena::new(size));
                         self.shared.push(self.arenas.len() - 1);
                         self.arenas.len() - 1
                     }
                 }
             } else {
-                self.arenas.push(Arena::new(size)?);
+                self.arenas.push(Arena::new(size));
                 self.arenas.len() - 1
             };
             if state && self.arenas[index].len > 0 && !self.state.contains(&index) {
@@ -997,13 +965,7 @@ impl PlannedMemory {
         let plan = self.plans.last_mut().expect("pushed");
         // Safety: the allocator is boxed (fixed address) and lives in `plans` as long as
         // `self`; only the module uses it from here on.
-        Some(unsafe { &mut *(plan.allocator.as_mut() as *mut HierarchicalAllocator<'static>) })
-    }
-
-    fn zero_state(&mut self) {
-        for &i in &self.state {
-            self.arenas[i].zero();
-        }
+        unsafe { &mut *(plan.allocator.as_mut() as *mut HierarchicalAllocator<'static>) }
     }
 
     fn state_arenas(&self) -> Vec<&[u8]> {

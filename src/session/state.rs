@@ -151,6 +151,22 @@ impl ArenaImage<'_> {
         });
     }
 
+    /// Brings `arenas`, whatever they hold, back to this image: every chunk is read, and
+    /// written only where it differs from the image's zeros (a page never written stays
+    /// unmapped).
+    pub(crate) fn reset(&self, arenas: &mut [&mut [u8]]) {
+        for (a, arena) in arenas.iter_mut().enumerate() {
+            for (i, chunk) in arena.chunks_mut(CHUNK).enumerate() {
+                if !self.has(a, i) && !all_zero(chunk) {
+                    chunk.fill(0);
+                }
+            }
+        }
+        self.each_chunk(|a, i, bytes| {
+            arenas[a][i * CHUNK..i * CHUNK + bytes.len()].copy_from_slice(bytes);
+        });
+    }
+
     /// Bytes held.
     pub(crate) fn len(&self) -> usize {
         self.data.len() + self.present.iter().map(Vec::len).sum::<usize>()
@@ -433,6 +449,15 @@ mod tests {
         assert_eq!(live, want);
         image.clear(&baseline, &mut [&mut live]);
         assert_eq!(live, baseline_bytes);
+    }
+
+    #[test]
+    fn a_reset_brings_any_contents_back_to_the_image() {
+        let want = arena(&[2], 9);
+        let image = ArenaImage::capture(&[&want]);
+        let mut live = arena(&[0, 1, 2, 3, 4], 3);
+        image.reset(&mut [&mut live]);
+        assert_eq!(live, want);
     }
 
     #[test]
