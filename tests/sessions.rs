@@ -517,3 +517,27 @@ fn a_state_restores_into_a_copy_of_the_model_file() {
     assert_eq!(got, case.greedy_ids[..8]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_new_sessions_state_holds_nothing_a_dropped_session_left() {
+    // The buffers a dropped session used are cleaned before the next one comes in, so the
+    // next one's saved state is as small as if the model were freshly loaded.
+    let reference = reference("dyn_xnnpack");
+    let case = &reference.cases[0];
+    let fresh_size = {
+        let mut runner = open("dyn_xnnpack");
+        let mut s = runner.session().unwrap();
+        gen(&mut s, &case.prompt_ids, 2);
+        s.save_state().unwrap().len()
+    };
+    let mut runner = open("dyn_xnnpack");
+    let mut long = runner.session().unwrap();
+    gen(&mut long, &case.prompt_ids, 60);
+    let long_size = long.save_state().unwrap().len();
+    drop(long);
+    let mut short = runner.session().unwrap();
+    gen(&mut short, &case.prompt_ids, 2);
+    let short_size = short.save_state().unwrap().len();
+    assert!(long_size > fresh_size, "{long_size} vs {fresh_size}");
+    assert_eq!(short_size, fresh_size);
+}
