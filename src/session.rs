@@ -227,6 +227,9 @@ impl Core {
         self.parked.remove(&id);
         if self.resident == Some(id) {
             self.resident = None;
+            // Cleaned now rather than when the next session comes in: the next call (a
+            // restore, a new conversation) starts without that cost.
+            self.make_clean();
         }
     }
 }
