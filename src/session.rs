@@ -1168,10 +1168,14 @@ impl Session {
     }
 
     /// [`load_state`](Self::load_state) from a file written by
-    /// [`save_state_file`](Self::save_state_file).
+    /// [`save_state_file`](Self::save_state_file). The file is memory-mapped while it
+    /// loads, as ExecuTorch maps the `.pte`: it must not be truncated in place meanwhile
+    /// (`save_state_file` never does: it writes a new file and renames it over the old).
     pub fn load_state_file(&mut self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::FileAccess {
+        // Mapped rather than read: the state's pages come from the page cache without a
+        // copy into fresh memory.
+        let bytes = crate::et::MappedFile::open(path).map_err(|e| Error::FileAccess {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -992,6 +992,72 @@ impl PlannedMemory {
     }
 }
 
+/// A file mapped read-only into memory (its pages come from the page cache, without a
+/// copy). Reads through it see the file as it was when mapped, unless another process
+/// truncates it meanwhile (then reading past the new end would fault): so it is only used
+/// for files EtLlm reads at once and lets go, like saved session states.
+pub(crate) struct MappedFile {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// Safety: a read-only mapping owned here; it is only read.
+unsafe impl Send for MappedFile {}
+
+impl MappedFile {
+    /// Maps the whole file at `path`.
+    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::other("the file is too large to map"))?;
+        if len == 0 {
+            return Ok(MappedFile {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // Safety: a fresh private read-only mapping of an open file; the descriptor may
+        // close afterwards (the mapping keeps the file).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(MappedFile { ptr, len })
+    }
+}
+
+impl std::ops::Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // Safety: `len` bytes are mapped readable at `ptr` until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // Safety: mapped in `open` with this length.
+            unsafe {
+                libc::munmap(self.ptr, self.len);
+            }
+        }
+    }
+}
+
 /// The most memory this process can allocate, in bytes: the machine's physical memory, or
 /// the process's address-space or data limit (`RLIMIT_AS`, `RLIMIT_DATA`) when lower
 /// (unbounded when the system says none of these).
