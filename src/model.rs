@@ -72,6 +72,18 @@ pub(crate) struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// The program, then the data files it opens with.
+    pub(crate) fn all_paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.program.clone()];
+        paths.extend(self.data_paths());
+        paths
+    }
+
+    /// The caller's step method, or `forward`.
+    pub(crate) fn step_method(&self) -> &str {
+        self.method.as_deref().unwrap_or("forward")
+    }
+
     /// The data files to open: the caller's, or else `<stem>.ptd` beside the program
     /// when that file exists.
     pub(crate) fn data_paths(&self) -> Vec<PathBuf> {

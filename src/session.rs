@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -209,16 +209,11 @@ impl Core {
     fn restore(&mut self, id: u64, arenas: &ArenaImage<'_>, io: &[u8]) -> Result<()> {
         if self.resident != Some(id) {
             self.park_resident()?;
-            self.bring_in(id, arenas, io)?;
-            self.parked.remove(&id);
-            return Ok(());
         }
-        // Resident: its buffers are replaced whole once the manager took its state.
-        self.accept(arenas, io)?;
-        self.clean = false;
-        self.make_clean();
-        arenas.write_over(&self.baseline, &mut self.model.state_arenas_mut());
-        self.clean = false;
+        // Over its own state when resident (`clean` says whether the buffers need
+        // cleaning first).
+        self.bring_in(id, arenas, io)?;
+        self.parked.remove(&id);
         Ok(())
     }
 
@@ -350,9 +345,7 @@ impl Shared {
         use std::os::unix::fs::MetadataExt;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         hasher.update(b"etllm model stamp 1\0");
-        let mut paths: Vec<PathBuf> = vec![self.files.program.clone()];
-        paths.extend(self.files.data_paths());
-        for path in &paths {
+        for path in &self.files.all_paths() {
             let Ok(m) = std::fs::metadata(path) else {
                 return 0;
             };
@@ -368,7 +361,7 @@ impl Shared {
                 hasher.update(&v.to_le_bytes());
             }
         }
-        hasher.update(self.files.method.as_deref().unwrap_or("forward").as_bytes());
+        hasher.update(self.files.step_method().as_bytes());
         hasher.digest128().max(1)
     }
 
@@ -378,30 +371,18 @@ impl Shared {
         if let Some(&id) = self.identity.get() {
             return Ok(id);
         }
-        use std::io::Read;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         hasher.update(b"etllm model identity 1\0");
-        let mut buf = vec![0u8; 1 << 20];
-        let mut paths: Vec<PathBuf> = vec![self.files.program.clone()];
-        paths.extend(self.files.data_paths());
-        for path in &paths {
-            let mut file = std::fs::File::open(path).map_err(|e| Error::FileAccess {
+        for path in &self.files.all_paths() {
+            // Mapped, as ExecuTorch maps the program: hashed from the page cache.
+            let file = crate::et::MappedFile::open(path).map_err(|e| Error::FileAccess {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            loop {
-                let n = file.read(&mut buf).map_err(|e| Error::FileAccess {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
+            hasher.update(&file);
             hasher.update(b"\0file\0");
         }
-        hasher.update(self.files.method.as_deref().unwrap_or("forward").as_bytes());
+        hasher.update(self.files.step_method().as_bytes());
         for (name, method) in &self.info.methods {
             hasher.update(format!("\0{name}:{method:?}").as_bytes());
         }
@@ -644,13 +625,13 @@ impl Session {
         self.pos = 0;
         self.pending = None;
         self.tokens.clear();
-        if core.resident == Some(self.id) {
-            // Its buffers are left as they are; a new state is made when it next runs.
-            core.resident = None;
+        // Its state is dropped (the buffers cleaned when it was resident); it starts from
+        // the baseline when it next runs.
+        let resident = core.resident == Some(self.id);
+        core.forget(self.id);
+        if resident {
             core.io.reset()
         } else {
-            // Its state set aside is dropped; it starts empty when it next runs.
-            core.parked.remove(&self.id);
             Ok(())
         }
     }
@@ -709,13 +690,8 @@ impl Session {
         self.reset()?;
         let ok = ControlFlow::Continue(());
         let result = self.generate_from_ids(&[first, first], &config, |_| ok, |_| {});
+        // The model's buffers are as after loading: the first real session starts free.
         self.reset()?;
-        // The model's buffers as after loading: the first real session starts for free.
-        let mut core = self.shared.lock()?;
-        if core.resident.is_none() {
-            core.make_clean();
-        }
-        drop(core);
         result.map(|_| ())
     }
 
@@ -893,8 +869,6 @@ impl Session {
         let mut core = shared.lock()?;
         core.make_resident(self.id)?;
         let core = &mut *core;
-        // The model is about to write into its buffers.
-        core.clean = false;
         let max_context = shared.max_context;
         // A prompt that cannot fit is refused before it is built: `num_bos` and `num_eos`
         // go up to i32::MAX, and building such a prompt first would take gigabytes.
@@ -993,6 +967,8 @@ impl Session {
             }
             _ => Vec::new(),
         };
+        // The model is about to write into its buffers.
+        core.clean = false;
         let outcome = generate_loop(
             Parts {
                 model: &mut core.model,
@@ -1136,8 +1112,8 @@ impl Session {
             ));
         }
         let max = self.shared.max_context;
-        let ring = self.shared.lock()?.ring;
-        if (!ring && state.pos + state.pending.is_some() as usize > max)
+        let mut core = self.shared.lock()?;
+        if (!core.ring && state.pos + state.pending.is_some() as usize > max)
             || state.tokens.len() != state.pos
         {
             return Err(Error::InvalidState(format!(
@@ -1157,10 +1133,8 @@ impl Session {
                 self.shared.vocab_size
             )));
         }
-        {
-            let mut core = self.shared.lock()?;
-            core.restore(self.id, &state.arenas, &state.io)?;
-        }
+        core.restore(self.id, &state.arenas, &state.io)?;
+        drop(core);
         self.pos = state.pos;
         self.pending = state.pending;
         self.tokens = state.tokens;
