@@ -350,9 +350,18 @@ pub extern "C" fn etllm_conversation_rewind(
     runner: *mut etllm_runner,
     out_dropped: *mut bool,
 ) -> etllm_status {
+    rewind_on(conversation, || lock_runner(runner), out_dropped)
+}
+
+/// `etllm_conversation_rewind` on whatever `lock` gives: a runner or a session.
+fn rewind_on<'a, T: ChatTarget + 'a>(
+    conversation: *mut etllm_conversation,
+    lock: impl FnOnce() -> Result<MutexGuard<'a, T>, FfiError>,
+    out_dropped: *mut bool,
+) -> etllm_status {
     guard(|| {
         let mut conv = lock_conversation(conversation)?;
-        let dropped = conv.rewind(&mut *lock_runner(runner)?)?;
+        let dropped = conv.rewind(&mut *lock()?)?;
         if let Ok(out) = out_arg(out_dropped, "out_dropped") {
             *out = dropped;
         }
@@ -444,14 +453,7 @@ pub extern "C" fn etllm_conversation_rewind_session(
     session: *mut etllm_session,
     out_dropped: *mut bool,
 ) -> etllm_status {
-    guard(|| {
-        let mut conv = lock_conversation(conversation)?;
-        let dropped = conv.rewind(&mut *lock_session(session)?)?;
-        if let Ok(out) = out_arg(out_dropped, "out_dropped") {
-            *out = dropped;
-        }
-        Ok(())
-    })
+    rewind_on(conversation, || lock_session(session), out_dropped)
 }
 
 /// `etllm_conversation_reset` on a session.
