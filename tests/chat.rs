@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use common::{fixtures_dir, model_path, tokenizer_path};
+use common::{fixtures_dir, model_path, tokenizer_path, COMPACT_TEMPLATE};
 use etllm::{
     ChatMessage, ChatTemplate, Conversation, Error, GenerationConfig, Runner, RunnerOptions,
 };
@@ -234,11 +234,7 @@ fn a_template_set_on_the_runner_wins() {
 /// A template short enough for the fixture models' 128-token context (the Llama 3 one
 /// spells its special tokens out in this small tokenizer).
 fn compact() -> ChatTemplate {
-    ChatTemplate::new(
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
-         {% if add_generation_prompt %}<assistant>{% endif %}",
-    )
-    .unwrap()
+    ChatTemplate::new(COMPACT_TEMPLATE).unwrap()
 }
 
 fn greedy(max_new_tokens: i32) -> GenerationConfig {

@@ -197,56 +197,24 @@ fn errors_exit_nonzero_with_a_message_on_stderr() {
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
 
-/// A chat template short enough for the fixture models' 128-token context, in a file.
-fn compact_template_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("etllm-cli-chat-{}.jinja", std::process::id()));
-    std::fs::write(
-        &path,
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
-         {% if add_generation_prompt %}<assistant>{% endif %}",
-    )
-    .unwrap();
-    path
-}
-
 /// Runs `etllm chat --json` (greedy, 4 tokens a reply) on `input`; returns its JSON lines.
 fn chat_json(input: &str) -> Vec<serde_json::Value> {
-    use std::io::Write;
-    let template = compact_template_file();
-    let mut child = etllm()
-        .args([
-            "chat",
-            "--json",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "4",
-        ])
-        .arg("--ignore-eos")
-        .arg("--chat-template")
-        .arg(&template)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let template = write_compact_template(
+        std::env::temp_dir().join(format!("etllm-cli-chat-{}.jinja", std::process::id())),
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
+    let mut cmd = etllm();
+    cmd.args([
+        "chat",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+    ])
+    .arg("--ignore-eos")
+    .arg("--chat-template")
+    .arg(&template);
+    json_lines(output_with_stdin(&mut cmd, input))
 }
 
 #[test]

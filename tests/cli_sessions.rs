@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 
@@ -276,54 +276,20 @@ fn an_unusable_prompt_cache_gets_a_warning_and_is_overwritten() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// A chat template short enough for any context, in a file.
-fn compact_template(dir: &Path) -> PathBuf {
-    let path = dir.join("compact.jinja");
-    std::fs::write(
-        &path,
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
-         {% if add_generation_prompt %}<assistant>{% endif %}",
-    )
-    .unwrap();
-    path
-}
-
 /// Runs `etllm chat --json` (greedy, 6 tokens a reply) on `input` with `extra` arguments;
 /// returns its output.
 fn chat(dir: &Path, input: &str, extra: &[&std::ffi::OsStr]) -> Output {
-    use std::io::Write;
-    let mut child = etllm()
-        .args(["chat", "--json", "--temperature", "0", "--ignore-eos"])
+    let mut cmd = etllm();
+    cmd.args(["chat", "--json", "--temperature", "0", "--ignore-eos"])
         .args(["--max-new-tokens", "6", "--system", "Answer briefly."])
         .arg("--chat-template")
-        .arg(compact_template(dir))
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        .arg(write_compact_template(dir.join("compact.jinja")))
+        .args(extra);
+    output_with_stdin(&mut cmd, input)
 }
 
 fn chat_lines(dir: &Path, input: &str, extra: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
-    let out = chat(dir, input, extra);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
+    json_lines(chat(dir, input, extra))
 }
 
 #[test]

@@ -420,11 +420,7 @@ fn a_manager_that_cannot_save_serves_one_session_and_refuses_a_second() {
 
 #[test]
 fn a_conversation_resumes_from_a_saved_state_and_its_json() {
-    let template = ChatTemplate::new(
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
-         {% if add_generation_prompt %}<assistant>{% endif %}",
-    )
-    .unwrap();
+    let template = ChatTemplate::new(COMPACT_TEMPLATE).unwrap();
     let config = GenerationConfig {
         max_new_tokens: 5,
         ..greedy(5)

@@ -184,6 +184,50 @@ pub fn output_ok(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
+/// Runs `cmd` with `input` on its stdin; returns its output.
+pub fn output_with_stdin(cmd: &mut std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The JSON lines a successful command printed on stdout.
+pub fn json_lines(out: std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A chat template short enough for the fixture models' 128-token context.
+pub const COMPACT_TEMPLATE: &str =
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
+     {% if add_generation_prompt %}<assistant>{% endif %}";
+
+/// [`COMPACT_TEMPLATE`] written to `path`, which is returned.
+pub fn write_compact_template(path: PathBuf) -> PathBuf {
+    std::fs::write(&path, COMPACT_TEMPLATE).unwrap();
+    path
+}
+
 /// Records the logits of every sampling step.
 pub struct Record(pub std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>);
 
