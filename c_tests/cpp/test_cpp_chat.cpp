@@ -1,6 +1,8 @@
 // Chat templates and conversations through the C++ wrapper (include/etllm.hpp).
 #include <etllm.hpp>
 
+#include "harness.hpp"
+
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -15,26 +17,6 @@ const std::string kTokenizer = kFixtures + "tokenizer.json";
 const std::string kCompact =
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}";
-
-int failures = 0, passes = 0;
-#define CHECK(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                 \
-    }                                                                           \
-  } while (0)
-
-template <class F>
-void run(const char* name, F f) {
-  try {
-    f();
-    ++passes;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "FAIL %s: %s\n", name, e.what());
-    ++failures;
-  }
-}
 
 etllm::GenerationConfig greedy(int32_t n) {
   etllm::GenerationConfig c;
@@ -104,6 +86,5 @@ int main() {
   run("templates_render_and_raise", templates_render_and_raise);
   run("runner_uses_the_template_set", runner_uses_the_template_set);
   run("conversation_rewinds_and_resets", conversation_rewinds_and_resets);
-  std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }

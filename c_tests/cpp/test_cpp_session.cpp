@@ -4,6 +4,8 @@
 // errors are etllm::Error with the C status; a session is move-only and outlives its runner.
 #include <etllm.hpp>
 
+#include "harness.hpp"
+
 #include "reference.hpp"
 
 #include <cstdio>
@@ -48,15 +50,6 @@ std::string temp_path(const char* name) {
          std::to_string(static_cast<long>(getpid())) + "-" + name;
 }
 
-int failures = 0, passes = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                      \
-    }                                                                                \
-  } while (0)
-
 // `f()` must throw etllm::Error with `status`.
 template <class F>
 void check_throws(etllm_status status, F&& f) {
@@ -71,17 +64,6 @@ void check_throws(etllm_status status, F&& f) {
     return;
   }
   throw std::runtime_error(std::string("no exception; expected ") + etllm_status_name(status));
-}
-
-void run(const char* name, void (*test)()) {
-  try {
-    test();
-    ++passes;
-    std::fprintf(stderr, "ok   %s\n", name);
-  } catch (const std::exception& e) {
-    ++failures;
-    std::fprintf(stderr, "FAIL %s: %s\n", name, e.what());
-  }
 }
 
 void interleaved_sessions_match_reference() {
@@ -333,6 +315,5 @@ int main() {
   run("prefill_rewind_and_reset", prefill_rewind_and_reset);
   run("conversation_on_a_session_resumes_from_saved_state",
       conversation_on_a_session_resumes_from_saved_state);
-  std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }

@@ -2,6 +2,8 @@
 // upstream-style generate, and stop() from a std::thread.
 #include <etllm.hpp>
 
+#include "harness.hpp"
+
 #include "reference.hpp"
 
 #include <atomic>
@@ -36,26 +38,6 @@ etllm::Runner::StreamCallback collect_into(std::vector<uint32_t>& ids) {
     if (id >= 0) ids.push_back(static_cast<uint32_t>(id));
     return true;
   };
-}
-
-int failures = 0, passes = 0;
-#define CHECK(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                 \
-    }                                                                           \
-  } while (0)
-
-void run(const char* name, void (*test)()) {
-  try {
-    test();
-    ++passes;
-    std::fprintf(stderr, "ok   %s\n", name);
-  } catch (const std::exception& e) {
-    ++failures;
-    std::fprintf(stderr, "FAIL %s: %s\n", name, e.what());
-  }
 }
 
 void generate_tokens_matches_eager_reference() {
@@ -289,6 +271,5 @@ int main() {
   run("sampling_filters_and_stop_strings_reach_the_library", sampling_filters_and_stop_strings_reach_the_library);
   run("rewind_and_warmup", rewind_and_warmup);
   run("sampler_plugin_in_cpp", sampler_plugin_in_cpp);
-  std::fprintf(stderr, "%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return finish();
 }
