@@ -48,6 +48,8 @@ pub mod io_manager;
 pub mod model;
 pub mod runner;
 pub mod sampler;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod session;
 pub mod stats;
 pub mod stop;

@@ -489,6 +489,13 @@ impl Session {
         )
     }
 
+    /// What this session's model shares with its other sessions (the server reads the
+    /// tokenizer and the grammar compiler through it).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The model's metadata.
     pub fn metadata(&self) -> &ModelMetadata {
         &self.shared.info.metadata

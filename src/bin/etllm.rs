@@ -50,6 +50,60 @@ enum Command {
     /// Measure prompt-processing (ppN) and generation (tgN) rates, like llama-bench: a
     /// markdown table of mean ± standard deviation tokens/s, or --json.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions,
+    /// /v1/models, /health, /metrics. Prints "listening on http://ADDRESS" to stdout once
+    /// it accepts connections; Ctrl-C or SIGTERM stops it.
+    #[cfg(feature = "server")]
+    Serve(ServeArgs),
+}
+
+#[cfg(feature = "server")]
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The address to listen on. The default accepts connections from this machine only.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    host: String,
+    /// The port; 0 picks a free one (printed on the "listening on" line).
+    #[arg(long, value_name = "N", default_value_t = 8080)]
+    port: u16,
+    /// Slots: conversations whose KV caches are kept. Requests run one at a time on the
+    /// model; each goes to the slot that shares the longest prefix with its prompt.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for the model; beyond that, 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    queue: usize,
+    /// Require "Authorization: Bearer KEY" on every route but /health. Default: the
+    /// ETLLM_API_KEY environment variable if set, else no key.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "ETLLM_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// The most tokens a request may hold, prompt and output (default: the model's context).
+    #[arg(long, value_name = "N")]
+    ctx: Option<usize>,
+    /// The model id /v1/models lists. Default: the model file's name without its extension
+    /// ("etllm-demo" for the built-in model).
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
+    /// The chat template, as for `chat --chat-template`.
+    #[arg(long, value_name = "PATH")]
+    chat_template: Option<PathBuf>,
+    /// Request bodies larger than this many bytes are answered 413.
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    max_body: usize,
+    /// Seconds that running and queued requests get to finish after Ctrl-C or SIGTERM,
+    /// before they are cancelled.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    shutdown_timeout: f64,
+    /// Do not log each request to stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -336,6 +390,8 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize(args),
         Command::Detokenize(args) => detokenize(args),
         Command::Bench(args) => run_bench(args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -428,6 +484,59 @@ fn read_template(path: &Path) -> Result<ChatTemplate, String> {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         ChatTemplate::new(source).map_err(|e| e.to_string())
     }
+}
+
+#[cfg(feature = "server")]
+fn serve(args: ServeArgs) -> Result<(), String> {
+    use etllm::server::{Server, ServerOptions};
+    if !(args.shutdown_timeout >= 0.0 && args.shutdown_timeout.is_finite()) {
+        return Err("--shutdown-timeout must be a number of seconds, 0 or more".into());
+    }
+    let chat_template = args
+        .chat_template
+        .as_deref()
+        .map(read_template)
+        .transpose()?;
+    let mut runner = open_runner(&args.model)?;
+    runner.warmup().map_err(|e| e.to_string())?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| {
+        args.model
+            .model
+            .as_deref()
+            .and_then(|m| m.file_stem())
+            .map_or("etllm-demo".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let mut options = ServerOptions::default();
+    options.parallel = args.parallel;
+    options.queue_size = args.queue;
+    options.api_key = args.api_key.filter(|k| !k.is_empty());
+    options.context_length = args.ctx;
+    options.model_name = model_name;
+    options.chat_template = chat_template;
+    options.max_body_bytes = args.max_body;
+    options.shutdown_timeout = std::time::Duration::from_secs_f64(args.shutdown_timeout);
+    options.log_requests = !args.quiet;
+    let server = Server::new(&mut runner, options).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let address = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("listening on http://{local}");
+        let _ = std::io::stdout().flush();
+        server
+            .serve(listener, etllm::server::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    eprintln!("etllm serve: stopped");
+    Ok(())
 }
 
 fn run_bench(args: bench::BenchArgs) -> Result<(), String> {
