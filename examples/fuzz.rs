@@ -122,6 +122,10 @@ enum Target {
     /// (so that the fields behind it are reached); the rest is the state, restored and
     /// then generated from.
     SessionState,
+    /// A request to the OpenAI-compatible server: the first byte picks the endpoint (chat
+    /// or completions), the rest is the body, sent to the server's router over the demo
+    /// model. Any 4xx is a clean refusal; a 5xx other than 503 is a bug.
+    ServerRequest,
     CAbi,
 }
 
@@ -137,6 +141,7 @@ impl Target {
             Target::ChatTemplate => "chat-template",
             Target::Grammar => "grammar",
             Target::SessionState => "session-state",
+            Target::ServerRequest => "server-request",
             Target::CAbi => "c-abi",
         }
     }
@@ -236,6 +241,31 @@ impl Target {
                 b"\"special\"",
                 b"\"id\"",
             ],
+            Target::ServerRequest => &[
+                b"\"messages\"",
+                b"\"role\"",
+                b"\"content\"",
+                b"\"prompt\"",
+                b"\"stream\": true",
+                b"\"max_tokens\"",
+                b"\"stop\"",
+                b"\"seed\"",
+                b"\"n\"",
+                b"\"response_format\"",
+                b"\"json_schema\"",
+                b"\"grammar\"",
+                b"\"type\"",
+                b"null",
+                b"true",
+                b"-1",
+                b"1e309",
+                b"4294967296",
+                b"[",
+                b"]",
+                b"{",
+                b"}",
+                b"\\u0000",
+            ],
             Target::TokenizerTiktoken => &[b"\n", b" ", b"=", b"==", b"0", b"-1", b"4294967295"],
             Target::Grammar => &[
                 b"::=",
@@ -319,6 +349,7 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
         ],
         Target::Grammar => Vec::new(),
         Target::SessionState => Vec::new(),
+        Target::ServerRequest => Vec::new(),
         Target::CAbi => Vec::new(),
     };
     let mut seeds: Vec<(String, Vec<u8>)> = files
@@ -383,6 +414,39 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
                 let mut bytes = vec![i as u8];
                 bytes.extend(runner.save_state_with(b"{}").expect("saving"));
                 seeds.push((format!("state-{}", STATE_MODELS[i]), bytes));
+            }
+        }
+        Target::ServerRequest => {
+            let requests: [(u8, &str); 6] = [
+                (
+                    0,
+                    r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}"#,
+                ),
+                (
+                    0,
+                    r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_completion_tokens": 3, "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["a", "b"]}"#,
+                ),
+                (
+                    0,
+                    r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 6, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}"#,
+                ),
+                (
+                    0,
+                    r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "grammar": "root ::= \"yes\" | \"no\"", "top_k": 3, "min_p": 0.1, "repetition_penalty": 1.1}"#,
+                ),
+                (
+                    1,
+                    r#"{"prompt": "Once upon a time", "max_tokens": 4, "echo": true}"#,
+                ),
+                (
+                    1,
+                    r#"{"prompt": [1, 2, 3], "max_tokens": 2, "stream": true, "ignore_eos": true}"#,
+                ),
+            ];
+            for (i, (endpoint, body)) in requests.iter().enumerate() {
+                let mut bytes = vec![*endpoint];
+                bytes.extend_from_slice(body.as_bytes());
+                seeds.push((format!("request-{i}"), bytes));
             }
         }
         Target::CAbi => {
@@ -1182,6 +1246,55 @@ fn exec_session_state(path: &Path) -> etllm::Result<()> {
     Ok(())
 }
 
+/// Sends one request to the server's router (a fresh server over the demo model) and reads
+/// the whole answer, streamed or not.
+fn exec_server_request(path: &Path) -> etllm::Result<()> {
+    use etllm::server::{Server, ServerOptions};
+    use tower::ServiceExt;
+    let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let Some((&head, body)) = bytes.split_first() else {
+        return Ok(());
+    };
+    let mut runner = etllm::Runner::open(
+        manifest().join("models/demo/model.pte"),
+        manifest().join("models/demo/tokenizer.json"),
+        etllm::RunnerOptions::default(),
+    )?;
+    let mut options = ServerOptions::default();
+    // Short generations: the fuzzer looks for crashes, not long answers.
+    options.context_length = Some(96);
+    options.max_body_bytes = 1 << 16;
+    let server = Server::new(&mut runner, options)?;
+    let path = if head & 1 == 0 {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let (status, answer) = runtime.block_on(async {
+        let request = axum::http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_vec()))
+            .expect("a request");
+        let response = server.router().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let answer = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("the answer");
+        (status, answer)
+    });
+    if status.is_server_error() && status.as_u16() != 503 {
+        panic!(
+            "status {status} for a request: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    Ok(())
+}
+
 fn exec_chat(path: &Path) -> etllm::Result<()> {
     use etllm::{ChatMessage, ChatTemplate};
     let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
@@ -1242,6 +1355,7 @@ fn exec(target: Target, file: &Path) -> ExitCode {
         Target::ChatTemplate => exec_chat(file),
         Target::Grammar => exec_grammar(file),
         Target::SessionState => exec_session_state(file),
+        Target::ServerRequest => exec_server_request(file),
         Target::CAbi => {
             let bytes = std::fs::read(file).expect("reading the case");
             cabi::run(&bytes);
