@@ -18,8 +18,9 @@
  *   etllm_chat_template_free, an etllm_conversation with etllm_conversation_free, an
  *   etllm_tokenizer with etllm_tokenizer_free, an etllm_text_stream with
  *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
- *   an id, text or state buffer returned with its length with etllm_buffer_free, and an
- *   etllm_state_buffer from etllm_state_buffer_new with etllm_state_buffer_free.
+ *   an id, text or state buffer returned with its length with etllm_buffer_free, an
+ *   etllm_state_buffer from etllm_state_buffer_new with etllm_state_buffer_free, and an
+ *   etllm_server with etllm_server_free (which stops it first).
  *   Strings and structs passed to the library are only read during the call; pointers
  *   the library passes to callbacks are valid only during the callback. Strings
  *   returned as `const char *` belong to the library.
@@ -152,6 +153,11 @@ typedef enum etllm_status {
    * The session keeps the state it had.
    */
   ETLLM_ERR_INVALID_STATE = 20,
+  /**
+   * The HTTP server could not start (its address cannot be bound, e.g. the port is in
+   * use) or failed while serving.
+   */
+  ETLLM_ERR_SERVER = 21,
 } etllm_status;
 
 /**
@@ -284,6 +290,20 @@ typedef struct etllm_model_info etllm_model_info;
  * race with any other call on the same runner.
  */
 typedef struct etllm_runner etllm_runner;
+
+/**
+ * An OpenAI-compatible HTTP server over a runner's model (POST /v1/chat/completions,
+ * POST /v1/completions, GET /v1/models, GET /health, GET /metrics; docs/server.md has
+ * every parameter and status), serving on threads of its own. Opaque; made by
+ * `etllm_server_start`, freed with `etllm_server_free`.
+ *
+ * The server holds sessions of the runner's model (see `etllm_session`): it keeps the
+ * model loaded after `etllm_runner_free`, and its requests take turns on the model with
+ * the runner's and its sessions' calls. Thread rules: `etllm_server_port` may be called
+ * from any thread; `etllm_server_stop` and `etllm_server_free` must not race with each
+ * other.
+ */
+typedef struct etllm_server etllm_server;
 
 /**
  * A session: a conversation of its own (KV cache, position, tokens) over a runner's
@@ -862,6 +882,64 @@ typedef struct etllm_sampler {
   void (*destroy)(void *user_data);
 } etllm_sampler;
 
+/**
+ * How `etllm_server_start` serves. Always start from `etllm_server_options_default()`,
+ * then change the fields you need; later versions may add fields at the end.
+ */
+typedef struct etllm_server_options {
+  /**
+   * `sizeof(etllm_server_options)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * The port to listen on; 0 picks a free one (`etllm_server_port` tells which).
+   * Default 8080.
+   */
+  uint16_t port;
+  /**
+   * Write one line a request (method, path, status, time) to stderr. Default false.
+   */
+  bool log_requests;
+  /**
+   * The address to listen on (UTF-8, NUL-terminated); NULL means "127.0.0.1", which
+   * accepts connections from this machine only. Read during the call only.
+   */
+  const char *host;
+  /**
+   * Slots: sessions of the model whose KV caches are kept (requests run one at a time;
+   * each goes to the slot whose cache its prompt continues). Default 1.
+   */
+  uint32_t parallel;
+  /**
+   * Requests that may wait for the model, at least 1; one more is answered 503.
+   * Default 64.
+   */
+  uint32_t queue_size;
+  /**
+   * The most tokens a request may hold, prompt and output; 0 (the default) means the
+   * model's context.
+   */
+  uint32_t context_length;
+  /**
+   * After `etllm_server_stop`, how long running and queued requests may go on before
+   * they are cancelled, in milliseconds. Default 10000.
+   */
+  uint32_t shutdown_timeout_ms;
+  /**
+   * Request bodies larger than this are answered 413. Default 8 MiB.
+   */
+  uint64_t max_body_bytes;
+  /**
+   * When not NULL, every route but /health needs `Authorization: Bearer <api_key>`.
+   * Read during the call only. Default NULL.
+   */
+  const char *api_key;
+  /**
+   * The model id /v1/models lists; NULL means "etllm". Read during the call only.
+   */
+  const char *model_name;
+} etllm_server_options;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1377,6 +1455,41 @@ enum etllm_status etllm_runner_position(const struct etllm_runner *runner, int64
  */
 enum etllm_status etllm_runner_set_sampler(struct etllm_runner *runner,
                                            const struct etllm_sampler *sampler);
+
+/**
+ * The default server options, with `struct_size` set.
+ */
+struct etllm_server_options etllm_server_options_default(void);
+
+/**
+ * Starts serving `runner`'s model (loaded first if it is not) with `options` (NULL: the
+ * defaults), and returns once the server listens. On success `*out_server` is a new
+ * server the caller stops and frees with `etllm_server_free`; on failure it is set to NULL
+ * (`ETLLM_ERR_SERVER` when the address cannot be bound, e.g. the port is in use;
+ * `ETLLM_ERR_INVALID_ARGUMENT` for options out of range).
+ */
+enum etllm_status etllm_server_start(struct etllm_runner *runner,
+                                     const struct etllm_server_options *options,
+                                     struct etllm_server **out_server);
+
+/**
+ * The port the server listens on (the one chosen when `options.port` was 0); 0 for NULL.
+ */
+uint16_t etllm_server_port(const struct etllm_server *server);
+
+/**
+ * Stops the server: it stops accepting connections, lets running and queued requests
+ * finish for `shutdown_timeout_ms`, cancels the rest (they are answered 503), and returns
+ * when it has ended. A second call does nothing. The server is still freed with
+ * `etllm_server_free`.
+ */
+enum etllm_status etllm_server_stop(struct etllm_server *server);
+
+/**
+ * Stops the server as `etllm_server_stop` does (when it was not stopped yet) and frees it.
+ * NULL is ignored.
+ */
+void etllm_server_free(struct etllm_server *server);
 
 /**
  * Opens a new, empty session over `runner`'s model, loading the runner first if it is

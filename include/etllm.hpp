@@ -1398,6 +1398,69 @@ class TextStream {
   etllm_text_stream* handle_ = nullptr;
 };
 
+/// Options of Server (etllm_server_options); defaults from etllm_server_options_default().
+struct ServerOptions {
+  std::string host = "127.0.0.1";  ///< the address to listen on (loopback by default)
+  uint16_t port = 8080;            ///< 0 picks a free port (Server::port() tells which)
+  uint32_t parallel = 1;           ///< slots: sessions whose KV caches are kept
+  uint32_t queue_size = 64;        ///< requests that may wait; one more is a 503
+  uint32_t context_length = 0;     ///< the most tokens a request may hold; 0: the model's
+  uint32_t shutdown_timeout_ms = 10000;  ///< grace for requests after stop()
+  uint64_t max_body_bytes = 8u << 20;    ///< larger bodies are a 413
+  std::string api_key;             ///< when not empty, required as "Authorization: Bearer KEY"
+  std::string model_name = "etllm";  ///< the id /v1/models lists
+  bool log_requests = false;       ///< one line a request on stderr
+};
+
+/// The OpenAI-compatible HTTP server over a runner's model (etllm_server), serving on
+/// threads of its own from construction until stop() or destruction. It keeps the model
+/// loaded after the Runner is destroyed. Move-only.
+class Server {
+ public:
+  Server(Runner& runner, const ServerOptions& options = {}) {
+    etllm_server_options o = etllm_server_options_default();
+    o.host = options.host.c_str();
+    o.port = options.port;
+    o.parallel = options.parallel;
+    o.queue_size = options.queue_size;
+    o.context_length = options.context_length;
+    o.shutdown_timeout_ms = options.shutdown_timeout_ms;
+    o.max_body_bytes = options.max_body_bytes;
+    o.api_key = options.api_key.empty() ? nullptr : options.api_key.c_str();
+    o.model_name = options.model_name.c_str();
+    o.log_requests = options.log_requests;
+    detail::check(etllm_server_start(runner.handle(), &o, &handle_));
+  }
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  Server(Server&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  Server& operator=(Server&& other) noexcept {
+    if (this != &other) {
+      etllm_server_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  /// Stops the server (as stop()) and frees it.
+  ~Server() { etllm_server_free(handle_); }
+
+  /// The port it listens on.
+  uint16_t port() const { return etllm_server_port(handle()); }
+
+  /// Stops accepting, lets requests finish for shutdown_timeout_ms, cancels the rest and
+  /// returns when the server has ended; a second call does nothing.
+  void stop() { detail::check(etllm_server_stop(handle())); }
+
+  /// The underlying C handle, still owned by this object.
+  etllm_server* handle() const {
+    if (handle_ == nullptr) throw Error(ETLLM_ERR_NULL_ARGUMENT, "use of a moved-from etllm::Server");
+    return handle_;
+  }
+
+ private:
+  etllm_server* handle_ = nullptr;
+};
+
 }  // namespace etllm
 
 #endif  // ETLLM_HPP

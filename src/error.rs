@@ -99,4 +99,8 @@ pub enum Error {
     /// this thread (the call comes from inside one of its callbacks).
     #[error("busy: {0}")]
     Busy(String),
+    /// The HTTP server could not start (its address cannot be bound, no thread or async
+    /// runtime could be made) or failed while serving.
+    #[error("server error: {0}")]
+    Server(String),
 }

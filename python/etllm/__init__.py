@@ -38,6 +38,7 @@ from ._errors import (
     NullArgumentError,
     PanicError,
     SamplerError,
+    ServerError,
     StructSizeError,
     TokenizerError,
     UnsupportedModelError,
@@ -45,6 +46,7 @@ from ._errors import (
 )
 from ._io_manager import IoManager, ModelInfo, ModelMetadata, Step, TensorInfo, last_row
 from ._runner import Piece, Runner
+from ._server import Server
 from ._session import Session
 from ._tokenizer import TextStream, Tokenizer
 from ._chat import ChatTemplate, Conversation
@@ -58,7 +60,7 @@ __all__ = [
     "FileAccessError", "GenerationConfig", "GrammarError", "InvalidArgumentError", "InvalidModelError",
     "InvalidStateError", "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
     "ModelMetadata", "NotFoundError", "NotLoadedError", "NullArgumentError", "PanicError",
-    "Piece", "Runner", "SamplerError", "Session", "Stats", "Step", "StructSizeError", "TensorInfo",
+    "Piece", "Runner", "SamplerError", "Server", "ServerError", "Session", "Stats", "Step", "StructSizeError", "TensorInfo",
     "TextStream", "Tokenizer", "TokenizerError", "UnsupportedModelError", "last_row",
     "status_name",
 ]

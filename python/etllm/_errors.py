@@ -112,6 +112,13 @@ class InvalidStateError(EtLlmError):
     status = 20
 
 
+class ServerError(EtLlmError):
+    """The HTTP server could not start (its address cannot be bound, e.g. the port is in
+    use) or failed while serving."""
+
+    status = 21
+
+
 ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
     cls.status: cls
     for cls in (
@@ -135,6 +142,7 @@ ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
         ChatTemplateError,
         GrammarError,
         InvalidStateError,
+        ServerError,
     )
 }
 

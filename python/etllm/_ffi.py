@@ -174,6 +174,22 @@ class RunnerOptionsC(Structure):
     ]
 
 
+class ServerOptionsC(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("port", ctypes.c_uint16),
+        ("log_requests", c_bool),
+        ("host", c_char_p),
+        ("parallel", c_uint32),
+        ("queue_size", c_uint32),
+        ("context_length", c_uint32),
+        ("shutdown_timeout_ms", c_uint32),
+        ("max_body_bytes", ctypes.c_uint64),
+        ("api_key", c_char_p),
+        ("model_name", c_char_p),
+    ]
+
+
 lib = ctypes.CDLL(_library_path())
 
 _S = c_int32  # etllm_status
@@ -227,6 +243,13 @@ _fn("etllm_runner_vocab_size", _S, _P, POINTER(c_int64))
 _fn("etllm_runner_bos_id", _S, _P, POINTER(c_uint32))
 _fn("etllm_runner_eos_ids", _S, _P, POINTER(c_uint32), c_size_t, POINTER(c_size_t))
 _fn("etllm_runner_position", _S, _P, POINTER(c_int64))
+
+# The HTTP server
+_fn("etllm_server_options_default", ServerOptionsC)
+_fn("etllm_server_start", _S, _P, POINTER(ServerOptionsC), POINTER(_P))
+_fn("etllm_server_port", ctypes.c_uint16, _P)
+_fn("etllm_server_stop", _S, _P)
+_fn("etllm_server_free", None, _P)
 
 # Sessions (byte buffers in: c_char_p with a length; out: a library buffer, take_bytes)
 _fn("etllm_session_new", _S, _P, POINTER(_P))

@@ -59,6 +59,9 @@ pub enum etllm_status {
     /// another model or another state format, or its KV-cache manager state was refused.
     /// The session keeps the state it had.
     ETLLM_ERR_INVALID_STATE = 20,
+    /// The HTTP server could not start (its address cannot be bound, e.g. the port is in
+    /// use) or failed while serving.
+    ETLLM_ERR_SERVER = 21,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -107,6 +110,7 @@ impl FfiError {
                 Error::Grammar(_) => ETLLM_ERR_GRAMMAR,
                 Error::InvalidState(_) => ETLLM_ERR_INVALID_STATE,
                 Error::Busy(_) => ETLLM_ERR_BUSY,
+                Error::Server(_) => ETLLM_ERR_SERVER,
             },
         }
     }
@@ -207,6 +211,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_CHAT_TEMPLATE,
         ETLLM_ERR_GRAMMAR,
         ETLLM_ERR_INVALID_STATE,
+        ETLLM_ERR_SERVER,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -230,6 +235,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_CHAT_TEMPLATE) => c"ETLLM_ERR_CHAT_TEMPLATE",
         Some(ETLLM_ERR_GRAMMAR) => c"ETLLM_ERR_GRAMMAR",
         Some(ETLLM_ERR_INVALID_STATE) => c"ETLLM_ERR_INVALID_STATE",
+        Some(ETLLM_ERR_SERVER) => c"ETLLM_ERR_SERVER",
         None => c"unknown status",
     };
     name.as_ptr()

@@ -19,6 +19,8 @@ pub mod error;
 pub mod io_manager;
 pub mod runner;
 pub mod sampler;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod session;
 pub mod stats;
 pub mod tokenizer;

@@ -45,11 +45,11 @@ impl ApiError {
         }
     }
 
-    /// A 400 `context_length_exceeded`.
-    pub fn context_length(message: String) -> Self {
+    /// A 400 `context_length_exceeded` about `param` (`messages` or `prompt`).
+    pub fn context_length(message: String, param: Option<&str>) -> Self {
         ApiError {
             code: Some("context_length_exceeded"),
-            ..Self::invalid(message, Some("messages"))
+            ..Self::invalid(message, param)
         }
     }
 
@@ -78,7 +78,7 @@ impl ApiError {
     pub fn from_error(e: &crate::Error) -> Self {
         use crate::Error;
         match e {
-            Error::ContextFull { .. } => ApiError::context_length(e.to_string()),
+            Error::ContextFull { .. } => ApiError::context_length(e.to_string(), None),
             Error::InvalidArgument(m) => ApiError::invalid(m.clone(), None),
             Error::Grammar(m) => ApiError::invalid(
                 format!("invalid response_format or grammar: {m}"),
@@ -351,12 +351,14 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<crate::ChatMessage>, ApiE
                     &format!("'{}': tools are not supported", message.role),
                 ))
             }
-            other => return Err(ApiError::invalid(
-                format!(
+            other => {
+                return Err(ApiError::invalid(
+                    format!(
                     "messages[{i}].role '{other}' is not one of system, developer, user, assistant"
                 ),
-                Some(&format!("messages[{i}].role")),
-            )),
+                    Some(&format!("messages[{i}].role")),
+                ))
+            }
         };
         if message.tool_calls.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::unsupported(

@@ -304,21 +304,27 @@ fn prepare(state: &AppState, plan: &mut Plan) -> Result<Prepared, ApiError> {
         Endpoint::Completions => "prompt",
     };
     if ids.len() >= context {
-        return Err(ApiError::context_length(format!(
-            "This model's maximum context length is {context} tokens. However, your {what} \
+        return Err(ApiError::context_length(
+            format!(
+                "This model's maximum context length is {context} tokens. However, your {what} \
              resulted in {} tokens. Please reduce the length of the {what}.",
-            ids.len()
-        )));
+                ids.len()
+            ),
+            Some(what),
+        ));
     }
     if let Some(max) = plan.max_tokens {
         if ids.len().saturating_add(max) > context {
-            return Err(ApiError::context_length(format!(
-                "This model's maximum context length is {context} tokens. However, you \
+            return Err(ApiError::context_length(
+                format!(
+                    "This model's maximum context length is {context} tokens. However, you \
                  requested {} tokens ({} in the {what}, {max} in the completion). Please \
                  reduce the length of the {what} or completion.",
-                ids.len().saturating_add(max),
-                ids.len()
-            )));
+                    ids.len().saturating_add(max),
+                    ids.len()
+                ),
+                Some(what),
+            ));
         }
     }
     if !plan.config.grammar.is_empty() {

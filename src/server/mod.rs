@@ -151,7 +151,7 @@ impl Server {
         let shared = first.shared().clone();
         let metrics = Arc::new(metrics::Metrics::new(options.parallel));
         let engine = engine::Engine::start(sessions, options.queue_size, metrics.clone())
-            .map_err(|e| Error::InvalidArgument(format!("cannot start a thread: {e}")))?;
+            .map_err(|e| Error::Server(format!("cannot start a thread: {e}")))?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -219,6 +219,78 @@ impl Server {
         engine.cancel_all();
         let _ = tokio::task::spawn_blocking(move || engine.join()).await;
         result
+    }
+}
+
+impl Server {
+    /// Listens on `address` (`host:port`; port 0 picks a free one) and serves on a thread
+    /// of its own with its own async runtime, for callers without one (the C API). The
+    /// returned handle tells the bound address; [`RunningServer::stop`] (or dropping it)
+    /// shuts the server down as [`Server::serve`] does.
+    pub fn spawn(self, address: &str) -> Result<RunningServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etllm-server")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Server(format!("cannot start the async runtime: {e}")))?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(address))
+            .map_err(|e| Error::Server(format!("cannot listen on {address}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Server(format!("cannot listen on {address}: {e}")))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("etllm-server-main".into())
+            .spawn(move || {
+                let shutdown = async move {
+                    let _ = stopped.await;
+                };
+                runtime.block_on(self.serve(listener, shutdown))
+            })
+            .map_err(|e| Error::Server(format!("cannot start a thread: {e}")))?;
+        Ok(RunningServer {
+            address: local,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A server serving on its own thread, made by [`Server::spawn`]. Dropping it stops it
+/// (as [`stop`](Self::stop) does).
+#[derive(Debug)]
+pub struct RunningServer {
+    address: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningServer {
+    /// The address it listens on (with the port chosen when 0 was asked for).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Stops accepting connections, lets running and queued requests finish for the
+    /// shutdown timeout, cancels the rest, and returns when the server has ended. A second
+    /// call does nothing.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::Server(format!("the server failed: {e}"))),
+            Some(Err(_)) => Err(Error::Server("the server's thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }
 
