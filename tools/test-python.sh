@@ -27,7 +27,7 @@ fi
 echo "== Python: fresh venv, pip install ./python" >&2
 rm -rf "$VENV" "$ROOT/python/build" "$ROOT/python/etllm.egg-info"
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy pytest jsonschema lark
+"$VENV/bin/pip" install --quiet --disable-pip-version-check numpy pytest jsonschema lark openai httpx
 "$VENV/bin/pip" install --quiet --disable-pip-version-check ./python
 
 echo "== Python: pytest" >&2
