@@ -67,7 +67,8 @@ static char answer[1 << 16];
 
 /* A completion request over the socket gets an OpenAI-shaped answer with the requested
  * number of tokens; /health and /v1/models answer too. */
-static void serves_completions(void) {
+static void serves_completions(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server_options options = any_port();
   options.model_name = "tiny";
@@ -91,7 +92,8 @@ static void serves_completions(void) {
 }
 
 /* The server keeps the model loaded after the runner is freed. */
-static void server_outlives_runner(void) {
+static void server_outlives_runner(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server_options options = any_port();
   etllm_server *server = start(runner, &options);
@@ -103,7 +105,8 @@ static void server_outlives_runner(void) {
 }
 
 /* With an API key, requests without it (or with another) are 401; /health stays open. */
-static void api_key_is_required(void) {
+static void api_key_is_required(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server_options options = any_port();
   options.api_key = "s3cret";
@@ -121,7 +124,8 @@ static void api_key_is_required(void) {
 }
 
 /* A port already in use is ETLLM_ERR_SERVER, and nothing is returned. */
-static void port_in_use_is_server_error(void) {
+static void port_in_use_is_server_error(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server_options options = any_port();
   etllm_server *first = start(runner, &options);
@@ -135,7 +139,8 @@ static void port_in_use_is_server_error(void) {
 }
 
 /* After etllm_server_stop nothing listens; a second stop does nothing. */
-static void stop_closes_the_port(void) {
+static void stop_closes_the_port(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server_options options = any_port();
   etllm_server *server = start(runner, &options);
@@ -148,7 +153,8 @@ static void stop_closes_the_port(void) {
 }
 
 /* Bad arguments are errors, never a crash. */
-static void bad_arguments(void) {
+static void bad_arguments(const char *arg) {
+  (void)arg;
   etllm_runner *runner = open_runner(DEFAULT_MODEL);
   etllm_server *server = NULL;
   etllm_server_options options = any_port();
