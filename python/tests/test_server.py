@@ -647,22 +647,29 @@ def test_api_key_can_come_from_the_environment(cli):
         assert [m.id for m in client(s, api_key="from-env").models.list().data] == [MODEL_ID]
 
 
+def post_in_threads(url: str, body: dict, n: int, timeout: float):
+    """Starts `n` threads that POST `body` to `url` at the same moment; returns the threads
+    and the list their responses are appended to."""
+    start = threading.Barrier(n)
+    results: List[httpx.Response] = []
+    lock = threading.Lock()
+
+    def send():
+        start.wait()
+        r = httpx.post(url, json=body, timeout=timeout)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=send) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
 def test_full_queue_is_503_with_retry_after(cli):
     with run_server(cli, "--parallel", "1", "--queue", "1") as s:
         body = {"model": MODEL_ID, "prompt": "And", "max_tokens": 200, "ignore_eos": True}
-        start = threading.Barrier(4)
-        results: List[httpx.Response] = []
-        lock = threading.Lock()
-
-        def send():
-            start.wait()
-            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
-            with lock:
-                results.append(r)
-
-        threads = [threading.Thread(target=send) for _ in range(4)]
-        for t in threads:
-            t.start()
+        threads, results = post_in_threads(s.url + "/v1/completions", body, 4, timeout=60)
         for t in threads:
             t.join(60)
         assert len(results) == 4
@@ -853,17 +860,7 @@ def test_sigint_stops_an_idle_server_with_exit_0(cli):
 def test_requests_still_running_at_the_shutdown_timeout_get_503(cli):
     with run_server(cli, "--parallel", "1", "--shutdown-timeout", "0") as s:
         body = {"model": MODEL_ID, "prompt": "And", "ignore_eos": True}  # To the context end.
-        results: List[httpx.Response] = []
-        lock = threading.Lock()
-
-        def send():
-            r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
-            with lock:
-                results.append(r)
-
-        threads = [threading.Thread(target=send) for _ in range(2)]
-        for t in threads:
-            t.start()
+        threads, results = post_in_threads(s.url + "/v1/completions", body, 2, timeout=30)
         # One generates, one waits: then stop the server.
         deadline = time.monotonic() + 10
         while httpx.get(s.url + "/health", timeout=10).json()["queue_depth"] < 1:

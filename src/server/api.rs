@@ -228,15 +228,21 @@ pub(crate) struct Plan {
     pub config: GenerationConfig,
 }
 
-/// Parameters OpenAI defines that EtLlm does not implement, each with the values that
-/// mean "off" (accepted and ignored). Any other value is refused by name.
-const UNSUPPORTED_CHAT: &[(&str, &[&str])] = &[
+/// A parameter OpenAI defines that EtLlm does not implement, with the values that mean
+/// "off" (accepted and ignored). Any other value is refused by name.
+type Unsupported = (&'static str, &'static [&'static str]);
+
+/// Those of both endpoints.
+const UNSUPPORTED_BOTH: &[Unsupported] = &[
     ("n", &["1", "null"]),
-    ("logprobs", &["false", "null"]),
-    ("top_logprobs", &["0", "null"]),
     ("logit_bias", &["{}", "null"]),
     ("presence_penalty", &["0", "0.0", "null"]),
     ("frequency_penalty", &["0", "0.0", "null"]),
+];
+
+const UNSUPPORTED_CHAT: &[Unsupported] = &[
+    ("logprobs", &["false", "null"]),
+    ("top_logprobs", &["0", "null"]),
     ("tools", &["[]", "null"]),
     ("tool_choice", &["\"none\"", "\"auto\"", "null"]),
     ("functions", &["[]", "null"]),
@@ -248,13 +254,9 @@ const UNSUPPORTED_CHAT: &[(&str, &[&str])] = &[
     ("reasoning_effort", &["null"]),
 ];
 
-const UNSUPPORTED_COMPLETIONS: &[(&str, &[&str])] = &[
-    ("n", &["1", "null"]),
+const UNSUPPORTED_COMPLETIONS: &[Unsupported] = &[
     ("best_of", &["1", "null"]),
     ("logprobs", &["0", "null"]),
-    ("logit_bias", &["{}", "null"]),
-    ("presence_penalty", &["0", "0.0", "null"]),
-    ("frequency_penalty", &["0", "0.0", "null"]),
     ("suffix", &["\"\"", "null"]),
 ];
 
@@ -276,7 +278,7 @@ pub(crate) fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Plan, ApiError> {
         Endpoint::Chat => UNSUPPORTED_CHAT,
         Endpoint::Completions => UNSUPPORTED_COMPLETIONS,
     };
-    for (name, neutral) in refused {
+    for (name, neutral) in UNSUPPORTED_BOTH.iter().chain(refused) {
         if let Some(v) = object.get(*name) {
             let text = v.to_string();
             if !neutral.contains(&text.as_str()) {
