@@ -12,8 +12,11 @@
 # etllm_ref_find_model().
 # Prompts are written byte by byte as \xHH escapes, so any UTF-8 survives unchanged.
 # Optional per-case fields (the static_attention fixture's): `name`, `beyond_cache`,
-# `static_driver_greedy_ids`; cases without them get NULL / false / an empty list. For each
-# model it also sets ETLLM_REFERENCE_CASE_NAMES_<model> (the names of its named cases) and
+# `static_driver_greedy_ids`; cases without them get NULL / false / an empty list. Also
+# optional, and only in an fp16 export's reference (whose greedy_ids come from upstream's
+# runtime): `fp32_eager_greedy_ids`, NULL / 0 when absent (see check_reference_ids in
+# c_tests/support/test_support.h). For each model it also sets
+# ETLLM_REFERENCE_CASE_NAMES_<model> (the names of its named cases) and
 # ETLLM_REFERENCE_BEYOND_CACHE_CASES_<model> (those with `beyond_cache` true).
 
 function(_etllm_c_string text out_var)
@@ -85,6 +88,7 @@ function(etllm_generate_reference fixtures_dir out_dir)
     if(NOT err AND first_id EQUAL 1 AND NOT model IN_LIST ARG_SKIP)
       list(APPEND text_models "${model}")
     endif()
+    string(JSON dtype ERROR_VARIABLE dtype_err GET "${json}" config dtype)
     string(JSON cases GET "${json}" cases)
     string(JSON n_cases LENGTH "${cases}")
     math(EXPR last_case "${n_cases} - 1")
@@ -125,6 +129,20 @@ function(etllm_generate_reference fixtures_dir out_dir)
           "static const uint32_t ${cname}_static_driver_greedy_ids_${c}[] = {${driver_list}};\n")
         set(driver_c "${cname}_static_driver_greedy_ids_${c}, ${driver_len}")
       endif()
+      # The second reference of an f16 export (see check_reference_ids).
+      string(JSON eager_ids ERROR_VARIABLE err GET "${cases}" ${c} fp32_eager_greedy_ids)
+      if(err)
+        set(eager_c "NULL, 0")
+      else()
+        if(dtype_err OR NOT dtype STREQUAL "fp16")
+          message(FATAL_ERROR
+            "${ref}: fp32_eager_greedy_ids in a reference that is not an fp16 export's")
+        endif()
+        _etllm_c_ids("${eager_ids}" eager_list eager_len)
+        string(APPEND data
+          "static const uint32_t ${cname}_fp32_eager_greedy_ids_${c}[] = {${eager_list}};\n")
+        set(eager_c "${cname}_fp32_eager_greedy_ids_${c}, ${eager_len}")
+      endif()
       # Data files (.ptd) the case needs, relative to the fixture folder.
       string(JSON data_files ERROR_VARIABLE err GET "${cases}" ${c} data_files)
       set(data_c "NULL, 0")
@@ -153,7 +171,7 @@ function(etllm_generate_reference fixtures_dir out_dir)
       string(APPEND case_rows
         "  {${prompt_c},\n"
         "   ${cname}_prompt_ids_${c}, ${prompt_len}, ${cname}_greedy_ids_${c}, ${greedy_len},\n"
-        "   ${name_c}, ${beyond_c}, ${driver_c}, ${method_c}, ${data_c}},\n")
+        "   ${name_c}, ${beyond_c}, ${driver_c}, ${method_c}, ${data_c}, ${eager_c}},\n")
     endforeach()
     string(APPEND data
       "static const etllm_ref_case ${cname}_cases[] = {\n${case_rows}};\n\n")
@@ -198,6 +216,11 @@ typedef struct etllm_ref_case {
    * given; the library then looks for <stem>.ptd beside the model). */
   const char *const *data_files;
   size_t num_data_files;
+  /* Only for an fp16 export whose greedy_ids come from upstream's runtime: the eager-fp32
+   * greedy continuation, which a run may equal instead (see check_reference_ids in
+   * test_support.h); NULL, 0 for every other reference. */
+  const uint32_t *fp32_eager_greedy_ids;
+  size_t num_fp32_eager_greedy_ids;
 } etllm_ref_case;
 
 /* A fixture model: tests/fixtures/<name>/model.pte (<name> may be "shipped/<export>"). Every fixture with a reference.json is

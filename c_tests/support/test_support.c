@@ -262,6 +262,39 @@ void check_ids(const char *what, const uint32_t *got, size_t num_got, const uint
   CHECK_MSG(num_got == num_want, "%s: %zu tokens, expected %zu", what, num_got, num_want);
 }
 
+/* Where `got` first differs from the first `n` of the `num_want` ids of `want`: an index,
+ * min(num_got, n) when only the lengths differ (or `want` is shorter than `n`), or SIZE_MAX
+ * when `got` is exactly those `n` ids. */
+static size_t first_difference(const uint32_t *got, size_t num_got, const uint32_t *want,
+                               size_t num_want, size_t n) {
+  const size_t common = num_got < n ? num_got : n;
+  for (size_t i = 0; i < common; i++) {
+    if (i >= num_want || got[i] != want[i]) return i;
+  }
+  return num_got == n && num_want >= n ? SIZE_MAX : common;
+}
+
+void check_reference_ids(const char *what, const uint32_t *got, size_t num_got,
+                         const etllm_ref_case *ref) {
+  const size_t n = ref->num_greedy_ids;
+  const size_t upstream = first_difference(got, num_got, ref->greedy_ids, n, n);
+  if (upstream == SIZE_MAX) return;
+  if (ref->fp32_eager_greedy_ids != NULL) {
+    const size_t eager = first_difference(got, num_got, ref->fp32_eager_greedy_ids,
+                                          ref->num_fp32_eager_greedy_ids, n);
+    if (eager == SIZE_MAX) return;
+    etllm_test_fail(__FILE__, __LINE__,
+                    "%s: %zu tokens (expected %zu); they differ from greedy_ids at token %zu "
+                    "and from fp32_eager_greedy_ids at token %zu",
+                    what, num_got, n, upstream, eager);
+  }
+  if (upstream < num_got && upstream < n) {
+    etllm_test_fail(__FILE__, __LINE__, "%s: token %zu is %u, the reference gave %u", what,
+                    upstream, got[upstream], ref->greedy_ids[upstream]);
+  }
+  etllm_test_fail(__FILE__, __LINE__, "%s: %zu tokens, expected %zu", what, num_got, n);
+}
+
 int run_test_case(int argc, char **argv, const test_case *cases, size_t num_cases) {
   if (argc < 2 || argc > 3) {
     fprintf(stderr, "usage: %s CASE [ARG]\ncases:", argv[0]);

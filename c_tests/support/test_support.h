@@ -117,6 +117,18 @@ size_t session_tokens(const etllm_session *session, uint32_t *ids, size_t max);
 void check_ids(const char *what, const uint32_t *got, size_t num_got, const uint32_t *want,
                size_t num_want);
 
+/* Fails the test unless `got` is exactly `ref`'s greedy continuation: all of its
+ * greedy_ids, or, for an fp16 export whose reference also carries fp32_eager_greedy_ids,
+ * the same length of those instead. Why two for f16: that fixture's greedy_ids come from
+ * upstream's runtime (pybindings, XNNPACK) on the machine that made it, and XNNPACK chooses
+ * its f16 microkernels by CPU: on CPUs without native f16 arithmetic the export computes
+ * like fp32 and its greedy tokens then equal eager fp32's (they part where a step's top-2
+ * margin is within f16 rounding). EtLlm links the same XNNPACK, so upstream's runtime gives
+ * EtLlm's tokens on the same CPU. Both outside references are accepted; a runner bug matches
+ * neither. Every other reference has greedy_ids only, compared exactly. */
+void check_reference_ids(const char *what, const uint32_t *got, size_t num_got,
+                         const etllm_ref_case *ref);
+
 /* ---- The command-line tool ---------------------------------------------------------------- */
 
 /* Runs an `etllm generate ... --json` command line and returns how many generated token ids
