@@ -203,6 +203,11 @@ impl Server {
                 });
             }
         };
+        // Without TCP_NODELAY the first chunk of a stream waits for the client's delayed
+        // ACK of the headers (about 40 ms on Linux).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(graceful);
         // Connections that stay open after their requests were cancelled do not hold the
         // process: it returns a few seconds after the cancellation in any case.
