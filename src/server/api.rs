@@ -540,39 +540,50 @@ pub(crate) struct Envelope {
 const FINGERPRINT: &str = concat!("etllm-", env!("CARGO_PKG_VERSION"));
 
 impl Envelope {
+    /// An object of type `object` with `choices` (and `usage`, when given), under the
+    /// fields every response and chunk starts with.
+    fn object(&self, object: &str, choices: Value, usage: Option<Value>) -> Value {
+        let mut value = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            value["usage"] = usage;
+        }
+        value
+    }
+
+    /// The type of a streamed chunk.
+    fn chunk_object(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        }
+    }
+
     /// The whole response of a request that did not stream.
     pub fn response(&self, text: &str, stats: &Stats) -> Value {
         let finish = finish_reason(stats.stop_reason);
-        match self.endpoint {
-            Endpoint::Chat => json!({
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{
+        let (object, choice) = match self.endpoint {
+            Endpoint::Chat => (
+                "chat.completion",
+                json!({
                     "index": 0,
                     "message": { "role": "assistant", "content": text, "refusal": null },
                     "logprobs": null,
                     "finish_reason": finish,
-                }],
-                "usage": usage(stats),
-            }),
-            Endpoint::Completions => json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{
-                    "index": 0,
-                    "text": text,
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }],
-                "usage": usage(stats),
-            }),
-        }
+                }),
+            ),
+            Endpoint::Completions => (
+                "text_completion",
+                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }),
+            ),
+        };
+        self.object(object, json!([choice]), Some(usage(stats)))
     }
 
     /// A streamed chunk: `text` (chat: with the assistant role when `first`), or the end
@@ -584,61 +595,29 @@ impl Envelope {
         finish: Option<&str>,
         include_usage: bool,
     ) -> Value {
-        let mut chunk = match self.endpoint {
+        let choice = match self.endpoint {
             Endpoint::Chat => {
                 let delta = match (text, first) {
                     (Some(t), true) => json!({ "role": "assistant", "content": t }),
                     (Some(t), false) => json!({ "content": t }),
                     (None, _) => json!({}),
                 };
-                json!({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "system_fingerprint": FINGERPRINT,
-                    "choices": [{
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": null,
-                        "finish_reason": finish,
-                    }],
-                })
+                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
             }
             Endpoint::Completions => json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{
-                    "index": 0,
-                    "text": text.unwrap_or(""),
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }],
+                "index": 0,
+                "text": text.unwrap_or(""),
+                "logprobs": null,
+                "finish_reason": finish,
             }),
         };
-        if include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
+        let usage = include_usage.then_some(Value::Null);
+        self.object(self.chunk_object(), json!([choice]), usage)
     }
 
     /// The last chunk when the client asked for usage: no choices, the usage.
     pub fn usage_chunk(&self, stats: &Stats) -> Value {
-        json!({
-            "id": self.id,
-            "object": match self.endpoint {
-                Endpoint::Chat => "chat.completion.chunk",
-                Endpoint::Completions => "text_completion",
-            },
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [],
-            "usage": usage(stats),
-        })
+        self.object(self.chunk_object(), json!([]), Some(usage(stats)))
     }
 }
 

@@ -397,10 +397,15 @@ def main() -> int:
                                            ("whole_cold", "whole_warm", "stream_cold",
                                             "stream_warm", "cli")}
 
-            def server_req(kind: str, prompt: str, stream: bool, ref: str, rnd: int) -> None:
+            def timed(prompt: str, stream: bool) -> Tuple[Dict, Dict, Dict]:
+                """One server request with the metrics read before and after it."""
                 before = client.metrics()
                 r = client.complete(prompt, N, stream)
-                after = client.metrics()
+                return r, before, client.metrics()
+
+            def record(kind: str, r: Dict, before: Dict, after: Dict, ref: str, rnd: int) -> None:
+                """Adds the server's own timings to `r`, checks its text against the CLI's
+                and keeps it."""
                 r["server_ttft_s"] = metric_delta(before, after, ttft_metric) if ttft_metric else None
                 r["server_queue_s"] = metric_delta(before, after, queue_metric) if queue_metric else None
                 r["server_tpot_s"] = metric_delta(before, after, tpot_metric) if tpot_metric else None
@@ -428,29 +433,16 @@ def main() -> int:
                                                   ("whole_warm", P, False, "P"),
                                                   ("stream_cold", Q, True, "Q"),
                                                   ("stream_warm", Q, True, "Q")):
+                    r, before, after = timed(prompt, stream)
                     if cli_first:
-                        server_req(kind, prompt, stream, clis[key]["text"], rnd)
+                        record(kind, r, before, after, clis[key]["text"], rnd)
                     else:
-                        before = client.metrics()
-                        r = client.complete(prompt, N, stream)
-                        after = client.metrics()
                         pending.append((kind, key, r, before, after))
                 if not cli_first:
                     for key, prompt in (("P", P), ("Q", Q)):
                         clis[key] = cli_generate(a.cli, extra, prompt, N, not a.no_warmup)
                     for kind, key, r, before, after in pending:
-                        ref = clis[key]["text"]
-                        r["server_ttft_s"] = metric_delta(before, after, ttft_metric) if ttft_metric else None
-                        r["server_queue_s"] = metric_delta(before, after, queue_metric) if queue_metric else None
-                        r["server_tpot_s"] = metric_delta(before, after, tpot_metric) if tpot_metric else None
-                        r["round"] = rnd
-                        if r["text"] != ref or r["usage"]["completion_tokens"] != N:
-                            msg = (f"MISMATCH prompt~{target} round {rnd} {kind}: server "
-                                   f"{r['text']!r} ({r['usage']['completion_tokens']} tokens) "
-                                   f"!= CLI {ref!r}")
-                            print(msg, file=sys.stderr)
-                            failures.append(msg)
-                        rows[kind].append(r)
+                        record(kind, r, before, after, clis[key]["text"], rnd)
                 for key in ("P", "Q"):
                     clis[key]["round"] = rnd
                     clis[key]["which"] = key
