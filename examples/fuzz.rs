@@ -1246,8 +1246,17 @@ fn exec_session_state(path: &Path) -> etllm::Result<()> {
     Ok(())
 }
 
+/// Without the `server` feature there is no server to fuzz: every case is a clean refusal.
+#[cfg(not(feature = "server"))]
+fn exec_server_request(_path: &Path) -> etllm::Result<()> {
+    Err(etllm::Error::InvalidArgument(
+        "built without the `server` feature".into(),
+    ))
+}
+
 /// Sends one request to the server's router (a fresh server over the demo model) and reads
 /// the whole answer, streamed or not.
+#[cfg(feature = "server")]
 fn exec_server_request(path: &Path) -> etllm::Result<()> {
     use etllm::server::{Server, ServerOptions};
     use tower::ServiceExt;
