@@ -60,6 +60,12 @@
 #define ETLLM_MAX_DIMS 8
 
 /**
+ * The token id recorded (in [`Session::tokens`](crate::Session::tokens) and saved
+ * states) for each position an encoder filled: it matches no real token.
+ */
+#define MEDIA_POSITION UINT32_MAX
+
+/**
  * Result of every fallible EtLlm call. `ETLLM_OK` is 0; each failure has its own code,
  * and `etllm_last_error_message()` describes it.
  */
@@ -158,6 +164,12 @@ typedef enum etllm_status {
    * use) or failed while serving.
    */
   ETLLM_ERR_SERVER = 21,
+  /**
+   * An image or audio input could not be used: not a supported format (images: PNG,
+   * JPEG, GIF, BMP, WebP; audio: WAV), corrupt or truncated, or a layout EtLlm does not
+   * take (more than two audio channels, no samples). Nothing changed.
+   */
+  ETLLM_ERR_INVALID_MEDIA = 22,
 } etllm_status;
 
 /**
@@ -252,6 +264,15 @@ typedef enum etllm_preset {
    */
   ETLLM_PRESET_LLAMA = 1,
 } etllm_preset;
+
+/**
+ * A speech-to-text model (upstream's ASR layout: `encoder` and `text_decoder` methods)
+ * with its tokenizer. Opaque. Thread rules: one call at a time from any thread
+ * (another concurrent call returns `ETLLM_ERR_BUSY`), except `etllm_asr_stop`, which may
+ * be called from any thread at any time. `etllm_asr_free` must not race with any other
+ * call on it.
+ */
+typedef struct etllm_asr etllm_asr;
 
 /**
  * A compiled chat template (Jinja, rendered as HF transformers renders chat templates)
@@ -360,20 +381,134 @@ typedef struct etllm_text_stream etllm_text_stream;
 typedef struct etllm_tokenizer etllm_tokenizer;
 
 /**
- * One message of a conversation: `role` ("system", "user", "assistant", ...) and
- * `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its
- * layout is fixed for good.
+ * Options of `etllm_asr_open`. Versioned: initialize with `etllm_asr_options_default()`.
  */
-typedef struct etllm_chat_message {
+typedef struct etllm_asr_options {
   /**
-   * Who speaks.
+   * `sizeof(etllm_asr_options)` as the caller compiled it.
    */
-  const char *role;
+  uint32_t struct_size;
   /**
-   * What they say.
+   * Threads of ExecuTorch's CPU thread pool (see `etllm_runner_options.num_threads`);
+   * 0 keeps its current size.
    */
-  const char *content;
-} etllm_chat_message;
+  uint32_t num_threads;
+  /**
+   * The feature extractor's settings (a Whisper `preprocessor_config.json`), or NULL:
+   * then `preprocessor_config.json` beside the model, else beside the tokenizer, is
+   * used if there is one, else Whisper's settings (80 mel bands, 16 kHz, 30 s).
+   */
+  const char *preprocessor_config;
+  /**
+   * External data files (`.ptd`), as `etllm_runner_options.data_paths`.
+   */
+  const char *const *data_paths;
+  /**
+   * Number of entries in `data_paths`.
+   */
+  size_t num_data_paths;
+} etllm_asr_options;
+
+/**
+ * What `etllm_asr_transcribe` decodes. Versioned: initialize with
+ * `etllm_transcribe_options_default()`.
+ */
+typedef struct etllm_transcribe_options {
+  /**
+   * `sizeof(etllm_transcribe_options)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * Non-zero: translate into English (`<|translate|>`) instead of transcribing.
+   */
+  int32_t translate;
+  /**
+   * The spoken language as Whisper's code ("en", "fr"...), or NULL to detect it from
+   * the decoder's first step.
+   */
+  const char *language;
+  /**
+   * The whole decoder prompt (replacing the start token, language, task and
+   * `<|notimestamps|>`), or NULL.
+   */
+  const uint32_t *decoder_prompt;
+  /**
+   * Number of `decoder_prompt` ids.
+   */
+  size_t num_decoder_prompt;
+} etllm_transcribe_options;
+
+/**
+ * One part of a multimodal prompt. Versioned: initialize it with `etllm_input_default()`
+ * and set `kind` and the fields that kind reads (see `etllm_input_kind`); the others are
+ * ignored. Every pointer is read during the call that takes the input and never kept.
+ */
+typedef struct etllm_input {
+  /**
+   * `sizeof(etllm_input)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /**
+   * An `etllm_input_kind` value.
+   */
+  int32_t kind;
+  /**
+   * `ETLLM_INPUT_TEXT`: the text.
+   */
+  const char *text;
+  /**
+   * `ETLLM_INPUT_IMAGE_FILE`, `ETLLM_INPUT_AUDIO_FILE`: the file's path (UTF-8).
+   */
+  const char *path;
+  /**
+   * `ETLLM_INPUT_TOKENS`: the ids.
+   */
+  const uint32_t *tokens;
+  /**
+   * Number of `tokens`.
+   */
+  size_t num_tokens;
+  /**
+   * `ETLLM_INPUT_IMAGE_ENCODED`, `ETLLM_INPUT_IMAGE_PIXELS`: the bytes.
+   */
+  const uint8_t *bytes;
+  /**
+   * Number of `bytes`.
+   */
+  size_t num_bytes;
+  /**
+   * `ETLLM_INPUT_IMAGE_PIXELS`: width in pixels.
+   */
+  uint32_t width;
+  /**
+   * `ETLLM_INPUT_IMAGE_PIXELS`: height in pixels.
+   */
+  uint32_t height;
+  /**
+   * `ETLLM_INPUT_IMAGE_PIXELS`: 1 to 4; `ETLLM_INPUT_AUDIO_SAMPLES`: 1 or 2.
+   */
+  uint32_t channels;
+  /**
+   * `ETLLM_INPUT_AUDIO_SAMPLES`: samples a second.
+   */
+  uint32_t sample_rate;
+  /**
+   * `ETLLM_INPUT_AUDIO_SAMPLES`, `ETLLM_INPUT_FEATURES`: the values.
+   */
+  const float *floats;
+  /**
+   * Number of `floats`.
+   */
+  size_t num_floats;
+  /**
+   * `ETLLM_INPUT_FEATURES`: the sizes, outermost first.
+   */
+  const size_t *sizes;
+  /**
+   * Number of `sizes`.
+   */
+  size_t num_sizes;
+} etllm_input;
 
 /**
  * Settings of one generation. Always start from `etllm_generation_config_default()`,
@@ -578,6 +713,22 @@ typedef struct etllm_stats {
    */
   uint64_t reused_prompt_tokens;
 } etllm_stats;
+
+/**
+ * One message of a conversation: `role` ("system", "user", "assistant", ...) and
+ * `content`, both NUL-terminated UTF-8 that the caller owns. Used in arrays, so its
+ * layout is fixed for good.
+ */
+typedef struct etllm_chat_message {
+  /**
+   * Who speaks.
+   */
+  const char *role;
+  /**
+   * What they say.
+   */
+  const char *content;
+} etllm_chat_message;
 
 /**
  * Called once when generation ends, with its stats (valid only during the call).
@@ -797,6 +948,14 @@ typedef struct etllm_runner_options {
    * with `ETLLM_ERR_INVALID_ARGUMENT`.
    */
   const char *method_name;
+  /**
+   * The image processor's settings (a Hugging Face `preprocessor_config.json`) for a
+   * multimodal model whose `vision_encoder` takes preprocessed pixel values, as a
+   * NUL-terminated UTF-8 path, or NULL: then `preprocessor_config.json` beside the
+   * model, else beside the tokenizer, is used if there is one. Given for a model
+   * without a `vision_encoder`, it fails the load with `ETLLM_ERR_INVALID_ARGUMENT`.
+   */
+  const char *preprocessor_config;
 } etllm_runner_options;
 
 /**
@@ -959,6 +1118,68 @@ const char *etllm_executorch_version(void);
  * `etllm_stats_to_json`). NULL is ignored. Never pass a string from anywhere else.
  */
 void etllm_string_free(char *s);
+
+/**
+ * ASR options with every default and `struct_size` set.
+ */
+struct etllm_asr_options etllm_asr_options_default(void);
+
+/**
+ * Transcribe options with every default and `struct_size` set.
+ */
+struct etllm_transcribe_options etllm_transcribe_options_default(void);
+
+/**
+ * Loads a speech-to-text model and its tokenizer. On success `*out_asr` is a handle the
+ * caller frees with `etllm_asr_free`; on failure it is NULL. A decoder-only model is
+ * `ETLLM_ERR_UNSUPPORTED_MODEL`. `options` may be NULL.
+ */
+enum etllm_status etllm_asr_open(const char *model_path,
+                                 const char *tokenizer_path,
+                                 const struct etllm_asr_options *options,
+                                 struct etllm_asr **out_asr);
+
+/**
+ * Frees a speech-to-text handle. NULL is ignored.
+ */
+void etllm_asr_free(struct etllm_asr *asr);
+
+/**
+ * Asks a running `etllm_asr_transcribe` to end before its next decoder step. Safe from
+ * any thread at any time; cleared when the next transcription starts.
+ */
+enum etllm_status etllm_asr_stop(const struct etllm_asr *asr);
+
+/**
+ * Transcribes `audio`: an `etllm_input` of kind `ETLLM_INPUT_AUDIO_FILE` (WAV),
+ * `ETLLM_INPUT_AUDIO_SAMPLES` (any rate: resampled to the model's) or
+ * `ETLLM_INPUT_FEATURES` (log-mel features as the encoder takes them). The audio is
+ * padded or cut to the model's window (30 s for Whisper); the encoder runs once and the
+ * decoder a token at a time until its end-of-text token, `config.max_new_tokens` or its
+ * context.
+ *
+ * `config` may be NULL: greedy, until the end of text. Of its fields, the sampling ones
+ * (`temperature`, `top_k`, `top_p`, `min_p`, `seed`, `repetition_penalty`),
+ * `max_new_tokens`, `ignore_eos` and `stop_token_ids` apply. `options` may be NULL
+ * (detect the language, transcribe). Text pieces stream to `on_token` as in
+ * `etllm_runner_generate` (special tokens are left out); it may be NULL.
+ *
+ * Outputs, each optional (NULL): `*out_text` the whole text, NUL-terminated, freed with
+ * `etllm_string_free`; `*out_tokens` / `*out_num_tokens` the generated ids (end of text
+ * excluded), freed with `etllm_buffer_free`; `out_stats` as for generation
+ * (`num_prompt_tokens` is the encoder's output length). Unreadable audio is
+ * `ETLLM_ERR_INVALID_MEDIA`; nothing is written to the outputs on failure but NULLs.
+ */
+enum etllm_status etllm_asr_transcribe(struct etllm_asr *asr,
+                                       const struct etllm_input *audio,
+                                       const struct etllm_transcribe_options *options,
+                                       const struct etllm_generation_config *config,
+                                       etllm_token_callback on_token,
+                                       void *user_data,
+                                       char **out_text,
+                                       uint32_t **out_tokens,
+                                       size_t *out_num_tokens,
+                                       struct etllm_stats *out_stats);
 
 /**
  * Compiles the Jinja chat template `source`. `bos_token` and `eos_token` render as empty
@@ -1172,6 +1393,63 @@ const char *etllm_last_error_message(void);
  * value that is not one. Static; do not free.
  */
 const char *etllm_status_name(int32_t status);
+
+/**
+ * An input with every default (an empty text input) and `struct_size` set.
+ */
+struct etllm_input etllm_input_default(void);
+
+/**
+ * Generates from `num_inputs` inputs (text, token ids, images, features) fed in order
+ * after the conversation so far, as upstream's `MultimodalRunner` does; otherwise like
+ * `etllm_runner_generate` (callbacks, stats, stop, errors). Images need a model with
+ * upstream's multimodal methods (`vision_encoder`, `token_embedding`, `text_decoder`);
+ * an image for a text-only model is `ETLLM_ERR_UNSUPPORTED_MODEL`, an unreadable one
+ * `ETLLM_ERR_INVALID_MEDIA`. `config.num_bos` / `num_eos` apply to the first input when
+ * it is text or tokens and the conversation is empty; `config.echo` echoes the text
+ * inputs. Every input is decoded and checked before the model runs: a bad input or one
+ * that does not fit the context changes nothing.
+ */
+enum etllm_status etllm_runner_generate_inputs(struct etllm_runner *runner,
+                                               const struct etllm_input *inputs,
+                                               size_t num_inputs,
+                                               const struct etllm_generation_config *config,
+                                               etllm_token_callback on_token,
+                                               etllm_stats_callback on_stats,
+                                               void *user_data,
+                                               struct etllm_stats *out_stats);
+
+/**
+ * Feeds `num_inputs` inputs without generating (see `etllm_runner_generate_inputs`); a
+ * following generate continues after them. `config` may be NULL; `out_stats` may be
+ * NULL.
+ */
+enum etllm_status etllm_runner_prefill_inputs(struct etllm_runner *runner,
+                                              const struct etllm_input *inputs,
+                                              size_t num_inputs,
+                                              const struct etllm_generation_config *config,
+                                              struct etllm_stats *out_stats);
+
+/**
+ * `etllm_runner_generate_inputs` on this session's conversation.
+ */
+enum etllm_status etllm_session_generate_inputs(struct etllm_session *session,
+                                                const struct etllm_input *inputs,
+                                                size_t num_inputs,
+                                                const struct etllm_generation_config *config,
+                                                etllm_token_callback on_token,
+                                                etllm_stats_callback on_stats,
+                                                void *user_data,
+                                                struct etllm_stats *out_stats);
+
+/**
+ * `etllm_runner_prefill_inputs` on this session's conversation.
+ */
+enum etllm_status etllm_session_prefill_inputs(struct etllm_session *session,
+                                               const struct etllm_input *inputs,
+                                               size_t num_inputs,
+                                               const struct etllm_generation_config *config,
+                                               struct etllm_stats *out_stats);
 
 /**
  * Makes an empty buffer in `*out_buffer`; free it with `etllm_state_buffer_free`.

@@ -99,6 +99,15 @@ pub enum Error {
     /// this thread (the call comes from inside one of its callbacks).
     #[error("busy: {0}")]
     Busy(String),
+    /// An image or audio input could not be used: not a supported format, corrupt or
+    /// truncated, or a layout EtLlm does not take (e.g. more than two audio channels).
+    #[error("invalid media {what}: {message}")]
+    InvalidMedia {
+        /// The input: its file, or its place in the input list.
+        what: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The HTTP server could not start (its address cannot be bound, no thread or async
     /// runtime could be made) or failed while serving.
     #[error("server error: {0}")]

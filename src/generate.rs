@@ -93,6 +93,9 @@ pub(crate) struct Parts<'a> {
     pub(crate) ring: &'a mut bool,
     /// Every token fed to the model is appended here.
     pub(crate) fed: &'a mut Vec<u32>,
+    /// The logits after what was fed before this loop (an encoder's output), used when
+    /// there are no tokens to feed.
+    pub(crate) initial_logits: Option<&'a [f32]>,
 }
 
 /// Prefills `feed` at `pos`, then samples up to `n_new` tokens. `prior` are tokens of
@@ -120,6 +123,7 @@ pub(crate) fn generate_loop(
         max_context,
         ring,
         fed,
+        initial_logits,
     } = parts;
     let stopped = || stop.load(Ordering::Acquire);
     // This call's tokens, for the repetition penalty.
@@ -151,6 +155,13 @@ pub(crate) fn generate_loop(
                 Err(e) => return Err(e),
             };
         }
+    }
+    if let (true, Some(logits), true) = (feed.is_empty(), initial_logits, n_new > 0) {
+        token = match picker.pick(logits, &history) {
+            Ok(t) => Some(t),
+            Err(_) if picker.grammar_stopped() => None,
+            Err(e) => return Err(e),
+        };
     }
     stats.prompt_eval_end_us = now_us();
     let Some(mut token) = token else {

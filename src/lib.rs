@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+pub mod asr;
 pub mod chat;
 pub mod config;
 pub mod conversation;
@@ -45,7 +46,9 @@ pub mod ffi;
 mod generate;
 pub mod grammar;
 pub mod io_manager;
+pub mod media;
 pub mod model;
+pub mod multimodal;
 pub mod runner;
 pub mod sampler;
 #[cfg(feature = "server")]
@@ -56,6 +59,7 @@ pub mod stop;
 pub mod tensor;
 pub mod tokenizer;
 
+pub use asr::{AsrOptions, AsrRunner, TranscribeConfig, Transcript};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::GenerationConfig;
 pub use conversation::Conversation;
@@ -63,6 +67,7 @@ pub use error::{Error, Result};
 pub use grammar::GrammarType;
 pub use io_manager::IoManager;
 pub use model::{ModelInfo, ModelMetadata};
+pub use multimodal::Input;
 pub use runner::{Runner, RunnerOptions, StopHandle, TokenPiece};
 pub use session::Session;
 pub use stats::{Stats, StopReason};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::et::Program;
-use crate::tensor::{MethodInfo, TensorView};
+use crate::tensor::{DType, HostData, HostTensor, MethodInfo, TensorSpec, TensorView, ValueSpec};
 
 // Defined with the runtime's other values in `crate::tensor` (the ExecuTorch adapter makes
 // them); re-exported here, where the public API has always had it.
@@ -49,12 +49,40 @@ pub struct ModelInfo {
     pub constants: BTreeMap<String, ConstValue>,
 }
 
+/// Upstream's method names for multimodal exports (`extension/llm/runner/constants.h`).
+pub(crate) const TOKEN_EMBEDDING: &str = "token_embedding";
+/// The decoder that takes embeddings and cache positions.
+pub(crate) const TEXT_DECODER: &str = "text_decoder";
+/// The image encoder of a multimodal export.
+pub(crate) const VISION_ENCODER: &str = "vision_encoder";
+/// The audio encoder of a multimodal export.
+pub(crate) const AUDIO_ENCODER: &str = "audio_encoder";
+/// The encoder of an encoder-decoder (Whisper) export (`extension/asr/runner`).
+pub(crate) const SEQ2SEQ_ENCODER: &str = "encoder";
+
+/// How the program is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModelKind {
+    /// `forward` (or `prefill` / `decode`) takes tokens.
+    Tokens,
+    /// Upstream's multimodal layout: `token_embedding(tokens)` and
+    /// `text_decoder(embeddings, cache_position)`, plus encoders. Managers see a `forward`
+    /// that chains the two.
+    Embeddings,
+    /// Upstream's encoder-decoder (ASR) layout: `encoder(features)` and
+    /// `text_decoder(tokens, encoder_output, cache_position)`.
+    Seq2Seq,
+}
+
 /// A loaded model.
 pub(crate) struct Model {
     program: Program,
     /// The caller's method that replaces `forward` (managers know it by that name).
     alias: Option<String>,
     info: ModelInfo,
+    kind: ModelKind,
+    /// Embeddings between `token_embedding` and `text_decoder`, in the decoder's dtype.
+    embeds: Option<HostTensor>,
 }
 
 /// What to open: the program, its external data files and the method that plays
@@ -131,7 +159,14 @@ impl Model {
             Some(m) => m,
             None => step_methods(&names).map_or("forward", |(p, _)| p),
         };
-        if !names.iter().any(|n| n == step_method) {
+        let has = |n: &str| names.iter().any(|m| m == n);
+        let kind = if has(step_method) {
+            ModelKind::Tokens
+        } else if files.method.is_none() && has(TEXT_DECODER) && has(TOKEN_EMBEDDING) {
+            ModelKind::Embeddings
+        } else if files.method.is_none() && has(TEXT_DECODER) && has(SEQ2SEQ_ENCODER) {
+            ModelKind::Seq2Seq
+        } else {
             let methods = if names.is_empty() {
                 "none".to_string()
             } else {
@@ -148,7 +183,7 @@ impl Model {
                     path.display()
                 ))
             });
-        }
+        };
         if let Some((prefill, decode)) = pair(&names) {
             for method in [prefill, decode] {
                 if program.planned_buffer_count(method)? < 2 {
@@ -180,6 +215,12 @@ impl Model {
             let info = methods.remove(alias).expect("checked above");
             methods.insert("forward".to_string(), info);
         }
+        let mut embeds = None;
+        if kind == ModelKind::Embeddings {
+            let (forward, buffer) = embedding_forward(&methods)?;
+            methods.insert("forward".to_string(), forward);
+            embeds = Some(buffer);
+        }
         let metadata = metadata_from(&consts)?;
         Ok(Self {
             program,
@@ -189,7 +230,86 @@ impl Model {
                 methods,
                 constants: consts,
             },
+            kind,
+            embeds,
         })
+    }
+
+    pub(crate) fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// The most embedding rows one `text_decoder` call takes, and their width.
+    pub(crate) fn embedding_rows(&self) -> Option<(usize, usize)> {
+        let sizes = self.embeds.as_ref()?.sizes();
+        Some((sizes[1], sizes[2]))
+    }
+
+    /// Runs `text_decoder` of a multimodal export on `rows` (f32, `n` rows of the model's
+    /// width; at most [`embedding_rows`](Self::embedding_rows)) at `pos`.
+    pub(crate) fn decode_embeddings(
+        &mut self,
+        rows: &[f32],
+        pos: usize,
+    ) -> Result<Vec<TensorView<'_>>> {
+        let (max_rows, dim) = self
+            .embedding_rows()
+            .ok_or_else(|| Error::UnsupportedModel("the model does not take embeddings".into()))?;
+        let n = rows.len() / dim;
+        if n == 0 || n > max_rows || rows.len() % dim != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} values are not 1 to {max_rows} rows of {dim}",
+                rows.len()
+            )));
+        }
+        let positions = self.positions(pos, n)?;
+        let buffer = self.embeds.as_mut().expect("checked above");
+        buffer.set_sizes(&[1, n, dim])?;
+        buffer.data_mut().write_floats(0, rows)?;
+        self.program
+            .execute(TEXT_DECODER, &[buffer.view(), positions.view()])
+    }
+
+    fn positions(&self, pos: usize, n: usize) -> Result<HostTensor> {
+        let spec = self
+            .info
+            .methods
+            .get(TEXT_DECODER)
+            .and_then(|m| m.inputs.get(1))
+            .and_then(|v| v.tensor())
+            .ok_or_else(|| {
+                Error::UnsupportedModel("`text_decoder` has no cache-position input".into())
+            })?;
+        let values: Vec<i64> = if spec.numel() > 1 {
+            (pos..pos + n).map(|p| p as i64).collect()
+        } else {
+            vec![pos as i64]
+        };
+        let len = values.len();
+        let data = match spec.dtype {
+            DType::I32 => HostData::I32(values.iter().map(|&v| v as i32).collect()),
+            _ => HostData::I64(values),
+        };
+        HostTensor::new(vec![len], data)
+    }
+
+    /// Runs a method on one input and copies its first output out, widened to f32.
+    pub(crate) fn run_encoder(
+        &mut self,
+        method: &str,
+        input: TensorView<'_>,
+    ) -> Result<HostTensor> {
+        let outputs = self.program.execute(method, &[input])?;
+        let first = outputs
+            .first()
+            .ok_or_else(|| Error::UnsupportedModel(format!("`{method}` returned nothing")))?;
+        let values = first.as_f32().ok_or_else(|| {
+            Error::UnsupportedModel(format!(
+                "`{method}` returned {:?} values; expected floats",
+                first.dtype()
+            ))
+        })?;
+        HostTensor::new(first.sizes.clone(), HostData::F32(values.to_vec()))
     }
 
     pub(crate) fn info(&self) -> &ModelInfo {
@@ -212,12 +332,91 @@ impl Model {
         method: &str,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<TensorView<'_>>> {
+        if self.kind == ModelKind::Embeddings && method == "forward" {
+            return self.forward_through_embeddings(inputs);
+        }
         let method = match &self.alias {
             Some(alias) if method == "forward" => alias.as_str(),
             _ => method,
         };
         self.program.execute(method, inputs)
     }
+}
+
+impl Model {
+    /// The `forward` that managers see on a multimodal export: the tokens' embeddings,
+    /// then the decoder.
+    fn forward_through_embeddings(
+        &mut self,
+        inputs: &[TensorView<'_>],
+    ) -> Result<Vec<TensorView<'_>>> {
+        let [tokens, positions] = inputs else {
+            return Err(Error::IoManager(format!(
+                "`forward` takes (tokens, cache_position); got {} inputs",
+                inputs.len()
+            )));
+        };
+        let buffer = self.embeds.as_mut().expect("made at load");
+        {
+            let outputs = self
+                .program
+                .execute(TOKEN_EMBEDDING, std::slice::from_ref(tokens))?;
+            let rows = outputs.first().ok_or_else(|| {
+                Error::UnsupportedModel("`token_embedding` returned nothing".into())
+            })?;
+            let values = rows.as_f32().ok_or_else(|| {
+                Error::UnsupportedModel("`token_embedding` did not return floats".into())
+            })?;
+            buffer.set_sizes(&rows.sizes)?;
+            buffer.data_mut().write_floats(0, values)?;
+        }
+        self.program
+            .execute(TEXT_DECODER, &[buffer.view(), positions.clone()])
+    }
+}
+
+/// The synthesized `forward` of a multimodal export, `(tokens, cache_position) -> logits`,
+/// and the buffer for the embeddings between the two methods.
+fn embedding_forward(methods: &BTreeMap<String, MethodInfo>) -> Result<(MethodInfo, HostTensor)> {
+    let embed = &methods[TOKEN_EMBEDDING];
+    let decoder = &methods[TEXT_DECODER];
+    let tensor = |m: &MethodInfo, i: usize, what: &str| -> Result<TensorSpec> {
+        m.inputs
+            .get(i)
+            .and_then(|v| v.tensor())
+            .cloned()
+            .ok_or_else(|| {
+                Error::UnsupportedModel(format!(
+                    "`{}` has no tensor input {i} ({what}); upstream's multimodal layout is \
+                     token_embedding(tokens) and text_decoder(embeddings, cache_position)",
+                    m.name
+                ))
+            })
+    };
+    let tokens = tensor(embed, 0, "the token ids")?;
+    let rows = tensor(decoder, 0, "the embeddings")?;
+    let positions = tensor(decoder, 1, "the cache positions")?;
+    if embed.inputs.len() != 1 || decoder.inputs.len() != 2 || rows.sizes.len() != 3 {
+        return Err(Error::UnsupportedModel(format!(
+            "token_embedding takes {:?} and text_decoder takes {:?}; upstream's multimodal \
+             layout is token_embedding(tokens[1, seq]) and text_decoder(embeddings[1, seq, \
+             dim], cache_position)",
+            embed.inputs, decoder.inputs
+        )));
+    }
+    let data = HostData::float_zeros(rows.dtype, rows.numel()).ok_or_else(|| {
+        Error::UnsupportedModel(format!(
+            "text_decoder takes {:?} embeddings; expected f32, f16 or bf16",
+            rows.dtype
+        ))
+    })?;
+    let buffer = HostTensor::new(rows.sizes.clone(), data)?;
+    let forward = MethodInfo {
+        name: "forward".into(),
+        inputs: vec![ValueSpec::Tensor(tokens), ValueSpec::Tensor(positions)],
+        outputs: decoder.outputs.clone(),
+    };
+    Ok((forward, buffer))
 }
 
 fn metadata_from(consts: &BTreeMap<String, ConstValue>) -> Result<ModelMetadata> {

@@ -10,7 +10,8 @@ use crate::config::GenerationConfig;
 use crate::error::{Error, Result};
 use crate::grammar::Compiler;
 use crate::io_manager::{default_manager_for, IoManager};
-use crate::model::{Model, ModelFiles, ModelMetadata};
+use crate::model::{Model, ModelFiles, ModelKind, ModelMetadata};
+use crate::multimodal::{Input, Media};
 use crate::sampler::SamplerPlugin;
 use crate::session::{Session, Shared};
 use crate::stats::{now_us, Stats};
@@ -46,6 +47,12 @@ pub struct RunnerOptions {
     ///
     /// [`MethodInfo::name`]: crate::tensor::MethodInfo::name
     pub method_name: Option<String>,
+    /// The image processor's settings (Hugging Face `preprocessor_config.json`) for a
+    /// multimodal model whose `vision_encoder` takes preprocessed pixel values. When
+    /// `None`, `preprocessor_config.json` beside the model, else beside the tokenizer, is
+    /// used if there is one. Given for a model without a `vision_encoder`, it is a load
+    /// error.
+    pub preprocessor_config: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RunnerOptions {
@@ -56,6 +63,7 @@ impl std::fmt::Debug for RunnerOptions {
             .field("preset", &self.preset)
             .field("data_paths", &self.data_paths)
             .field("method_name", &self.method_name)
+            .field("preprocessor_config", &self.preprocessor_config)
             .finish()
     }
 }
@@ -105,6 +113,7 @@ pub struct Runner {
     num_threads: Option<usize>,
     custom_io: Option<Box<dyn IoManager>>,
     preset: Option<Preset>,
+    preprocessor_config: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     /// Until the runner loads: the plugin and chat template its session will take.
     plugin: Option<Box<dyn SamplerPlugin>>,
@@ -142,6 +151,7 @@ impl Runner {
             num_threads: options.num_threads,
             custom_io: options.io_manager,
             preset: options.preset,
+            preprocessor_config: options.preprocessor_config,
             stop: Arc::new(AtomicBool::new(false)),
             plugin: None,
             chat_template: None,
@@ -171,7 +181,20 @@ impl Runner {
             crate::et::set_num_threads(n)?;
         }
         let (tokenizer, tokenizer_template, model) = self.load_parts()?;
+        if model.kind() == ModelKind::Seq2Seq {
+            return Err(Error::UnsupportedModel(format!(
+                "{} is an encoder-decoder (speech-to-text) export, with `encoder` and \
+                 `text_decoder` methods: run it with AsrRunner (`etllm transcribe`)",
+                self.model.program.display()
+            )));
+        }
         let info = model.info();
+        let media = Media::find(
+            info,
+            self.preprocessor_config.as_deref(),
+            &self.model.program,
+            &self.tokenizer_path,
+        )?;
         let meta = &info.metadata;
         let logits_vocab = info
             .methods
@@ -223,6 +246,7 @@ impl Runner {
             tokenizer_template,
             (bos_id, eos_ids, vocab_size),
             self.model.clone(),
+            media,
             (start, now_us()),
         );
         self.session = Some(Session::new(
@@ -466,6 +490,24 @@ impl Runner {
         config.validate()?;
         self.own()?
             .generate_from_ids(prompt_ids, config, on_token, on_stats)
+    }
+
+    /// Generates from a list of inputs (text, token ids, images, features) on the runner's
+    /// own conversation: see [`Session::generate_inputs`] and [`multimodal`](crate::multimodal).
+    pub fn generate_inputs(
+        &mut self,
+        inputs: &[Input],
+        config: &GenerationConfig,
+        on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        self.own()?
+            .generate_inputs(inputs, config, on_token, on_stats)
+    }
+
+    /// Feeds a list of inputs without generating: see [`Session::prefill_inputs`].
+    pub fn prefill_inputs(&mut self, inputs: &[Input], config: &GenerationConfig) -> Result<Stats> {
+        self.own()?.prefill_inputs(inputs, config)
     }
 
     /// Feeds `prompt` (with `config.num_bos` BOS and `config.num_eos` EOS tokens) into the

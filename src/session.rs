@@ -34,7 +34,8 @@ use crate::generate::{
 };
 use crate::grammar::{Compiler, Constraint};
 use crate::io_manager::IoManager;
-use crate::model::{Model, ModelFiles, ModelInfo, ModelMetadata};
+use crate::model::{Model, ModelFiles, ModelInfo, ModelKind, ModelMetadata};
+use crate::multimodal::{self, feed_segments, Input, Media, Segment};
 use crate::sampler::{Sampler, SamplerPlugin};
 use crate::stats::{now_us, Stats, StopReason};
 use crate::tokenizer::Tokenizer;
@@ -55,6 +56,9 @@ pub(crate) struct Shared {
     pub(crate) max_context: usize,
     /// The chat template the tokenizer comes with.
     pub(crate) tokenizer_template: TokenizerTemplate,
+    /// How the program is driven, and how images are prepared for it.
+    pub(crate) kind: ModelKind,
+    pub(crate) media: Media,
     /// The vocabulary as the grammar engine sees it, built by the first constrained
     /// generation.
     grammar: OnceLock<Compiler>,
@@ -277,10 +281,12 @@ impl Shared {
         tokenizer_template: TokenizerTemplate,
         (bos_id, eos_ids, vocab_size): (Option<u32>, Vec<u32>, usize),
         files: ModelFiles,
+        media: Media,
         (load_start_us, load_end_us): (u64, u64),
     ) -> Self {
         let max_context = io.max_context();
         let info = model.info().clone();
+        let kind = model.kind();
         Shared {
             core: Mutex::new(Core::new(model, io)),
             tokenizer: Arc::new(tokenizer),
@@ -290,6 +296,8 @@ impl Shared {
             vocab_size,
             max_context,
             tokenizer_template,
+            kind,
+            media,
             grammar: OnceLock::new(),
             load_start_us,
             load_end_us,
@@ -821,7 +829,14 @@ impl Session {
         };
         if !config.reuse_prefix {
             return self.run(
-                start, mode, ids, None, config, constraint, on_token, on_stats,
+                start,
+                mode,
+                (Vec::new(), ids),
+                None,
+                config,
+                constraint,
+                on_token,
+                on_stats,
             );
         }
         let full = self.framed(&ids, config)?;
@@ -850,7 +865,7 @@ impl Session {
         self.run(
             start,
             mode,
-            rest,
+            (Vec::new(), rest),
             Some((full.len() as u64, cached)),
             &framing,
             constraint,
@@ -864,7 +879,7 @@ impl Session {
         &mut self,
         start: u64,
         mode: Mode<'_>,
-        ids: Vec<u32>,
+        (pre, ids): (Vec<Segment>, Vec<u32>),
         reused: Option<(u64, u64)>,
         config: &GenerationConfig,
         constraint: Option<Constraint>,
@@ -879,8 +894,10 @@ impl Session {
         let max_context = shared.max_context;
         // A prompt that cannot fit is refused before it is built: `num_bos` and `num_eos`
         // go up to i32::MAX, and building such a prompt first would take gigabytes.
+        // Positions that encoders and earlier inputs fill before `ids` (input lists).
+        let pre_len: usize = pre.iter().map(Segment::len).sum();
         let prompt_len =
-            config.num_bos.max(0) as usize + ids.len() + config.num_eos.max(0) as usize;
+            pre_len + config.num_bos.max(0) as usize + ids.len() + config.num_eos.max(0) as usize;
         // A ring-buffer model bounds each call, not the conversation.
         let available = if core.ring {
             max_context
@@ -902,7 +919,7 @@ impl Session {
             model_load_end_us: shared.load_end_us,
             inference_start_us: start,
             token_encode_end_us: now_us(),
-            num_prompt_tokens: prompt.len() as u64,
+            num_prompt_tokens: (pre_len + prompt.len()) as u64,
             ..Default::default()
         };
         if let Some((total, cached)) = reused {
@@ -912,7 +929,15 @@ impl Session {
 
         let orig_pos = self.pos;
         let orig_pending = self.pending;
+        // With earlier inputs, the pending token goes first with them.
+        let pre: Vec<Segment> = match (orig_pending, pre.is_empty()) {
+            (Some(t), false) => std::iter::once(Segment::Tokens(vec![t]))
+                .chain(pre)
+                .collect(),
+            _ => pre,
+        };
         let feed: Vec<u64> = orig_pending
+            .filter(|_| pre.is_empty())
             .iter()
             .chain(prompt.iter())
             .map(|&t| t as u64)
@@ -926,7 +951,8 @@ impl Session {
                 text,
             ),
             Mode::Generate(text) => (
-                config.resolve_max_new_tokens(context_left, prompt.len() as i64) as usize,
+                config.resolve_max_new_tokens(context_left, (pre_len + prompt.len()) as i64)
+                    as usize,
                 text,
             ),
             Mode::Prefill => (0, None),
@@ -959,7 +985,11 @@ impl Session {
         // A prefill keeps the last token back, so that a following `generate` can start
         // from it even without a prompt of its own.
         let (feed, held) = match mode {
-            Mode::Prefill => (&feed[..feed.len() - 1], feed.last().map(|&t| t as u32)),
+            Mode::Prefill if !feed.is_empty() => {
+                (&feed[..feed.len() - 1], feed.last().map(|&t| t as u32))
+            }
+            // Input lists that end with an encoder's output: nothing is held back.
+            Mode::Prefill => (&feed[..], None),
             Mode::Generate(_) => (&feed[..], None),
         };
         // Whether the context, not the caller's limits, decides how many tokens this call
@@ -976,6 +1006,27 @@ impl Session {
         };
         // The model is about to write into its buffers.
         core.clean = false;
+        let mut pre_out = (orig_pos, Vec::new());
+        let mut pre_ns = 0u128;
+        if !pre.is_empty() {
+            let t0 = std::time::Instant::now();
+            match feed_segments(
+                &mut core.model,
+                &mut core.io,
+                &mut self.tokens,
+                &pre,
+                orig_pos,
+                max_context,
+            ) {
+                Ok(out) => pre_out = out,
+                Err(e) => {
+                    self.roll_back(core, orig_pos, orig_pending, orig_tokens);
+                    return Err(e);
+                }
+            }
+            pre_ns = t0.elapsed().as_nanos();
+        }
+        let (fed_pos, pre_logits) = pre_out;
         let outcome = generate_loop(
             Parts {
                 model: &mut core.model,
@@ -985,11 +1036,12 @@ impl Session {
                 max_context,
                 ring: &mut core.ring,
                 fed: &mut self.tokens,
+                initial_logits: (!pre.is_empty()).then_some(pre_logits.as_slice()),
             },
             &self.stop,
             &prior,
             feed,
-            orig_pos,
+            fed_pos,
             (n_new, context_bound),
             config,
             &mut picker,
@@ -1011,22 +1063,11 @@ impl Session {
                 }
             }
             Err(e) => {
-                // Roll the conversation back to where it was before this call; a manager
-                // that cannot (a sliding window past its cache) starts over instead, and
-                // so does a ring-buffer model, whose older positions may be overwritten.
-                if !core.ring && core.io.rewind(orig_pos).is_ok() {
-                    self.pos = orig_pos;
-                    self.pending = orig_pending;
-                    self.tokens.truncate(orig_tokens);
-                } else {
-                    let _ = core.io.reset();
-                    self.pos = 0;
-                    self.pending = None;
-                    self.tokens.clear();
-                }
+                self.roll_back(core, orig_pos, orig_pending, orig_tokens);
                 return Err(e);
             }
         }
+        stats.aggregate_model_execution_time_us += (pre_ns / 1000) as u64;
         stats.inference_end_us = now_us();
         if config.warming {
             drop(picker);
@@ -1038,6 +1079,146 @@ impl Session {
             on_stats(&stats);
         }
         Ok(stats)
+    }
+
+    /// Rolls the conversation back to where it was before a failed call; a manager that
+    /// cannot (a sliding window past its cache) starts over instead, and so does a
+    /// ring-buffer model, whose older positions may be overwritten.
+    fn roll_back(
+        &mut self,
+        core: &mut Core,
+        orig_pos: usize,
+        orig_pending: Option<u32>,
+        orig_tokens: usize,
+    ) {
+        if !core.ring && core.io.rewind(orig_pos).is_ok() {
+            self.pos = orig_pos;
+            self.pending = orig_pending;
+            self.tokens.truncate(orig_tokens);
+        } else {
+            let _ = core.io.reset();
+            self.pos = 0;
+            self.pending = None;
+            self.tokens.clear();
+        }
+    }
+
+    /// Generates from a list of inputs (text, token ids, images, features), fed in order
+    /// after the conversation so far, as upstream's `MultimodalRunner::generate`: see
+    /// [`multimodal`](crate::multimodal). The config's BOS/EOS framing applies to the
+    /// first input when it is text or tokens and the conversation is empty. Every input
+    /// is decoded, preprocessed and checked against the context before the model runs;
+    /// a bad one changes nothing. `reuse_prefix` does not apply (the inputs continue
+    /// the conversation).
+    pub fn generate_inputs(
+        &mut self,
+        inputs: &[Input],
+        config: &GenerationConfig,
+        on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        self.start_inputs(inputs, false, config, on_token, on_stats)
+    }
+
+    /// Feeds a list of inputs without generating (see
+    /// [`generate_inputs`](Self::generate_inputs)); a following `generate` continues.
+    pub fn prefill_inputs(&mut self, inputs: &[Input], config: &GenerationConfig) -> Result<Stats> {
+        let (no_token, no_stats) = (
+            |_: TokenPiece<'_>| ControlFlow::Continue(()),
+            |_: &Stats| {},
+        );
+        self.start_inputs(inputs, true, config, no_token, no_stats)
+    }
+
+    fn start_inputs(
+        &mut self,
+        inputs: &[Input],
+        prefill_only: bool,
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(TokenPiece<'_>) -> ControlFlow<()>,
+        on_stats: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        let start = now_us();
+        config.validate()?;
+        if config.reuse_prefix {
+            return Err(Error::InvalidArgument(
+                "reuse_prefix does not apply to input lists: they continue the conversation".into(),
+            ));
+        }
+        let shared = self.shared.clone();
+        let encode = |text: &str| shared.tokenizer.encode(text);
+        let frame = |ids: Vec<u32>| self.framed(&ids, config);
+        let at_start = self.pos == 0 && self.pending.is_none();
+        let mut segments = multimodal::prepare(
+            inputs,
+            &shared.info,
+            shared.kind,
+            &shared.media,
+            &encode,
+            &frame,
+            at_start,
+            shared.vocab_size,
+        )?;
+        self.stop.store(false, Ordering::Release);
+        let constraint = if prefill_only || config.grammar.is_empty() {
+            None
+        } else {
+            Some(shared.compiler()?.compile_with_stop(
+                config.grammar_type,
+                &config.grammar,
+                Some(self.stop.clone()),
+            )?)
+        };
+        // Text inputs are echoed together, before the first generated token.
+        let echoed: String = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        let last = match segments.last() {
+            Some(Segment::Tokens(_)) => match segments.pop() {
+                Some(Segment::Tokens(t)) => t,
+                _ => unreachable!("just matched"),
+            },
+            _ => Vec::new(),
+        };
+        let framing = GenerationConfig {
+            num_bos: 0,
+            num_eos: 0,
+            echo: false,
+            ..config.clone()
+        };
+        let mut echo_pending = config.echo && !echoed.is_empty() && !config.warming;
+        let mode = if prefill_only {
+            Mode::Prefill
+        } else {
+            Mode::Generate(None)
+        };
+        self.run(
+            start,
+            mode,
+            (segments, last),
+            None,
+            &framing,
+            constraint,
+            |piece| {
+                if echo_pending {
+                    echo_pending = false;
+                    if on_token(TokenPiece {
+                        token: None,
+                        text: &echoed,
+                    })
+                    .is_break()
+                    {
+                        return ControlFlow::Break(());
+                    }
+                }
+                on_token(piece)
+            },
+            on_stats,
+        )
     }
 
     /// The session's state as bytes: the model's KV cache (its all-zero parts left out),

@@ -40,13 +40,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# Rust 1.85 or newer, with rustfmt and clippy (tools/test-all.sh runs both).
+# Rust 1.88 or newer (the image crate), with rustfmt and clippy (tools/test-all.sh runs both).
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 rust_ok() {
   command -v cargo >/dev/null 2>&1 || return 1
   local minor
   minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
-  [ "${minor:-0}" -ge 85 ]
+  [ "${minor:-0}" -ge 88 ]
 }
 if ! rust_ok; then
   echo "install-deps: installing Rust with rustup" >&2

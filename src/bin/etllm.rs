@@ -55,6 +55,51 @@ enum Command {
     /// it accepts connections; Ctrl-C or SIGTERM stops it.
     #[cfg(feature = "server")]
     Serve(ServeArgs),
+    /// Transcribe a WAV file with an encoder-decoder speech model (Whisper exported with
+    /// `encoder` and `text_decoder` methods): prints the text, stats to stderr.
+    Transcribe(TranscribeArgs),
+}
+
+#[derive(Args)]
+struct TranscribeArgs {
+    /// The audio: a WAV file (PCM 8/16/24/32-bit or float, mono or stereo, any rate;
+    /// resampled to the model's).
+    #[arg(value_name = "AUDIO.wav")]
+    audio: PathBuf,
+    /// The .pte speech model.
+    #[arg(long, value_name = "M.pte")]
+    model: PathBuf,
+    /// The tokenizer. Defaults to tokenizer.json next to --model.
+    #[arg(long, value_name = "T")]
+    tokenizer: Option<PathBuf>,
+    /// The feature extractor's preprocessor_config.json. Default: the one next to the
+    /// model or the tokenizer, else Whisper's settings.
+    #[arg(long, value_name = "FILE")]
+    preprocessor_config: Option<PathBuf>,
+    /// Threads for ExecuTorch's CPU thread pool.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// The spoken language, as Whisper's code (en, fr, de...). Default: detected.
+    #[arg(long, value_name = "CODE")]
+    language: Option<String>,
+    /// Translate into English instead of transcribing.
+    #[arg(long)]
+    translate: bool,
+    /// Tokens to generate at most; -1: until the end of text or of the decoder's context.
+    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    max_new_tokens: i32,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only from the smallest set of most likely tokens reaching probability P.
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed for sampling. Default: from the clock.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Print one JSON object to stdout: {"text", "tokens", "language", "stats"}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[cfg(feature = "server")]
@@ -317,6 +362,15 @@ struct GenerateArgs {
     /// echoed or trailing text), then {"stats": {...}}.
     #[arg(long)]
     json: bool,
+    /// An image for a multimodal model (PNG, JPEG, GIF, BMP, WebP); repeat for several.
+    /// Each "<image>" in the prompt marks where the next image goes; without markers the
+    /// images come before the prompt.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    /// The image processor's preprocessor_config.json. Default: the one next to the model
+    /// or the tokenizer.
+    #[arg(long, value_name = "FILE")]
+    preprocessor_config: Option<PathBuf>,
     /// Keep the model's state after the prompt in FILE (as llama.cpp's --prompt-cache).
     /// When FILE holds a state of this model, only the part of the prompt that differs
     /// from the one saved there is fed; when the prompt fed anything new, the state right
@@ -392,6 +446,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => run_bench(args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve(args),
+        Command::Transcribe(args) => transcribe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -440,6 +495,11 @@ fn detokenize(args: DetokenizeArgs) -> Result<(), String> {
 
 /// Opens the runner that `args` names.
 fn open_runner(args: &ModelArgs) -> Result<Runner, String> {
+    open_runner_with(args, None)
+}
+
+/// Opens the runner that `args` names, with an image processor config.
+fn open_runner_with(args: &ModelArgs, preprocessor: Option<&Path>) -> Result<Runner, String> {
     let (model, tokenizer) = match (&args.model, &args.tokenizer) {
         (Some(model), Some(tok)) => (model.clone(), tok.clone()),
         (Some(model), None) => {
@@ -464,6 +524,7 @@ fn open_runner(args: &ModelArgs) -> Result<Runner, String> {
         preset: parse_preset(args.preset.as_deref())?,
         data_paths: args.data.clone(),
         method_name: args.method.clone(),
+        preprocessor_config: preprocessor.map(Path::to_path_buf),
         ..Default::default()
     };
     if args.model.is_none() && (!args.data.is_empty() || args.method.is_some()) {
@@ -560,7 +621,10 @@ fn run_bench(args: bench::BenchArgs) -> Result<(), String> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     let sampling = args.sampling.config()?;
-    let mut runner = open_runner(&args.model)?;
+    if !args.images.is_empty() && args.prompt_cache.is_some() {
+        return Err("--prompt-cache does not apply with --image".into());
+    }
+    let mut runner = open_runner_with(&args.model, args.preprocessor_config.as_deref())?;
     if args.warmup {
         runner.warmup().map_err(|e| e.to_string())?;
     }
@@ -593,6 +657,10 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         stop_on_write_error(result, &mut write_error)
     };
     let stats = match &args.prompt_cache {
+        None if !args.images.is_empty() => {
+            let inputs = image_prompt(&prompt, &args.images)?;
+            runner.generate_inputs(&inputs, &config, &mut on_token, |_| {})
+        }
         None => runner.generate(&prompt, &config, &mut on_token, |_| {}),
         Some(path) => generate_with_prompt_cache(&mut runner, path, &prompt, &config, on_token),
     }
@@ -606,6 +674,96 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     } else {
         let _ = writeln!(out);
         report(&stats);
+    }
+    Ok(())
+}
+
+/// The input list of `generate --image`: the prompt split at each "<image>" marker, with
+/// the images in order at the markers; without markers, the images, then the prompt.
+fn image_prompt(prompt: &str, images: &[PathBuf]) -> Result<Vec<etllm::Input>, String> {
+    const MARKER: &str = "<image>";
+    let parts: Vec<&str> = prompt.split(MARKER).collect();
+    let markers = parts.len() - 1;
+    let mut inputs = Vec::new();
+    if markers == 0 {
+        inputs.extend(images.iter().map(etllm::Input::image_file));
+        if !prompt.is_empty() {
+            inputs.push(etllm::Input::text(prompt));
+        }
+        return Ok(inputs);
+    }
+    if markers != images.len() {
+        return Err(format!(
+            "the prompt has {markers} {MARKER} markers but {} --image files were given",
+            images.len()
+        ));
+    }
+    for (i, part) in parts.iter().enumerate() {
+        if !part.is_empty() {
+            inputs.push(etllm::Input::text(*part));
+        }
+        if let Some(image) = images.get(i) {
+            inputs.push(etllm::Input::image_file(image));
+        }
+    }
+    Ok(inputs)
+}
+
+fn transcribe(args: TranscribeArgs) -> Result<(), String> {
+    use etllm::{AsrOptions, AsrRunner, TranscribeConfig};
+    let tokenizer = match &args.tokenizer {
+        Some(t) => t.clone(),
+        None => {
+            let t = args.model.with_file_name("tokenizer.json");
+            if !t.exists() {
+                return Err(format!(
+                    "--tokenizer is required: no tokenizer.json next to {}",
+                    args.model.display()
+                ));
+            }
+            t
+        }
+    };
+    let mut options = AsrOptions::default();
+    options.num_threads = args.threads;
+    options.preprocessor_config = args.preprocessor_config.clone();
+    let mut asr = AsrRunner::open(&args.model, &tokenizer, options).map_err(|e| e.to_string())?;
+    let mut config = TranscribeConfig::default();
+    config.generation.max_new_tokens = args.max_new_tokens;
+    config.generation.temperature = args.temperature;
+    config.generation.top_p = args.top_p;
+    config.generation.seed = args.seed;
+    config.language = args.language.clone();
+    config.translate = args.translate;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_error = None;
+    let json = args.json;
+    let audio = etllm::multimodal::AudioSource::File(args.audio.clone());
+    let transcript = asr
+        .transcribe(&audio, &config, |piece| {
+            if json {
+                return ControlFlow::Continue(());
+            }
+            let result = write!(out, "{}", piece.text).and_then(|_| out.flush());
+            stop_on_write_error(result, &mut write_error)
+        })
+        .map_err(|e| e.to_string())?;
+    if write_error.is_some() {
+        return Ok(());
+    }
+    if json {
+        let line = serde_json::json!({
+            "text": transcript.text,
+            "tokens": transcript.tokens,
+            "prompt": transcript.prompt,
+            "language": transcript.language,
+            "stats": transcript.stats.to_json(),
+        });
+        let _ = writeln!(out, "{line}");
+    } else {
+        let _ = writeln!(out);
+        report(&transcript.stats);
     }
     Ok(())
 }

@@ -269,6 +269,7 @@ enum InputPtr<'a> {
     I32(TensorPtr<'a, View<i32>>),
     F16(TensorPtr<'a, View<f16>>),
     BF16(TensorPtr<'a, View<bf16>>),
+    U8(TensorPtr<'a, View<u8>>),
 }
 
 /// Checks that `path` names a readable regular file.
@@ -735,10 +736,11 @@ impl Program {
                 TensorData::I32(v) => v.len(),
                 TensorData::F16(v) => v.len(),
                 TensorData::BF16(v) => v.len(),
+                TensorData::Bytes(DType::U8, v) => v.len(),
                 TensorData::Bytes(dtype, _) => {
                     return Err(Error::IoManager(format!(
                         "input {i} of `{method}` is {dtype:?}; inputs must be f32, f16, bf16, \
-                         i64 or i32"
+                         i64, i32 or u8"
                     )))
                 }
             };
@@ -773,7 +775,10 @@ impl Program {
                         .sizes(sizes)
                         .build()
                         .map(InputPtr::BF16),
-                    TensorData::Bytes(..) => unreachable!("rejected above"),
+                    TensorData::Bytes(_, v) => TensorPtrBuilder::<View<u8>>::from_slice(v)
+                        .sizes(sizes)
+                        .build()
+                        .map(InputPtr::U8),
                 }
             }
             .map_err(|e| runtime_error(format!("building an input for `{method}`"), e))?;
@@ -787,6 +792,7 @@ impl Program {
                 InputPtr::I32(p) => EValue::new(p),
                 InputPtr::F16(p) => EValue::new(p),
                 InputPtr::BF16(p) => EValue::new(p),
+                InputPtr::U8(p) => EValue::new(p),
             })
             .collect();
         clear_log();

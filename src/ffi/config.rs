@@ -202,6 +202,12 @@ pub struct etllm_runner_options {
     /// managers see it under the name "forward". A name the program lacks fails the load
     /// with `ETLLM_ERR_INVALID_ARGUMENT`.
     pub method_name: *const c_char,
+    /// The image processor's settings (a Hugging Face `preprocessor_config.json`) for a
+    /// multimodal model whose `vision_encoder` takes preprocessed pixel values, as a
+    /// NUL-terminated UTF-8 path, or NULL: then `preprocessor_config.json` beside the
+    /// model, else beside the tokenizer, is used if there is one. Given for a model
+    /// without a `vision_encoder`, it fails the load with `ETLLM_ERR_INVALID_ARGUMENT`.
+    pub preprocessor_config: *const c_char,
 }
 
 impl Default for etllm_runner_options {
@@ -214,6 +220,7 @@ impl Default for etllm_runner_options {
             data_paths: std::ptr::null(),
             num_data_paths: 0,
             method_name: std::ptr::null(),
+            preprocessor_config: std::ptr::null(),
         }
     }
 }
@@ -229,4 +236,4 @@ super::versioned!(etllm_generation_config, "config"; warming, ignore_eos, has_se
     num_stop_token_ids, top_k, top_p, min_p, repetition_penalty, stop_strings, num_stop_strings, grammar, grammar_type,
     grammar_no_fast_forward);
 super::versioned!(etllm_runner_options, "options"; io_manager, preset, data_paths,
-    num_data_paths, method_name);
+    num_data_paths, method_name, preprocessor_config);

@@ -62,6 +62,10 @@ pub enum etllm_status {
     /// The HTTP server could not start (its address cannot be bound, e.g. the port is in
     /// use) or failed while serving.
     ETLLM_ERR_SERVER = 21,
+    /// An image or audio input could not be used: not a supported format (images: PNG,
+    /// JPEG, GIF, BMP, WebP; audio: WAV), corrupt or truncated, or a layout EtLlm does not
+    /// take (more than two audio channels, no samples). Nothing changed.
+    ETLLM_ERR_INVALID_MEDIA = 22,
 }
 
 /// Errors of the C layer itself, and errors of the core.
@@ -111,6 +115,7 @@ impl FfiError {
                 Error::InvalidState(_) => ETLLM_ERR_INVALID_STATE,
                 Error::Busy(_) => ETLLM_ERR_BUSY,
                 Error::Server(_) => ETLLM_ERR_SERVER,
+                Error::InvalidMedia { .. } => ETLLM_ERR_INVALID_MEDIA,
             },
         }
     }
@@ -212,6 +217,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         ETLLM_ERR_GRAMMAR,
         ETLLM_ERR_INVALID_STATE,
         ETLLM_ERR_SERVER,
+        ETLLM_ERR_INVALID_MEDIA,
     ];
     let name: &'static std::ffi::CStr = match all.iter().find(|s| **s as i32 == status) {
         Some(ETLLM_OK) => c"ETLLM_OK",
@@ -235,6 +241,7 @@ pub extern "C" fn etllm_status_name(status: i32) -> *const c_char {
         Some(ETLLM_ERR_CHAT_TEMPLATE) => c"ETLLM_ERR_CHAT_TEMPLATE",
         Some(ETLLM_ERR_GRAMMAR) => c"ETLLM_ERR_GRAMMAR",
         Some(ETLLM_ERR_INVALID_STATE) => c"ETLLM_ERR_INVALID_STATE",
+        Some(ETLLM_ERR_INVALID_MEDIA) => c"ETLLM_ERR_INVALID_MEDIA",
         Some(ETLLM_ERR_SERVER) => c"ETLLM_ERR_SERVER",
         None => c"unknown status",
     };

@@ -13,9 +13,11 @@
 // UTF-8, sizes) before use, behind the panic boundary.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+pub mod asr;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod input;
 pub mod io_manager;
 pub mod runner;
 pub mod sampler;

@@ -86,6 +86,11 @@ fn options_from(ptr: *const etllm_runner_options) -> Result<RunnerOptions, FfiEr
         } else {
             Some(c_str(o.method_name, "options.method_name")?.to_string())
         },
+        preprocessor_config: if o.preprocessor_config.is_null() {
+            None
+        } else {
+            Some(c_str(o.preprocessor_config, "options.preprocessor_config")?.into())
+        },
     })
 }
 
