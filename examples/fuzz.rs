@@ -126,6 +126,12 @@ enum Target {
     /// or completions), the rest is the body, sent to the server's router over the demo
     /// model. Any 4xx is a clean refusal; a 5xx other than 503 is a bug.
     ServerRequest,
+    /// An image file (PNG, JPEG, GIF, BMP, WebP or anything else): decoded and
+    /// preprocessed with the multimodal fixture's CLIP settings.
+    Image,
+    /// A WAV file: read, downmixed, resampled to 16 kHz and turned into Whisper's log-mel
+    /// features.
+    Wav,
     CAbi,
 }
 
@@ -142,6 +148,8 @@ impl Target {
             Target::Grammar => "grammar",
             Target::SessionState => "session-state",
             Target::ServerRequest => "server-request",
+            Target::Image => "image",
+            Target::Wav => "wav",
             Target::CAbi => "c-abi",
         }
     }
@@ -350,6 +358,27 @@ fn builtin_seeds(target: Target) -> Vec<(String, Vec<u8>)> {
         Target::Grammar => Vec::new(),
         Target::SessionState => Vec::new(),
         Target::ServerRequest => Vec::new(),
+        Target::Image => [
+            "rgb.png",
+            "rgba.png",
+            "gray.png",
+            "palette.png",
+            "photo.jpg",
+            "image.tiff",
+        ]
+        .iter()
+        .map(|f| fixture(&format!("multimodal/images/{f}")))
+        .collect(),
+        Target::Wav => std::fs::read_dir(fixture("whisper/audio"))
+            .map(|d| {
+                let mut v: Vec<PathBuf> = d
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "wav"))
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default(),
         Target::CAbi => Vec::new(),
     };
     let mut seeds: Vec<(String, Vec<u8>)> = files
@@ -1172,6 +1201,32 @@ fn exec_tokenizer(path: &Path) -> etllm::Result<()> {
 
 /// Compiles the grammar against a vocabulary of single bytes and takes up to 64 steps,
 /// each time the lowest allowed byte.
+fn exec_image(path: &Path) -> etllm::Result<()> {
+    use etllm::media::image::{decode, ImagePreprocessor};
+    let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let pixels = decode(&bytes, "case")?;
+    let pre = ImagePreprocessor::from_file(&fixture("multimodal/preprocessor_config.json"))?;
+    let (values, _, _) = pre.pixel_values(&pixels);
+    assert!(values.iter().all(|v| v.is_finite()));
+    Ok(())
+}
+
+fn exec_wav(path: &Path) -> etllm::Result<()> {
+    use etllm::media::audio::{Audio, LogMel, LogMelConfig};
+    let bytes = std::fs::read(path).map_err(|e| etllm::Error::InvalidArgument(e.to_string()))?;
+    let audio = Audio::from_wav(&bytes, "case")?;
+    // At most 60 s of input are resampled: the features use 30.
+    let limit = audio.sample_rate as usize * 60;
+    let audio = Audio {
+        samples: audio.samples.into_iter().take(limit).collect(),
+        ..audio
+    }
+    .resampled(16_000)?;
+    let features = LogMel::new(LogMelConfig::default())?.compute(&audio.samples);
+    assert!(features.iter().all(|v| v.is_finite()));
+    Ok(())
+}
+
 fn exec_grammar(path: &Path) -> etllm::Result<()> {
     use etllm::grammar::Compiler;
     use etllm::tokenizer::TokenBytes;
@@ -1365,6 +1420,8 @@ fn exec(target: Target, file: &Path) -> ExitCode {
         Target::Grammar => exec_grammar(file),
         Target::SessionState => exec_session_state(file),
         Target::ServerRequest => exec_server_request(file),
+        Target::Image => exec_image(file),
+        Target::Wav => exec_wav(file),
         Target::CAbi => {
             let bytes = std::fs::read(file).expect("reading the case");
             cabi::run(&bytes);

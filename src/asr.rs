@@ -443,13 +443,11 @@ impl AsrRunner {
         };
         let mut logits = Vec::new();
         let mut pos = 0;
-        for &t in &prompt {
-            logits = step(&mut self.model, t, pos)?;
-            pos += 1;
-        }
         let mut language = config.language.clone();
         if detect {
-            // Whisper's language detection: the likeliest language token after the start.
+            // Whisper's language detection: the likeliest language token after the start
+            // token; the language then goes right after it.
+            logits = step(&mut self.model, prompt[0], 0)?;
             let (code, id) = self
                 .language_ids()
                 .filter(|&(_, id)| (id as usize) < logits.len())
@@ -460,15 +458,8 @@ impl AsrRunner {
                 })
                 .expect("detect is set only when there are language tokens");
             language = Some(code.to_string());
-            // The language goes right after the start token; what follows it is fed anew.
-            let rest: Vec<u32> = prompt.drain(1..).collect();
-            prompt.push(id);
-            prompt.extend(rest);
+            prompt.insert(1, id);
             pos = 1;
-            for &t in &prompt[1..] {
-                logits = step(&mut self.model, t, pos)?;
-                pos += 1;
-            }
         } else if language.is_none() {
             language = prompt.iter().find_map(|&t| {
                 self.language_ids()
@@ -476,10 +467,16 @@ impl AsrRunner {
                     .map(|(c, _)| c.to_string())
             });
         }
+        for &t in &prompt[pos..] {
+            logits = step(&mut self.model, t, pos)?;
+            pos += 1;
+        }
 
         let n_new = g
             .resolve_max_new_tokens(self.max_positions as i64, pos as i64)
             .max(0) as usize;
+        // Whether the decoder's context, not the caller's limit, bounds the output.
+        let context_bound = (n_new as i64) < g.resolve_max_new_tokens(i64::MAX / 4, pos as i64);
         let mut sampler = Sampler::with_params(g.sampling(), g.seed.unwrap_or_else(clock_seed));
         let mut stream = self.tokenizer.stream();
         let mut text = String::new();
@@ -488,7 +485,7 @@ impl AsrRunner {
         let mut sample_ns = 0u128;
         let reason = loop {
             if tokens.len() >= n_new {
-                break if pos >= self.max_positions {
+                break if context_bound {
                     StopReason::ContextFull
                 } else {
                     StopReason::Length

@@ -13,7 +13,7 @@ if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 SECONDS_PER_TARGET=${1:-20}
 SEED=${2:-1}
 OUT=build/fuzz
-TARGETS=${FUZZ_TARGETS:-model data-file tokenizer-hf tokenizer-sentencepiece tokenizer-tiktoken tokenizer-llama2c chat-template grammar session-state server-request c-abi}
+TARGETS=${FUZZ_TARGETS:-model data-file tokenizer-hf tokenizer-sentencepiece tokenizer-tiktoken tokenizer-llama2c chat-template grammar session-state server-request image wav c-abi}
 
 PROFILE=${FUZZ_PROFILE:-release}
 case "$PROFILE" in
