@@ -3,6 +3,30 @@
 //! `text_decoder(tokens[1, 1], encoder_output, cache_position[1]) -> logits` a token at a
 //! time. The features are Whisper's log-mel spectrogram, computed here from the audio
 //! ([`crate::media::audio`]).
+//!
+//! ```
+//! use std::ops::ControlFlow;
+//! use etllm::multimodal::AudioSource;
+//! use etllm::{AsrOptions, AsrRunner, TranscribeConfig};
+//!
+//! // A tiny Whisper exported by optimum-executorch (random weights: its text is noise).
+//! let dir = "tests/fixtures/whisper";
+//! let mut asr = AsrRunner::open(
+//!     format!("{dir}/model.pte"),
+//!     format!("{dir}/tokenizer.json"),
+//!     AsrOptions::default(),
+//! )?;
+//! let mut config = TranscribeConfig::default(); // greedy, until <|endoftext|>
+//! config.language = Some("en".into()); // None: detected
+//! let audio = AudioSource::File(format!("{dir}/audio/speech16k.wav").into());
+//! let t = asr.transcribe(&audio, &config, |piece| {
+//!     eprint!("{}", piece.text); // streamed
+//!     ControlFlow::Continue(())
+//! })?;
+//! assert_eq!(t.prompt.len(), 4); // <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
+//! assert_eq!(t.stats.num_prompt_tokens, 1500); // the encoder's output rows
+//! # Ok::<(), etllm::Error>(())
+//! ```
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};

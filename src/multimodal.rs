@@ -8,6 +8,33 @@
 //! through `token_embedding`, an image through `vision_encoder`, and each result is fed to
 //! `text_decoder` at the next positions. Text-only prompts run on such a model through
 //! every other API as well (a `forward` that chains `token_embedding` and `text_decoder`).
+//!
+//! ```
+//! use std::ops::ControlFlow;
+//! use etllm::{GenerationConfig, Input, Runner, RunnerOptions};
+//!
+//! // A tiny Llava exported by optimum-executorch (random weights: its text is noise).
+//! let dir = "tests/fixtures/multimodal";
+//! let mut runner = Runner::open(
+//!     format!("{dir}/model.pte"),
+//!     format!("{dir}/tokenizer.json"),
+//!     RunnerOptions::default(), // preprocessor_config.json is found beside the model
+//! )?;
+//! let inputs = [
+//!     Input::text("USER: "),
+//!     Input::image_file(format!("{dir}/images/rgb.png")),
+//!     Input::text("\nDescribe.ASSISTANT:"),
+//! ];
+//! let config = GenerationConfig { max_new_tokens: 16, num_bos: 1, temperature: 0.0, ..Default::default() };
+//! let mut text = String::new();
+//! let stats = runner.generate_inputs(&inputs, &config, |piece| {
+//!     text.push_str(piece.text);
+//!     ControlFlow::Continue(())
+//! }, |_| {})?;
+//! assert_eq!(stats.num_prompt_tokens, 42); // 7 + 16 image rows + 19
+//! assert_eq!(stats.num_generated_tokens, 16);
+//! # Ok::<(), etllm::Error>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 

@@ -230,8 +230,9 @@ fn pixel_values_match_transformers_clip_image_processor() {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        // A JPEG decoder other than Pillow's libjpeg may round a few pixels differently.
-        let bound = if name.ends_with(".jpg") { 0.1 } else { 1e-5 };
+        // The image crate's JPEG decoder rounds a few pixels differently from Pillow's
+        // libjpeg (0.03 here: two of 255 levels over CLIP's std); PNGs match exactly.
+        let bound = if name.ends_with(".jpg") { 0.05 } else { 1e-5 };
         assert!(worst <= bound, "{name}: max |diff| {worst}");
     }
 }
