@@ -1310,11 +1310,18 @@ impl Session {
                 state.tokens.len()
             )));
         }
+        // Positions an encoder filled are recorded as MEDIA_POSITION, on models that
+        // have encoders.
+        let media_ok = self.shared.kind == ModelKind::Embeddings;
+        let media = |t: u32| media_ok && t == multimodal::MEDIA_POSITION;
         if let Some(bad) = state
             .tokens
             .iter()
-            .chain(&state.pending)
-            .find(|&&t| t as usize >= self.shared.vocab_size)
+            .find(|&&t| t as usize >= self.shared.vocab_size && !media(t))
+            .or(state
+                .pending
+                .iter()
+                .find(|&&t| t as usize >= self.shared.vocab_size))
         {
             return Err(Error::InvalidState(format!(
                 "it holds token {bad}, outside the model's vocabulary of {}",

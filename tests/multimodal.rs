@@ -412,3 +412,30 @@ fn features_of_the_wrong_shape_are_refused() {
     .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
 }
+
+#[test]
+fn a_saved_state_with_an_image_restores_into_another_session() {
+    let c = case("one_image");
+    let inputs = case_inputs(&c);
+    let mut runner = open();
+    let mut first = runner.session().unwrap();
+    first.prefill_inputs(&inputs[..2], &greedy(0)).unwrap();
+    let state = first.save_state().unwrap();
+    assert!(first.tokens().contains(&etllm::multimodal::MEDIA_POSITION));
+    drop(first);
+    let mut second = runner.session().unwrap();
+    second.load_state(&state).unwrap();
+    let mut out = Vec::new();
+    second
+        .generate_inputs(
+            &inputs[2..],
+            &greedy(16),
+            |p| {
+                out.extend(p.token);
+                ControlFlow::Continue(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(out, ids(&c["greedy_ids"]));
+}
