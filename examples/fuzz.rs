@@ -1652,7 +1652,7 @@ mod cabi {
 
     /// A method name: mostly one the fixture models have, else any string argument.
     fn method_name() -> *const c_char {
-        if u8_() % 4 == 0 {
+        if u8_().is_multiple_of(4) {
             return cstr();
         }
         keep_str(pick(&[
@@ -1714,7 +1714,7 @@ mod cabi {
     }
 
     fn out<T>() -> *mut T {
-        if u8_() % 8 == 0 {
+        if u8_().is_multiple_of(8) {
             std::ptr::null_mut()
         } else {
             alloc(size_of::<T>().max(16)) as *mut T
@@ -1769,7 +1769,7 @@ mod cabi {
     }
 
     fn maybe_null<T>(p: *mut T) -> *mut T {
-        if u8_() % 10 == 0 {
+        if u8_().is_multiple_of(10) {
             std::ptr::null_mut()
         } else {
             p
@@ -1780,7 +1780,7 @@ mod cabi {
         let mut c = etllm_generation_config_default();
         if bool_() {
             c.echo = bool_();
-            c.warming = u8_() % 8 == 0;
+            c.warming = u8_().is_multiple_of(8);
             c.ignore_eos = bool_();
             c.has_seed = bool_();
             c.max_new_tokens = pick(&[-1, 0, 1, 2, 4, 8, i32::MAX, i32::MIN, -2]);
@@ -1880,9 +1880,13 @@ mod cabi {
     }
 
     fn callbacks() -> (etllm_token_callback, etllm_stats_callback, *mut c_void) {
-        let t: etllm_token_callback = if u8_() % 4 == 0 { None } else { Some(on_token) };
+        let t: etllm_token_callback = if u8_().is_multiple_of(4) {
+            None
+        } else {
+            Some(on_token)
+        };
         let s: etllm_stats_callback = if bool_() { None } else { Some(on_stats) };
-        let ud = if u8_() % 4 == 0 {
+        let ud = if u8_().is_multiple_of(4) {
             std::ptr::null_mut()
         } else {
             keep(&[Calls {
@@ -1956,7 +1960,7 @@ mod cabi {
             etllm_step {
                 method: method_name(),
                 inputs: keep(&views),
-                num_inputs: if u8_() % 8 == 0 { n / 2 } else { n },
+                num_inputs: if u8_().is_multiple_of(8) { n / 2 } else { n },
             }
         };
         // Safety: the library passes a valid out pointer.
@@ -1987,20 +1991,20 @@ mod cabi {
                 usize::try_from(s).ok().and_then(|s| a.checked_mul(s))
             });
         let nbytes = match numel.and_then(|n| n.checked_mul(elem)) {
-            Some(n) if u8_() % 8 != 0 => n,
+            Some(n) if !u8_().is_multiple_of(8) => n,
             _ => pick(&[0, 8, 16, 64]),
         };
         // The data really holds `nbytes` bytes, or is NULL, or misaligned within a buffer
         // large enough.
-        let data = if nbytes > (1 << 20) || u8_() % 10 == 0 {
+        let data = if nbytes > (1 << 20) || u8_().is_multiple_of(10) {
             std::ptr::null_mut()
-        } else if u8_() % 10 == 0 {
+        } else if u8_().is_multiple_of(10) {
             // Safety: one byte in, inside a buffer of nbytes + 8.
             unsafe { alloc(nbytes + 8).add(1) as *mut c_void }
         } else {
             alloc(nbytes) as *mut c_void
         };
-        let data = if data.is_null() && nbytes <= (1 << 20) && u8_() % 2 == 0 {
+        let data = if data.is_null() && nbytes <= (1 << 20) && u8_().is_multiple_of(2) {
             alloc(nbytes) as *mut c_void
         } else {
             data
@@ -2053,7 +2057,7 @@ mod cabi {
         }
         // Safety: valid out pointers.
         unsafe {
-            if u8_() % 8 != 0 {
+            if !u8_().is_multiple_of(8) {
                 *out_logits = m.logits.as_ptr();
                 *out_vocab = pick(&[1, 2, 512, 600, m.logits.len(), 0]);
             }
@@ -2119,7 +2123,7 @@ mod cabi {
         if bool_() {
             o.num_threads = pick(&[0, 1, 2, 3]);
             o.preset = pick(&[0, 1, 2, -1, i32::MAX]);
-            if u8_() % 3 == 0 {
+            if u8_().is_multiple_of(3) {
                 (manager, state) = io_manager();
                 o.io_manager = manager;
             }
@@ -2147,7 +2151,7 @@ mod cabi {
     // ---- model info (inside the manager's load) --------------------------------------
 
     fn model_info(model: *const etllm_model_info) -> *const etllm_model_info {
-        if u8_() % 10 == 0 {
+        if u8_().is_multiple_of(10) {
             std::ptr::null()
         } else {
             model
@@ -2183,14 +2187,14 @@ mod cabi {
                 } else {
                     alloc(cap * 8)
                 };
-                if u8_() % 2 == 0 {
+                if u8_().is_multiple_of(2) {
                     etllm_model_info_constant_ints(m, method_name(), buf as *mut i64, cap, out());
                 } else {
                     etllm_model_info_constant_floats(m, method_name(), buf as *mut f32, cap, out());
                 }
             }
             7 => {
-                let sizes = if u8_() % 6 == 0 {
+                let sizes = if u8_().is_multiple_of(6) {
                     std::ptr::null_mut()
                 } else {
                     alloc(8 * ETLLM_MAX_DIMS) as *mut i64
@@ -2244,7 +2248,7 @@ mod cabi {
 
     /// One of the live handles, or NULL.
     fn handle<T>(v: &[*mut T]) -> *mut T {
-        if v.is_empty() || u8_() % 6 == 0 {
+        if v.is_empty() || u8_().is_multiple_of(6) {
             std::ptr::null_mut()
         } else {
             v[u8_() as usize % v.len()]
@@ -2302,7 +2306,7 @@ mod cabi {
         let op = u8_() % 32;
         let s = match op {
             0 | 1 => {
-                let path = if u8_() % 4 == 0 {
+                let path = if u8_().is_multiple_of(4) {
                     cstr()
                 } else {
                     keep_str(paths()[u8_() as usize % 6].as_bytes())
@@ -2447,7 +2451,7 @@ mod cabi {
                 s
             }
             15 | 16 => {
-                let model = if u8_() % 4 == 0 {
+                let model = if u8_().is_multiple_of(4) {
                     cstr()
                 } else {
                     keep_str(paths()[pick(&[7, 7, 7, 8, 9, 10, 11])].as_bytes())

@@ -256,7 +256,7 @@ impl Model {
             .embedding_rows()
             .ok_or_else(|| Error::UnsupportedModel("the model does not take embeddings".into()))?;
         let n = rows.len() / dim;
-        if n == 0 || n > max_rows || rows.len() % dim != 0 {
+        if n == 0 || n > max_rows || !rows.len().is_multiple_of(dim) {
             return Err(Error::InvalidArgument(format!(
                 "{} values are not 1 to {max_rows} rows of {dim}",
                 rows.len()

@@ -237,6 +237,7 @@ impl Media {
 }
 
 /// Checks an input list and turns it into segments, without touching the model.
+#[allow(clippy::too_many_arguments)]
 /// `first_at_start`: the conversation is empty, so the first text input gets the
 /// config's BOS/EOS framing (`frame`), as upstream's runner does.
 pub(crate) fn prepare(

@@ -136,16 +136,20 @@ pub extern "C" fn etllm_asr_open(
         let tokenizer = c_str(tokenizer_path, "tokenizer_path")?;
         let o = read_versioned(options, etllm_asr_options::default())?;
         let mut opts = AsrOptions::default();
-        opts.num_threads = (o.num_threads > 0).then_some(o.num_threads as usize);
-        opts.preprocessor_config = if o.preprocessor_config.is_null() {
+        let num_threads = (o.num_threads > 0).then_some(o.num_threads as usize);
+        let preprocessor_config = if o.preprocessor_config.is_null() {
             None
         } else {
             Some(c_str(o.preprocessor_config, "options.preprocessor_config")?.into())
         };
-        opts.data_paths = c_slice(o.data_paths, o.num_data_paths, "options.data_paths")?
+        let data_paths = c_slice(o.data_paths, o.num_data_paths, "options.data_paths")?
             .iter()
             .map(|&p| c_str(p, "options.data_paths[i]").map(std::path::PathBuf::from))
             .collect::<Result<_, _>>()?;
+        // AsrOptions is non-exhaustive: set field by field.
+        opts.num_threads = num_threads;
+        opts.preprocessor_config = preprocessor_config;
+        opts.data_paths = data_paths;
         let asr = AsrRunner::open(model, tokenizer, opts)?;
         let stop = asr.stop_handle();
         *out = Box::into_raw(Box::new(etllm_asr {

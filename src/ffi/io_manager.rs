@@ -561,7 +561,7 @@ fn view_from_c<'a>(v: &etllm_tensor_view) -> std::result::Result<TensorView<'a>,
             v.nbytes
         ));
     }
-    if v.data.is_null() || (v.data as usize) % elem != 0 {
+    if v.data.is_null() || !(v.data as usize).is_multiple_of(elem) {
         return Err("data is NULL or misaligned".into());
     }
     // Safety: the manager guarantees `nbytes` readable, aligned bytes that stay valid

@@ -49,7 +49,7 @@ impl Audio {
         let mono = match channels {
             1 => samples.to_vec(),
             2 => {
-                if samples.len() % 2 != 0 {
+                if !samples.len().is_multiple_of(2) {
                     return Err(bad(what, "stereo samples come in pairs; the count is odd"));
                 }
                 samples

@@ -308,13 +308,13 @@ pub fn resize(src: &Pixels, width: usize, height: usize, filter: Resample) -> Pi
                 let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
                 for (x, &w) in k.iter().enumerate() {
                     let p = &row[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                    for ch in 0..3 {
-                        ss[ch] = ss[ch].wrapping_add(p[ch] as i32 * w);
+                    for (s, &v) in ss.iter_mut().zip(p) {
+                        *s = s.wrapping_add(v as i32 * w);
                     }
                 }
                 let o = (y * width + xx) * 3;
-                for ch in 0..3 {
-                    out[o + ch] = clip8(ss[ch]);
+                for (dst, &s) in out[o..o + 3].iter_mut().zip(&ss) {
+                    *dst = clip8(s);
                 }
             }
         }
@@ -334,13 +334,13 @@ pub fn resize(src: &Pixels, width: usize, height: usize, filter: Resample) -> Pi
                 let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
                 for (y, &w) in k.iter().enumerate() {
                     let p = ((y + ymin) * cur.width + xx) * 3;
-                    for ch in 0..3 {
-                        ss[ch] = ss[ch].wrapping_add(cur.data[p + ch] as i32 * w);
+                    for (s, &v) in ss.iter_mut().zip(&cur.data[p..p + 3]) {
+                        *s = s.wrapping_add(v as i32 * w);
                     }
                 }
                 let o = (yy * cur.width + xx) * 3;
-                for ch in 0..3 {
-                    out[o + ch] = clip8(ss[ch]);
+                for (dst, &s) in out[o..o + 3].iter_mut().zip(&ss) {
+                    *dst = clip8(s);
                 }
             }
         }
@@ -574,14 +574,10 @@ impl ImagePreprocessor {
             }
             (_, false) => None,
         };
-        for (w, h) in crop
-            .iter()
-            .copied()
-            .chain(resize.iter().filter_map(|r| match *r {
-                Resize::Exact { width, height } => Some((width, height)),
-                Resize::ShortestEdge(s) => Some((s, s)),
-            }))
-        {
+        for (w, h) in crop.iter().copied().chain(resize.iter().map(|r| match *r {
+            Resize::Exact { width, height } => (width, height),
+            Resize::ShortestEdge(s) => (s, s),
+        })) {
             if w == 0 || h == 0 || w > 1 << 14 || h > 1 << 14 {
                 return Err(Error::InvalidArgument(format!(
                     "preprocessor config: a size of {w}x{h} is out of range"

@@ -325,7 +325,7 @@ impl<'a> SavedState<'a> {
             if bits.len() * 8 > n_chunks
                 && bits
                     .last()
-                    .is_some_and(|&b| b >> (n_chunks % 8) != 0 && n_chunks % 8 != 0)
+                    .is_some_and(|&b| b >> (n_chunks % 8) != 0 && !n_chunks.is_multiple_of(8))
             {
                 return Err(bad("its arena bitmap marks chunks past the arena".into()));
             }
