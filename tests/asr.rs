@@ -385,3 +385,18 @@ fn a_speech_model_is_refused_by_runner_and_a_text_model_by_asr_runner() {
     .unwrap_err();
     assert!(matches!(err, Error::UnsupportedModel(_)), "{err:?}");
 }
+
+#[test]
+fn an_asr_runner_can_move_to_another_thread() {
+    fn send<T: Send>(_: &T) {}
+    let asr = open();
+    send(&asr);
+    let t = std::thread::spawn(move || {
+        let mut asr = asr;
+        asr.transcribe(&wav("stereo16k.wav"), &greedy(2), |_| {
+            ControlFlow::Continue(())
+        })
+        .map(|t| t.tokens.len())
+    });
+    assert_eq!(t.join().unwrap().unwrap(), 2);
+}
