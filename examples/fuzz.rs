@@ -1644,6 +1644,10 @@ mod cabi {
             f("chat/config_list"),
             f("dyn_portable/model.pte"),
             f("multi_eos/model.pte"),
+            f("multimodal/model.pte"),
+            f("multimodal/images/rgb.png"),
+            f("multimodal/images/truncated.png"),
+            f("whisper/audio/speech16k.wav"),
             f("no_forward.pte"),
             f(""),
             "/nonexistent/file".into(),
@@ -1737,6 +1741,76 @@ mod cabi {
                 (keep(&v) as *const u32, len)
             }
         }
+    }
+
+    /// A list of multimodal inputs: kinds and fields fuzzed, every pointer NULL or valid
+    /// for the length given with it; `struct_size` the full size, or now and then one the
+    /// library must refuse (an array's stride is its elements' `struct_size`).
+    fn media_inputs() -> (*const etllm::ffi::input::etllm_input, usize) {
+        use etllm::ffi::input::{etllm_input, etllm_input_default};
+        let n = small();
+        if n == 0 && bool_() {
+            return (std::ptr::null(), 0);
+        }
+        let mut v: Vec<etllm_input> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut i = etllm_input_default();
+            if u8_().is_multiple_of(16) {
+                i.struct_size = pick(&[0, 3, 7, 9, 1000]);
+            }
+            i.kind = if u8_().is_multiple_of(8) {
+                int_i32()
+            } else {
+                (u8_() % 8) as i32
+            };
+            i.text = cstr();
+            i.path = cstr();
+            let (ids, k) = ids();
+            i.tokens = ids;
+            i.num_tokens = k;
+            let nbytes = match u8_() % 4 {
+                0 => 0,
+                1 => small(),
+                2 => 3 * 32 * 32,
+                _ => std::fs::read(fixture("multimodal/images/rgb.png")).map_or(0, |b| b.len()),
+            };
+            let bytes: Vec<u8> = if nbytes > 100 && bool_() {
+                let mut b = std::fs::read(fixture("multimodal/images/rgb.png")).unwrap_or_default();
+                b.resize(nbytes, 0);
+                let at = u8_() as usize % nbytes.max(1);
+                b[at] ^= u8_();
+                b
+            } else {
+                (0..nbytes).map(|_| u8_()).collect()
+            };
+            i.bytes = if nbytes == 0 && bool_() {
+                std::ptr::null()
+            } else {
+                keep(&bytes) as *const u8
+            };
+            i.num_bytes = nbytes;
+            i.width = pick(&[0, 1, 32, 61, 40, u32::MAX, 1 << 16]);
+            i.height = pick(&[0, 1, 32, 40, u32::MAX]);
+            i.channels = pick(&[0, 1, 2, 3, 4, 5, u32::MAX]);
+            i.sample_rate = int_u32();
+            let nf = pick(&[0usize, 1, 3, 768, 3072, 16_000]);
+            let floats: Vec<f32> = (0..nf)
+                .map(|k| if k < 64 { float() } else { 0.1 })
+                .collect();
+            i.floats = if nf == 0 && bool_() {
+                std::ptr::null()
+            } else {
+                keep(&floats) as *const f32
+            };
+            i.num_floats = nf;
+            let sizes: Vec<usize> = (0..small())
+                .map(|_| pick(&[0, 1, 3, 32, 16, usize::MAX]))
+                .collect();
+            i.sizes = keep(&sizes) as *const usize;
+            i.num_sizes = sizes.len();
+            v.push(i);
+        }
+        (keep(&v) as *const etllm_input, n)
     }
 
     /// A struct_size to try for a struct of `full` bytes whose field offsets are `fields`.
@@ -2504,14 +2578,23 @@ mod cabi {
                         let (ids, n) = ids();
                         etllm_runner_generate_tokens(r, ids, n, cfg, t, st, ud, so)
                     }
-                    _ => {
-                        if bool_() {
-                            etllm_runner_prefill(r, cstr(), cfg, so)
-                        } else {
+                    _ => match u8_() % 4 {
+                        0 => etllm_runner_prefill(r, cstr(), cfg, so),
+                        1 => {
                             let (ids, n) = ids();
                             etllm_runner_prefill_tokens(r, ids, n, cfg, so)
                         }
-                    }
+                        2 => {
+                            let (inputs, n) = media_inputs();
+                            etllm::ffi::input::etllm_runner_generate_inputs(
+                                r, inputs, n, cfg, t, st, ud, so,
+                            )
+                        }
+                        _ => {
+                            let (inputs, n) = media_inputs();
+                            etllm::ffi::input::etllm_runner_prefill_inputs(r, inputs, n, cfg, so)
+                        }
+                    },
                 }
             }
             21 => {
