@@ -238,3 +238,105 @@ fn a_prompt_longer_than_the_context_option_is_context_length_exceeded() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(answer["error"]["code"], "context_length_exceeded");
 }
+
+/// The multimodal fixture served with a chat template that renders exactly its reference
+/// prompt: "<s>USER: " + the message + "ASSISTANT:".
+fn multimodal_server() -> (Server, Value) {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multimodal");
+    let mut runner = Runner::open(
+        dir.join("model.pte"),
+        dir.join("tokenizer.json"),
+        etllm::RunnerOptions::default(),
+    )
+    .unwrap();
+    let mut options = ServerOptions::default();
+    options.chat_template = Some(
+        // The fixture's tokenizer names no BOS token for templates: "<s>" is written out.
+        etllm::ChatTemplate::new("<s>USER: {{ messages[0]['content'] }}ASSISTANT:").unwrap(),
+    );
+    let server = Server::new(&mut runner, options).expect("server");
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    (server, reference)
+}
+
+fn image_message(path: &str, text: &str) -> Value {
+    use base64::Engine as _;
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multimodal");
+    let data =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.join(path)).unwrap());
+    json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}},
+        {"type": "text", "text": text},
+    ]})
+}
+
+#[test]
+fn a_chat_image_part_runs_through_the_vision_encoder_and_matches_eager_transformers() {
+    let rt = runtime();
+    let (server, reference) = multimodal_server();
+    let case = &reference["cases"][0];
+    assert_eq!(case["name"], "one_image");
+    let body = json!({
+        "messages": [image_message("images/rgb.png", "\nDescribe.")],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let (status, answer) = post(&rt, &server, "/v1/chat/completions", body);
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(reply(&answer), case["greedy_text"].as_str().unwrap());
+    assert_eq!(
+        answer["usage"]["prompt_tokens"].as_u64(),
+        case["prompt_len"].as_u64()
+    );
+}
+
+#[test]
+fn a_corrupt_image_part_is_a_400_and_the_server_keeps_serving() {
+    let rt = runtime();
+    let (server, reference) = multimodal_server();
+    let body = json!({
+        "messages": [image_message("images/corrupt.jpg", "\nDescribe.")],
+        "max_tokens": 4, "temperature": 0,
+    });
+    let (status, answer) = post(&rt, &server, "/v1/chat/completions", body);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("image"),
+        "{answer}"
+    );
+    let body = json!({
+        "messages": [image_message("images/rgb.png", "\nDescribe.")],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let (status, answer) = post(&rt, &server, "/v1/chat/completions", body);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        reply(&answer),
+        reference["cases"][0]["greedy_text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn an_image_part_for_a_text_only_model_is_a_400() {
+    let rt = runtime();
+    let mut runner = common::open_demo();
+    let server = server(&mut runner, 1);
+    let body = json!({
+        "messages": [image_message("images/rgb.png", "hi")],
+        "max_tokens": 4,
+    });
+    let (status, answer) = post(&rt, &server, "/v1/chat/completions", body);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no images"),
+        "{answer}"
+    );
+}

@@ -226,7 +226,14 @@ pub(crate) struct Plan {
     /// The tokens asked for at most, if the request says.
     pub max_tokens: Option<usize>,
     pub config: GenerationConfig,
+    /// Chat's image parts, in order: the encoded files of their `data:` URLs. The
+    /// messages hold [`IMAGE_MARKER`] where each was.
+    pub images: Vec<Vec<u8>>,
 }
+
+/// What an image part becomes in the message text given to the chat template (the
+/// placeholder Llava's templates use); the rendered prompt is split at it.
+pub(crate) const IMAGE_MARKER: &str = "<image>";
 
 /// A parameter OpenAI defines that EtLlm does not implement, with the values that mean
 /// "off" (accepted and ignored). Any other value is refused by name.
@@ -294,13 +301,15 @@ pub(crate) fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Plan, ApiError> {
     match endpoint {
         Endpoint::Chat => {
             let request: ChatRequest = serde_json::from_value(value).map_err(typed_error)?;
-            let messages = chat_messages(request.messages)?;
-            plan(
+            let (messages, images) = chat_messages(request.messages)?;
+            let mut plan = plan(
                 endpoint,
                 PromptInput::Messages(messages),
                 false,
                 request.common,
-            )
+            )?;
+            plan.images = images;
+            Ok(plan)
         }
         Endpoint::Completions => {
             let request: CompletionRequest = serde_json::from_value(value).map_err(typed_error)?;
@@ -334,7 +343,10 @@ pub(crate) fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Plan, ApiError> {
 }
 
 /// The messages as the chat template takes them.
-fn chat_messages(messages: Vec<Message>) -> Result<Vec<crate::ChatMessage>, ApiError> {
+fn chat_messages(
+    messages: Vec<Message>,
+) -> Result<(Vec<crate::ChatMessage>, Vec<Vec<u8>>), ApiError> {
+    let mut images = Vec::new();
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages must hold at least one message",
@@ -382,11 +394,17 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<crate::ChatMessage>, ApiE
                                 Some(&format!("messages[{i}].content[{j}].text")),
                             ))
                         }
+                        (Some("image_url"), _) => {
+                            let param = format!("messages[{i}].content[{j}].image_url");
+                            images.push(image_part(part, &param)?);
+                            text.push_str(IMAGE_MARKER);
+                        }
                         (ty, _) => {
                             return Err(ApiError::unsupported(
                                 &format!("messages[{i}].content[{j}].type"),
                                 &format!(
-                                    "'{}' is not supported: this server takes text parts only",
+                                    "'{}' is not supported: this server takes text and \
+                                     image_url parts",
                                     ty.unwrap_or("(missing)")
                                 ),
                             ))
@@ -398,7 +416,36 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<crate::ChatMessage>, ApiE
         };
         out.push(crate::ChatMessage::new(role, content));
     }
-    Ok(out)
+    Ok((out, images))
+}
+
+/// The encoded image of an `image_url` part: a `data:` URL with base64 data. Remote URLs
+/// are refused: the server fetches nothing.
+fn image_part(part: &serde_json::Map<String, Value>, param: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    let url = part
+        .get("image_url")
+        .and_then(|u| u.get("url").or(Some(u)))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(format!("{param} has no url"), Some(param)))?;
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(ApiError::invalid(
+            format!(
+                "{param}: only data: URLs are taken (data:image/png;base64,...); this \
+                 server does not fetch remote images"
+            ),
+            Some(param),
+        ));
+    };
+    let Some((_, data)) = rest.split_once(";base64,") else {
+        return Err(ApiError::invalid(
+            format!("{param}: the data: URL is not base64 (data:<type>;base64,<data>)"),
+            Some(param),
+        ));
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::invalid(format!("{param}: bad base64: {e}"), Some(param)))
 }
 
 /// The checked plan of a request.
@@ -506,6 +553,7 @@ fn plan(
         echo,
         max_tokens,
         config,
+        images: Vec::new(),
     })
 }
 
@@ -662,7 +710,7 @@ mod tests {
     }
 
     #[test]
-    fn text_parts_are_joined_and_image_parts_refused() {
+    fn text_parts_are_joined_and_other_parts_refused() {
         let plan = chat(
             r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,
         )
@@ -672,10 +720,39 @@ mod tests {
             PromptInput::Messages(vec![crate::ChatMessage::user("ab")])
         );
         let e = chat(
-            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}"#,
+            r#"{"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}"#,
         )
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+    }
+
+    #[test]
+    fn image_parts_become_markers_and_their_data_urls_are_decoded() {
+        let plan = chat(
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAEC"}}, {"type": "text", "text": "what?"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            plan.prompt,
+            PromptInput::Messages(vec![crate::ChatMessage::user("<image>what?")])
+        );
+        assert_eq!(plan.images, vec![vec![0u8, 1, 2]]);
+        for url in [
+            "https://example.com/cat.png",
+            "data:image/png,abc",
+            "data:image/png;base64,!!",
+        ] {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": [{{"type": "image_url", "image_url": {{"url": "{url}"}}}}]}}]}}"#
+            );
+            let e = chat(&body).unwrap_err();
+            assert_eq!(e.status, 400, "{url}");
+            assert_eq!(
+                e.param.as_deref(),
+                Some("messages[0].content[0].image_url"),
+                "{url}"
+            );
+        }
     }
 
     #[test]

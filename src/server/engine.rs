@@ -48,6 +48,9 @@ impl Ticket {
 /// A request for the model: its prompt as token ids (the whole conversation) and settings.
 pub(crate) struct Job {
     pub ids: Vec<u32>,
+    /// A prompt with images, as the input list it runs as (`ids` then holds
+    /// `MEDIA_POSITION` for the images' rows).
+    pub inputs: Option<Vec<crate::Input>>,
     pub config: GenerationConfig,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
@@ -141,7 +144,7 @@ impl Engine {
     /// Queues a request; the guard cancels it when dropped. A full queue is a 503.
     pub fn submit(
         self: &Arc<Self>,
-        ids: Vec<u32>,
+        (ids, inputs): (Vec<u32>, Option<Vec<crate::Input>>),
         config: GenerationConfig,
         events: UnboundedSender<Event>,
         received: Instant,
@@ -166,6 +169,7 @@ impl Engine {
         }
         queue.jobs.push_back(Job {
             ids,
+            inputs,
             config,
             events,
             received,
@@ -300,23 +304,34 @@ impl Engine {
         }
         self.metrics.busy_slots.set(1);
         let mut first_token: Option<Instant> = None;
-        let result = slot.session.generate_from_ids(
-            &job.ids,
-            &job.config,
-            |piece| {
-                if job.ticket.is_cancelled() || job.events.is_closed() {
-                    return ControlFlow::Break(());
-                }
-                if piece.token.is_some() && first_token.is_none() {
-                    first_token = Some(Instant::now());
-                }
-                if !piece.text.is_empty() {
-                    let _ = job.events.send(Event::Text(piece.text.to_owned()));
-                }
-                ControlFlow::Continue(())
-            },
-            |_| {},
-        );
+        let on_piece = |piece: crate::TokenPiece<'_>| {
+            if job.ticket.is_cancelled() || job.events.is_closed() {
+                return ControlFlow::Break(());
+            }
+            if piece.token.is_some() && first_token.is_none() {
+                first_token = Some(Instant::now());
+            }
+            if !piece.text.is_empty() {
+                let _ = job.events.send(Event::Text(piece.text.to_owned()));
+            }
+            ControlFlow::Continue(())
+        };
+        let result = match &job.inputs {
+            // A prompt with images starts its slot over: the cache holds no images to
+            // compare with.
+            Some(inputs) => slot.session.reset().and_then(|()| {
+                let config = GenerationConfig {
+                    reuse_prefix: false,
+                    num_bos: 0,
+                    ..job.config.clone()
+                };
+                slot.session
+                    .generate_inputs(inputs, &config, on_piece, |_| {})
+            }),
+            None => slot
+                .session
+                .generate_from_ids(&job.ids, &job.config, on_piece, |_| {}),
+        };
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {

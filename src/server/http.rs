@@ -243,6 +243,67 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
 struct Prepared {
     ids: Vec<u32>,
     echo: String,
+    /// A chat prompt with images: the input list it runs as.
+    inputs: Option<Vec<crate::Input>>,
+}
+
+/// A rendered chat prompt with image markers, as an input list: the text between the
+/// markers tokenized, each image decoded (a bad one is a 400 now) and counted at the rows
+/// its encoder returns. Also the ids the prompt fills, `MEDIA_POSITION` for image rows.
+fn image_prompt(
+    state: &AppState,
+    text: &str,
+    images: &[Vec<u8>],
+) -> Result<(Vec<u32>, Vec<crate::Input>), ApiError> {
+    use crate::multimodal::{ImageSource, Input, MEDIA_POSITION};
+    let rows = state
+        .shared
+        .info
+        .methods
+        .get(crate::model::VISION_ENCODER)
+        .and_then(|m| m.outputs.first())
+        .and_then(|o| o.tensor())
+        .and_then(|t| match t.sizes.as_slice() {
+            [1, n, _] | [n, _] => Some(*n),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "this model takes no images (it has no vision_encoder)",
+                Some("messages"),
+            )
+        })?;
+    let pieces: Vec<&str> = text.split(api::IMAGE_MARKER).collect();
+    if pieces.len() - 1 != images.len() {
+        return Err(ApiError::invalid(
+            format!(
+                "the chat template kept {} of the {} images",
+                pieces.len() - 1,
+                images.len()
+            ),
+            Some("messages"),
+        ));
+    }
+    let mut ids = Vec::new();
+    let mut list = Vec::new();
+    for (k, piece) in pieces.iter().enumerate() {
+        if !piece.is_empty() {
+            let tokens = state
+                .shared
+                .tokenizer
+                .encode(piece)
+                .map_err(|e| ApiError::invalid(e.to_string(), None))?;
+            ids.extend_from_slice(&tokens);
+            list.push(Input::Tokens(tokens));
+        }
+        if let Some(bytes) = images.get(k) {
+            crate::media::image::decode(bytes, &format!("image {k}"))
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            ids.extend(std::iter::repeat_n(MEDIA_POSITION, rows));
+            list.push(Input::Image(ImageSource::Encoded(bytes.clone())));
+        }
+    }
+    Ok((ids, list))
 }
 
 /// Tokenizes the prompt and checks it against the context, and compiles the grammar (a
@@ -250,16 +311,23 @@ struct Prepared {
 fn prepare(state: &AppState, plan: &mut Plan) -> Result<Prepared, ApiError> {
     let tokenizer = &state.shared.tokenizer;
     let tokenize_error = |e: crate::Error| ApiError::invalid(e.to_string(), None);
+    let mut inputs = None;
     let (ids, echo) = match &plan.prompt {
         PromptInput::Messages(messages) => {
             let text = state
                 .template
                 .apply(messages, true)
                 .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-            (
-                tokenizer.encode(&text).map_err(tokenize_error)?,
-                String::new(),
-            )
+            if plan.images.is_empty() {
+                (
+                    tokenizer.encode(&text).map_err(tokenize_error)?,
+                    String::new(),
+                )
+            } else {
+                let (ids, list) = image_prompt(state, &text, &plan.images)?;
+                inputs = Some(list);
+                (ids, String::new())
+            }
         }
         PromptInput::Text(text) => {
             let bos = usize::from(state.shared.bos_id.is_some());
@@ -340,6 +408,7 @@ fn prepare(state: &AppState, plan: &mut Plan) -> Result<Prepared, ApiError> {
     Ok(Prepared {
         ids,
         echo: if plan.echo { echo } else { String::new() },
+        inputs,
     })
 }
 
@@ -390,10 +459,14 @@ async fn complete(state: AppRef, endpoint: Endpoint, headers: HeaderMap, body: B
         }
     };
     let (tx, rx) = unbounded_channel();
-    let guard = match state.engine.submit(prepared.ids, plan.config, tx, received) {
-        Ok(guard) => guard,
-        Err(e) => return e.into_response(),
-    };
+    let guard =
+        match state
+            .engine
+            .submit((prepared.ids, prepared.inputs), plan.config, tx, received)
+        {
+            Ok(guard) => guard,
+            Err(e) => return e.into_response(),
+        };
     let envelope = Envelope {
         id: response_id(endpoint),
         created: unix_seconds(),
