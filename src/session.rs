@@ -772,6 +772,24 @@ impl Session {
         Ok(0)
     }
 
+    /// The config's grammar, compiled before any model step: a bad one changes nothing. A
+    /// stop request from before this call is cleared first (it would cancel the compile).
+    fn constraint(
+        &self,
+        prefill_only: bool,
+        config: &GenerationConfig,
+    ) -> Result<Option<Constraint>> {
+        self.stop.store(false, Ordering::Release);
+        if prefill_only || config.grammar.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.shared.compiler()?.compile_with_stop(
+            config.grammar_type,
+            &config.grammar,
+            Some(self.stop.clone()),
+        )?))
+    }
+
     /// Checks the arguments, turns the prompt into ids and runs.
     fn start(
         &mut self,
@@ -810,18 +828,7 @@ impl Session {
                 "the prompt is empty and there is no previous turn to continue".into()
             }));
         }
-        // The grammar compiles before any model step: a bad one changes nothing. A stop
-        // request from before this call is cleared first (it would cancel the compile).
-        self.stop.store(false, Ordering::Release);
-        let constraint = if prefill_only || config.grammar.is_empty() {
-            None
-        } else {
-            Some(shared.compiler()?.compile_with_stop(
-                config.grammar_type,
-                &config.grammar,
-                Some(self.stop.clone()),
-            )?)
-        };
+        let constraint = self.constraint(prefill_only, config)?;
         let mode = match (prefill_only, prompt) {
             (true, _) => Mode::Prefill,
             (false, Prompt::Text(text)) => Mode::Generate(Some(text)),
@@ -1159,16 +1166,7 @@ impl Session {
             at_start,
             shared.vocab_size,
         )?;
-        self.stop.store(false, Ordering::Release);
-        let constraint = if prefill_only || config.grammar.is_empty() {
-            None
-        } else {
-            Some(shared.compiler()?.compile_with_stop(
-                config.grammar_type,
-                &config.grammar,
-                Some(self.stop.clone()),
-            )?)
-        };
+        let constraint = self.constraint(prefill_only, config)?;
         // Text inputs are echoed together, before the first generated token.
         let echoed: String = inputs
             .iter()

@@ -1,20 +1,18 @@
 //! `etllm_asr`: speech to text with encoder-decoder exports (Whisper).
 
 use std::ffi::{c_char, c_void};
-use std::ops::ControlFlow;
 use std::sync::{Mutex, MutexGuard};
 
 use super::config::{etllm_generation_config, read_config};
 use super::error::{etllm_status, guard, FfiError};
 use super::input::{etllm_input, read_inputs};
-use super::runner::etllm_token_callback;
+use super::runner::{etllm_token_callback, token_callback};
 use super::stats::{check_stats_out, etllm_stats, write_stats};
 use super::tokenizer::malloc_copy;
 use super::{c_slice, c_str, out_arg, read_versioned};
 use crate::asr::{AsrOptions, AsrRunner, TranscribeConfig};
 use crate::generate::StopHandle;
 use crate::multimodal::Input;
-use crate::runner::TokenPiece;
 
 /// A speech-to-text model (upstream's ASR layout: `encoder` and `text_decoder` methods)
 /// with its tokenizer. Opaque. Thread rules: one call at a time from any thread
@@ -248,23 +246,7 @@ pub extern "C" fn etllm_asr_transcribe(
         }
         check_stats_out(out_stats)?;
         let mut guard = lock(asr_ref(asr)?)?;
-        let mut buf: Vec<u8> = Vec::new();
-        let on_piece = |piece: TokenPiece<'_>| {
-            let Some(cb) = on_token else {
-                return ControlFlow::Continue(());
-            };
-            buf.clear();
-            buf.extend_from_slice(piece.text.as_bytes());
-            buf.push(0);
-            let id = piece.token.map_or(-1, i64::from);
-            // Safety: the caller's callback and user data; the piece lives until it returns.
-            let rc = unsafe { cb(user_data, buf.as_ptr().cast(), piece.text.len(), id) };
-            if rc == 0 {
-                ControlFlow::Continue(())
-            } else {
-                ControlFlow::Break(())
-            }
-        };
+        let on_piece = token_callback(on_token, user_data);
         let transcript = match input {
             Input::Audio(source) => guard.transcribe(&source, &tc, on_piece)?,
             Input::Features { sizes, data } => {

@@ -198,8 +198,26 @@ pub(crate) fn stream<'a, T: 'a>(
     let config = read_config(config)?;
     check_stats_out(out_stats)?;
     let mut guard = lock()?;
+    let mut token_cb = token_callback(on_token, user_data);
+    let mut stats_cb = |stats: &Stats| {
+        if let Some(cb) = on_stats {
+            let c = etllm_stats::from(stats);
+            // Safety: the caller's callback; the stats live until it returns.
+            unsafe { cb(user_data, &c) };
+        }
+    };
+    let stats = run(&mut guard, &config, &mut token_cb, &mut stats_cb)?;
+    write_stats(out_stats, &stats)
+}
+
+/// The caller's token callback as a closure over pieces: each piece is copied into a
+/// NUL-terminated buffer that lives until the callback returns; a non-zero return stops.
+pub(crate) fn token_callback(
+    on_token: etllm_token_callback,
+    user_data: *mut c_void,
+) -> impl FnMut(TokenPiece<'_>) -> ControlFlow<()> {
     let mut buf: Vec<u8> = Vec::new();
-    let mut token_cb = |piece: TokenPiece<'_>| {
+    move |piece: TokenPiece<'_>| {
         let Some(cb) = on_token else {
             return ControlFlow::Continue(());
         };
@@ -215,16 +233,7 @@ pub(crate) fn stream<'a, T: 'a>(
         } else {
             ControlFlow::Break(())
         }
-    };
-    let mut stats_cb = |stats: &Stats| {
-        if let Some(cb) = on_stats {
-            let c = etllm_stats::from(stats);
-            // Safety: the caller's callback; the stats live until it returns.
-            unsafe { cb(user_data, &c) };
-        }
-    };
-    let stats = run(&mut guard, &config, &mut token_cb, &mut stats_cb)?;
-    write_stats(out_stats, &stats)
+    }
 }
 
 /// Generates from `prompt` (UTF-8, NUL-terminated): the prompt is tokenized, `config.num_bos`
