@@ -83,6 +83,9 @@ pub(crate) struct Model {
     kind: ModelKind,
     /// Embeddings between `token_embedding` and `text_decoder`, in the decoder's dtype.
     embeds: Option<HostTensor>,
+    /// The most embedding rows one `text_decoder` call takes, and their width (the
+    /// buffer's sizes change with each call).
+    embed_limits: Option<(usize, usize)>,
 }
 
 /// What to open: the program, its external data files and the method that plays
@@ -216,9 +219,11 @@ impl Model {
             methods.insert("forward".to_string(), info);
         }
         let mut embeds = None;
+        let mut embed_limits = None;
         if kind == ModelKind::Embeddings {
             let (forward, buffer) = embedding_forward(&methods)?;
             methods.insert("forward".to_string(), forward);
+            embed_limits = Some((buffer.sizes()[1], buffer.sizes()[2]));
             embeds = Some(buffer);
         }
         let metadata = metadata_from(&consts)?;
@@ -232,6 +237,7 @@ impl Model {
             },
             kind,
             embeds,
+            embed_limits,
         })
     }
 
@@ -241,8 +247,7 @@ impl Model {
 
     /// The most embedding rows one `text_decoder` call takes, and their width.
     pub(crate) fn embedding_rows(&self) -> Option<(usize, usize)> {
-        let sizes = self.embeds.as_ref()?.sizes();
-        Some((sizes[1], sizes[2]))
+        self.embed_limits
     }
 
     /// Runs `text_decoder` of a multimodal export on `rows` (f32, `n` rows of the model's
@@ -531,6 +536,22 @@ mod tests {
         assert_eq!(meta.max_context_len, 64);
         assert_eq!(meta.vocab_size, Some(151_936));
         assert!(!meta.raw.contains_key("get_head_dim"));
+    }
+
+    #[test]
+    fn a_small_decoder_call_does_not_shrink_the_rows_a_call_takes() {
+        // Image rows go to `text_decoder` in chunks of this size: a one-row call before
+        // must not make every later chunk one row long.
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multimodal");
+        let mut model = Model::load(&ModelFiles {
+            program: dir.join("model.pte"),
+            ..Default::default()
+        })
+        .unwrap();
+        let limits = model.embedding_rows().unwrap();
+        assert_eq!(limits, (127, 64));
+        model.decode_embeddings(&[0.0; 64], 0).unwrap();
+        assert_eq!(model.embedding_rows(), Some(limits));
     }
 
     #[test]
