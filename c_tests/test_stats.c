@@ -229,7 +229,7 @@ static void version_strings(const char *arg) {
   CHECK(strcmp(etllm_status_name(ETLLM_ERR_GRAMMAR), "ETLLM_ERR_GRAMMAR") == 0);
   CHECK(strcmp(etllm_status_name(ETLLM_ERR_INVALID_STATE), "ETLLM_ERR_INVALID_STATE") == 0);
   CHECK(strcmp(etllm_status_name(ETLLM_ERR_SERVER), "ETLLM_ERR_SERVER") == 0);
-  CHECK(strcmp(etllm_status_name(ETLLM_ERR_SERVER + 1), "unknown status") == 0);
+  CHECK(strcmp(etllm_status_name(ETLLM_ERR_INVALID_MEDIA + 1), "unknown status") == 0);
 }
 
 int main(int argc, char **argv) {

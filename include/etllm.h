@@ -20,7 +20,9 @@
  *   etllm_text_stream_free, a string returned through a `char **` with etllm_string_free,
  *   an id, text or state buffer returned with its length with etllm_buffer_free, an
  *   etllm_state_buffer from etllm_state_buffer_new with etllm_state_buffer_free, and an
- *   etllm_server with etllm_server_free (which stops it first).
+ *   etllm_server with etllm_server_free (which stops it first), and an etllm_asr with
+ *   etllm_asr_free (etllm_asr_transcribe's text with etllm_string_free, its token ids with
+ *   etllm_buffer_free).
  *   Strings and structs passed to the library are only read during the call; pointers
  *   the library passes to callbacks are valid only during the callback. Strings
  *   returned as `const char *` belong to the library.
@@ -55,15 +57,15 @@
 #include <stdint.h>
 
 /**
+ * The token id that `etllm_session_tokens` (and saved states) record for each position an
+ * image filled: it matches no real token.
+ */
+#define ETLLM_MEDIA_POSITION UINT32_MAX
+
+/**
  * Most dimensions an `etllm_tensor_view` describes.
  */
 #define ETLLM_MAX_DIMS 8
-
-/**
- * The token id recorded (in [`Session::tokens`](crate::Session::tokens) and saved
- * states) for each position an encoder filled: it matches no real token.
- */
-#define MEDIA_POSITION UINT32_MAX
 
 /**
  * Result of every fallible EtLlm call. `ETLLM_OK` is 0; each failure has its own code,
@@ -266,6 +268,53 @@ typedef enum etllm_preset {
 } etllm_preset;
 
 /**
+ * The kind of an `etllm_input`, and which of its fields it reads.
+ */
+typedef enum etllm_input_kind {
+  /**
+   * `text`: NUL-terminated UTF-8, tokenized with the model's tokenizer.
+   */
+  ETLLM_INPUT_TEXT = 0,
+  /**
+   * `tokens` / `num_tokens`: token ids, fed as they are.
+   */
+  ETLLM_INPUT_TOKENS = 1,
+  /**
+   * `path`: an image file (PNG, JPEG, GIF, BMP or WebP).
+   */
+  ETLLM_INPUT_IMAGE_FILE = 2,
+  /**
+   * `bytes` / `num_bytes`: the bytes of such an image file.
+   */
+  ETLLM_INPUT_IMAGE_ENCODED = 3,
+  /**
+   * `bytes`: decoded 8-bit pixels, rows top to bottom, channels interleaved;
+   * `width`, `height`, `channels` (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA); `num_bytes`
+   * must be `width * height * channels`.
+   */
+  ETLLM_INPUT_IMAGE_PIXELS = 4,
+  /**
+   * `path`: a WAV file (PCM 8/16/24/32-bit or float 32-bit, mono or stereo).
+   */
+  ETLLM_INPUT_AUDIO_FILE = 5,
+  /**
+   * `floats` / `num_floats`: samples in [-1, 1], `channels` (1, or 2 interleaved and
+   * averaged) at `sample_rate`.
+   */
+  ETLLM_INPUT_AUDIO_SAMPLES = 6,
+  /**
+   * `floats` / `num_floats` with `sizes` / `num_sizes`: values computed elsewhere for
+   * the model's encoder (a vision encoder's pixel values; with `etllm_asr_transcribe`,
+   * log-mel features).
+   */
+  ETLLM_INPUT_FEATURES = 7,
+  /**
+   * `bytes` / `num_bytes`: the bytes of a WAV file (as `ETLLM_INPUT_AUDIO_FILE`).
+   */
+  ETLLM_INPUT_AUDIO_WAV = 8,
+} etllm_input_kind;
+
+/**
  * A speech-to-text model (upstream's ASR layout: `encoder` and `text_decoder` methods)
  * with its tokenizer. Opaque. Thread rules: one call at a time from any thread
  * (another concurrent call returns `ETLLM_ERR_BUSY`), except `etllm_asr_stop`, which may
@@ -419,9 +468,9 @@ typedef struct etllm_transcribe_options {
    */
   uint32_t struct_size;
   /**
-   * Non-zero: translate into English (`<|translate|>`) instead of transcribing.
+   * Translate into English (`<|translate|>`) instead of transcribing.
    */
-  int32_t translate;
+  bool translate;
   /**
    * The spoken language as Whisper's code ("en", "fr"...), or NULL to detect it from
    * the decoder's first step.
@@ -469,7 +518,8 @@ typedef struct etllm_input {
    */
   size_t num_tokens;
   /**
-   * `ETLLM_INPUT_IMAGE_ENCODED`, `ETLLM_INPUT_IMAGE_PIXELS`: the bytes.
+   * `ETLLM_INPUT_IMAGE_ENCODED`, `ETLLM_INPUT_IMAGE_PIXELS`, `ETLLM_INPUT_AUDIO_WAV`:
+   * the bytes.
    */
   const uint8_t *bytes;
   /**
@@ -1151,8 +1201,9 @@ void etllm_asr_free(struct etllm_asr *asr);
 enum etllm_status etllm_asr_stop(const struct etllm_asr *asr);
 
 /**
- * Transcribes `audio`: an `etllm_input` of kind `ETLLM_INPUT_AUDIO_FILE` (WAV),
- * `ETLLM_INPUT_AUDIO_SAMPLES` (any rate: resampled to the model's) or
+ * Transcribes `audio`: an `etllm_input` of kind `ETLLM_INPUT_AUDIO_FILE` or
+ * `ETLLM_INPUT_AUDIO_WAV` (WAV), `ETLLM_INPUT_AUDIO_SAMPLES` (any rate: resampled to the
+ * model's) or
  * `ETLLM_INPUT_FEATURES` (log-mel features as the encoder takes them). The audio is
  * padded or cut to the model's window (30 s for Whisper); the encoder runs once and the
  * decoder a token at a time until its end-of-text token, `config.max_new_tokens` or its
@@ -1167,8 +1218,10 @@ enum etllm_status etllm_asr_stop(const struct etllm_asr *asr);
  * Outputs, each optional (NULL): `*out_text` the whole text, NUL-terminated, freed with
  * `etllm_string_free`; `*out_tokens` / `*out_num_tokens` the generated ids (end of text
  * excluded), freed with `etllm_buffer_free`; `out_stats` as for generation
- * (`num_prompt_tokens` is the encoder's output length). Unreadable audio is
- * `ETLLM_ERR_INVALID_MEDIA`; nothing is written to the outputs on failure but NULLs.
+ * (`num_prompt_tokens` is the encoder's output length); `*out_num_tokens` may be asked
+ * for alone. Unreadable audio is `ETLLM_ERR_INVALID_MEDIA`; on failure the outputs hold
+ * NULL and 0. The language detected when `options.language` is NULL is not returned here
+ * (the Rust API's `Transcript::language` has it).
  */
 enum etllm_status etllm_asr_transcribe(struct etllm_asr *asr,
                                        const struct etllm_input *audio,

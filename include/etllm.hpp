@@ -19,6 +19,10 @@
 // - etllm::Session (Runner::session()) is a conversation of its own over a runner's loaded
 //   model: several share the weights, and their state can be saved and restored.
 //
+// - Multimodal prompts: a list of etllm::Input (text, token ids, images, features) given to
+//   Runner::generate_inputs or Session::generate_inputs. etllm::AsrRunner transcribes speech
+//   with an encoder-decoder export (Whisper).
+//
 // Thread rules are the C API's: one call at a time on a runner (or a session), except
 // stop(), which any thread may call while generate runs. Sessions of one model take turns.
 #ifndef ETLLM_HPP
@@ -701,6 +705,120 @@ inline std::vector<uint8_t> bytes_of(std::string_view text) {
 }
 }  // namespace detail
 
+/// One part of a multimodal prompt (etllm_input), made by its static makers; it owns
+/// its text, ids, bytes or values. A list of them goes to Runner::generate_inputs and
+/// Session::generate_inputs, one audio or features input to AsrRunner::transcribe.
+class Input {
+ public:
+  /// Text, tokenized with the model's tokenizer.
+  static Input text(std::string text) {
+    Input in(ETLLM_INPUT_TEXT);
+    in.text_ = std::move(text);
+    return in;
+  }
+  /// Token ids, fed as they are.
+  static Input tokens(std::vector<uint32_t> ids) {
+    Input in(ETLLM_INPUT_TOKENS);
+    in.tokens_ = std::move(ids);
+    return in;
+  }
+  /// An image file (PNG, JPEG, GIF, BMP or WebP).
+  static Input image_file(std::string path) {
+    Input in(ETLLM_INPUT_IMAGE_FILE);
+    in.text_ = std::move(path);
+    return in;
+  }
+  /// The bytes of such an image file.
+  static Input image_bytes(std::vector<uint8_t> encoded) {
+    Input in(ETLLM_INPUT_IMAGE_ENCODED);
+    in.bytes_ = std::move(encoded);
+    return in;
+  }
+  /// Decoded 8-bit pixels, rows top to bottom, channels interleaved; `channels` is 1
+  /// (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA), and `pixels` holds
+  /// width * height * channels bytes.
+  static Input image_pixels(std::vector<uint8_t> pixels, uint32_t width, uint32_t height, uint32_t channels = 3) {
+    Input in(ETLLM_INPUT_IMAGE_PIXELS);
+    in.bytes_ = std::move(pixels);
+    in.width_ = width;
+    in.height_ = height;
+    in.channels_ = channels;
+    return in;
+  }
+  /// A WAV file (PCM 8/16/24/32-bit or float 32-bit, mono or stereo).
+  static Input audio_file(std::string path) {
+    Input in(ETLLM_INPUT_AUDIO_FILE);
+    in.text_ = std::move(path);
+    return in;
+  }
+  /// Samples in [-1, 1] at `sample_rate`, `channels` 1, or 2 interleaved (averaged).
+  static Input audio_samples(std::vector<float> samples, uint32_t sample_rate, uint32_t channels = 1) {
+    Input in(ETLLM_INPUT_AUDIO_SAMPLES);
+    in.floats_ = std::move(samples);
+    in.sample_rate_ = sample_rate;
+    in.channels_ = channels;
+    return in;
+  }
+  /// Values computed elsewhere for the model's encoder, with their sizes (outermost
+  /// first): a vision encoder's pixel values ([3, H, W] or [1, 3, H, W]), or for
+  /// AsrRunner log-mel features ([n_mels, frames]).
+  static Input features(std::vector<float> data, std::vector<size_t> sizes) {
+    Input in(ETLLM_INPUT_FEATURES);
+    in.floats_ = std::move(data);
+    in.sizes_ = std::move(sizes);
+    return in;
+  }
+
+  /// Which kind of input this is.
+  etllm_input_kind kind() const noexcept { return kind_; }
+
+  /// The C struct, pointing into this object; valid while it lives unchanged.
+  etllm_input to_c() const noexcept {
+    etllm_input c = etllm_input_default();
+    c.kind = static_cast<int32_t>(kind_);
+    switch (kind_) {
+      case ETLLM_INPUT_TEXT: c.text = text_.c_str(); break;
+      case ETLLM_INPUT_IMAGE_FILE:
+      case ETLLM_INPUT_AUDIO_FILE: c.path = text_.c_str(); break;
+      default: break;
+    }
+    c.tokens = tokens_.data();
+    c.num_tokens = tokens_.size();
+    c.bytes = bytes_.data();
+    c.num_bytes = bytes_.size();
+    c.width = width_;
+    c.height = height_;
+    c.channels = channels_;
+    c.sample_rate = sample_rate_;
+    c.floats = floats_.data();
+    c.num_floats = floats_.size();
+    c.sizes = sizes_.data();
+    c.num_sizes = sizes_.size();
+    return c;
+  }
+
+ private:
+  explicit Input(etllm_input_kind kind) noexcept : kind_(kind) {}
+
+  etllm_input_kind kind_;
+  std::string text_;  // the text, or the path
+  std::vector<uint32_t> tokens_;
+  std::vector<uint8_t> bytes_;
+  std::vector<float> floats_;
+  std::vector<size_t> sizes_;
+  uint32_t width_ = 0, height_ = 0, channels_ = 0, sample_rate_ = 0;
+};
+
+namespace detail {
+// The C structs of `inputs`, pointing into them.
+inline std::vector<etllm_input> c_inputs(const std::vector<Input>& inputs) {
+  std::vector<etllm_input> c;
+  c.reserve(inputs.size());
+  for (const Input& in : inputs) c.push_back(in.to_c());
+  return c;
+}
+}  // namespace detail
+
 /// One message of a conversation.
 struct ChatMessage {
   std::string role;     ///< "system", "user", "assistant", ...
@@ -719,6 +837,10 @@ struct RunnerOptions {
   /// The method that runs model steps when not "forward" (e.g. "lora_forward"); empty
   /// means "forward" (etllm_runner_options.method_name).
   std::string method_name;
+  /// The image processor's settings (a Hugging Face preprocessor_config.json) of a
+  /// multimodal export; empty: preprocessor_config.json beside the model, else beside the
+  /// tokenizer, if there is one (etllm_runner_options.preprocessor_config).
+  std::string preprocessor_config;
 };
 
 /// Runs one model with one tokenizer and one conversation. Move-only.
@@ -751,6 +873,7 @@ class Runner {
     o.data_paths = data_paths.data();
     o.num_data_paths = data_paths.size();
     o.method_name = options.method_name.empty() ? nullptr : options.method_name.c_str();
+    o.preprocessor_config = options.preprocessor_config.empty() ? nullptr : options.preprocessor_config.c_str();
     etllm_io_manager vt{};
     if (io_manager) {
       vt = IoManager::to_c(std::move(io_manager));
@@ -784,20 +907,20 @@ class Runner {
   /// Generates from `prompt`, streaming text to `token_callback` (upstream's signature).
   Stats generate(const std::string& prompt, const GenerationConfig& config = {},
                  TokenCallback token_callback = {}, StatsCallback stats_callback = {}) {
-    return run(Input{&prompt, nullptr}, config, detail::text_only(token_callback), stats_callback);
+    return run(Prompt{&prompt, nullptr}, config, detail::text_only(token_callback), stats_callback);
   }
 
   /// Generates from `prompt`, streaming each piece with its token id to `on_piece`, which
   /// returns false to stop.
   Stats generate_stream(const std::string& prompt, const GenerationConfig& config,
                         const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
-    return run(Input{&prompt, nullptr}, config, on_piece, on_stats);
+    return run(Prompt{&prompt, nullptr}, config, on_piece, on_stats);
   }
 
   /// Generates from token ids (num_bos and num_eos still apply).
   Stats generate_tokens(const std::vector<uint32_t>& ids, const GenerationConfig& config,
                         const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
-    return run(Input{nullptr, &ids}, config, on_piece, on_stats);
+    return run(Prompt{nullptr, &ids}, config, on_piece, on_stats);
   }
 
   /// Feeds `prompt` into the conversation without generating; a later generate continues
@@ -814,6 +937,34 @@ class Runner {
     const etllm_generation_config c = config.to_c();
     Stats stats;
     detail::check(etllm_runner_prefill_tokens(handle(), ids.data(), ids.size(), &c, &stats));
+    return stats;
+  }
+
+  /// Generates from a multimodal prompt: `inputs` (text, token ids, images, features) fed
+  /// in order after the conversation so far, as upstream's MultimodalRunner does; streams
+  /// each piece with its token id to `on_piece` (return false to stop). Images need a
+  /// multimodal export (vision_encoder, token_embedding, text_decoder): an image for a
+  /// text-only model throws ETLLM_ERR_UNSUPPORTED_MODEL, an unreadable one
+  /// ETLLM_ERR_INVALID_MEDIA. config.num_bos / num_eos apply to the first input when it is
+  /// text or tokens and the conversation is empty. A bad input, or inputs that do not fit
+  /// the context, change nothing.
+  Stats generate_inputs(const std::vector<Input>& inputs, const GenerationConfig& config,
+                        const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
+    const std::vector<etllm_input> in = detail::c_inputs(inputs);
+    const etllm_generation_config c = config.to_c();
+    return detail::stream(on_piece, on_stats,
+                          [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
+                            return etllm_runner_generate_inputs(handle(), in.data(), in.size(), &c, t, st, ctx, out);
+                          });
+  }
+
+  /// Feeds `inputs` (see generate_inputs()) without generating; a later generate
+  /// continues after them.
+  Stats prefill_inputs(const std::vector<Input>& inputs, const GenerationConfig& config = {}) {
+    const std::vector<etllm_input> in = detail::c_inputs(inputs);
+    const etllm_generation_config c = config.to_c();
+    Stats stats;
+    detail::check(etllm_runner_prefill_inputs(handle(), in.data(), in.size(), &c, &stats));
     return stats;
   }
 
@@ -885,12 +1036,12 @@ class Runner {
   }
 
  private:
-  struct Input {
+  struct Prompt {
     const std::string* text;
     const std::vector<uint32_t>* ids;
   };
 
-  Stats run(Input input, const GenerationConfig& config, const StreamCallback& on_piece,
+  Stats run(Prompt input, const GenerationConfig& config, const StreamCallback& on_piece,
             const StatsCallback& on_stats) {
     const etllm_generation_config c = config.to_c();
     return detail::stream(on_piece, on_stats,
@@ -974,6 +1125,27 @@ class Session {
     const etllm_generation_config c = config.to_c();
     Stats stats;
     detail::check(etllm_session_prefill_tokens(handle(), ids.data(), ids.size(), &c, &stats));
+    return stats;
+  }
+
+  /// Generates from a multimodal prompt on this session's conversation
+  /// (Runner::generate_inputs).
+  Stats generate_inputs(const std::vector<Input>& inputs, const GenerationConfig& config,
+                        const StreamCallback& on_piece, const StatsCallback& on_stats = {}) {
+    const std::vector<etllm_input> in = detail::c_inputs(inputs);
+    const etllm_generation_config c = config.to_c();
+    return detail::stream(on_piece, on_stats,
+                          [&](etllm_token_callback t, etllm_stats_callback st, void* ctx, etllm_stats* out) {
+                            return etllm_session_generate_inputs(handle(), in.data(), in.size(), &c, t, st, ctx, out);
+                          });
+  }
+
+  /// Feeds `inputs` without generating (Runner::prefill_inputs).
+  Stats prefill_inputs(const std::vector<Input>& inputs, const GenerationConfig& config = {}) {
+    const std::vector<etllm_input> in = detail::c_inputs(inputs);
+    const etllm_generation_config c = config.to_c();
+    Stats stats;
+    detail::check(etllm_session_prefill_inputs(handle(), in.data(), in.size(), &c, &stats));
     return stats;
   }
 
@@ -1459,6 +1631,118 @@ class Server {
 
  private:
   etllm_server* handle_ = nullptr;
+};
+
+/// Options of AsrRunner (etllm_asr_options).
+struct AsrOptions {
+  uint32_t num_threads = 0;  ///< ExecuTorch thread-pool size (process-wide); 0 keeps it
+  /// The feature extractor's settings (a Whisper preprocessor_config.json); empty:
+  /// preprocessor_config.json beside the model, else beside the tokenizer, else Whisper's
+  /// (80 mel bands, 16 kHz, 30 s).
+  std::string preprocessor_config;
+  /// External data files (.ptd), as RunnerOptions::data_paths.
+  std::vector<std::string> data_paths;
+};
+
+/// What AsrRunner::transcribe decodes (etllm_transcribe_options).
+struct TranscribeOptions {
+  /// The spoken language as Whisper's code ("en", "fr"...); empty: detected from the
+  /// decoder's first step.
+  std::string language;
+  bool translate = false;  ///< translate into English (<|translate|>) instead of transcribing
+  /// The whole decoder prompt (start token, language, task, <|notimestamps|>); empty: made
+  /// from the fields above.
+  std::vector<uint32_t> decoder_prompt;
+};
+
+/// What AsrRunner::transcribe returns.
+struct Transcript {
+  std::string text;              ///< the text, special tokens left out
+  std::vector<uint32_t> tokens;  ///< the generated ids, the end-of-text token excluded
+  Stats stats;                   ///< num_prompt_tokens is the encoder's output length
+};
+
+/// A speech-to-text model (upstream's ASR layout: `encoder` and `text_decoder` methods, as
+/// optimum-executorch exports Whisper) with its tokenizer (etllm_asr). Move-only.
+///
+/// Threads: one call at a time (another meanwhile throws etllm::Error ETLLM_ERR_BUSY),
+/// except stop(), which any thread may call while transcribe runs.
+class AsrRunner {
+ public:
+  /// Loads the model and tokenizer; a decoder-only model throws
+  /// ETLLM_ERR_UNSUPPORTED_MODEL.
+  AsrRunner(const std::string& model_path, const std::string& tokenizer_path, const AsrOptions& options = {}) {
+    etllm_asr_options o = etllm_asr_options_default();
+    o.num_threads = options.num_threads;
+    o.preprocessor_config = options.preprocessor_config.empty() ? nullptr : options.preprocessor_config.c_str();
+    std::vector<const char*> data_paths;
+    for (const std::string& path : options.data_paths) data_paths.push_back(path.c_str());
+    o.data_paths = data_paths.data();
+    o.num_data_paths = data_paths.size();
+    detail::check(etllm_asr_open(model_path.c_str(), tokenizer_path.c_str(), &o, &handle_));
+  }
+
+  AsrRunner(const AsrRunner&) = delete;
+  AsrRunner& operator=(const AsrRunner&) = delete;
+  AsrRunner(AsrRunner&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  AsrRunner& operator=(AsrRunner&& other) noexcept {
+    if (this != &other) {
+      etllm_asr_free(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  ~AsrRunner() { etllm_asr_free(handle_); }
+
+  /// Transcribes `audio`: Input::audio_file (WAV), Input::audio_samples (any rate) or
+  /// Input::features (log-mel features as the encoder takes them). The encoder runs once,
+  /// the decoder a token at a time until its end-of-text token, max_new_tokens or its
+  /// context. `config` (std::nullopt: greedy, until the end of text) applies its sampling
+  /// fields, max_new_tokens, ignore_eos and stop_token_ids. Text pieces stream to
+  /// `on_piece` (special tokens left out; return false to stop). Unreadable audio throws
+  /// ETLLM_ERR_INVALID_MEDIA, and the runner stays usable.
+  Transcript transcribe(const Input& audio, const TranscribeOptions& options = {},
+                        const std::optional<GenerationConfig>& config = std::nullopt,
+                        const StreamCallback& on_piece = {}) {
+    const etllm_input in = audio.to_c();
+    etllm_transcribe_options o = etllm_transcribe_options_default();
+    o.translate = options.translate;
+    o.language = options.language.empty() ? nullptr : options.language.c_str();
+    o.decoder_prompt = options.decoder_prompt.empty() ? nullptr : options.decoder_prompt.data();
+    o.num_decoder_prompt = options.decoder_prompt.size();
+    etllm_generation_config c{};
+    if (config) c = config->to_c();
+    const StatsCallback no_stats;
+    detail::StreamContext ctx{&on_piece, &no_stats, nullptr};
+    char* text = nullptr;
+    uint32_t* ids = nullptr;
+    size_t num_ids = 0;
+    Transcript out;
+    const etllm_status s = etllm_asr_transcribe(handle(), &in, &o, config ? &c : nullptr,
+                                                &detail::StreamContext::token_trampoline, &ctx, &text, &ids,
+                                                &num_ids, &out.stats);
+    // Owned from here on, whatever is thrown.
+    const std::unique_ptr<char, void (*)(char*)> owned_text(text, &etllm_string_free);
+    const std::unique_ptr<uint32_t, void (*)(void*)> owned_ids(ids, &etllm_buffer_free);
+    if (ctx.error) std::rethrow_exception(ctx.error);
+    detail::check(s);
+    if (text != nullptr) out.text = text;
+    if (ids != nullptr) out.tokens.assign(ids, ids + num_ids);
+    return out;
+  }
+
+  /// Asks a running transcribe to end before its next decoder step; callable from any
+  /// thread.
+  void stop() const { detail::check(etllm_asr_stop(handle())); }
+
+  /// The underlying C handle, still owned by this object.
+  etllm_asr* handle() const {
+    if (handle_ == nullptr) throw Error(ETLLM_ERR_NULL_ARGUMENT, "use of a moved-from etllm::AsrRunner");
+    return handle_;
+  }
+
+ private:
+  etllm_asr* handle_ = nullptr;
 };
 
 }  // namespace etllm

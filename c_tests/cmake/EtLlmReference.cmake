@@ -56,7 +56,15 @@ function(etllm_generate_reference fixtures_dir out_dir)
   foreach(pte IN LISTS model_files)
     get_filename_component(dir "${pte}" DIRECTORY)
     if(EXISTS "${dir}/reference.json")
-      list(APPEND ref_files "${dir}/reference.json")
+      # References of multimodal prompts (cases with `inputs`) and of speech (cases with
+      # `audio`) are not text generation: their fixtures have tests of their own
+      # (test_multimodal.c, test_asr.c, EtLlmMediaReference.cmake).
+      file(READ "${dir}/reference.json" ref_json)
+      string(JSON ignored ERROR_VARIABLE no_inputs GET "${ref_json}" cases 0 inputs)
+      string(JSON ignored ERROR_VARIABLE no_audio GET "${ref_json}" cases 0 audio)
+      if(no_inputs AND no_audio)
+        list(APPEND ref_files "${dir}/reference.json")
+      endif()
     endif()
   endforeach()
   list(SORT ref_files)

@@ -9,6 +9,16 @@ A thin layer over EtLlm's C ABI (``libetllm.so``, bundled with the package)::
     for piece in runner.stream("Once upon a time", config):
         print(piece, end="", flush=True)
 
+A multimodal export (``vision_encoder``, ``token_embedding``, ``text_decoder``) takes a
+prompt of text and images with :meth:`Runner.generate_inputs`::
+
+    runner.generate_inputs(["USER: ", etllm.Image("cat.png"), "\\nDescribe. ASSISTANT:"],
+                           max_new_tokens=32, temperature=0)
+
+(a plain ``str`` in the list is :class:`Text`, a list of ints :class:`Tokens`), and
+:class:`AsrRunner` transcribes speech with a Whisper export
+(``etllm.AsrRunner("whisper.pte", "tokenizer.json").transcribe("speech.wav").text``).
+
 ``runner.session()`` opens a :class:`Session`: another conversation over the same loaded
 model, whose state saves to bytes (:meth:`Session.save`) and loads into a session of the
 same model, in this process or another (:meth:`Session.load`).
@@ -28,6 +38,7 @@ from ._errors import (
     FileAccessError,
     GrammarError,
     InvalidArgumentError,
+    InvalidMediaError,
     InvalidModelError,
     InvalidStateError,
     InvalidTokenizerError,
@@ -45,22 +56,25 @@ from ._errors import (
     status_name,
 )
 from ._io_manager import IoManager, ModelInfo, ModelMetadata, Step, TensorInfo, last_row
+from ._multimodal import Audio, Features, Image, Text, Tokens
 from ._runner import Piece, Runner
 from ._server import Server
 from ._session import Session
 from ._tokenizer import TextStream, Tokenizer
 from ._chat import ChatTemplate, Conversation
+from ._asr import AsrRunner, Transcript
 
 __version__: str = _ffi.lib.etllm_version().decode()
 EXECUTORCH_VERSION: str = _ffi.lib.etllm_executorch_version().decode()
 
 __all__ = [
-    "BusyError", "ChatTemplate", "ChatTemplateError", "ContextFullError", "Conversation",
+    "AsrRunner", "Audio", "BusyError", "ChatTemplate", "ChatTemplateError", "ContextFullError", "Conversation",
     "ERROR_CLASSES", "EXECUTORCH_VERSION", "EtLlmError", "ExecutorchRuntimeError",
-    "FileAccessError", "GenerationConfig", "GrammarError", "InvalidArgumentError", "InvalidModelError",
+    "Features", "FileAccessError", "GenerationConfig", "GrammarError", "Image", "InvalidArgumentError",
+    "InvalidMediaError", "InvalidModelError",
     "InvalidStateError", "InvalidTokenizerError", "InvalidUtf8Error", "IoManager", "IoManagerError", "ModelInfo",
     "ModelMetadata", "NotFoundError", "NotLoadedError", "NullArgumentError", "PanicError",
     "Piece", "Runner", "SamplerError", "Server", "ServerError", "Session", "Stats", "Step", "StructSizeError", "TensorInfo",
-    "TextStream", "Tokenizer", "TokenizerError", "UnsupportedModelError", "last_row",
+    "Text", "TextStream", "Tokenizer", "TokenizerError", "Tokens", "Transcript", "UnsupportedModelError", "last_row",
     "status_name",
 ]

@@ -119,6 +119,15 @@ class ServerError(EtLlmError):
     status = 21
 
 
+class InvalidMediaError(EtLlmError, ValueError):
+    """An image or audio input could not be used: not a supported format (images: PNG,
+    JPEG, GIF, BMP, WebP; audio: WAV), corrupt or truncated, or a layout EtLlm does not
+    take (more than two audio channels, no samples). Nothing changed: the runner, session
+    or :class:`AsrRunner` stays usable."""
+
+    status = 22
+
+
 ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
     cls.status: cls
     for cls in (
@@ -143,6 +152,7 @@ ERROR_CLASSES: Dict[int, Type[EtLlmError]] = {
         GrammarError,
         InvalidStateError,
         ServerError,
+        InvalidMediaError,
     )
 }
 

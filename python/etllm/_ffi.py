@@ -36,6 +36,16 @@ DTYPE_OTHER = 3
 DTYPE_F16 = 4
 DTYPE_BF16 = 5
 
+# etllm_input_kind
+INPUT_TEXT = 0
+INPUT_TOKENS = 1
+INPUT_IMAGE_FILE = 2
+INPUT_IMAGE_ENCODED = 3
+INPUT_IMAGE_PIXELS = 4
+INPUT_AUDIO_FILE = 5
+INPUT_AUDIO_SAMPLES = 6
+INPUT_FEATURES = 7
+
 
 def _library_path() -> str:
     override = os.environ.get("ETLLM_LIBRARY")
@@ -171,6 +181,51 @@ class RunnerOptionsC(Structure):
         ("data_paths", POINTER(c_char_p)),
         ("num_data_paths", c_size_t),
         ("method_name", c_char_p),
+        ("preprocessor_config", c_char_p),
+    ]
+
+
+class InputC(Structure):
+    """etllm_input. Arrays of it are read with a stride of ``struct_size``: set it to
+    ``ctypes.sizeof(InputC)``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("kind", c_int32),
+        ("text", c_char_p),
+        ("path", c_char_p),
+        ("tokens", POINTER(c_uint32)),
+        ("num_tokens", c_size_t),
+        ("bytes", POINTER(ctypes.c_uint8)),
+        ("num_bytes", c_size_t),
+        ("width", c_uint32),
+        ("height", c_uint32),
+        ("channels", c_uint32),
+        ("sample_rate", c_uint32),
+        ("floats", POINTER(c_float)),
+        ("num_floats", c_size_t),
+        ("sizes", POINTER(c_size_t)),
+        ("num_sizes", c_size_t),
+    ]
+
+
+class AsrOptionsC(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("num_threads", c_uint32),
+        ("preprocessor_config", c_char_p),
+        ("data_paths", POINTER(c_char_p)),
+        ("num_data_paths", c_size_t),
+    ]
+
+
+class TranscribeOptionsC(Structure):
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("translate", c_bool),
+        ("language", c_char_p),
+        ("decoder_prompt", POINTER(c_uint32)),
+        ("num_decoder_prompt", c_size_t),
     ]
 
 
@@ -359,6 +414,30 @@ _fn("etllm_conversation_reset_session", _S, _P, _P)
 _fn("etllm_conversation_to_json", _S, _P, POINTER(c_void_p))
 _fn("etllm_conversation_from_json", _S, _P, _P, c_char_p, POINTER(_P))
 _fn("etllm_conversation_free", None, _P)
+
+# Multimodal inputs
+_fn("etllm_input_default", InputC)
+for _owner in ("runner", "session"):
+    _fn(
+        f"etllm_{_owner}_generate_inputs", _S, _P, POINTER(InputC), c_size_t,
+        POINTER(GenerationConfigC), TOKEN_CB, STATS_CB, c_void_p, POINTER(StatsC),
+    )
+    _fn(
+        f"etllm_{_owner}_prefill_inputs", _S, _P, POINTER(InputC), c_size_t,
+        POINTER(GenerationConfigC), POINTER(StatsC),
+    )
+
+# Speech to text
+_fn("etllm_asr_options_default", AsrOptionsC)
+_fn("etllm_transcribe_options_default", TranscribeOptionsC)
+_fn("etllm_asr_open", _S, c_char_p, c_char_p, POINTER(AsrOptionsC), POINTER(_P))
+_fn("etllm_asr_free", None, _P)
+_fn("etllm_asr_stop", _S, _P)
+_fn(
+    "etllm_asr_transcribe", _S, _P, POINTER(InputC), POINTER(TranscribeOptionsC),
+    POINTER(GenerationConfigC), TOKEN_CB, c_void_p, POINTER(c_void_p),
+    POINTER(POINTER(c_uint32)), POINTER(c_size_t), POINTER(StatsC),
+)
 
 
 def take_bytes(ptr: c_void_p, length: int) -> bytes:

@@ -13,6 +13,7 @@ from . import _ffi
 from ._config import GenerationConfig, Stats
 from ._errors import NotFoundError, check, error_for
 from ._io_manager import IoManager, make_vtable
+from ._multimodal import Input, inputs_to_c
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -203,23 +204,66 @@ class _Generator:
     ) -> Tuple[str, int, Optional[BaseException]]:
         """One generate call: the text streamed, the C status and the first exception a
         callback raised (``last_stats`` is set)."""
+        if isinstance(prompt, str):
+            text = prompt.encode("utf-8")
+            return self._stream_call(
+                lambda *rest: self._fn("generate")(self._p(), text, *rest),
+                config, token_callback, stats_callback,
+            )
+        ids = _ids_array(prompt)
+        return self._stream_call(
+            lambda *rest: self._fn("generate_tokens")(self._p(), ids, len(prompt), *rest),
+            config, token_callback, stats_callback,
+        )
+
+    def _stream_call(
+        self,
+        call: Callable[..., int],
+        config: GenerationConfig,
+        token_callback: Optional[TokenCallback],
+        stats_callback: Optional[StatsCallback],
+    ) -> Tuple[str, int, Optional[BaseException]]:
+        """Runs ``call(config, token_cb, stats_cb, user_data, out_stats)``, a streaming C
+        call (its handle and prompt already bound): the text streamed, the C status and the
+        first exception a callback raised (``last_stats`` is set)."""
         cfg, keep = config._to_c()
         c_token, c_stats, pieces, errors = _c_callbacks(token_callback, stats_callback)
         out = _ffi.lib.etllm_stats_default()
-        if isinstance(prompt, str):
-            status = self._fn("generate")(
-                self._p(), prompt.encode("utf-8"), ctypes.byref(cfg), c_token, c_stats, None,
-                ctypes.byref(out),
-            )
-        else:
-            ids = _ids_array(prompt)
-            status = self._fn("generate_tokens")(
-                self._p(), ids, len(prompt), ctypes.byref(cfg), c_token, c_stats, None,
-                ctypes.byref(out),
-            )
+        status = call(ctypes.byref(cfg), c_token, c_stats, None, ctypes.byref(out))
         del keep
         self.last_stats = Stats(out)
         return "".join(pieces), status, errors[0] if errors else None
+
+    def generate_inputs(
+        self,
+        inputs: Sequence[Input],
+        config: Optional[GenerationConfig] = None,
+        token_callback: Optional[TokenCallback] = None,
+        stats_callback: Optional[StatsCallback] = None,
+        **overrides: Any,
+    ) -> str:
+        """Generates from a multimodal prompt: ``inputs``, a list of :class:`Text`,
+        :class:`Tokens`, :class:`Image` and :class:`Features` (a plain ``str`` is
+        :class:`Text`, a list of ints :class:`Tokens`), fed in order after the conversation
+        so far, as upstream's ``MultimodalRunner`` does. Otherwise like :meth:`generate`:
+        returns the text streamed, with the same callbacks, ``last_stats`` and overrides.
+
+        Images need a multimodal export (``vision_encoder``, ``token_embedding``,
+        ``text_decoder``): an image for a text-only model raises
+        :class:`UnsupportedModelError`, one that cannot be decoded
+        :class:`InvalidMediaError`. ``num_bos`` / ``num_eos`` apply to the first input when
+        it is text or tokens and the conversation is empty; ``echo`` echoes the text
+        inputs. Every input is decoded and checked before the model runs: a bad input, or
+        inputs that do not fit the context (:class:`ContextFullError`), change nothing.
+        """
+        arr, n, keep = inputs_to_c(inputs)
+        text, status, error = self._stream_call(
+            lambda *rest: self._fn("generate_inputs")(self._p(), arr, n, *rest),
+            _config_of(config, overrides), token_callback, stats_callback,
+        )
+        del keep
+        self._finish(status, error)
+        return text
 
     def stream(
         self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides: Any
@@ -287,6 +331,21 @@ class _Generator:
         self._finish(status)
         return Stats(out)
 
+    def prefill_inputs(
+        self, inputs: Sequence[Input], config: Optional[GenerationConfig] = None, **overrides: Any
+    ) -> Stats:
+        """Feeds ``inputs`` (see :meth:`generate_inputs`) into the conversation without
+        generating (only ``num_bos`` and ``num_eos`` of the config apply); a later
+        generate continues after them."""
+        config = _config_of(config, overrides)
+        arr, n, keep = inputs_to_c(inputs)
+        cfg, keep_cfg = config._to_c()
+        out = _ffi.lib.etllm_stats_default()
+        status = self._fn("prefill_inputs")(self._p(), arr, n, ctypes.byref(cfg), ctypes.byref(out))
+        del keep, keep_cfg
+        self._finish(status)
+        return Stats(out)
+
 
 class Runner(_Generator):
     """One model, one tokenizer, one conversation (KV cache).
@@ -300,7 +359,12 @@ class Runner(_Generator):
     list) name the external data files (``.ptd``) that hold weights the export kept out of the
     ``.pte``; with neither, ``<stem>.ptd`` beside the model is used if it exists.
     ``method_name`` picks the method that runs the model's steps when it is not ``forward``
-    (e.g. ``"lora_forward"`` in a multi-method LoRA export). A runner runs one call at a time (another call meanwhile raises
+    (e.g. ``"lora_forward"`` in a multi-method LoRA export). ``preprocessor_config`` is the
+    image processor's settings (a Hugging Face ``preprocessor_config.json``) of a multimodal
+    export whose vision encoder takes pixel values (see :meth:`generate_inputs`); without
+    it, ``preprocessor_config.json`` beside the model, else beside the tokenizer, is used
+    if there is one (given for a model without a vision encoder, it fails the load with
+    :class:`InvalidArgumentError`). A runner runs one call at a time (another call meanwhile raises
     :class:`BusyError`), except :meth:`stop`, which works from any thread. The model runs
     with the GIL released, so other Python threads keep going.
     """
@@ -316,6 +380,7 @@ class Runner(_Generator):
         data_path: Optional[PathLike] = None,
         data_paths: Optional[Sequence[PathLike]] = None,
         method_name: Optional[str] = None,
+        preprocessor_config: Optional[PathLike] = None,
         load: bool = True,
     ) -> None:
         self._ptr: Optional[int] = None
@@ -340,6 +405,8 @@ class Runner(_Generator):
             if not isinstance(method_name, str) or not method_name:
                 raise ValueError("method_name must be a non-empty str or None")
             options.method_name = method_name.encode()
+        if preprocessor_config is not None:
+            options.preprocessor_config = os.fsencode(preprocessor_config)
         vtable = None
         if io_manager is not None:
             vtable, self._bridge = make_vtable(io_manager)
@@ -357,8 +424,10 @@ class Runner(_Generator):
     close = _Generator.close
     position = _Generator.position
     generate = _Generator.generate
+    generate_inputs = _Generator.generate_inputs
     stream = _Generator.stream
     prefill = _Generator.prefill
+    prefill_inputs = _Generator.prefill_inputs
     stop = _Generator.stop
     reset = _Generator.reset
     rewind = _Generator.rewind

@@ -23,8 +23,9 @@ class Session(_Generator):
     """A conversation of its own (KV cache, position, tokens) over a runner's loaded model.
 
     Made by :meth:`Runner.session`. A session has the runner's conversation methods
-    (:meth:`generate`, :meth:`stream`, :meth:`prefill`, :meth:`stop`, :meth:`reset`,
-    :meth:`rewind`, :attr:`position`, and ``last_stats``), on a conversation of its own;
+    (:meth:`generate`, :meth:`generate_inputs`, :meth:`stream`, :meth:`prefill`,
+    :meth:`prefill_inputs`, :meth:`stop`, :meth:`reset`, :meth:`rewind`, :attr:`position`,
+    and ``last_stats``), on a conversation of its own;
     sessions of one model share its weights. The model's KV cache holds the session (or
     runner) that ran last: running another one copies that state aside and brings the
     other's back (about the part of the cache in use), so a session that keeps running pays
@@ -55,8 +56,10 @@ class Session(_Generator):
     close = _Generator.close
     position = _Generator.position
     generate = _Generator.generate
+    generate_inputs = _Generator.generate_inputs
     stream = _Generator.stream
     prefill = _Generator.prefill
+    prefill_inputs = _Generator.prefill_inputs
     stop = _Generator.stop
     reset = _Generator.reset
     rewind = _Generator.rewind

@@ -74,8 +74,8 @@ super::versioned!(etllm_asr_options, "options"; num_threads, preprocessor_config
 pub struct etllm_transcribe_options {
     /// `sizeof(etllm_transcribe_options)` as the caller compiled it.
     pub struct_size: u32,
-    /// Non-zero: translate into English (`<|translate|>`) instead of transcribing.
-    pub translate: i32,
+    /// Translate into English (`<|translate|>`) instead of transcribing.
+    pub translate: bool,
     /// The spoken language as Whisper's code ("en", "fr"...), or NULL to detect it from
     /// the decoder's first step.
     pub language: *const c_char,
@@ -90,7 +90,7 @@ impl Default for etllm_transcribe_options {
     fn default() -> Self {
         Self {
             struct_size: std::mem::size_of::<Self>() as u32,
-            translate: 0,
+            translate: false,
             language: std::ptr::null(),
             decoder_prompt: std::ptr::null(),
             num_decoder_prompt: 0,
@@ -174,8 +174,9 @@ pub extern "C" fn etllm_asr_stop(asr: *const etllm_asr) -> etllm_status {
     })
 }
 
-/// Transcribes `audio`: an `etllm_input` of kind `ETLLM_INPUT_AUDIO_FILE` (WAV),
-/// `ETLLM_INPUT_AUDIO_SAMPLES` (any rate: resampled to the model's) or
+/// Transcribes `audio`: an `etllm_input` of kind `ETLLM_INPUT_AUDIO_FILE` or
+/// `ETLLM_INPUT_AUDIO_WAV` (WAV), `ETLLM_INPUT_AUDIO_SAMPLES` (any rate: resampled to the
+/// model's) or
 /// `ETLLM_INPUT_FEATURES` (log-mel features as the encoder takes them). The audio is
 /// padded or cut to the model's window (30 s for Whisper); the encoder runs once and the
 /// decoder a token at a time until its end-of-text token, `config.max_new_tokens` or its
@@ -190,8 +191,10 @@ pub extern "C" fn etllm_asr_stop(asr: *const etllm_asr) -> etllm_status {
 /// Outputs, each optional (NULL): `*out_text` the whole text, NUL-terminated, freed with
 /// `etllm_string_free`; `*out_tokens` / `*out_num_tokens` the generated ids (end of text
 /// excluded), freed with `etllm_buffer_free`; `out_stats` as for generation
-/// (`num_prompt_tokens` is the encoder's output length). Unreadable audio is
-/// `ETLLM_ERR_INVALID_MEDIA`; nothing is written to the outputs on failure but NULLs.
+/// (`num_prompt_tokens` is the encoder's output length); `*out_num_tokens` may be asked
+/// for alone. Unreadable audio is `ETLLM_ERR_INVALID_MEDIA`; on failure the outputs hold
+/// NULL and 0. The language detected when `options.language` is NULL is not returned here
+/// (the Rust API's `Transcript::language` has it).
 #[no_mangle]
 pub extern "C" fn etllm_asr_transcribe(
     asr: *mut etllm_asr,
@@ -228,7 +231,7 @@ pub extern "C" fn etllm_asr_transcribe(
         if !config.is_null() {
             tc.generation = read_config(config)?;
         }
-        tc.translate = o.translate != 0;
+        tc.translate = o.translate;
         tc.language = if o.language.is_null() {
             None
         } else {
@@ -267,16 +270,18 @@ pub extern "C" fn etllm_asr_transcribe(
             }
         };
         write_stats(out_stats, &transcript.stats)?;
+        // The tokens first: the one allocation that can fail comes before the text is
+        // handed out.
+        if let Some(t) = tokens_out {
+            *t = malloc_copy(&transcript.tokens, false)?;
+        }
+        if let Some(n) = count_out {
+            *n = transcript.tokens.len();
+        }
         if let Some(t) = text_out {
             let c = std::ffi::CString::new(transcript.text.replace('\0', "\u{FFFD}"))
                 .expect("NULs replaced");
             *t = c.into_raw();
-        }
-        if let Some(t) = tokens_out {
-            *t = malloc_copy(&transcript.tokens, false)?;
-            if let Some(n) = count_out {
-                *n = transcript.tokens.len();
-            }
         }
         Ok(())
     })

@@ -40,7 +40,13 @@ pub enum etllm_input_kind {
     /// the model's encoder (a vision encoder's pixel values; with `etllm_asr_transcribe`,
     /// log-mel features).
     ETLLM_INPUT_FEATURES = 7,
+    /// `bytes` / `num_bytes`: the bytes of a WAV file (as `ETLLM_INPUT_AUDIO_FILE`).
+    ETLLM_INPUT_AUDIO_WAV = 8,
 }
+
+/// The token id that `etllm_session_tokens` (and saved states) record for each position an
+/// image filled: it matches no real token.
+pub const ETLLM_MEDIA_POSITION: u32 = u32::MAX;
 
 /// One part of a multimodal prompt. Versioned: initialize it with `etllm_input_default()`
 /// and set `kind` and the fields that kind reads (see `etllm_input_kind`); the others are
@@ -61,7 +67,8 @@ pub struct etllm_input {
     pub tokens: *const u32,
     /// Number of `tokens`.
     pub num_tokens: usize,
-    /// `ETLLM_INPUT_IMAGE_ENCODED`, `ETLLM_INPUT_IMAGE_PIXELS`: the bytes.
+    /// `ETLLM_INPUT_IMAGE_ENCODED`, `ETLLM_INPUT_IMAGE_PIXELS`, `ETLLM_INPUT_AUDIO_WAV`:
+    /// the bytes.
     pub bytes: *const u8,
     /// Number of `bytes`.
     pub num_bytes: usize,
@@ -145,6 +152,7 @@ pub(crate) fn read_input(i: &etllm_input) -> Result<Input, FfiError> {
         ETLLM_INPUT_AUDIO_FILE,
         ETLLM_INPUT_AUDIO_SAMPLES,
         ETLLM_INPUT_FEATURES,
+        ETLLM_INPUT_AUDIO_WAV,
     ]
     .into_iter()
     .find(|k| *k as i32 == i.kind)
@@ -175,6 +183,9 @@ pub(crate) fn read_input(i: &etllm_input) -> Result<Input, FfiError> {
             sample_rate: i.sample_rate,
             channels: i.channels as usize,
         }),
+        ETLLM_INPUT_AUDIO_WAV => Input::Audio(AudioSource::Wav(
+            c_slice(i.bytes, i.num_bytes, "input.bytes")?.to_vec(),
+        )),
         ETLLM_INPUT_FEATURES => Input::Features {
             sizes: c_slice(i.sizes, i.num_sizes, "input.sizes")?.to_vec(),
             data: c_slice(i.floats, i.num_floats, "input.floats")?.to_vec(),
@@ -278,4 +289,15 @@ pub extern "C" fn etllm_session_prefill_inputs(
         let stats = lock_session(session)?.prefill_inputs(&inputs, &config)?;
         write_stats(out_stats, &stats)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_c_media_position_is_the_cores() {
+        assert_eq!(
+            super::ETLLM_MEDIA_POSITION,
+            crate::multimodal::MEDIA_POSITION
+        );
+    }
 }
