@@ -1112,7 +1112,7 @@ impl Session {
 
     /// Generates from a list of inputs (text, token ids, images, features), fed in order
     /// after the conversation so far, as upstream's `MultimodalRunner::generate`: see
-    /// [`multimodal`](crate::multimodal). The config's BOS/EOS framing applies to the
+    /// [`multimodal`]. The config's BOS/EOS framing applies to the
     /// first input when it is text or tokens and the conversation is empty. Every input
     /// is decoded, preprocessed and checked against the context before the model runs;
     /// a bad one changes nothing. `reuse_prefix` does not apply (the inputs continue
