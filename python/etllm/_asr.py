@@ -12,7 +12,7 @@ from . import _ffi
 from ._config import GenerationConfig, Stats
 from ._errors import check, error_for
 from ._multimodal import Audio, Features, input_to_c
-from ._runner import PathLike, TokenCallback, _c_callbacks, _ids_array
+from ._runner import PathLike, Piece, TokenCallback, _c_callbacks, _ids_array  # noqa: F401 (Piece: TokenCallback names it)
 
 
 @dataclass
